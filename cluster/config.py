@@ -1,0 +1,17 @@
+"""The `cluster` job section: where the workers run and what each one gets."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class ClusterConfig(BaseModel):
+    """A Ray address (or none: a local Ray on 127.0.0.1) and the per-worker resources."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str | None = Field(default=None, description="ray://host:port or host:port; none starts a local Ray")
+    workers: int = Field(default=1, ge=1)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    dashboard: bool = Field(default=False, description="local Ray only; bound to 127.0.0.1")

@@ -1,0 +1,72 @@
+"""Connecting to a Ray cluster, or starting a local one bound to 127.0.0.1, for the length of a job."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+
+from cluster.config import ClusterConfig
+
+log = logging.getLogger(__name__)
+
+
+class ClusterError(Exception):
+    """The cluster cannot be reached or cannot host the job; the message says what to change."""
+
+
+def torch_backend(cfg: ClusterConfig) -> str:
+    """nccl when the workers get GPUs, gloo otherwise."""
+    return "nccl" if cfg.gpus_per_worker > 0 else "gloo"
+
+
+def worker_env(cfg: ClusterConfig) -> dict[str, str]:
+    """Environment for each worker: one BLAS thread pool per granted CPU, a shared extension cache."""
+    threads = str(max(1, int(cfg.cpus_per_worker)))
+    return {
+        "OMP_NUM_THREADS": threads,
+        "MKL_NUM_THREADS": threads,
+        "TOKENIZERS_PARALLELISM": "false",
+        "TORCH_EXTENSIONS_DIR": os.environ.get(
+            "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/tuneyard/torch_extensions")
+        ),
+    }
+
+
+@contextlib.contextmanager
+def ray_cluster(cfg: ClusterConfig) -> Iterator[None]:
+    """Use the Ray this process already joined, connect to `cfg.address`, or start a local Ray.
+
+    A local Ray listens on 127.0.0.1 only and is stopped when the block ends.
+    """
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    env = {"env_vars": worker_env(cfg)}
+    if cfg.address:
+        try:
+            ray.init(address=cfg.address, log_to_driver=False, runtime_env=env)
+        except Exception as exc:  # ray raises ConnectionError, TimeoutError or RuntimeError here
+            raise ClusterError(
+                f"cannot connect to the Ray cluster at cluster.address={cfg.address} ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0] if str(exc) else ''}); check the address, that the cluster is up, "
+                "and the auth token (RAY_AUTH_TOKEN or ~/.ray/auth_token)"
+            ) from None
+    else:
+        needed = cfg.workers * cfg.cpus_per_worker
+        ray.init(
+            num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+            _node_ip_address="127.0.0.1",
+            include_dashboard=cfg.dashboard,
+            dashboard_host="127.0.0.1",
+            log_to_driver=False,
+            runtime_env=env,
+        )
+        log.info("started a local Ray on 127.0.0.1")
+    try:
+        yield
+    finally:
+        ray.shutdown()

@@ -1,0 +1,78 @@
+"""Regenerate the shipped synthetic data: a small English-like corpus and an instruction task.
+
+The instruction task ("name the last word of a list") is checkable by a program, so the demo and
+tests can measure learning without humans. Run `python examples/data/generate.py` to rebuild;
+the output is deterministic for a given seed.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+
+COLORS = ["red", "blue", "green", "yellow", "black", "white", "brown", "grey", "orange", "purple"]
+ANIMALS = ["fox", "cat", "dog", "owl", "bear", "wolf", "hare", "deer", "crow", "frog", "mouse", "horse"]
+TOWNS = ["Oakford", "Riverton", "Millbrook", "Stonehill", "Ashby", "Fernvale", "Kingsbridge", "Marlow"]
+NAMES = ["Ana", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jade", "Kai", "Lena"]
+FOODS = ["apples", "bread", "cheese", "fish", "berries", "nuts", "honey", "rice", "soup", "plums"]
+NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+VERBS = ["sees", "likes", "follows", "finds", "helps", "meets", "watches", "calls"]
+WORDS = COLORS + ANIMALS + FOODS + [n.lower() for n in NAMES] + ["river", "stone", "tree", "lamp", "boat",
+                                                                  "road", "hill", "door", "cloud", "field"]
+
+
+def _sentence(rng: random.Random) -> str:
+    """One templated sentence about the small world."""
+    name, other = rng.sample(NAMES, 2)
+    color, animal, town = rng.choice(COLORS), rng.choice(ANIMALS), rng.choice(TOWNS)
+    food, number, verb = rng.choice(FOODS), rng.choice(NUMBERS), rng.choice(VERBS)
+    listed = rng.sample(WORDS, rng.randint(2, 5))
+    templates = [
+        f"The {color} {animal} lives in {town}.",
+        f"{name} {verb} the {color} {animal} near {town}.",
+        f"Every morning {name} eats {number} {food}.",
+        f"In {town} the {animal}s like {food}.",
+        f"{name} and {other} walk to {town} with a {color} bag.",
+        f"{name} wrote a list: {' '.join(listed)}. The last word was {listed[-1]}.",
+        f"{other} read the words {' '.join(listed)} and said {listed[-1]} at the end.",
+        f"The {animal} has {number} {color} spots.",
+        f"{name} {verb} {other} because the {animal} ran away.",
+    ]
+    return rng.choice(templates)
+
+
+def make_corpus(rng: random.Random, documents: int) -> list[str]:
+    """Documents of a few sentences each, one per line."""
+    return [" ".join(_sentence(rng) for _ in range(rng.randint(3, 8))) for _ in range(documents)]
+
+
+def make_last_word_task(rng: random.Random, count: int) -> list[dict]:
+    """Chat examples: the user lists words, the assistant answers with the last one."""
+    rows = []
+    for _ in range(count):
+        words = rng.sample(WORDS, rng.randint(2, 6))
+        rows.append({
+            "messages": [
+                {"role": "user", "content": f"Say the last word: {' '.join(words)}"},
+                {"role": "assistant", "content": words[-1]},
+            ]
+        })
+    return rows
+
+
+def main() -> None:
+    """Write corpus.txt, corpus-eval.txt, last-word-train.jsonl and last-word-eval.jsonl."""
+    rng = random.Random(1234)
+    (HERE / "corpus.txt").write_text("\n".join(make_corpus(rng, 3000)) + "\n")
+    (HERE / "corpus-eval.txt").write_text("\n".join(make_corpus(rng, 150)) + "\n")
+    for name, count in [("last-word-train.jsonl", 2000), ("last-word-eval.jsonl", 100)]:
+        with open(HERE / name, "w") as f:
+            for row in make_last_word_task(rng, count):
+                f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()

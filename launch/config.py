@@ -1,0 +1,166 @@
+"""The job file: YAML plus `key.sub=value` overrides, validated into one `JobConfig`."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cluster.config import ClusterConfig
+from training.config import DataConfig, DeepSpeedSection, ModelConfig, OutputConfig, TrainingConfig
+from training.errors import UserError
+
+Stage = Literal["pretrain", "sft"]
+
+
+class JobConfig(BaseModel):
+    """One training job: the stage plus the sections every stage shares."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: Stage
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    output: OutputConfig
+
+
+def apply_override(tree: dict, override: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (so 3e-4, true, [1,2] work)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise UserError(f"override '{override}' is not of the form key.sub=value (e.g. training.max_steps=20)")
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise UserError(f"override '{override}': '{part}' holds a value, not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def _line_of(root: yaml.Node | None, path: tuple) -> int | None:
+    """The 1-based line of the YAML node at `path` (keys and list indexes), if the file has it."""
+    node, line = root, None
+    for part in path:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == str(part)), None)
+            if match is None:
+                return line
+            node, line = match[1], match[0].start_mark.line + 1
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _fields_at(path: tuple) -> list[str]:
+    """The valid keys of the config section that holds `path`'s last element."""
+    model: Any = JobConfig
+    for part in path[:-1]:
+        if isinstance(part, int):
+            continue
+        field = getattr(model, "model_fields", {}).get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [annotation, *getattr(annotation, "__args__", ())]
+        for candidate in candidates:
+            for inner in [candidate, *getattr(candidate, "__args__", ())]:
+                if isinstance(inner, type) and issubclass(inner, BaseModel):
+                    model = inner
+                    break
+            else:
+                continue
+            break
+        else:
+            return []
+    return list(getattr(model, "model_fields", {}))
+
+
+def describe_validation_error(error: ValidationError, source: str, root: yaml.Node | None) -> str:
+    """Turn pydantic's errors into lines naming the file, line, key and the fix."""
+    lines = []
+    for item in error.errors():
+        path = tuple(p for p in item["loc"] if not (isinstance(p, str) and p.startswith("function-")))
+        dotted = ".".join(str(p) for p in path) or "(top level)"
+        line = _line_of(root, path)
+        where = f"{source}:{line}" if line else source
+        if item["type"] == "extra_forbidden":
+            valid = _fields_at(path)
+            close = difflib.get_close_matches(str(path[-1]), valid, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(valid)}"
+            lines.append(f"{where}: unknown key '{dotted}'; {hint}")
+        elif item["type"] == "missing":
+            lines.append(f"{where}: missing required key '{dotted}'")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{where}: '{dotted}': {message}")
+    return "\n".join(lines)
+
+
+def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """Read a job YAML, apply overrides, validate; raise UserError listing every problem."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"job file {path} does not exist")
+    text = path.read_text()
+    try:
+        tree = yaml.safe_load(text) or {}
+        root = yaml.compose(text)
+    except yaml.YAMLError as exc:
+        raise UserError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(tree, dict):
+        raise UserError(f"{path}: a job file is a mapping of sections (stage, model, data, ...)")
+    for override in overrides or []:
+        apply_override(tree, override)
+    return job_from_dict(tree, source=str(path), root=root)
+
+
+def job_from_dict(tree: dict, source: str = "<job>", root: yaml.Node | None = None) -> JobConfig:
+    """Validate a job given as a nested dict."""
+    try:
+        job = JobConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise UserError(f"{source} has errors:\n{describe_validation_error(exc, source, root)}") from None
+    return resolve_paths(job)
+
+
+def _absolute(path: str | None, must_exist_to_count: bool = False) -> str | None:
+    """An absolute form of a local path; hub-style names (no such file, not path-like) stay as they are."""
+    if path is None:
+        return None
+    from training.model import looks_like_local_path
+
+    candidate = Path(path).expanduser()
+    if must_exist_to_count and not (candidate.exists() or looks_like_local_path(path)):
+        return path
+    return str(candidate.resolve())
+
+
+def resolve_paths(job: JobConfig) -> JobConfig:
+    """Make every local path absolute (relative to the current directory): workers run elsewhere."""
+    job.model.name_or_path = _absolute(job.model.name_or_path, must_exist_to_count=True)
+    job.model.tokenizer = _absolute(job.model.tokenizer, must_exist_to_count=True)
+    for source in [*job.data.train, *(job.data.eval or [])]:
+        local = Path(source.path).suffix.lower() in (".jsonl", ".json", ".parquet", ".txt")
+        source.path = _absolute(source.path) if local else _absolute(source.path, must_exist_to_count=True)
+    job.data.cache_dir = _absolute(job.data.cache_dir)
+    job.deepspeed.config = _absolute(job.deepspeed.config)
+    job.output.dir = _absolute(job.output.dir)
+    if job.output.resume not in ("auto", "never"):
+        job.output.resume = _absolute(job.output.resume)
+    return job
+
+
+def dump_job(job: JobConfig) -> str:
+    """The resolved job as YAML, defaults included."""
+    return yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False)

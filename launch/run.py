@@ -1,0 +1,153 @@
+"""Running one job: run directory, preflight checks, Ray Train workers, live progress, before/after."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cluster.config import ClusterConfig
+from cluster.ray_cluster import ClusterError, ray_cluster, torch_backend
+from launch.config import JobConfig, dump_job
+from launch.progress import ProgressFollower
+from training.data import read_sources, read_splits
+from training.errors import UserError
+from training.metrics import read_metrics
+from training.model import check_model_source, load_tokenizer
+from training.run_dir import job_identity, prepare_run_dir
+from training.runner import default_cache_dir, ray_train_worker
+from training.tokenize import cache_key
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    """Where the run landed and the figures that show whether it learned."""
+
+    run_dir: Path
+    seconds: float
+    eval_loss_before: float | None = None
+    eval_loss_after: float | None = None
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def figure(self) -> str:
+        """The before/after lines printed at the end of a job."""
+        lines = [f"run: {self.run_dir}  ({self.seconds:.0f}s)"]
+        if self.eval_loss_before is not None and self.eval_loss_after is not None:
+            lines.append(f"  eval loss   {self.eval_loss_before:7.3f} -> {self.eval_loss_after:7.3f}")
+        if self.accuracy_before is not None and self.accuracy_after is not None:
+            lines.append(f"  task acc.   {self.accuracy_before:7.1%} -> {self.accuracy_after:7.1%}  (greedy exact match)")
+        return "\n".join(lines)
+
+
+def find_user_error(exc: BaseException) -> BaseException | None:
+    """Dig a UserError or ClusterError out of the wrappers Ray puts around a worker's exception."""
+    seen, queue = set(), [exc]
+    while queue:
+        current = queue.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, UserError | ClusterError):
+            return current
+        for name in ("__cause__", "__context__", "cause", "error", "_error"):
+            child = getattr(current, name, None)
+            if isinstance(child, BaseException):
+                queue.append(child)
+        for name in ("worker_failures", "errors"):
+            children = getattr(current, name, None)
+            if isinstance(children, dict):
+                queue.extend(c for c in children.values() if isinstance(c, BaseException))
+            elif isinstance(children, list | tuple):
+                queue.extend(c for c in children if isinstance(c, BaseException))
+    return None
+
+
+def preflight(job: JobConfig) -> None:
+    """Catch the user's mistakes on the driver, before any worker starts."""
+    if job.model.init == "pretrained":
+        assert job.model.name_or_path is not None
+        check_model_source(job.model.name_or_path)
+    tokenizer = load_tokenizer(job.model)
+    cache = default_cache_dir(job.data, job.output) / cache_key(job.stage, job.data, tokenizer, job.training.seed)
+    if not (cache / "ready").exists():
+        read_splits(job.data, job.training.seed)  # malformed rows, missing fields, empty data
+
+
+def task_accuracy(job: JobConfig, model_path: str | None) -> float | None:
+    """Exact-match accuracy of a model folder (or the job's starting model) on the held-out prompts."""
+    if job.stage != "sft" or not job.data.eval_generations or not job.data.eval:
+        return None
+    from transformers import AutoModelForCausalLM, set_seed
+
+    from training.evaluate import exact_match_accuracy
+    from training.model import load_model
+
+    rows = read_sources(job.data.eval, job.data, job.training.seed, "eval")[: job.data.eval_generations]
+    tokenizer = load_tokenizer(job.model)
+    if model_path is None:
+        set_seed(job.training.seed)
+        model = load_model(job.model, tokenizer)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_path)
+    return exact_match_accuracy(model, tokenizer, rows)
+
+
+def run_on_ray(job: JobConfig, run_dir: Path) -> None:
+    """Run the job's workers as a Ray Train TorchTrainer on the current Ray cluster."""
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    cluster: ClusterConfig = job.cluster
+    payload = {
+        "stage": job.stage,
+        "run_dir": str(run_dir),
+        **{name: getattr(job, name).model_dump(mode="json") for name in ("model", "data", "training", "deepspeed", "output")},
+    }
+    resources = {"CPU": cluster.cpus_per_worker, **({"GPU": cluster.gpus_per_worker} if cluster.gpus_per_worker else {})}
+    trainer = TorchTrainer(
+        ray_train_worker,
+        train_loop_config=payload,
+        torch_config=TorchConfig(backend=torch_backend(cluster)),
+        scaling_config=ScalingConfig(num_workers=cluster.workers, use_gpu=cluster.gpus_per_worker > 0,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(storage_path=str(run_dir / "ray"), name="train",
+                             failure_config=FailureConfig(max_failures=0)),
+    )
+    try:
+        trainer.fit()
+    except Exception as exc:
+        user_error = find_user_error(exc)
+        if user_error is not None:
+            raise user_error from None
+        raise RuntimeError(
+            f"training failed ({type(exc).__name__}); the workers' logs are in {run_dir / 'logs'}"
+        ) from exc
+
+
+def run_job(job: JobConfig, show_progress: bool = True) -> RunResult:
+    """Run one pretrain/sft job end to end and return its before/after figures."""
+    started = time.time()
+    run_dir = prepare_run_dir(job.output, job_identity(job.model_dump(mode="json"))).resolve()
+    (run_dir / "job.yaml").write_text(dump_job(job))
+    preflight(job)
+    accuracy_before = task_accuracy(job, job.model.name_or_path if job.model.init == "pretrained" else None)
+    with ray_cluster(job.cluster):
+        if show_progress:
+            with ProgressFollower(run_dir / "metrics.jsonl", job.stage):
+                run_on_ray(job, run_dir)
+        else:
+            run_on_ray(job, run_dir)
+    evals = [r["eval_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r]
+    return RunResult(
+        run_dir=run_dir,
+        seconds=time.time() - started,
+        eval_loss_before=evals[0] if evals else None,
+        eval_loss_after=evals[-1] if evals else None,
+        accuracy_before=accuracy_before,
+        accuracy_after=task_accuracy(job, str(run_dir / "final")),
+    )

@@ -1,0 +1,129 @@
+"""The job sections that describe one SPMD training run: model, data, training, deepspeed, output."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+DataFormat = Literal["text", "alpaca", "messages", "preference", "prompt"]
+
+
+class ModelConfig(BaseModel):
+    """Which model and tokenizer to start from, and how to run attention."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name_or_path: str | None = None
+    init: Literal["pretrained", "scratch"] = "pretrained"
+    architecture: dict | None = Field(default=None, description="a transformers config dict (with model_type)")
+    tokenizer: str | None = Field(default=None, description="defaults to name_or_path")
+    dtype: Precision = "auto"
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
+    strict_attention: bool = False
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _source_is_complete(self) -> ModelConfig:
+        if self.init == "scratch":
+            if not self.architecture or "model_type" not in self.architecture:
+                raise ValueError("model.init: scratch needs model.architecture with a model_type (e.g. llama)")
+            if not self.tokenizer:
+                raise ValueError("model.init: scratch needs model.tokenizer (a tokenizer folder or hub id)")
+        elif not self.name_or_path:
+            raise ValueError("set model.name_or_path (hub id or local folder), or model.init: scratch")
+        return self
+
+
+class DataSource(BaseModel):
+    """One dataset: a local .jsonl/.json/.parquet/.txt file or a `datasets` hub name."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path: str
+    weight: float = Field(default=1.0, gt=0, description="2.0 repeats the source twice, 0.5 keeps a seeded half")
+    split: str = "train"
+    name: str | None = Field(default=None, description="hub dataset config name")
+
+
+def _as_sources(value: object) -> object:
+    """Accept a bare path or a list of paths where a list of sources is expected."""
+    if value is None:
+        return value
+    if isinstance(value, str | dict):
+        value = [value]
+    return [{"path": item} if isinstance(item, str) else item for item in value]  # type: ignore[union-attr]
+
+
+class DataConfig(BaseModel):
+    """Where the rows come from, their format, and how they become token sequences."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: DataFormat
+    train: list[DataSource]
+    eval: list[DataSource] | None = None
+    eval_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
+    text_field: str = "text"
+    max_length: int = Field(default=512, gt=8)
+    overlength: Literal["error", "drop", "truncate"] = "error"
+    packing: bool = True
+    num_proc: int = Field(default=1, ge=1)
+    cache_dir: str | None = Field(default=None, description="defaults to <output.dir>/../.tokenized")
+    eval_generations: int = Field(default=0, ge=0, description="held-out examples scored by greedy exact match")
+
+    _sources = field_validator("train", "eval", mode="before")(lambda cls, v: _as_sources(v))
+
+
+class TrainingConfig(BaseModel):
+    """Optimisation: schedule, batch, length of the run, precision and evaluation cadence."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    learning_rate: float = Field(default=1e-4, gt=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "polynomial"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0)
+    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = Field(default=8, ge=1, description="per worker")
+    grad_accum: int = Field(default=1, ge=1)
+    epochs: float = Field(default=1.0, gt=0)
+    max_steps: int = Field(default=-1, description="wins over epochs when > 0")
+    seed: int = 42
+    precision: Precision = "auto"
+    gradient_checkpointing: bool = False
+    eval_steps: int | None = Field(default=None, ge=1, description="None: evaluate at start and end only")
+    logging_steps: int = Field(default=1, ge=1)
+
+
+class DeepSpeedSection(BaseModel):
+    """ZeRO stage and offload switches, or a raw DeepSpeed JSON that wins over them."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    offload_optimizer: bool = False
+    offload_params: bool = False
+    config: str | None = Field(default=None, description="path to a DeepSpeed JSON dict; wins when set")
+
+    @model_validator(mode="after")
+    def _offload_needs_zero(self) -> DeepSpeedSection:
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("deepspeed.offload_params needs zero_stage: 3")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("deepspeed.offload_optimizer needs zero_stage 1, 2 or 3")
+        return self
+
+
+class OutputConfig(BaseModel):
+    """Where the run directory is, how often to checkpoint, and whether to resume."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dir: str
+    save_steps: int = Field(default=0, ge=0, description="0: no intermediate checkpoints")
+    keep_last: int = Field(default=2, ge=1)
+    resume: str = Field(default="auto", description="auto | never | PATH to a checkpoint folder")
+    overwrite: bool = False

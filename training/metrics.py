@@ -1,0 +1,102 @@
+"""metrics.jsonl: one JSON object per logged step or evaluation, written by rank 0; and its plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+COMPLETE_MARKER = "tuneyard-complete"
+
+
+def append_metrics(path: Path, record: dict) -> None:
+    """Append one record and flush, so followers see it at once."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    """All records of a metrics.jsonl (a torn last line is skipped)."""
+    if not Path(path).exists():
+        return []
+    records = []
+    for line in Path(path).read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
+class MetricsCallback(TrainerCallback):
+    """Writes step metrics (loss, lr, grad_norm, tokens/s, samples/s) and eval loss to metrics.jsonl.
+
+    It also marks each checkpoint complete once the trainer has finished writing it, so resume
+    never picks a half-written one.
+    """
+
+    def __init__(self, path: Path, samples_per_step: int):
+        self.path = Path(path)
+        self.samples_per_step = samples_per_step
+        self._last: tuple[float, int, float] | None = None  # (time, step, tokens seen)
+
+    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
+        if state.is_world_process_zero:
+            append_metrics(self.path, {"event": "start", "step": state.global_step, "total_steps": state.max_steps,
+                                       "time": time.time()})
+        self._last = (time.perf_counter(), state.global_step, float(state.num_input_tokens_seen or 0))
+
+    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kw) -> None:
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        now, tokens = time.perf_counter(), float(state.num_input_tokens_seen or 0)
+        record = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
+                  "grad_norm": logs.get("grad_norm"), "epoch": state.epoch, "time": time.time()}
+        if self._last is not None and state.global_step > self._last[1]:
+            elapsed = max(now - self._last[0], 1e-9)
+            record["tokens_per_s"] = (tokens - self._last[2]) / elapsed
+            record["samples_per_s"] = (state.global_step - self._last[1]) * self.samples_per_step / elapsed
+        record = {k: v for k, v in record.items() if v is None or not isinstance(v, float) or math.isfinite(v)}
+        append_metrics(self.path, record)
+        self._last = (now, state.global_step, tokens)
+
+    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics=None,
+                    **kw) -> None:
+        if state.is_world_process_zero and metrics and "eval_loss" in metrics:
+            append_metrics(self.path, {"step": state.global_step, "eval_loss": metrics["eval_loss"], "time": time.time()})
+        # evaluation time is not training time: restart the rate window
+        self._last = (time.perf_counter(), state.global_step, float(state.num_input_tokens_seen or 0))
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
+        if state.is_world_process_zero:
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            if folder.is_dir():
+                (folder / COMPLETE_MARKER).write_text(str(state.global_step))
+
+
+def plot_metrics(metrics_path: Path, png_path: Path) -> Path:
+    """Draw training loss and eval loss against step into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = read_metrics(metrics_path)
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(Path(metrics_path).parent.name)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=100)
+    plt.close(fig)
+    return Path(png_path)

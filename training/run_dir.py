@@ -1,0 +1,82 @@
+"""The run directory: who owns it, its checkpoints, and atomic publication of `final/`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+from training.config import OutputConfig
+from training.errors import UserError
+from training.metrics import COMPLETE_MARKER
+
+RUN_FILE = "run.json"
+
+
+def job_identity(job_dump: dict) -> str:
+    """A hash of everything that defines the run's results (not where it runs or how it resumes)."""
+    relevant = {k: v for k, v in job_dump.items() if k not in ("cluster", "output")}
+    relevant["output"] = {k: v for k, v in job_dump.get("output", {}).items() if k not in ("resume", "overwrite")}
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """Checkpoint folders that were fully written, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    found = [p for p in folder.glob("checkpoint-*") if (p / COMPLETE_MARKER).exists()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def prepare_run_dir(output: OutputConfig, identity: str) -> Path:
+    """Create or adopt the run directory, refusing one that holds a different job's run."""
+    run_dir = Path(output.dir)
+    run_file = run_dir / RUN_FILE
+    if run_file.exists():
+        owner = json.loads(run_file.read_text()).get("identity")
+        explicit_resume = output.resume not in ("auto", "never")
+        if owner != identity and not (output.overwrite or explicit_resume):
+            raise UserError(
+                f"output.dir '{run_dir}' holds another job's run (its settings differ from this job's). "
+                "Choose a new output.dir, set output.overwrite: true to replace it, or output.resume: PATH "
+                "to continue from one of its checkpoints."
+            )
+        if output.overwrite and not explicit_resume:
+            shutil.rmtree(run_dir)
+        elif output.resume == "never" and (complete_checkpoints(run_dir) or (run_dir / "final").exists()):
+            raise UserError(
+                f"output.dir '{run_dir}' already has checkpoints and output.resume is never; "
+                "set output.resume: auto to continue, or output.overwrite: true to start again"
+            )
+    elif run_dir.exists() and any(run_dir.iterdir()) and not output.overwrite:
+        raise UserError(
+            f"output.dir '{run_dir}' is not empty and is not a tuneyard run; "
+            "choose another output.dir or set output.overwrite: true"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "logs").mkdir(exist_ok=True)
+    run_file.write_text(json.dumps({"identity": identity}))
+    return run_dir
+
+
+def resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
+    """The checkpoint to continue from: the newest complete one (auto), none (never), or a given path."""
+    if resume == "never":
+        return None
+    if resume == "auto":
+        done = complete_checkpoints(run_dir)
+        return done[-1] if done else None
+    path = Path(resume)
+    if not path.is_dir():
+        raise UserError(f"output.resume: checkpoint folder '{resume}' does not exist")
+    return path
+
+
+def publish_final(staging: Path, final: Path) -> None:
+    """Swap a fully written staging folder into place; the old `final/` survives any failure before."""
+    old = final.with_name(final.name + ".old")
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    staging.rename(final)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,174 @@
+"""One SPMD worker of a `pretrain` or `sft` job: data, model, DeepSpeed, TRL SFTTrainer, final save.
+
+Read `run_training` top to bottom: it is the whole recipe. `ray_train_worker` is the Ray Train
+entry point that wraps it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from training.config import DataConfig, DeepSpeedSection, ModelConfig, OutputConfig, TrainingConfig
+from training.deepspeed_config import build_deepspeed_config
+from training.metrics import MetricsCallback
+from training.model import load_model, load_tokenizer, resolve_dtype
+from training.run_dir import publish_final, resume_checkpoint
+from training.tokenize import prepare_datasets
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir(data: DataConfig, output: OutputConfig) -> Path:
+    """Tokenised data lives beside the run directories, so sibling jobs share it."""
+    return Path(data.cache_dir) if data.cache_dir else Path(output.dir).resolve().parent / ".tokenized"
+
+
+def _precision_flags(training: TrainingConfig) -> dict:
+    precision = training.precision
+    if precision == "auto":
+        precision = "bf16" if resolve_dtype("auto") == torch.bfloat16 else "fp32"
+    return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
+
+
+def build_trainer_args(stage: str, data: DataConfig, training: TrainingConfig, deepspeed: DeepSpeedSection | None,
+                       output: OutputConfig, run_dir: Path, has_eval: bool):
+    """TRL SFTConfig (HF TrainingArguments) for the job; must exist before the model for ZeRO-3 init."""
+    from trl import SFTConfig
+
+    cuda = torch.cuda.is_available()
+    warmup = training.warmup_steps if training.warmup_steps > 0 else training.warmup_ratio
+    return SFTConfig(
+        output_dir=str(run_dir / "checkpoints"),
+        per_device_train_batch_size=training.batch_size,
+        per_device_eval_batch_size=training.batch_size,
+        gradient_accumulation_steps=training.grad_accum,
+        learning_rate=training.learning_rate,
+        lr_scheduler_type=training.lr_scheduler,
+        warmup_steps=warmup,
+        weight_decay=training.weight_decay,
+        max_grad_norm=training.max_grad_norm,
+        num_train_epochs=training.epochs,
+        max_steps=training.max_steps,
+        seed=training.seed,
+        data_seed=training.seed,
+        gradient_checkpointing=training.gradient_checkpointing,
+        # the step-0 eval is the "before" figure; calling evaluate() before train() breaks DeepSpeed's wrapper
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=training.eval_steps or 1_000_000_000,
+        eval_on_start=has_eval,
+        save_strategy="steps" if output.save_steps else "no",
+        save_steps=output.save_steps or 500,
+        save_total_limit=output.keep_last,
+        logging_steps=training.logging_steps,
+        include_num_input_tokens_seen="non_padding",
+        report_to="none",
+        disable_tqdm=True,
+        use_cpu=not cuda,
+        ddp_backend="nccl" if cuda else "gloo",
+        deepspeed=build_deepspeed_config(deepspeed, cuda=cuda) if deepspeed is not None else None,
+        dataloader_num_workers=0,
+        max_length=data.max_length,
+        # pretraining blocks are already max_length long; SFT examples are packed padding-free (BFD)
+        packing=stage == "sft" and data.packing,
+        packing_strategy="bfd",
+        padding_free=stage == "sft" and data.packing,
+        dataset_num_proc=data.num_proc if data.num_proc > 1 else None,
+        **_precision_flags(training),
+    )
+
+
+def run_training(stage: str, model_cfg: ModelConfig, data: DataConfig, training: TrainingConfig,
+                 deepspeed: DeepSpeedSection | None, output: OutputConfig, run_dir: Path, rank: int) -> dict:
+    """Train one worker's share of the job and, together with the other ranks, write `final/`."""
+    from transformers import set_seed
+    from trl import SFTTrainer
+
+    set_seed(training.seed)
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if distributed else 1
+    tokenizer = load_tokenizer(model_cfg)
+    has_eval = bool(data.eval) or data.eval_fraction > 0
+    args = build_trainer_args(stage, data, training, deepspeed, output, run_dir, has_eval)
+
+    # Rank 0 tokenises into the cache; the others wait, then read what it wrote.
+    cache_dir = default_cache_dir(data, output)
+    if rank == 0:
+        splits, warm = prepare_datasets(stage, data, tokenizer, training.seed, cache_dir)
+        log.info("tokenised data: %s cache", "warm" if warm else "cold")
+    if distributed:
+        dist.barrier()
+    if rank != 0:
+        splits, _ = prepare_datasets(stage, data, tokenizer, training.seed, cache_dir)
+
+    model = load_model(model_cfg, tokenizer)
+    model.config.use_cache = False  # no KV cache while training (and packed batches need it off)
+    samples_per_step = training.batch_size * training.grad_accum * world
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=splits["train"],
+        eval_dataset=splits.get("eval"),
+        processing_class=tokenizer,
+        callbacks=[MetricsCallback(run_dir / "metrics.jsonl", samples_per_step)],
+    )
+
+    checkpoint = resume_checkpoint(run_dir, output.resume)
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    metrics = trainer.evaluate() if has_eval else {}
+
+    # Every rank takes part in the save (ZeRO-3 gathers shards); rank 0 publishes it atomically.
+    staging = run_dir / "final.staging"
+    if rank == 0:
+        shutil.rmtree(staging, ignore_errors=True)
+    if distributed:
+        dist.barrier()
+    trainer.save_model(str(staging))
+    if distributed:
+        dist.barrier()
+    if rank == 0:
+        tokenizer.save_pretrained(str(staging))
+        publish_final(staging, run_dir / "final")
+    if distributed:
+        dist.barrier()
+    return {"global_step": trainer.state.global_step, **metrics}
+
+
+def redirect_output(log_path: Path) -> None:
+    """Send this process's stdout/stderr (Python and C++ alike) to a log file; the console shows progress."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(log_path, "a", buffering=1)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(handle.fileno(), 1)
+    os.dup2(handle.fileno(), 2)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def ray_train_worker(payload: dict) -> None:
+    """Ray Train entry point: rebuild the job sections from `payload` and run this worker."""
+    import datasets
+    import ray.train
+
+    rank = ray.train.get_context().get_world_rank()
+    run_dir = Path(payload["run_dir"])
+    redirect_output(run_dir / "logs" / f"worker-{rank}.log")
+    datasets.disable_progress_bars()
+    ds = payload.get("deepspeed")
+    run_training(
+        payload["stage"],
+        ModelConfig(**payload["model"]),
+        DataConfig(**payload["data"]),
+        TrainingConfig(**payload["training"]),
+        DeepSpeedSection(**ds) if ds is not None else None,
+        OutputConfig(**payload["output"]),
+        run_dir,
+        rank,
+    )

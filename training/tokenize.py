@@ -1,0 +1,144 @@
+"""Tokenising rows for a stage, and the on-disk cache that makes a second run skip it."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+from training.config import DataConfig
+from training.data import read_splits, source_fingerprint
+from training.errors import UserError
+from training.packing import IGNORE_INDEX, labels_from_spans, pack_into_blocks
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = "1"  # bump when the tokenised layout changes, so stale caches are not reused
+
+
+def tokenize_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> dict:
+    """input_ids of the chat-template rendering, and labels that keep only assistant turns."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
+        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
+        spans.append((start, end))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids = encoded["input_ids"]
+    return {"input_ids": ids, "labels": labels_from_spans(ids, encoded["offset_mapping"], spans)}
+
+
+def _tokenize_chat_batch(batch: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
+    out = [tokenize_chat(tokenizer, messages) for messages in batch["messages"]]
+    return {"input_ids": [o["input_ids"] for o in out], "labels": [o["labels"] for o in out]}
+
+
+def _tokenize_text_batch(batch: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
+    ids = tokenizer(batch["text"])["input_ids"]
+    return {"input_ids": [doc + [tokenizer.eos_token_id] for doc in ids]}
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A hash of the vocabulary, merges, special tokens and chat template."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    h.update(str(tokenizer.chat_template).encode())
+    h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+def cache_key(stage: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> str:
+    """Keyed by data content, tokenizer, format, lengths and the split; not by the run."""
+    parts = [
+        CACHE_VERSION, stage, cfg.format, cfg.text_field, str(cfg.max_length), cfg.overlength,
+        str(cfg.eval_fraction), str(seed), tokenizer_fingerprint(tokenizer),
+        *("train:" + source_fingerprint(s) for s in cfg.train),
+        *("eval:" + source_fingerprint(s) for s in cfg.eval or []),
+    ]
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def _fit_to_length(dataset: datasets.Dataset, cfg: DataConfig, role: str) -> datasets.Dataset:
+    """Apply data.overlength to SFT examples longer than max_length; never drop them silently."""
+    lengths = [len(ids) for ids in dataset["input_ids"]]
+    long = [n for n in lengths if n > cfg.max_length]
+    if not long:
+        return dataset
+    summary = f"{len(long)} of {len(lengths)} {role} examples are longer than data.max_length={cfg.max_length} tokens (longest {max(long)})"
+    if cfg.overlength == "error":
+        raise UserError(
+            f"{summary}. Raise data.max_length, or set data.overlength: drop (skip them) or truncate (cut them)."
+        )
+    log.warning("%s: %s them (data.overlength)", summary, "dropping" if cfg.overlength == "drop" else "truncating")
+    if cfg.overlength == "drop":
+        return dataset.filter(lambda row: len(row["input_ids"]) <= cfg.max_length)
+    return dataset.map(lambda row: {k: row[k][: cfg.max_length] for k in ("input_ids", "labels")})
+
+
+def tokenize_rows(
+    stage: str, rows: list[dict], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, role: str
+) -> datasets.Dataset:
+    """Rows of one split -> a tokenised dataset: fixed blocks (pretrain) or labelled examples (sft)."""
+    raw = datasets.Dataset.from_list(rows)
+    num_proc = cfg.num_proc if cfg.num_proc > 1 and len(rows) >= 1000 else None
+    if stage == "pretrain":
+        if cfg.format != "text":
+            raise UserError(f"stage pretrain reads data.format: text, not '{cfg.format}'")
+        docs = raw.map(_tokenize_text_batch, batched=True, fn_kwargs={"tokenizer": tokenizer},
+                       remove_columns=raw.column_names, num_proc=num_proc)
+        blocks = pack_into_blocks(docs["input_ids"], cfg.max_length)
+        if not blocks:
+            raise UserError(f"data.{role}: fewer tokens than one block of data.max_length={cfg.max_length}")
+        return datasets.Dataset.from_dict({"input_ids": blocks})
+    if cfg.format not in ("messages", "alpaca"):
+        raise UserError(f"stage {stage} reads data.format messages or alpaca, not '{cfg.format}'")
+    examples = raw.map(_tokenize_chat_batch, batched=True, fn_kwargs={"tokenizer": tokenizer},
+                       remove_columns=raw.column_names, num_proc=num_proc)
+    examples = _fit_to_length(examples, cfg, role)
+    examples = examples.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"]))
+    if len(examples) == 0:
+        raise UserError(f"data.{role}: no examples with assistant tokens left after filtering")
+    return examples
+
+
+def build_datasets(stage: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> datasets.DatasetDict:
+    """Read, validate and tokenise the train (and eval) split, without the cache."""
+    train_rows, eval_rows = read_splits(cfg, seed)
+    splits = {"train": tokenize_rows(stage, train_rows, cfg, tokenizer, "train")}
+    if eval_rows is not None:
+        splits["eval"] = tokenize_rows(stage, eval_rows, cfg, tokenizer, "eval")
+    return datasets.DatasetDict(splits)
+
+
+def prepare_datasets(
+    stage: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, cache_dir: Path
+) -> tuple[datasets.DatasetDict, bool]:
+    """Load the tokenised splits from the cache, building and storing them atomically when missing.
+
+    Returns the datasets and whether the cache was already warm.
+    """
+    final = Path(cache_dir) / cache_key(stage, cfg, tokenizer, seed)
+    if (final / "ready").exists():
+        return datasets.load_from_disk(str(final / "splits")), True
+    started = time.perf_counter()
+    built = build_datasets(stage, cfg, tokenizer, seed)
+    staging = final.with_name(f"{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    built.save_to_disk(str(staging / "splits"))
+    (staging / "ready").write_text(json.dumps({k: len(v) for k, v in built.items()}))
+    try:
+        staging.rename(final)
+    except OSError:  # another process published the same key first; theirs is as good as ours
+        shutil.rmtree(staging, ignore_errors=True)
+    log.info("tokenised %s in %.1fs into %s", {k: len(v) for k, v in built.items()}, time.perf_counter() - started, final)
+    return datasets.load_from_disk(str(final / "splits")), False
