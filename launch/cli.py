@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the console script; a user's mistake is one paragraph on stderr and exit 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # bitsandbytes warns at import that the optional `kernels` hub package is absent; we keep it out on purpose
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     args = _parser().parse_args(argv)
     from cluster.ray_cluster import ClusterError
 

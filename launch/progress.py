@@ -12,7 +12,11 @@ from training.metrics import read_metrics
 
 def _clock(seconds: float) -> str:
     seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+    return (
+        f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+        if seconds >= 3600
+        else f"{seconds // 60}:{seconds % 60:02d}"
+    )
 
 
 def progress_line(records: list[dict], started: float, now: float) -> str:
@@ -62,7 +66,9 @@ class ProgressFollower:
         self._draw(final=True)
 
     def _draw(self, final: bool = False) -> None:
-        line = f"[{self.label}] " + progress_line(read_metrics(self.metrics_path)[self._offset :], self._started, time.time())
+        line = f"[{self.label}] " + progress_line(
+            read_metrics(self.metrics_path)[self._offset :], self._started, time.time()
+        )
         if self._tty:
             sys.stdout.write("\r\033[K" + line + ("\n" if final else ""))
         else:

@@ -40,7 +40,9 @@ class RunResult:
         if self.eval_loss_before is not None and self.eval_loss_after is not None:
             lines.append(f"  eval loss   {self.eval_loss_before:7.3f} -> {self.eval_loss_after:7.3f}")
         if self.accuracy_before is not None and self.accuracy_after is not None:
-            lines.append(f"  task acc.   {self.accuracy_before:7.1%} -> {self.accuracy_after:7.1%}  (greedy exact match)")
+            lines.append(
+                f"  task acc.   {self.accuracy_before:7.1%} -> {self.accuracy_after:7.1%}  (greedy exact match)"
+            )
         return "\n".join(lines)
 
 
@@ -106,17 +108,25 @@ def run_on_ray(job: JobConfig, run_dir: Path) -> None:
     payload = {
         "stage": job.stage,
         "run_dir": str(run_dir),
-        **{name: getattr(job, name).model_dump(mode="json") for name in ("model", "data", "training", "deepspeed", "output")},
+        **{
+            name: getattr(job, name).model_dump(mode="json")
+            for name in ("model", "data", "training", "deepspeed", "output")
+        },
     }
-    resources = {"CPU": cluster.cpus_per_worker, **({"GPU": cluster.gpus_per_worker} if cluster.gpus_per_worker else {})}
+    resources = {
+        "CPU": cluster.cpus_per_worker,
+        **({"GPU": cluster.gpus_per_worker} if cluster.gpus_per_worker else {}),
+    }
     trainer = TorchTrainer(
         ray_train_worker,
         train_loop_config=payload,
         torch_config=TorchConfig(backend=torch_backend(cluster)),
-        scaling_config=ScalingConfig(num_workers=cluster.workers, use_gpu=cluster.gpus_per_worker > 0,
-                                     resources_per_worker=resources),
-        run_config=RunConfig(storage_path=str(run_dir / "ray"), name="train",
-                             failure_config=FailureConfig(max_failures=0)),
+        scaling_config=ScalingConfig(
+            num_workers=cluster.workers, use_gpu=cluster.gpus_per_worker > 0, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            storage_path=str(run_dir / "ray"), name="train", failure_config=FailureConfig(max_failures=0)
+        ),
     )
     try:
         trainer.fit()

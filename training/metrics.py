@@ -45,16 +45,24 @@ class MetricsCallback(TrainerCallback):
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
         if state.is_world_process_zero:
-            append_metrics(self.path, {"event": "start", "step": state.global_step, "total_steps": state.max_steps,
-                                       "time": time.time()})
+            append_metrics(
+                self.path,
+                {"event": "start", "step": state.global_step, "total_steps": state.max_steps, "time": time.time()},
+            )
         self._last = (time.perf_counter(), state.global_step, float(state.num_input_tokens_seen or 0))
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kw) -> None:
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
         now, tokens = time.perf_counter(), float(state.num_input_tokens_seen or 0)
-        record = {"step": state.global_step, "loss": logs["loss"], "lr": logs.get("learning_rate"),
-                  "grad_norm": logs.get("grad_norm"), "epoch": state.epoch, "time": time.time()}
+        record = {
+            "step": state.global_step,
+            "loss": logs["loss"],
+            "lr": logs.get("learning_rate"),
+            "grad_norm": logs.get("grad_norm"),
+            "epoch": state.epoch,
+            "time": time.time(),
+        }
         if self._last is not None and state.global_step > self._last[1]:
             elapsed = max(now - self._last[0], 1e-9)
             record["tokens_per_s"] = (tokens - self._last[2]) / elapsed
@@ -63,10 +71,13 @@ class MetricsCallback(TrainerCallback):
         append_metrics(self.path, record)
         self._last = (now, state.global_step, tokens)
 
-    def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics=None,
-                    **kw) -> None:
+    def on_evaluate(
+        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics=None, **kw
+    ) -> None:
         if state.is_world_process_zero and metrics and "eval_loss" in metrics:
-            append_metrics(self.path, {"step": state.global_step, "eval_loss": metrics["eval_loss"], "time": time.time()})
+            append_metrics(
+                self.path, {"step": state.global_step, "eval_loss": metrics["eval_loss"], "time": time.time()}
+            )
         # evaluation time is not training time: restart the rate window
         self._last = (time.perf_counter(), state.global_step, float(state.num_input_tokens_seen or 0))
 

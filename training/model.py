@@ -33,7 +33,9 @@ def check_model_source(name: str, what: str = "model.name_or_path") -> None:
             "or a hub id such as 'org/model'."
         )
     if path.is_dir() and not (path / "config.json").exists() and what == "model.name_or_path":
-        raise UserError(f"{what}: '{name}' is a folder but holds no config.json; point it at a Hugging Face model folder")
+        raise UserError(
+            f"{what}: '{name}' is a folder but holds no config.json; point it at a Hugging Face model folder"
+        )
 
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -1,4 +1,8 @@
-"""Pure sequence maths: pretraining blocks, assistant-only labels, packed position ids."""
+"""Pure sequence maths: pretraining blocks and assistant-only labels.
+
+SFT packing itself (best-fit decreasing into max_length rows, position ids restarting per example)
+is TRL's `pack_dataset` and padding-free collator; tests check its logits against unpacked ones.
+"""
 
 from __future__ import annotations
 
@@ -28,27 +32,3 @@ def labels_from_spans(
         inside = any(start < hi and end > lo for lo, hi in spans)
         labels.append(token_id if inside else IGNORE_INDEX)
     return labels
-
-
-def packed_position_ids(lengths: Sequence[int]) -> list[int]:
-    """Position ids that restart at 0 for each packed sequence, so attention stays within each one."""
-    return [p for length in lengths for p in range(length)]
-
-
-def first_fit_decreasing(lengths: Sequence[int], capacity: int) -> list[list[int]]:
-    """Group sequence indexes into bins of at most `capacity` tokens (longest first, first bin that fits)."""
-    bins: list[list[int]] = []
-    room: list[int] = []
-    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        length = lengths[index]
-        if length > capacity:
-            raise ValueError(f"sequence {index} has {length} tokens, more than the bin capacity {capacity}")
-        for b, free in enumerate(room):
-            if length <= free:
-                bins[b].append(index)
-                room[b] -= length
-                break
-        else:
-            bins.append([index])
-            room.append(capacity - length)
-    return bins

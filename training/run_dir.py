@@ -15,9 +15,11 @@ RUN_FILE = "run.json"
 
 
 def job_identity(job_dump: dict) -> str:
-    """A hash of everything that defines the run's results (not where it runs or how it resumes)."""
+    """A hash of everything that defines the run's results (not where it runs, lives or how it resumes)."""
     relevant = {k: v for k, v in job_dump.items() if k not in ("cluster", "output")}
-    relevant["output"] = {k: v for k, v in job_dump.get("output", {}).items() if k not in ("resume", "overwrite")}
+    relevant["output"] = {
+        k: v for k, v in job_dump.get("output", {}).items() if k not in ("dir", "resume", "overwrite")
+    }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -37,8 +37,15 @@ def _precision_flags(training: TrainingConfig) -> dict:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def build_trainer_args(stage: str, data: DataConfig, training: TrainingConfig, deepspeed: DeepSpeedSection | None,
-                       output: OutputConfig, run_dir: Path, has_eval: bool):
+def build_trainer_args(
+    stage: str,
+    data: DataConfig,
+    training: TrainingConfig,
+    deepspeed: DeepSpeedSection | None,
+    output: OutputConfig,
+    run_dir: Path,
+    has_eval: bool,
+):
     """TRL SFTConfig (HF TrainingArguments) for the job; must exist before the model for ZeRO-3 init."""
     from trl import SFTConfig
 
@@ -84,8 +91,16 @@ def build_trainer_args(stage: str, data: DataConfig, training: TrainingConfig, d
     )
 
 
-def run_training(stage: str, model_cfg: ModelConfig, data: DataConfig, training: TrainingConfig,
-                 deepspeed: DeepSpeedSection | None, output: OutputConfig, run_dir: Path, rank: int) -> dict:
+def run_training(
+    stage: str,
+    model_cfg: ModelConfig,
+    data: DataConfig,
+    training: TrainingConfig,
+    deepspeed: DeepSpeedSection | None,
+    output: OutputConfig,
+    run_dir: Path,
+    rank: int,
+) -> dict:
     """Train one worker's share of the job and, together with the other ranks, write `final/`."""
     from transformers import set_seed
     from trl import SFTTrainer
@@ -121,7 +136,11 @@ def run_training(stage: str, model_cfg: ModelConfig, data: DataConfig, training:
 
     checkpoint = resume_checkpoint(run_dir, output.resume)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    metrics = trainer.evaluate() if has_eval else {}
+    history = trainer.state.log_history
+    evaluated_last = (
+        bool(history) and "eval_loss" in history[-1] and history[-1].get("step") == trainer.state.global_step
+    )
+    metrics = trainer.evaluate() if has_eval and not evaluated_last else {}
 
     # Every rank takes part in the save (ZeRO-3 gathers shards); rank 0 publishes it atomically.
     staging = run_dir / "final.staging"
@@ -134,6 +153,7 @@ def run_training(stage: str, model_cfg: ModelConfig, data: DataConfig, training:
         dist.barrier()
     if rank == 0:
         tokenizer.save_pretrained(str(staging))
+        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; final/ holds safetensors and JSON only
         publish_final(staging, run_dir / "final")
     if distributed:
         dist.barrier()
@@ -148,8 +168,9 @@ def redirect_output(log_path: Path) -> None:
     sys.stderr.flush()
     os.dup2(handle.fileno(), 1)
     os.dup2(handle.fileno(), 2)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
 
 
 def ray_train_worker(payload: dict) -> None:

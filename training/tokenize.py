@@ -51,7 +51,9 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A hash of the vocabulary, merges, special tokens and chat template."""
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
-    h.update(backend.to_str().encode() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode())
+    h.update(
+        backend.to_str().encode() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()
+    )
     h.update(str(tokenizer.chat_template).encode())
     h.update(json.dumps(tokenizer.special_tokens_map, sort_keys=True, default=str).encode())
     return h.hexdigest()
@@ -60,8 +62,15 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 def cache_key(stage: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> str:
     """Keyed by data content, tokenizer, format, lengths and the split; not by the run."""
     parts = [
-        CACHE_VERSION, stage, cfg.format, cfg.text_field, str(cfg.max_length), cfg.overlength,
-        str(cfg.eval_fraction), str(seed), tokenizer_fingerprint(tokenizer),
+        CACHE_VERSION,
+        stage,
+        cfg.format,
+        cfg.text_field,
+        str(cfg.max_length),
+        cfg.overlength,
+        str(cfg.eval_fraction),
+        str(seed),
+        tokenizer_fingerprint(tokenizer),
         *("train:" + source_fingerprint(s) for s in cfg.train),
         *("eval:" + source_fingerprint(s) for s in cfg.eval or []),
     ]
@@ -74,7 +83,10 @@ def _fit_to_length(dataset: datasets.Dataset, cfg: DataConfig, role: str) -> dat
     long = [n for n in lengths if n > cfg.max_length]
     if not long:
         return dataset
-    summary = f"{len(long)} of {len(lengths)} {role} examples are longer than data.max_length={cfg.max_length} tokens (longest {max(long)})"
+    summary = (
+        f"{len(long)} of {len(lengths)} {role} examples are longer than "
+        f"data.max_length={cfg.max_length} tokens (longest {max(long)})"
+    )
     if cfg.overlength == "error":
         raise UserError(
             f"{summary}. Raise data.max_length, or set data.overlength: drop (skip them) or truncate (cut them)."
@@ -94,16 +106,26 @@ def tokenize_rows(
     if stage == "pretrain":
         if cfg.format != "text":
             raise UserError(f"stage pretrain reads data.format: text, not '{cfg.format}'")
-        docs = raw.map(_tokenize_text_batch, batched=True, fn_kwargs={"tokenizer": tokenizer},
-                       remove_columns=raw.column_names, num_proc=num_proc)
+        docs = raw.map(
+            _tokenize_text_batch,
+            batched=True,
+            fn_kwargs={"tokenizer": tokenizer},
+            remove_columns=raw.column_names,
+            num_proc=num_proc,
+        )
         blocks = pack_into_blocks(docs["input_ids"], cfg.max_length)
         if not blocks:
             raise UserError(f"data.{role}: fewer tokens than one block of data.max_length={cfg.max_length}")
         return datasets.Dataset.from_dict({"input_ids": blocks})
     if cfg.format not in ("messages", "alpaca"):
         raise UserError(f"stage {stage} reads data.format messages or alpaca, not '{cfg.format}'")
-    examples = raw.map(_tokenize_chat_batch, batched=True, fn_kwargs={"tokenizer": tokenizer},
-                       remove_columns=raw.column_names, num_proc=num_proc)
+    examples = raw.map(
+        _tokenize_chat_batch,
+        batched=True,
+        fn_kwargs={"tokenizer": tokenizer},
+        remove_columns=raw.column_names,
+        num_proc=num_proc,
+    )
     examples = _fit_to_length(examples, cfg, role)
     examples = examples.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"]))
     if len(examples) == 0:
@@ -140,5 +162,7 @@ def prepare_datasets(
         staging.rename(final)
     except OSError:  # another process published the same key first; theirs is as good as ours
         shutil.rmtree(staging, ignore_errors=True)
-    log.info("tokenised %s in %.1fs into %s", {k: len(v) for k, v in built.items()}, time.perf_counter() - started, final)
+    log.info(
+        "tokenised %s in %.1fs into %s", {k: len(v) for k, v in built.items()}, time.perf_counter() - started, final
+    )
     return datasets.load_from_disk(str(final / "splits")), False

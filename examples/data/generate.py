@@ -20,8 +20,13 @@ NAMES = ["Ana", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jade
 FOODS = ["apples", "bread", "cheese", "fish", "berries", "nuts", "honey", "rice", "soup", "plums"]
 NUMBERS = ["one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
 VERBS = ["sees", "likes", "follows", "finds", "helps", "meets", "watches", "calls"]
-WORDS = COLORS + ANIMALS + FOODS + [n.lower() for n in NAMES] + ["river", "stone", "tree", "lamp", "boat",
-                                                                  "road", "hill", "door", "cloud", "field"]
+WORDS = (
+    COLORS
+    + ANIMALS
+    + FOODS
+    + [n.lower() for n in NAMES]
+    + ["river", "stone", "tree", "lamp", "boat", "road", "hill", "door", "cloud", "field"]
+)
 
 
 def _sentence(rng: random.Random) -> str:
@@ -54,12 +59,14 @@ def make_last_word_task(rng: random.Random, count: int) -> list[dict]:
     rows = []
     for _ in range(count):
         words = rng.sample(WORDS, rng.randint(2, 6))
-        rows.append({
-            "messages": [
-                {"role": "user", "content": f"Say the last word: {' '.join(words)}"},
-                {"role": "assistant", "content": words[-1]},
-            ]
-        })
+        rows.append(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Say the last word: {' '.join(words)}"},
+                    {"role": "assistant", "content": words[-1]},
+                ]
+            }
+        )
     return rows
 
 

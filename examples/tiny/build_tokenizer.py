@@ -18,13 +18,14 @@ HERE = Path(__file__).resolve().parent
 DATA = HERE.parent / "data"
 VOCAB_SIZE = 512
 SPECIAL_TOKENS = ["<|pad|>", "<|bos|>", "<|end|>", "<|user|>", "<|assistant|>", "<|system|>"]
-# Plain Jinja: each turn is `<|role|> content<|end|>\n`. The space after the tag makes an answer
-# word tokenize as it does mid-sentence; `<|end|>` is the eos, so generation stops at turn end.
+# Plain Jinja: each turn is `<|role|> content<|end|>\n`. The space before the content makes an answer
+# word tokenize as it does mid-sentence ('Ġcat'); the generation prompt stops at the tag so the
+# model, not the prompt, emits that space-led token. `<|end|>` is the eos: generation stops there.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|' + message['role'] + '|> ' + message['content'] + '<|end|>\n' }}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|> ' }}{% endif %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
 )
 
 

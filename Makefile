@@ -1,0 +1,37 @@
+# The two set-up commands: `make demo` (the main job) and `make test` (the whole suite).
+# Both create or reuse .venv and install tuneyard into it.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
+# Without a GPU, take torch 2.13 first (the CPU wheel where one is at hand) so pip does not fetch CUDA.
+TORCH_PIN ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "torch==2.13.0")
+
+.PHONY: install demo test unit bench lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(if $(TORCH_PIN),$(BIN)/pip install -q "$(TORCH_PIN)")
+	$(BIN)/pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m launch.demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -ra
+
+unit: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration"
+
+bench: $(STAMP)
+	$(BIN)/python bench/run_all.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,92 @@
+"""Shared fixtures: the repository paths, tiny job dicts, and one local Ray for the whole session."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+TOKENIZER = EXAMPLES / "tiny" / "tokenizer"
+
+TINY_ARCH = {
+    "model_type": "llama",
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "tie_word_embeddings": True,
+}
+
+PRETRAIN_JOB = {
+    "stage": "pretrain",
+    "model": {"init": "scratch", "tokenizer": str(TOKENIZER), "architecture": TINY_ARCH},
+    "data": {
+        "format": "text",
+        "train": str(EXAMPLES / "data" / "corpus.txt"),
+        "eval": str(EXAMPLES / "data" / "corpus-eval.txt"),
+        "max_length": 64,
+    },
+    "training": {
+        "learning_rate": 3e-3,
+        "batch_size": 4,
+        "max_steps": 6,
+        "warmup_steps": 2,
+        "seed": 7,
+        "precision": "fp32",
+    },
+    "deepspeed": {"zero_stage": 3},
+    "cluster": {"workers": 2},
+    "output": {"dir": "set-by-test"},
+}
+
+SFT_JOB = {
+    "stage": "sft",
+    "model": {"init": "scratch", "tokenizer": str(TOKENIZER), "architecture": TINY_ARCH},
+    "data": {
+        "format": "messages",
+        "train": str(EXAMPLES / "data" / "last-word-train.jsonl"),
+        "eval": str(EXAMPLES / "data" / "last-word-eval.jsonl"),
+        "max_length": 128,
+    },
+    "training": {"learning_rate": 3e-3, "batch_size": 4, "max_steps": 6, "seed": 7, "precision": "fp32"},
+    "deepspeed": {"zero_stage": 2},
+    "cluster": {"workers": 2},
+    "output": {"dir": "set-by-test"},
+}
+
+
+def job_dict(base: dict, run_dir: Path, **sections: dict) -> dict:
+    """A copy of a base job with its output dir set and some sections' keys replaced."""
+    job = copy.deepcopy(base)
+    job["output"]["dir"] = str(run_dir)
+    job["data"]["cache_dir"] = str(run_dir.parent / ".tokenized")
+    for name, values in sections.items():
+        job.setdefault(name, {}).update(values)
+    return job
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray on 127.0.0.1 for every integration test; jobs see it and reuse it."""
+    import ray
+
+    from cluster.config import ClusterConfig
+    from cluster.ray_cluster import worker_env
+
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/tuneyard/torch_extensions"))
+    ray.init(
+        num_cpus=max(os.cpu_count() or 1, 2),
+        _node_ip_address="127.0.0.1",
+        include_dashboard=False,
+        log_to_driver=False,
+        _temp_dir=str(tmp_path_factory.mktemp("ray")),
+        runtime_env={"env_vars": worker_env(ClusterConfig(workers=2))},
+    )
+    yield
+    ray.shutdown()

@@ -1,0 +1,111 @@
+"""Attention choice, DeepSpeed dict, run directory rules, and the tokenizer recipe."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import TOKENIZER
+from training.attention import choose_attn_implementation
+from training.config import DeepSpeedSection, OutputConfig
+from training.deepspeed_config import build_deepspeed_config
+from training.errors import UserError
+from training.metrics import COMPLETE_MARKER
+from training.run_dir import complete_checkpoints, prepare_run_dir, publish_final, resume_checkpoint
+
+
+@pytest.mark.parametrize(
+    ("flash", "cuda", "strict", "expected"),
+    [
+        (True, True, False, "flash_attention_2"),
+        (True, False, False, "sdpa"),
+        (False, True, False, "sdpa"),
+        (False, False, False, "sdpa"),
+        (True, True, True, "flash_attention_2"),
+        (True, False, True, "sdpa"),
+        (False, True, True, "sdpa"),
+        (False, False, True, "sdpa"),
+    ],
+)
+def test_auto_attention_choice(flash, cuda, strict, expected):
+    choice, _ = choose_attn_implementation("auto", flash_available=flash, cuda_available=cuda, strict=strict)
+    assert choice == expected
+
+
+@pytest.mark.parametrize(("flash", "cuda"), [(True, False), (False, True), (False, False)])
+def test_flash_request_falls_back_or_fails_when_strict(flash, cuda):
+    choice, reason = choose_attn_implementation("flash_attention_2", flash_available=flash, cuda_available=cuda)
+    assert choice == "sdpa" and "falling back to sdpa" in reason
+    with pytest.raises(UserError, match="model.attn_implementation is flash_attention_2 but"):
+        choose_attn_implementation("flash_attention_2", flash_available=flash, cuda_available=cuda, strict=True)
+    assert choose_attn_implementation("flash_attention_2", flash_available=True, cuda_available=True)[0] == (
+        "flash_attention_2"
+    )
+    assert choose_attn_implementation("auto", flash_available=False, cuda_available=False, sdpa=False)[0] == "eager"
+
+
+def test_deepspeed_dict_per_stage():
+    zero3 = build_deepspeed_config(DeepSpeedSection(zero_stage=3, offload_optimizer=True))
+    assert zero3["zero_optimization"]["stage"] == 3
+    assert zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"] is True
+    assert zero3["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert zero3["optimizer"]["type"] == "AdamW"
+    assert "train_batch_size" not in zero3
+    zero0 = build_deepspeed_config(DeepSpeedSection(zero_stage=0))
+    assert zero0["zero_optimization"] == {"stage": 0} and "optimizer" not in zero0
+    with pytest.raises(ValueError, match="offload_params needs zero_stage: 3"):
+        DeepSpeedSection(zero_stage=2, offload_params=True)
+
+
+def test_raw_deepspeed_json_wins(tmp_path):
+    raw = {"zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": "auto"}
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps(raw))
+    assert build_deepspeed_config(DeepSpeedSection(zero_stage=3, config=str(path))) == raw
+    with pytest.raises(UserError, match="does not exist"):
+        build_deepspeed_config(DeepSpeedSection(config=str(tmp_path / "missing.json")))
+
+
+def test_run_dir_refuses_another_jobs_run(tmp_path):
+    out = OutputConfig(dir=str(tmp_path / "run"))
+    prepare_run_dir(out, "job-a")
+    prepare_run_dir(out, "job-a")  # the same job may come back (resume)
+    with pytest.raises(UserError, match="holds another job's run"):
+        prepare_run_dir(out, "job-b")
+    (tmp_path / "run" / "keep.txt").write_text("x")
+    prepare_run_dir(out.model_copy(update={"overwrite": True}), "job-b")
+    assert not (tmp_path / "run" / "keep.txt").exists()
+
+
+def test_resume_takes_newest_complete_checkpoint(tmp_path):
+    for step, complete in [(10, True), (20, True), (30, False)]:
+        folder = tmp_path / "checkpoints" / f"checkpoint-{step}"
+        folder.mkdir(parents=True)
+        if complete:
+            (folder / COMPLETE_MARKER).write_text(str(step))
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-10", "checkpoint-20"]
+    assert resume_checkpoint(tmp_path, "auto").name == "checkpoint-20"  # the half-written 30 is skipped
+    assert resume_checkpoint(tmp_path, "never") is None
+    with pytest.raises(UserError, match="does not exist"):
+        resume_checkpoint(tmp_path, str(tmp_path / "nope"))
+
+
+def test_publish_final_swaps_whole_folders(tmp_path):
+    final, staging = tmp_path / "final", tmp_path / "final.staging"
+    final.mkdir()
+    (final / "model.safetensors").write_text("old")
+    staging.mkdir()
+    (staging / "model.safetensors").write_text("new")
+    publish_final(staging, final)
+    assert (final / "model.safetensors").read_text() == "new" and not staging.exists()
+
+
+def test_tokenizer_recipe_reproduces_the_shipped_tokenizer(tmp_path):
+    import subprocess
+    import sys
+
+    recipe = TOKENIZER.parent / "build_tokenizer.py"
+    subprocess.run([sys.executable, str(recipe), str(tmp_path / "tok")], check=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        assert (tmp_path / "tok" / name).read_text() == (TOKENIZER / name).read_text()

@@ -1,0 +1,104 @@
+"""Real Ray Train + DeepSpeed ZeRO + TRL on tiny models, 2 CPU workers over gloo, one shared Ray."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from launch.config import job_from_dict
+from launch.run import run_job
+from tests.conftest import PRETRAIN_JOB, SFT_JOB, job_dict
+from training.errors import UserError
+from training.metrics import read_metrics
+
+pytestmark = pytest.mark.integration
+
+
+def losses(run_dir) -> dict[int, float]:
+    """step -> training loss, the last record winning (a resumed run appends)."""
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+@pytest.fixture(scope="module")
+def pretrain_run(ray_session, tmp_path_factory):
+    """30 steps of ZeRO-3 pretraining on 2 workers, checkpoints at 15 and 30."""
+    run_dir = tmp_path_factory.mktemp("pretrain") / "run"
+    job = job_from_dict(
+        job_dict(PRETRAIN_JOB, run_dir, training={"max_steps": 30, "eval_steps": 15}, output={"save_steps": 15})
+    )
+    return job, run_job(job, show_progress=False)
+
+
+def test_zero3_pretraining_lowers_eval_loss(pretrain_run):
+    _, result = pretrain_run
+    assert result.eval_loss_before - result.eval_loss_after > 1.5, result.figure()
+    records = read_metrics(result.run_dir / "metrics.jsonl")
+    steps = [r for r in records if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 31))
+    assert {"lr", "grad_norm", "tokens_per_s", "samples_per_s"} <= set(steps[-1])
+    assert (result.run_dir / "final" / "model.safetensors").exists()
+    assert not list((result.run_dir / "final").glob("*.bin"))  # safetensors only, no pickles
+
+
+def test_final_folder_reloads_to_the_trained_weights(pretrain_run):
+    """final/ (gathered from ZeRO-3 shards) gives the logits of the last DeepSpeed checkpoint's fp32 weights."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    _, result = pretrain_run
+    reloaded = AutoModelForCausalLM.from_pretrained(result.run_dir / "final").eval()
+    trained = AutoModelForCausalLM.from_pretrained(result.run_dir / "final").eval()
+    state = get_fp32_state_dict_from_zero_checkpoint(str(result.run_dir / "checkpoints" / "checkpoint-30"))
+    missing, unexpected = trained.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}  # tied to the embeddings
+    ids = torch.randint(0, reloaded.config.vocab_size, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(ids).logits, trained(ids).logits, atol=0, rtol=0)
+
+
+def test_resume_continues_to_the_same_loss(pretrain_run, tmp_path):
+    """15 steps + resume to 30 ends at the loss of 30 steps straight."""
+    job, straight = pretrain_run
+    copy = tmp_path / "resumed"
+    shutil.copytree(straight.run_dir, copy, ignore=shutil.ignore_patterns("checkpoint-30", "final", "ray"))
+    kept = [line for line in (copy / "metrics.jsonl").read_text().splitlines() if '"step": 1' in line[:12]]
+    (copy / "metrics.jsonl").write_text("")  # the resumed run's records alone
+    assert kept  # the straight run had logged the first steps
+    resumed_job = job.model_copy(update={"output": job.output.model_copy(update={"dir": str(copy)})})
+    run_job(resumed_job, show_progress=False)
+    resumed = losses(copy)
+    assert min(resumed) == 16  # it continued from checkpoint-15, not from scratch
+    reference = losses(straight.run_dir)
+    for step in (16, 23, 30):
+        assert resumed[step] == pytest.approx(reference[step], rel=1e-5, abs=1e-6)
+
+
+def test_zero_stages_give_the_same_first_losses(ray_session, tmp_path):
+    """Same seed and data: ZeRO-0, ZeRO-2 and ZeRO-3 on 2 workers agree on the first steps."""
+    curves = {}
+    for stage in (0, 2, 3):
+        run_dir = tmp_path / f"zero{stage}"
+        job = job_from_dict(job_dict(PRETRAIN_JOB, run_dir, training={"max_steps": 4}, deepspeed={"zero_stage": stage}))
+        run_job(job, show_progress=False)
+        curves[stage] = [losses(run_dir)[s] for s in range(1, 5)]
+    assert curves[0][0] > curves[0][-1]  # it trained
+    for stage in (2, 3):
+        assert curves[stage] == pytest.approx(curves[0], rel=2e-5), curves
+
+
+def test_sft_on_two_workers_learns_the_assistant_turns(ray_session, tmp_path):
+    run_dir = tmp_path / "sft"
+    job = job_from_dict(job_dict(SFT_JOB, run_dir, training={"max_steps": 25, "learning_rate": 5e-3}))
+    result = run_job(job, show_progress=False)
+    assert result.eval_loss_after < result.eval_loss_before * 0.5, result.figure()
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    assert model.config.num_hidden_layers == 2
+
+
+def test_overlength_error_travels_back_from_the_workers(ray_session, tmp_path):
+    run_dir = tmp_path / "long"
+    job = job_from_dict(job_dict(SFT_JOB, run_dir, data={"max_length": 16}))
+    with pytest.raises(UserError, match=r"train examples are longer than data.max_length=16 tokens"):
+        run_job(job, show_progress=False)
