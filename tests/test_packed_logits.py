@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import datasets
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
