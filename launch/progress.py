@@ -54,6 +54,7 @@ class ProgressFollower:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._tty = sys.stdout.isatty()
         self._offset = len(read_metrics(self.metrics_path))  # records of earlier attempts are not ours
+        self._last_line = ""
 
     def __enter__(self) -> ProgressFollower:
         self._started = time.time()
@@ -71,8 +72,9 @@ class ProgressFollower:
         )
         if self._tty:
             sys.stdout.write("\r\033[K" + line + ("\n" if final else ""))
-        else:
+        elif line != self._last_line or not final:
             sys.stdout.write(line + "\n")
+        self._last_line = line
         sys.stdout.flush()
 
     def _run(self) -> None:

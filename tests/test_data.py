@@ -107,3 +107,21 @@ def test_second_run_reads_the_cache(tmp_path, tokenizer):
     # a different max_length is a different cache entry
     _, warm = prepare_datasets("sft", cfg.model_copy(update={"max_length": 96}), tokenizer, 0, tmp_path)
     assert not warm
+
+
+def test_a_dataset_folder_loads_through_datasets(tmp_path):
+    folder = tmp_path / "my-dataset"
+    folder.mkdir()
+    jsonl(folder, [{"instruction": "say hi", "output": "hi"}] * 3, name="train.jsonl")
+    train, _ = read_splits(DataConfig(format="alpaca", train=str(folder)), seed=0)
+    assert train[0]["messages"][1] == {"role": "assistant", "content": "hi"} and len(train) == 3
+
+
+def test_plot_writes_a_png(tmp_path):
+    from training.metrics import append_metrics, plot_metrics
+
+    for step in range(1, 6):
+        append_metrics(tmp_path / "metrics.jsonl", {"step": step, "loss": 5.0 / step})
+    append_metrics(tmp_path / "metrics.jsonl", {"step": 5, "eval_loss": 1.2})
+    png = plot_metrics(tmp_path / "metrics.jsonl", tmp_path / "metrics.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -18,6 +18,8 @@ def _raw_rows(source: DataSource) -> list[tuple[object, str]]:
     """(row, where) pairs of one source; `where` is file:line for line-oriented files."""
     path = Path(source.path).expanduser()
     suffix = path.suffix.lower()
+    if path.is_dir():  # a dataset folder (e.g. a clone of a hub dataset): `datasets` reads it
+        return _hub_rows(source)
     if suffix in LOCAL_SUFFIXES or path.exists():
         if not path.is_file():
             raise UserError(f"data source '{source.path}' does not exist (or is not a file)")
@@ -55,7 +57,7 @@ def _raw_rows(source: DataSource) -> list[tuple[object, str]]:
 
 
 def _hub_rows(source: DataSource) -> list[tuple[object, str]]:
-    """Rows of a `datasets.load_dataset` name (needs the hub or a local datasets cache)."""
+    """Rows of a `datasets.load_dataset` name or folder (a hub name needs the hub or its local cache)."""
     import datasets
 
     try:
@@ -69,14 +71,21 @@ def _hub_rows(source: DataSource) -> list[tuple[object, str]]:
 
 
 def source_fingerprint(source: DataSource) -> str:
-    """Content hash of a local file, or name/split/config of a hub dataset."""
+    """Content hash of a local file or dataset folder, or name/split/config of a hub dataset."""
     path = Path(source.path).expanduser()
     h = hashlib.sha256(f"{source.weight}|{source.split}|{source.name}".encode())
     if path.is_file():
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())
     else:
+        files = []
+    for file in files:
+        h.update(file.name.encode())
+        with open(file, "rb") as f:
+            for block in iter(lambda f=f: f.read(1 << 20), b""):
+                h.update(block)
+    if not files:  # a hub name: its name, split and config are all we know here
         h.update(source.path.encode())
     return h.hexdigest()
 

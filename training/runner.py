@@ -110,6 +110,10 @@ def run_training(
     world = dist.get_world_size() if distributed else 1
     tokenizer = load_tokenizer(model_cfg)
     has_eval = bool(data.eval) or data.eval_fraction > 0
+    # A from-scratch model is built before the trainer args register DeepSpeed: under ZeRO-3's
+    # zero.Init each rank would draw the random weights per partition, so the same seed would give
+    # other weights than ZeRO-0/1/2. Pretrained weights load after, inside zero.Init (sharded).
+    model = load_model(model_cfg, tokenizer) if model_cfg.init == "scratch" else None
     args = build_trainer_args(stage, data, training, deepspeed, output, run_dir, has_eval)
 
     # Rank 0 tokenises into the cache; the others wait, then read what it wrote.
@@ -122,7 +126,8 @@ def run_training(
     if rank != 0:
         splits, _ = prepare_datasets(stage, data, tokenizer, training.seed, cache_dir)
 
-    model = load_model(model_cfg, tokenizer)
+    if model is None:
+        model = load_model(model_cfg, tokenizer)
     model.config.use_cache = False  # no KV cache while training (and packed batches need it off)
     samples_per_step = training.batch_size * training.grad_accum * world
     trainer = SFTTrainer(

@@ -1,0 +1,35 @@
+"""Run every benchmark on one local Ray and print the ratios (results also in bench/results/)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+from bench import bench_orchestration, bench_packing, bench_tokenize  # noqa: E402
+from cluster.config import ClusterConfig  # noqa: E402
+from cluster.ray_cluster import ray_cluster  # noqa: E402
+
+
+def main() -> None:
+    """Tokenisation, packing and orchestration, in that order; each prints its ratio when done."""
+    out = Path(__file__).resolve().parent / "results"
+    out.mkdir(exist_ok=True)
+    selected = sys.argv[1:] or ["tokenize", "packing", "orchestration"]
+    with tempfile.TemporaryDirectory() as tmp, ray_cluster(ClusterConfig(workers=2)):
+        for name in selected:
+            module = {"tokenize": bench_tokenize, "packing": bench_packing, "orchestration": bench_orchestration}[name]
+            result = module.main(Path(tmp) / name)
+            (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+            print(
+                f"{name:14s} ratio {result['ratio']:.2f} (target {result['target']})  {json.dumps(result)}", flush=True
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""The baseline for bench_orchestration: the same TRL SFTTrainer and DeepSpeed dict under plain torchrun.
+
+torchrun --nproc-per-node 2 bench/torchrun_sft.py JOB.yaml
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import torch.distributed as dist
+
+from launch.config import load_job
+from training.runner import redirect_output, run_training
+
+
+def main() -> None:
+    """Run one worker of the job without Ray: torchrun gives the rank and the rendezvous."""
+    job = load_job(sys.argv[1])
+    rank = int(os.environ["RANK"])
+    redirect_output(os.path.join(job.output.dir, "logs", f"torchrun-{rank}.log"))
+    dist.init_process_group("gloo")
+    from pathlib import Path
+
+    run_training(job.stage, job.model, job.data, job.training, job.deepspeed, job.output, Path(job.output.dir), rank)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
