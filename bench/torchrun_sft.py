@@ -22,7 +22,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     from pathlib import Path
 
-    run_training(job.stage, job.model, job.data, job.training, job.deepspeed, job.output, Path(job.output.dir), rank)
+    run_training(job.train_spec(), Path(job.output.dir), rank)
     dist.destroy_process_group()
 
 

@@ -1,4 +1,4 @@
-"""The `tuneyard` command: train, validate, plot."""
+"""The `tuneyard` command: train, validate, plot, export."""
 
 from __future__ import annotations
 
@@ -17,11 +17,20 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="run a job (a local Ray on 127.0.0.1 unless cluster.address is set)")
     train.add_argument("job", help="job YAML file")
     train.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. training.max_steps=20")
+    train.add_argument(
+        "--single", action="store_true", help="one process, no Ray or DeepSpeed: one GPU or a laptop, breakpoints work"
+    )
     validate = commands.add_parser("validate", help="print the resolved job, or its errors")
     validate.add_argument("job")
     validate.add_argument("overrides", nargs="*")
     plot = commands.add_parser("plot", help="draw a run's metrics.jsonl into metrics.png")
     plot.add_argument("run_dir")
+    export = commands.add_parser("export", help="write a LoRA/QLoRA run's adapter, or the adapter merged into its base")
+    export.add_argument("run_dir")
+    what = export.add_mutually_exclusive_group(required=True)
+    what.add_argument("--merge", action="store_true", help="a plain HF folder (QLoRA bases are dequantised first)")
+    what.add_argument("--adapter", action="store_true", help="the PEFT adapter folder alone")
+    export.add_argument("--out", help="destination folder (default RUN_DIR/export-merged or RUN_DIR/export-adapter)")
     return parser
 
 
@@ -39,10 +48,17 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise UserError(f"{run_dir} has no metrics.jsonl; give a run directory (output.dir of a job)")
         print(plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png"))
         return 0
+    if args.command == "export":
+        from training.export import export_adapter, export_merged
+
+        run_dir = Path(args.run_dir)
+        out = Path(args.out) if args.out else run_dir / ("export-merged" if args.merge else "export-adapter")
+        print((export_merged if args.merge else export_adapter)(run_dir, out))
+        return 0
     from launch.run import run_job
 
     job = load_job(args.job, args.overrides)
-    result = run_job(job)
+    result = run_job(job, single=args.single)
     print(result.figure())
     return 0
 
@@ -53,7 +69,18 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # bitsandbytes warns at import that the optional `kernels` hub package is absent; we keep it out on purpose
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
-    args = _parser().parse_args(argv)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    parser = _parser()
+    # argparse stops collecting `overrides` at the first option; what follows it comes back as extras
+    args, extras = parser.parse_known_args(argv)
+    if extras and (not hasattr(args, "overrides") or any(e.startswith("-") for e in extras)):
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
+    if extras:
+        args.overrides += extras
+    if args.command in ("train", "export"):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # the "Loading weights" bars; our own progress line says enough
     from cluster.ray_cluster import ClusterError
 
     try:

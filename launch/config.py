@@ -7,10 +7,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cluster.config import ClusterConfig
-from training.config import DataConfig, DeepSpeedSection, ModelConfig, OutputConfig, TrainingConfig
+from training.config import (
+    DataConfig,
+    DeepSpeedSection,
+    ModelConfig,
+    OutputConfig,
+    PeftSection,
+    TrainingConfig,
+    TrainSpec,
+)
 from training.errors import UserError
 
 Stage = Literal["pretrain", "sft"]
@@ -25,9 +33,25 @@ class JobConfig(BaseModel):
     model: ModelConfig
     data: DataConfig
     training: TrainingConfig = Field(default_factory=TrainingConfig)
+    peft: PeftSection = Field(default_factory=PeftSection)
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     output: OutputConfig
+
+    @model_validator(mode="after")
+    def _sections_agree(self) -> JobConfig:
+        if self.peft.method == "qlora" and self.deepspeed.zero_stage == 3 and not self.deepspeed.config:
+            raise ValueError(
+                "peft.method qlora cannot run under deepspeed.zero_stage 3: ZeRO-3 shards parameters but "
+                "4-bit bitsandbytes weights do not shard. Use zero_stage 0-2 (the 4-bit base is small; ZeRO-2 "
+                "still shards the LoRA gradients and optimizer state), or peft.method lora with ZeRO-3."
+            )
+        return self
+
+    def train_spec(self, use_deepspeed: bool = True) -> TrainSpec:
+        """The sections a training worker needs (all but `cluster`); no DeepSpeed for a single process."""
+        spec = TrainSpec.model_validate(self.model_dump(exclude={"cluster"}))
+        return spec if use_deepspeed else spec.model_copy(update={"deepspeed": None})
 
 
 def apply_override(tree: dict, override: str) -> None:

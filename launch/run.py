@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -105,14 +106,7 @@ def run_on_ray(job: JobConfig, run_dir: Path) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cluster: ClusterConfig = job.cluster
-    payload = {
-        "stage": job.stage,
-        "run_dir": str(run_dir),
-        **{
-            name: getattr(job, name).model_dump(mode="json")
-            for name in ("model", "data", "training", "deepspeed", "output")
-        },
-    }
+    payload = {"run_dir": str(run_dir), "spec": job.train_spec().model_dump(mode="json")}
     resources = {
         "CPU": cluster.cpus_per_worker,
         **({"GPU": cluster.gpus_per_worker} if cluster.gpus_per_worker else {}),
@@ -139,18 +133,26 @@ def run_on_ray(job: JobConfig, run_dir: Path) -> None:
         ) from exc
 
 
-def run_job(job: JobConfig, show_progress: bool = True) -> RunResult:
-    """Run one pretrain/sft job end to end and return its before/after figures."""
+def run_single(job: JobConfig, run_dir: Path) -> None:
+    """The whole job in this process: no Ray, no DeepSpeed, breakpoints work (one GPU or a laptop)."""
+    from training.runner import run_training
+
+    run_training(job.train_spec(use_deepspeed=False), run_dir, rank=0)
+
+
+def run_job(job: JobConfig, show_progress: bool = True, single: bool = False) -> RunResult:
+    """Run one job end to end (on Ray, or in this process with `single`) and return its before/after figures."""
     started = time.time()
     run_dir = prepare_run_dir(job.output, job_identity(job.model_dump(mode="json"))).resolve()
     (run_dir / "job.yaml").write_text(dump_job(job))
     preflight(job)
     accuracy_before = task_accuracy(job, job.model.name_or_path if job.model.init == "pretrained" else None)
-    with ray_cluster(job.cluster):
-        if show_progress:
-            with ProgressFollower(run_dir / "metrics.jsonl", job.stage):
-                run_on_ray(job, run_dir)
-        else:
+    progress = ProgressFollower(run_dir / "metrics.jsonl", job.stage) if show_progress else contextlib.nullcontext()
+    if single:
+        with progress:
+            run_single(job, run_dir)
+    else:
+        with ray_cluster(job.cluster), progress:
             run_on_ray(job, run_dir)
     evals = [r["eval_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r]
     return RunResult(

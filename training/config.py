@@ -127,3 +127,36 @@ class OutputConfig(BaseModel):
     keep_last: int = Field(default=2, ge=1)
     resume: str = Field(default="auto", description="auto | never | PATH to a checkpoint folder")
     overwrite: bool = False
+
+
+class PeftSection(BaseModel):
+    """How much of the model trains: all of it, its top blocks, a LoRA adapter, or LoRA on a 4-bit base."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["full", "freeze", "lora", "qlora"] = "full"
+    trainable_layers: int = Field(default=2, ge=1, description="freeze: the last N blocks (plus the head) train")
+    r: int = Field(default=8, ge=1)
+    alpha: int = Field(default=16, ge=1)
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    rslora: bool = False
+    dora: bool = False
+    modules_to_save: list[str] | None = None
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = True
+    compute_dtype: Precision = "auto"
+
+
+class TrainSpec(BaseModel):
+    """Everything one training worker needs: the job less its `cluster` section."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    stage: str
+    model: ModelConfig
+    data: DataConfig
+    training: TrainingConfig = Field(default_factory=TrainingConfig)
+    peft: PeftSection = Field(default_factory=PeftSection)
+    deepspeed: DeepSpeedSection | None = Field(default_factory=DeepSpeedSection, description="None: no DeepSpeed")
+    output: OutputConfig

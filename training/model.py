@@ -6,7 +6,14 @@ import logging
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 from training.attention import resolve_attn_implementation
 from training.config import ModelConfig
@@ -59,11 +66,15 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrainedModel:
-    """Build (scratch) or load (pretrained) a causal LM with the chosen attention and dtype."""
+def load_model(
+    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, quantization: BitsAndBytesConfig | None = None
+) -> PreTrainedModel:
+    """Build (scratch) or load (pretrained, optionally 4-bit) a causal LM with the chosen attention and dtype."""
     attn = resolve_attn_implementation(cfg.attn_implementation, strict=cfg.strict_attention)
     dtype = resolve_dtype(cfg.dtype)
     if cfg.init == "scratch":
+        if quantization is not None:
+            raise UserError("a 4-bit model is loaded from saved weights; build the scratch model first")
         arch = dict(cfg.architecture or {})
         model_type = arch.pop("model_type")
         arch.setdefault("vocab_size", len(tokenizer))
@@ -76,7 +87,11 @@ def load_model(cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> PreTrain
         check_model_source(cfg.name_or_path)
         try:
             model = AutoModelForCausalLM.from_pretrained(
-                cfg.name_or_path, attn_implementation=attn, dtype=dtype, trust_remote_code=cfg.trust_remote_code
+                cfg.name_or_path,
+                attn_implementation=attn,
+                dtype=dtype,
+                trust_remote_code=cfg.trust_remote_code,
+                quantization_config=quantization,
             )
         except OSError as exc:
             raise UserError(f"cannot load model '{cfg.name_or_path}': {exc}") from None

@@ -1,12 +1,18 @@
-"""Pure sequence maths: pretraining blocks and assistant-only labels.
+"""Sequence maths: pretraining blocks, assistant-only labels, and the packed-rows collator.
 
-SFT packing itself (best-fit decreasing into max_length rows, position ids restarting per example)
-is TRL's `pack_dataset` and padding-free collator; tests check its logits against unpacked ones.
+SFT examples are packed into max_length rows by TRL's best-fit-decreasing `pack_dataset` (at
+tokenisation time, so the packing is cached too). How the rows reach the model depends on the
+attention kernel: flash-attn takes the whole batch flattened into one varlen sequence (TRL's
+padding-free collator); sdpa and eager take `PackedRowsCollator`'s [rows, length] layout, where
+each row's block-diagonal mask costs rows x length^2 instead of (rows x length)^2.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import torch
 
 IGNORE_INDEX = -100
 
@@ -32,3 +38,30 @@ def labels_from_spans(
         inside = any(start < hi and end > lo for lo, hi in spans)
         labels.append(token_id if inside else IGNORE_INDEX)
     return labels
+
+
+def restarting_positions(seq_lengths: Sequence[int], width: int) -> list[int]:
+    """Position ids that restart at 0 for each packed example; the padded tail is one more segment."""
+    positions = [p for length in seq_lengths for p in range(length)]
+    return positions + list(range(width - len(positions)))
+
+
+@dataclass
+class PackedRowsCollator:
+    """Batch packed rows as [rows, width]: position ids restart per example and there is no attention mask,
+    so the model builds a block-diagonal causal mask per row and no token attends across examples."""
+
+    pad_token_id: int
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(row["input_ids"]) for row in rows)
+        input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row["input_ids"])
+            input_ids[i, :n] = torch.tensor(row["input_ids"])
+            labels[i, :n] = torch.tensor(row.get("labels", row["input_ids"]))
+            position_ids[i] = torch.tensor(restarting_positions(row.get("seq_lengths", [n]), width))
+        labels[position_ids == 0] = IGNORE_INDEX  # an example's first token is not predicted from the one before
+        return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}

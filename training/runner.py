@@ -15,10 +15,12 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from training.config import DataConfig, DeepSpeedSection, ModelConfig, OutputConfig, TrainingConfig
+from training.config import DataConfig, ModelConfig, OutputConfig, TrainingConfig, TrainSpec
 from training.deepspeed_config import build_deepspeed_config
+from training.finetune_method import apply_finetune_method, memory_footprint, quantization_config
 from training.metrics import MetricsCallback
 from training.model import load_model, load_tokenizer, resolve_dtype
+from training.packing import PackedRowsCollator
 from training.run_dir import publish_final, resume_checkpoint
 from training.tokenize import prepare_datasets
 
@@ -37,18 +39,11 @@ def _precision_flags(training: TrainingConfig) -> dict:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def build_trainer_args(
-    stage: str,
-    data: DataConfig,
-    training: TrainingConfig,
-    deepspeed: DeepSpeedSection | None,
-    output: OutputConfig,
-    run_dir: Path,
-    has_eval: bool,
-):
+def build_trainer_args(spec: TrainSpec, run_dir: Path, has_eval: bool):
     """TRL SFTConfig (HF TrainingArguments) for the job; must exist before the model for ZeRO-3 init."""
     from trl import SFTConfig
 
+    training, output = spec.training, spec.output
     cuda = torch.cuda.is_available()
     warmup = training.warmup_steps if training.warmup_steps > 0 else training.warmup_ratio
     return SFTConfig(
@@ -78,66 +73,96 @@ def build_trainer_args(
         report_to="none",
         disable_tqdm=True,
         use_cpu=not cuda,
-        ddp_backend="nccl" if cuda else "gloo",
-        deepspeed=build_deepspeed_config(deepspeed, cuda=cuda) if deepspeed is not None else None,
+        # a backend makes accelerate expect a process group; a single process (--single) has none
+        ddp_backend=("nccl" if cuda else "gloo") if dist.is_initialized() else None,
+        deepspeed=build_deepspeed_config(spec.deepspeed, cuda=cuda) if spec.deepspeed is not None else None,
         dataloader_num_workers=0,
-        max_length=data.max_length,
-        # pretraining blocks are already max_length long; SFT examples are packed padding-free (BFD)
-        packing=stage == "sft" and data.packing,
-        packing_strategy="bfd",
-        padding_free=stage == "sft" and data.packing,
-        dataset_num_proc=data.num_proc if data.num_proc > 1 else None,
+        max_length=spec.data.max_length,
+        packing=False,  # SFT rows were packed (and cached) at tokenisation; see training/packing.py
+        dataset_num_proc=spec.data.num_proc if spec.data.num_proc > 1 else None,
         **_precision_flags(training),
     )
 
 
-def run_training(
-    stage: str,
-    model_cfg: ModelConfig,
-    data: DataConfig,
-    training: TrainingConfig,
-    deepspeed: DeepSpeedSection | None,
-    output: OutputConfig,
-    run_dir: Path,
-    rank: int,
-) -> dict:
+def choose_collator(spec: TrainSpec, model: torch.nn.Module, pad_token_id: int):
+    """Packed SFT rows: flattened varlen for flash-attn, per-row block masks otherwise; else TRL's default."""
+    if spec.stage != "sft" or not spec.data.packing:
+        return None
+    if model.config._attn_implementation == "flash_attention_2":
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        return DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=True)
+    return PackedRowsCollator(pad_token_id=pad_token_id)
+
+
+def materialize_scratch_base(spec: TrainSpec, tokenizer, run_dir: Path, rank: int, distributed: bool) -> ModelConfig:
+    """An adapter needs a base on disk: save the seeded scratch model to RUN_DIR/base and load from there."""
+    base = run_dir / "base"
+    if rank == 0 and not (base / "config.json").exists():
+        staging = run_dir / "base.staging"
+        shutil.rmtree(staging, ignore_errors=True)
+        load_model(spec.model, tokenizer).save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        staging.rename(base)
+    if distributed:
+        dist.barrier()
+    return spec.model.model_copy(update={"init": "pretrained", "name_or_path": str(base), "architecture": None})
+
+
+def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
     """Train one worker's share of the job and, together with the other ranks, write `final/`."""
-    from transformers import set_seed
+    from transformers import PrinterCallback, set_seed
     from trl import SFTTrainer
 
+    training, data, output, peft = spec.training, spec.data, spec.output, spec.peft
     set_seed(training.seed)
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if distributed else 1
-    tokenizer = load_tokenizer(model_cfg)
+    tokenizer = load_tokenizer(spec.model)
     has_eval = bool(data.eval) or data.eval_fraction > 0
+    model_cfg = spec.model
+    if peft.method in ("lora", "qlora") and model_cfg.init == "scratch":
+        model_cfg = materialize_scratch_base(spec, tokenizer, run_dir, rank, distributed)
     # A from-scratch model is built before the trainer args register DeepSpeed: under ZeRO-3's
     # zero.Init each rank would draw the random weights per partition, so the same seed would give
     # other weights than ZeRO-0/1/2. Pretrained weights load after, inside zero.Init (sharded).
     model = load_model(model_cfg, tokenizer) if model_cfg.init == "scratch" else None
-    args = build_trainer_args(stage, data, training, deepspeed, output, run_dir, has_eval)
+    args = build_trainer_args(spec, run_dir, has_eval)
 
     # Rank 0 tokenises into the cache; the others wait, then read what it wrote.
     cache_dir = default_cache_dir(data, output)
     if rank == 0:
-        splits, warm = prepare_datasets(stage, data, tokenizer, training.seed, cache_dir)
+        splits, warm = prepare_datasets(spec.stage, data, tokenizer, training.seed, cache_dir)
         log.info("tokenised data: %s cache", "warm" if warm else "cold")
     if distributed:
         dist.barrier()
     if rank != 0:
-        splits, _ = prepare_datasets(stage, data, tokenizer, training.seed, cache_dir)
+        splits, _ = prepare_datasets(spec.stage, data, tokenizer, training.seed, cache_dir)
 
     if model is None:
-        model = load_model(model_cfg, tokenizer)
+        quantization = quantization_config(peft) if peft.method == "qlora" else None
+        model = load_model(model_cfg, tokenizer, quantization)
     model.config.use_cache = False  # no KV cache while training (and packed batches need it off)
+    model = apply_finetune_method(model, peft, training.gradient_checkpointing)
+    if rank == 0:
+        print(memory_footprint(model), flush=True)
     samples_per_step = training.batch_size * training.grad_accum * world
     trainer = SFTTrainer(
         model=model,
         args=args,
+        data_collator=choose_collator(spec, model, tokenizer.pad_token_id),
         train_dataset=splits["train"],
         eval_dataset=splits.get("eval"),
         processing_class=tokenizer,
         callbacks=[MetricsCallback(run_dir / "metrics.jsonl", samples_per_step)],
     )
+    trainer.remove_callback(PrinterCallback)  # its dict-per-step print is metrics.jsonl's job
+    if peft.method == "qlora" and not args.bf16:
+        # TRL stores QLoRA adapters in bf16 (the paper's choice, under bf16 autocast). Computing in fp32
+        # (e.g. on CPU), bf16 adapter weights would round Adam's small updates away: keep them fp32.
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
 
     checkpoint = resume_checkpoint(run_dir, output.resume)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
@@ -148,6 +173,7 @@ def run_training(
     metrics = trainer.evaluate() if has_eval and not evaluated_last else {}
 
     # Every rank takes part in the save (ZeRO-3 gathers shards); rank 0 publishes it atomically.
+    # A LoRA run's final/ is the adapter (with its base's path); `tuneyard export --merge` folds it in.
     staging = run_dir / "final.staging"
     if rank == 0:
         shutil.rmtree(staging, ignore_errors=True)
@@ -179,7 +205,7 @@ def redirect_output(log_path: Path) -> None:
 
 
 def ray_train_worker(payload: dict) -> None:
-    """Ray Train entry point: rebuild the job sections from `payload` and run this worker."""
+    """Ray Train entry point: rebuild the worker's spec from `payload` and run it."""
     import datasets
     import ray.train
 
@@ -187,14 +213,4 @@ def ray_train_worker(payload: dict) -> None:
     run_dir = Path(payload["run_dir"])
     redirect_output(run_dir / "logs" / f"worker-{rank}.log")
     datasets.disable_progress_bars()
-    ds = payload.get("deepspeed")
-    run_training(
-        payload["stage"],
-        ModelConfig(**payload["model"]),
-        DataConfig(**payload["data"]),
-        TrainingConfig(**payload["training"]),
-        DeepSpeedSection(**ds) if ds is not None else None,
-        OutputConfig(**payload["output"]),
-        run_dir,
-        rank,
-    )
+    run_training(TrainSpec.model_validate(payload["spec"]), run_dir, rank)

@@ -19,7 +19,7 @@ from training.errors import UserError
 from training.packing import IGNORE_INDEX, labels_from_spans, pack_into_blocks
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = "1"  # bump when the tokenised layout changes, so stale caches are not reused
+CACHE_VERSION = "2"  # bump when the tokenised layout changes, so stale caches are not reused
 
 
 def tokenize_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> dict:
@@ -60,7 +60,7 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def cache_key(stage: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> str:
-    """Keyed by data content, tokenizer, format, lengths and the split; not by the run."""
+    """Keyed by data content, tokenizer, format, lengths, packing and the split; not by the run."""
     parts = [
         CACHE_VERSION,
         stage,
@@ -68,6 +68,7 @@ def cache_key(stage: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, s
         cfg.text_field,
         str(cfg.max_length),
         cfg.overlength,
+        f"packing={cfg.packing}",
         str(cfg.eval_fraction),
         str(seed),
         tokenizer_fingerprint(tokenizer),
@@ -98,9 +99,9 @@ def _fit_to_length(dataset: datasets.Dataset, cfg: DataConfig, role: str) -> dat
 
 
 def tokenize_rows(
-    stage: str, rows: list[dict], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, role: str
+    stage: str, rows: list[dict], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, role: str, seed: int = 0
 ) -> datasets.Dataset:
-    """Rows of one split -> a tokenised dataset: fixed blocks (pretrain) or labelled examples (sft)."""
+    """Rows of one split -> fixed blocks (pretrain), or labelled examples (sft), packed when data.packing."""
     raw = datasets.Dataset.from_list(rows)
     num_proc = cfg.num_proc if cfg.num_proc > 1 and len(rows) >= 1000 else None
     if stage == "pretrain":
@@ -130,15 +131,20 @@ def tokenize_rows(
     examples = examples.filter(lambda row: any(label != IGNORE_INDEX for label in row["labels"]))
     if len(examples) == 0:
         raise UserError(f"data.{role}: no examples with assistant tokens left after filtering")
-    return examples
+    if not cfg.packing:
+        return examples
+    from trl.data_utils import pack_dataset
+
+    # shuffled first, so which examples share a row does not follow the file's order
+    return pack_dataset(examples.shuffle(seed=seed), cfg.max_length, strategy="bfd")
 
 
 def build_datasets(stage: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> datasets.DatasetDict:
     """Read, validate and tokenise the train (and eval) split, without the cache."""
     train_rows, eval_rows = read_splits(cfg, seed)
-    splits = {"train": tokenize_rows(stage, train_rows, cfg, tokenizer, "train")}
+    splits = {"train": tokenize_rows(stage, train_rows, cfg, tokenizer, "train", seed)}
     if eval_rows is not None:
-        splits["eval"] = tokenize_rows(stage, eval_rows, cfg, tokenizer, "eval")
+        splits["eval"] = tokenize_rows(stage, eval_rows, cfg, tokenizer, "eval", seed)
     return datasets.DatasetDict(splits)
 
 

@@ -1,0 +1,127 @@
+"""The `peft` section applied to a model: full, freeze (top blocks only), LoRA, or QLoRA (4-bit base)."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+
+import torch
+from transformers import BitsAndBytesConfig, PreTrainedModel
+
+from training.config import PeftSection
+from training.errors import UserError
+from training.model import resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+def quantization_config(cfg: PeftSection) -> BitsAndBytesConfig:
+    """bitsandbytes 4-bit settings for a QLoRA base (NF4 or FP4, optional double quantisation)."""
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=cfg.quant_type,
+        bnb_4bit_use_double_quant=cfg.double_quant,
+        bnb_4bit_compute_dtype=resolve_dtype(cfg.compute_dtype),
+    )
+
+
+def transformer_blocks(model: PreTrainedModel) -> torch.nn.ModuleList:
+    """The model's list of decoder blocks (model.layers, transformer.h, ...)."""
+    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "layers"):
+        node = model
+        for part in path.split("."):
+            node = getattr(node, part, None)
+            if node is None:
+                break
+        if isinstance(node, torch.nn.ModuleList):
+            return node
+    raise UserError(
+        f"peft.method: freeze cannot find the transformer blocks of {type(model).__name__}; use lora or full"
+    )
+
+
+def freeze_all_but_top(model: PreTrainedModel, trainable_layers: int) -> None:
+    """Train only the last `trainable_layers` blocks, the final norm and the output head."""
+    blocks = transformer_blocks(model)
+    if trainable_layers > len(blocks):
+        raise UserError(f"peft.trainable_layers is {trainable_layers} but the model has {len(blocks)} blocks")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    top = list(blocks)[-trainable_layers:]
+    head = model.get_output_embeddings()
+    norm = getattr(getattr(model, "model", model), "norm", None)
+    for module in [*top, head, norm]:
+        if module is not None:
+            for param in module.parameters():
+                param.requires_grad_(True)
+
+
+def lora_config(cfg: PeftSection):
+    """The PEFT LoraConfig of the section (all linear layers unless target_modules says otherwise)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.r,
+        lora_alpha=cfg.alpha,
+        lora_dropout=cfg.dropout,
+        target_modules=cfg.target_modules,
+        use_rslora=cfg.rslora,
+        use_dora=cfg.dora,
+        modules_to_save=cfg.modules_to_save,
+        task_type="CAUSAL_LM",
+    )
+
+
+def apply_finetune_method(model: PreTrainedModel, cfg: PeftSection, gradient_checkpointing: bool = False):
+    """Freeze or wrap `model` as the section asks; returns the model to train (a PeftModel for LoRA)."""
+    if cfg.method == "full":
+        return model
+    if cfg.method == "freeze":
+        freeze_all_but_top(model, cfg.trainable_layers)
+        return model
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if cfg.method == "qlora":
+        # casts norms to fp32, freezes the 4-bit base and enables input grads for checkpointing
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+        keep_4bit_weights_trainable(model)
+    return get_peft_model(model, lora_config(cfg))
+
+
+def keep_4bit_weights_trainable(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes' CPU backend from repacking 4-bit weights for inference during evaluation.
+
+    bitsandbytes 0.50 repacks a Linear4bit's weight for its AVX512-BF16 kernel the first time the module
+    runs in eval mode, and only unpacks it when saving; training after an evaluation then goes through
+    that kernel, which has no backward, so the adapters below it get no gradient.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameters; a 4-bit packed weight counts its unpacked size."""
+    trainable = total = 0
+    for param in model.parameters():
+        count = param.numel()
+        if getattr(param, "quant_state", None) is not None or param.__class__.__name__ == "Params4bit":
+            count *= 2  # two 4-bit values per stored byte
+        total += count
+        if param.requires_grad:
+            trainable += count
+    return trainable, total
+
+
+def memory_footprint(model: torch.nn.Module) -> str:
+    """Weights by storage dtype (bytes in memory) and the trainable share, one line each."""
+    by_dtype: dict[str, int] = defaultdict(int)
+    for param in model.parameters():
+        name = "4-bit (uint8 packed)" if param.__class__.__name__ == "Params4bit" else str(param.dtype).split(".")[-1]
+        by_dtype[name] += param.numel() * param.element_size()
+    trainable, total = parameter_counts(model)
+    lines = [f"weights: {', '.join(f'{k} {v / 2**20:,.2f} MiB' for k, v in sorted(by_dtype.items()))}"]
+    lines.append(f"parameters: {total:,} total, {trainable:,} trainable ({100 * trainable / max(total, 1):.2f}%)")
+    return "\n".join(lines)
