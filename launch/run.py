@@ -16,6 +16,7 @@ from training.data import read_sources, read_splits
 from training.errors import UserError
 from training.metrics import read_metrics
 from training.model import check_model_source, load_tokenizer
+from training.preemption import preemption_watch
 from training.run_dir import job_identity, prepare_run_dir
 from training.runner import default_cache_dir, ray_train_worker
 from training.tokenize import cache_key
@@ -116,7 +117,10 @@ def run_on_ray(job: JobConfig, run_dir: Path) -> None:
         train_loop_config=payload,
         torch_config=TorchConfig(backend=torch_backend(cluster)),
         scaling_config=ScalingConfig(
-            num_workers=cluster.workers, use_gpu=cluster.gpus_per_worker > 0, resources_per_worker=resources
+            num_workers=cluster.workers,
+            use_gpu=cluster.gpus_per_worker > 0,
+            resources_per_worker=resources,
+            placement_strategy=cluster.placement.upper(),
         ),
         run_config=RunConfig(
             storage_path=str(run_dir / "ray"), name="train", failure_config=FailureConfig(max_failures=0)
@@ -149,10 +153,10 @@ def run_job(job: JobConfig, show_progress: bool = True, single: bool = False) ->
     accuracy_before = task_accuracy(job, job.model.name_or_path if job.model.init == "pretrained" else None)
     progress = ProgressFollower(run_dir / "metrics.jsonl", job.stage) if show_progress else contextlib.nullcontext()
     if single:
-        with progress:
+        with preemption_watch(run_dir), progress:
             run_single(job, run_dir)
     else:
-        with ray_cluster(job.cluster), progress:
+        with ray_cluster(job.cluster), preemption_watch(run_dir), progress:
             run_on_ray(job, run_dir)
     evals = [r["eval_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r]
     return RunResult(

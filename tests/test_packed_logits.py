@@ -1,56 +1,69 @@
-"""Packed SFT batches (TRL's BFD packing + padding-free collator) match per-example forward passes."""
+"""Packed SFT rows give each example the logits it gets alone, with labels off the prompt tokens."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
-from trl.data_utils import pack_dataset
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from tests.conftest import EXAMPLES, TINY_ARCH, TOKENIZER
 from training.config import DataConfig, ModelConfig
 from training.model import load_tokenizer
-from training.packing import IGNORE_INDEX
+from training.packing import IGNORE_INDEX, PackedRowsCollator
 from training.tokenize import build_datasets
 
 
 @pytest.fixture(scope="module")
-def examples():
+def data():
     tokenizer = load_tokenizer(
         ModelConfig(init="scratch", architecture={"model_type": "llama"}, tokenizer=str(TOKENIZER))
     )
-    cfg = DataConfig(format="messages", train=str(EXAMPLES / "data" / "last-word-eval.jsonl"), max_length=64)
-    return tokenizer, build_datasets("sft", cfg, tokenizer, seed=0)["train"].select(range(12))
+    cfg = DataConfig(format="messages", train=str(EXAMPLES / "data" / "last-word-eval.jsonl"), max_length=96)
+    packed = build_datasets("sft", cfg, tokenizer, seed=0)["train"]
+    unpacked = build_datasets("sft", cfg.model_copy(update={"packing": False}), tokenizer, seed=0)["train"]
+    return tokenizer, packed, unpacked
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_logits_equal_unpacked(examples, attn):
-    tokenizer, dataset = examples
+def segments(batch: dict) -> list[tuple[int, int, int]]:
+    """(row, start, end) of every example in a collated batch, from where position ids restart."""
+    out = []
+    for row, positions in enumerate(batch["position_ids"].tolist()):
+        starts = [i for i, p in enumerate(positions) if p == 0] + [len(positions)]
+        out.extend((row, lo, hi) for lo, hi in zip(starts[:-1], starts[1:], strict=True))
+    return out
+
+
+@pytest.mark.parametrize(("layout", "attn"), [("rows", "sdpa"), ("rows", "eager"), ("flat", "sdpa")])
+def test_packed_logits_equal_unpacked(data, layout, attn):
+    tokenizer, packed, unpacked = data
     arch = {k: v for k, v in TINY_ARCH.items() if k != "model_type"}
-    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), **arch)
     torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", vocab_size=len(tokenizer), **arch)
     model = AutoModelForCausalLM.from_config(config, attn_implementation=attn).eval()
+    if layout == "rows":
+        collate = PackedRowsCollator(pad_token_id=tokenizer.pad_token_id)
+    else:  # the flash-attn layout: the whole batch flattened into one varlen row
+        collate = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
+    by_ids = {tuple(row["input_ids"]): row["labels"] for row in unpacked}
+    assert len(packed) < len(unpacked) // 3  # several examples share each row
 
-    packed = pack_dataset(dataset.select_columns(["input_ids", "labels"]), seq_length=96, strategy="bfd")
-    collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id, padding_free=True)
     seen = 0
-    for row in packed:
-        batch = collator([row])
-        assert "attention_mask" not in batch  # packing relies on position ids alone
+    for start in range(0, len(packed), 4):
+        batch = collate([packed[i] for i in range(start, min(start + 4, len(packed)))])
+        assert "attention_mask" not in batch  # no attention across examples comes from position ids alone
         with torch.no_grad():
-            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
-        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
-        for lo, hi in zip(starts[:-1], starts[1:], strict=True):
-            ids = batch["input_ids"][0, lo:hi]
+            logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        for row, lo, hi in segments(batch):
+            ids = batch["input_ids"][row, lo:hi]
+            if tuple(ids.tolist()) not in by_ids:  # the padded tail of a row
+                assert (batch["labels"][row, lo:hi] == IGNORE_INDEX).all()
+                continue
             with torch.no_grad():
                 alone = model(input_ids=ids[None], use_cache=False).logits[0]
-            torch.testing.assert_close(logits[lo:hi], alone, atol=1e-5, rtol=1e-4)
-            match = [i for i in range(len(dataset)) if dataset[i]["input_ids"] == ids.tolist()]
-            assert match, "a packed segment must be one whole example"
-            labels = batch["labels"][0, lo:hi].tolist()
-            # the collator also masks each example's first token (no prediction across the boundary)
-            assert labels[1:] == dataset[match[0]]["labels"][1:] and labels[0] == IGNORE_INDEX
+            torch.testing.assert_close(logits[row, lo:hi], alone, atol=2e-5, rtol=1e-4)
+            labels = batch["labels"][row, lo:hi].tolist()
+            # labels are the example's own (-100 off the assistant turn), first token masked at the boundary
+            assert labels[0] == IGNORE_INDEX and labels[1:] == by_ids[tuple(ids.tolist())][1:]
             seen += 1
-    assert seen == len(dataset)
-    assert len(packed) < len(dataset)  # several examples share a row
+    assert seen == len(unpacked)

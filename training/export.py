@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from training.config import PeftSection
 from training.errors import UserError
-from training.finetune_method import quantization_config
+from training.finetune_method import disable_cpu_inference_repacking, quantization_config
 from training.run_dir import publish_final
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -57,8 +57,10 @@ def load_dequantized_base(base_path: str, peft: PeftSection) -> torch.nn.Module:
     """
     if peft.method != "qlora":
         return AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    quantized = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quantization_config(peft))
-    return quantized.dequantize()
+    quant = quantization_config(peft)
+    quantized = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quant)
+    disable_cpu_inference_repacking(quantized)
+    return quantized.dequantize(dtype=quant.bnb_4bit_compute_dtype)
 
 
 def export_merged(run_dir: Path, out: Path) -> Path:

@@ -84,16 +84,17 @@ def apply_finetune_method(model: PreTrainedModel, cfg: PeftSection, gradient_che
     if cfg.method == "qlora":
         # casts norms to fp32, freezes the 4-bit base and enables input grads for checkpointing
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
-        keep_4bit_weights_trainable(model)
+        disable_cpu_inference_repacking(model)
     return get_peft_model(model, lora_config(cfg))
 
 
-def keep_4bit_weights_trainable(model: torch.nn.Module) -> None:
-    """Stop bitsandbytes' CPU backend from repacking 4-bit weights for inference during evaluation.
+def disable_cpu_inference_repacking(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes' CPU backend from repacking 4-bit weights for inference in eval mode.
 
     bitsandbytes 0.50 repacks a Linear4bit's weight for its AVX512-BF16 kernel the first time the module
-    runs in eval mode, and only unpacks it when saving; training after an evaluation then goes through
-    that kernel, which has no backward, so the adapters below it get no gradient.
+    runs in eval mode without grad, and only unpacks it when saving. Training after an evaluation then
+    goes through that kernel, which has no backward (the adapters below get no gradient), and
+    `dequantize()` reads the repacked bytes as if unpacked (garbage weights).
     """
     import bitsandbytes as bnb
 

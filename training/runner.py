@@ -21,6 +21,7 @@ from training.finetune_method import apply_finetune_method, memory_footprint, qu
 from training.metrics import MetricsCallback
 from training.model import load_model, load_tokenizer, resolve_dtype
 from training.packing import PackedRowsCollator
+from training.preemption import PreemptionCallback
 from training.run_dir import publish_final, resume_checkpoint
 from training.tokenize import prepare_datasets
 
@@ -147,6 +148,7 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
     if rank == 0:
         print(memory_footprint(model), flush=True)
     samples_per_step = training.batch_size * training.grad_accum * world
+    preemption = PreemptionCallback(run_dir)
     trainer = SFTTrainer(
         model=model,
         args=args,
@@ -154,7 +156,7 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
         train_dataset=splits["train"],
         eval_dataset=splits.get("eval"),
         processing_class=tokenizer,
-        callbacks=[MetricsCallback(run_dir / "metrics.jsonl", samples_per_step)],
+        callbacks=[MetricsCallback(run_dir / "metrics.jsonl", samples_per_step), preemption],
     )
     trainer.remove_callback(PrinterCallback)  # its dict-per-step print is metrics.jsonl's job
     if peft.method == "qlora" and not args.bf16:
@@ -166,10 +168,10 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
 
     checkpoint = resume_checkpoint(run_dir, output.resume)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    history = trainer.state.log_history
-    evaluated_last = (
-        bool(history) and "eval_loss" in history[-1] and history[-1].get("step") == trainer.state.global_step
-    )
+    if preemption.stopped:  # a checkpoint was written; final/ waits for the rerun that finishes the job
+        return {"global_step": trainer.state.global_step, "preempted": True}
+    step = trainer.state.global_step
+    evaluated_last = any("eval_loss" in h and h.get("step") == step for h in trainer.state.log_history)
     metrics = trainer.evaluate() if has_eval and not evaluated_last else {}
 
     # Every rank takes part in the save (ZeRO-3 gathers shards); rank 0 publishes it atomically.
@@ -212,5 +214,6 @@ def ray_train_worker(payload: dict) -> None:
     rank = ray.train.get_context().get_world_rank()
     run_dir = Path(payload["run_dir"])
     redirect_output(run_dir / "logs" / f"worker-{rank}.log")
+    log.info("rank %d runs on Ray node %s", rank, ray.get_runtime_context().get_node_id())
     datasets.disable_progress_bars()
     run_training(TrainSpec.model_validate(payload["spec"]), run_dir, rank)

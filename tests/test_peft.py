@@ -1,0 +1,149 @@
+"""Fine-tuning methods in single-process mode: QLoRA on CPU, LoRA, freeze; adapter and merged export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from launch.config import job_from_dict
+from launch.run import run_job
+from tests.conftest import PRETRAIN_JOB, SFT_JOB, job_dict
+from training.config import ModelConfig, PeftSection
+from training.errors import UserError
+from training.export import export_adapter, export_merged
+from training.finetune_method import (
+    apply_finetune_method,
+    disable_cpu_inference_repacking,
+    memory_footprint,
+    quantization_config,
+)
+from training.metrics import read_metrics
+from training.model import load_model, load_tokenizer
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> str:
+    """The tiny Llama after a short single-process pretraining: adapters need a base that knows the text."""
+    run_dir = tmp_path_factory.mktemp("base") / "pretrain"
+    job = job_dict(PRETRAIN_JOB, run_dir, training={"max_steps": 60}, cluster={"workers": 1})
+    run_job(job_from_dict(job), show_progress=False, single=True)
+    return str(run_dir / "final")
+
+
+def single_run(base: str, run_dir, peft: dict, **training) -> object:
+    job = job_dict(SFT_JOB, run_dir, peft=peft, training={"max_steps": 40, "learning_rate": 1e-2, **training})
+    job["model"] = {"name_or_path": base}
+    job["cluster"] = {"workers": 1}
+    return run_job(job_from_dict(job), show_progress=False, single=True)
+
+
+@pytest.fixture(scope="module", params=["qlora", "lora"])
+def adapter_run(request, base, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp(request.param) / "run"
+    return request.param, single_run(base, run_dir, {"method": request.param, "r": 16, "alpha": 32})
+
+
+def test_qlora_base_is_4bit_and_only_lora_trains(base):
+    import bitsandbytes as bnb
+
+    tokenizer = load_tokenizer(ModelConfig(name_or_path=base))
+    peft = PeftSection(method="qlora")
+    model = load_model(ModelConfig(name_or_path=base), tokenizer, quantization_config(peft))
+    layer = model.model.layers[0]
+    linears = [layer.self_attn.q_proj, layer.self_attn.v_proj, layer.mlp.down_proj]
+    assert all(isinstance(m, bnb.nn.Linear4bit) for m in linears)
+    model = apply_finetune_method(model, peft)
+    trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_A" in name or "lora_B" in name for name in trainable)
+    assert "4-bit (uint8 packed)" in memory_footprint(model)
+
+
+def test_adapter_training_lowers_eval_loss(adapter_run):
+    method, result = adapter_run
+    assert result.eval_loss_after < result.eval_loss_before - 1.5, (method, result.figure())
+    final = result.run_dir / "final"
+    assert (final / "adapter_model.safetensors").exists() and not (final / "model.safetensors").exists()
+
+
+def adapter_model_logits(method: str, run_dir, ids: torch.Tensor) -> torch.Tensor:
+    """Logits of the trained adapter on its base as training saw it (4-bit for QLoRA)."""
+    import json
+
+    from peft import PeftModel
+
+    base_path = json.loads((run_dir / "final" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    quant = quantization_config(PeftSection(method="qlora")) if method == "qlora" else None
+    base_model = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quant)
+    disable_cpu_inference_repacking(base_model)  # bitsandbytes' eval-mode repacking is not what training ran
+    model = PeftModel.from_pretrained(base_model, run_dir / "final").eval()
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def test_merged_export_gives_the_adapter_models_logits(adapter_run, tmp_path):
+    method, result = adapter_run
+    out = export_merged(result.run_dir, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()  # plain transformers, no PEFT
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    ids = torch.randint(0, merged.config.vocab_size, (2, 40), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        got = merged(ids).logits
+    torch.testing.assert_close(got, adapter_model_logits(method, result.run_dir, ids), atol=2e-4, rtol=1e-4)
+
+
+def test_adapter_export_loads_with_peft(adapter_run, tmp_path, base):
+    from peft import PeftModel
+
+    method, result = adapter_run
+    out = export_adapter(result.run_dir, tmp_path / "adapter")
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("adapter")) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    quant = quantization_config(PeftSection(method="qlora")) if method == "qlora" else None
+    base_model = AutoModelForCausalLM.from_pretrained(base, quantization_config=quant)
+    disable_cpu_inference_repacking(base_model)
+    model = PeftModel.from_pretrained(base_model, out).eval()
+    ids = torch.randint(0, 400, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, adapter_model_logits(method, result.run_dir, ids))
+
+
+def test_freeze_trains_only_the_top_blocks(base, tmp_path):
+    result = single_run(
+        base, tmp_path / "freeze", {"method": "freeze", "trainable_layers": 1}, max_steps=5, learning_rate=1e-3
+    )
+    before = AutoModelForCausalLM.from_pretrained(base).state_dict()
+    after = AutoModelForCausalLM.from_pretrained(result.run_dir / "final").state_dict()
+    bottom = [k for k in before if k.startswith("model.layers.0.")]
+    top = [k for k in before if k.startswith("model.layers.1.")]
+    assert bottom and top
+    assert all(torch.equal(before[k], after[k]) for k in bottom)  # bit-identical
+    assert all(not torch.equal(before[k], after[k]) for k in top if "weight" in k)
+    assert not torch.equal(before["lm_head.weight"], after["lm_head.weight"])  # the head trains
+    with pytest.raises(UserError, match="holds full weights, not a LoRA adapter"):
+        export_merged(result.run_dir, tmp_path / "nothing")
+
+
+def test_qlora_under_zero3_is_refused_with_the_alternative():
+    job = job_dict(
+        SFT_JOB, __import__("pathlib").Path("/tmp/unused"), peft={"method": "qlora"}, deepspeed={"zero_stage": 3}
+    )
+    with pytest.raises(UserError, match="4-bit bitsandbytes weights do not shard. Use zero_stage 0-2"):
+        job_from_dict(job)
+
+
+@pytest.mark.integration
+def test_single_process_and_ray_give_the_same_first_losses(ray_session, base, tmp_path):
+    curves = []
+    for single in (True, False):
+        run_dir = tmp_path / ("single" if single else "ray")
+        job = job_dict(SFT_JOB, run_dir, training={"max_steps": 4, "learning_rate": 3e-3})
+        job["model"] = {"name_or_path": base}
+        job["cluster"] = {"workers": 1}
+        run_job(job_from_dict(job), show_progress=False, single=single)
+        curves.append([r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r])
+    assert len(curves[0]) == 4 and curves[0] == pytest.approx(curves[1], rel=1e-5)
