@@ -33,9 +33,9 @@ def main(work: Path) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     data = skewed_chat_data(work / "skewed.jsonl")
     rates = {}
-    for packing in (True, False, True, False):
+    for round_, packing in enumerate((True, False, True, False)):
         name = "packed" if packing else "padded"
-        run_dir = work / f"{name}-{len(rates)}"
+        run_dir = work / f"{name}-{round_}"
         job = sft_job(run_dir, data, packing=packing)
         job["training"]["max_steps"] = 30
         run_job(job_from_dict(job), show_progress=False)

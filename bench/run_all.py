@@ -11,20 +11,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-from bench import bench_orchestration, bench_packing, bench_tokenize  # noqa: E402
+from bench import bench_orchestration, bench_packing, bench_qlora_memory, bench_tokenize  # noqa: E402
 from cluster.config import ClusterConfig  # noqa: E402
 from cluster.ray_cluster import ray_cluster  # noqa: E402
 
 
 def main() -> None:
-    """Tokenisation, packing and orchestration, in that order; each prints its ratio when done."""
+    """Every benchmark (or those named on the command line); each prints its ratio when done."""
     out = Path(__file__).resolve().parent / "results"
     out.mkdir(exist_ok=True)
-    selected = sys.argv[1:] or ["tokenize", "packing", "orchestration"]
+    benches = {
+        "tokenize": bench_tokenize,
+        "qlora_memory": bench_qlora_memory,
+        "packing": bench_packing,
+        "orchestration": bench_orchestration,
+    }
+    selected = sys.argv[1:] or list(benches)
     with tempfile.TemporaryDirectory() as tmp, ray_cluster(ClusterConfig(workers=2)):
         for name in selected:
-            module = {"tokenize": bench_tokenize, "packing": bench_packing, "orchestration": bench_orchestration}[name]
-            result = module.main(Path(tmp) / name)
+            result = benches[name].main(Path(tmp) / name)
             (out / f"{name}.json").write_text(json.dumps(result, indent=2))
             print(
                 f"{name:14s} ratio {result['ratio']:.2f} (target {result['target']})  {json.dumps(result)}", flush=True
