@@ -10,6 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cluster.config import ClusterConfig
+from rlhf.config import DpoSection, GrpoSection, PreferenceSpec, RewardSection
 from training.config import (
     DataConfig,
     DeepSpeedSection,
@@ -21,7 +22,8 @@ from training.config import (
 )
 from training.errors import UserError
 
-Stage = Literal["pretrain", "sft"]
+Stage = Literal["pretrain", "sft", "reward", "dpo", "grpo"]
+PREFERENCE_STAGES = ("reward", "dpo", "grpo")
 
 
 class JobConfig(BaseModel):
@@ -37,6 +39,9 @@ class JobConfig(BaseModel):
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     output: OutputConfig
+    dpo: DpoSection = Field(default_factory=DpoSection)
+    grpo: GrpoSection = Field(default_factory=GrpoSection)
+    reward: RewardSection = Field(default_factory=RewardSection)
 
     @model_validator(mode="after")
     def _sections_agree(self) -> JobConfig:
@@ -50,8 +55,12 @@ class JobConfig(BaseModel):
 
     def train_spec(self, use_deepspeed: bool = True) -> TrainSpec:
         """The sections a training worker needs (all but `cluster`); no DeepSpeed for a single process."""
-        spec = TrainSpec.model_validate(self.model_dump(exclude={"cluster"}))
+        spec = TrainSpec.model_validate(self.model_dump(exclude={"cluster", "dpo", "grpo", "reward"}))
         return spec if use_deepspeed else spec.model_copy(update={"deepspeed": None})
+
+    def preference_spec(self) -> PreferenceSpec:
+        """The dpo, grpo and reward sections, for the preference stages' workers."""
+        return PreferenceSpec(dpo=self.dpo, grpo=self.grpo, reward=self.reward)
 
 
 def apply_override(tree: dict, override: str) -> None:
@@ -180,6 +189,7 @@ def resolve_paths(job: JobConfig) -> JobConfig:
     job.data.cache_dir = _absolute(job.data.cache_dir)
     job.deepspeed.config = _absolute(job.deepspeed.config)
     job.output.dir = _absolute(job.output.dir)
+    job.reward.model = _absolute(job.reward.model, must_exist_to_count=True)
     if job.output.resume not in ("auto", "never"):
         job.output.resume = _absolute(job.output.resume)
     return job

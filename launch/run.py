@@ -10,9 +10,10 @@ from pathlib import Path
 
 from cluster.config import ClusterConfig
 from cluster.ray_cluster import ClusterError, ray_cluster, torch_backend
-from launch.config import JobConfig, dump_job
+from launch.config import PREFERENCE_STAGES, JobConfig, dump_job
+from launch.figures import final_folder, format_figures, stage_figures, starting_point
 from launch.progress import ProgressFollower
-from training.data import read_sources, read_splits
+from training.data import read_splits
 from training.errors import UserError
 from training.metrics import read_metrics
 from training.model import check_model_source, load_tokenizer
@@ -26,26 +27,25 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class RunResult:
-    """Where the run landed and the figures that show whether it learned."""
+    """Where the run landed and the figures (before, after) that show whether it learned."""
 
     run_dir: Path
     seconds: float
-    eval_loss_before: float | None = None
-    eval_loss_after: float | None = None
-    accuracy_before: float | None = None
-    accuracy_after: float | None = None
-    extra: dict = field(default_factory=dict)
+    figures: dict[str, tuple[float, float]] = field(default_factory=dict)
+
+    @property
+    def eval_loss_before(self) -> float | None:
+        """Eval loss of the starting model (the step-0 evaluation)."""
+        return self.figures["eval loss"][0] if "eval loss" in self.figures else None
+
+    @property
+    def eval_loss_after(self) -> float | None:
+        """Eval loss at the end of training."""
+        return self.figures["eval loss"][1] if "eval loss" in self.figures else None
 
     def figure(self) -> str:
         """The before/after lines printed at the end of a job."""
-        lines = [f"run: {self.run_dir}  ({self.seconds:.0f}s)"]
-        if self.eval_loss_before is not None and self.eval_loss_after is not None:
-            lines.append(f"  eval loss   {self.eval_loss_before:7.3f} -> {self.eval_loss_after:7.3f}")
-        if self.accuracy_before is not None and self.accuracy_after is not None:
-            lines.append(
-                f"  task acc.   {self.accuracy_before:7.1%} -> {self.accuracy_after:7.1%}  (greedy exact match)"
-            )
-        return "\n".join(lines)
+        return "\n".join([f"run: {self.run_dir}  ({self.seconds:.0f}s)", *format_figures(self.figures)])
 
 
 def find_user_error(exc: BaseException) -> BaseException | None:
@@ -77,28 +77,20 @@ def preflight(job: JobConfig) -> None:
         assert job.model.name_or_path is not None
         check_model_source(job.model.name_or_path)
     tokenizer = load_tokenizer(job.model)
+    if job.stage in PREFERENCE_STAGES:
+        from rlhf.data import rlhf_datasets
+        from rlhf.rewards import lookup
+        from rlhf.stages import check_reward_model
+
+        rlhf_datasets(job.stage, job.data, tokenizer, job.training.seed)  # format, fields, pairs, empty data
+        for function in job.reward.functions if job.stage == "grpo" else []:
+            lookup(function.name)
+        if job.stage == "grpo" and job.reward.model:
+            check_reward_model(job.reward.model)
+        return
     cache = default_cache_dir(job.data, job.output) / cache_key(job.stage, job.data, tokenizer, job.training.seed)
     if not (cache / "ready").exists():
         read_splits(job.data, job.training.seed)  # malformed rows, missing fields, empty data
-
-
-def task_accuracy(job: JobConfig, model_path: str | None) -> float | None:
-    """Exact-match accuracy of a model folder (or the job's starting model) on the held-out prompts."""
-    if job.stage != "sft" or not job.data.eval_generations or not job.data.eval:
-        return None
-    from transformers import AutoModelForCausalLM, set_seed
-
-    from training.evaluate import exact_match_accuracy
-    from training.model import load_model
-
-    rows = read_sources(job.data.eval, job.data, job.training.seed, "eval")[: job.data.eval_generations]
-    tokenizer = load_tokenizer(job.model)
-    if model_path is None:
-        set_seed(job.training.seed)
-        model = load_model(job.model, tokenizer)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_path)
-    return exact_match_accuracy(model, tokenizer, rows)
 
 
 def run_on_ray(job: JobConfig, run_dir: Path) -> None:
@@ -107,13 +99,21 @@ def run_on_ray(job: JobConfig, run_dir: Path) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cluster: ClusterConfig = job.cluster
-    payload = {"run_dir": str(run_dir), "spec": job.train_spec().model_dump(mode="json")}
+    payload = {
+        "run_dir": str(run_dir),
+        "spec": job.train_spec().model_dump(mode="json"),
+        "preference": job.preference_spec().model_dump(mode="json"),
+    }
+    if job.stage in PREFERENCE_STAGES:
+        from rlhf.stages import ray_train_worker as entry
+    else:
+        entry = ray_train_worker
     resources = {
         "CPU": cluster.cpus_per_worker,
         **({"GPU": cluster.gpus_per_worker} if cluster.gpus_per_worker else {}),
     }
     trainer = TorchTrainer(
-        ray_train_worker,
+        entry,
         train_loop_config=payload,
         torch_config=TorchConfig(backend=torch_backend(cluster)),
         scaling_config=ScalingConfig(
@@ -139,9 +139,14 @@ def run_on_ray(job: JobConfig, run_dir: Path) -> None:
 
 def run_single(job: JobConfig, run_dir: Path) -> None:
     """The whole job in this process: no Ray, no DeepSpeed, breakpoints work (one GPU or a laptop)."""
-    from training.runner import run_training
+    if job.stage in PREFERENCE_STAGES:
+        from rlhf.stages import run_preference_stage
 
-    run_training(job.train_spec(use_deepspeed=False), run_dir, rank=0)
+        run_preference_stage(job.train_spec(use_deepspeed=False), job.preference_spec(), run_dir, rank=0)
+    else:
+        from training.runner import run_training
+
+        run_training(job.train_spec(use_deepspeed=False), run_dir, rank=0)
 
 
 def run_job(job: JobConfig, show_progress: bool = True, single: bool = False) -> RunResult:
@@ -150,7 +155,7 @@ def run_job(job: JobConfig, show_progress: bool = True, single: bool = False) ->
     run_dir = prepare_run_dir(job.output, job_identity(job.model_dump(mode="json"))).resolve()
     (run_dir / "job.yaml").write_text(dump_job(job))
     preflight(job)
-    accuracy_before = task_accuracy(job, job.model.name_or_path if job.model.init == "pretrained" else None)
+    before = stage_figures(job, starting_point(job))
     progress = ProgressFollower(run_dir / "metrics.jsonl", job.stage) if show_progress else contextlib.nullcontext()
     if single:
         with preemption_watch(run_dir), progress:
@@ -159,11 +164,7 @@ def run_job(job: JobConfig, show_progress: bool = True, single: bool = False) ->
         with ray_cluster(job.cluster), preemption_watch(run_dir), progress:
             run_on_ray(job, run_dir)
     evals = [r["eval_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r]
-    return RunResult(
-        run_dir=run_dir,
-        seconds=time.time() - started,
-        eval_loss_before=evals[0] if evals else None,
-        eval_loss_after=evals[-1] if evals else None,
-        accuracy_before=accuracy_before,
-        accuracy_after=task_accuracy(job, str(run_dir / "final")),
-    )
+    figures = {"eval loss": (evals[0], evals[-1])} if evals else {}
+    after = stage_figures(job, final_folder(run_dir))
+    figures.update({name: (before[name], after[name]) for name in before})
+    return RunResult(run_dir=run_dir, seconds=time.time() - started, figures=figures)

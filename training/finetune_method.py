@@ -48,7 +48,7 @@ def freeze_all_but_top(model: PreTrainedModel, trainable_layers: int) -> None:
     for param in model.parameters():
         param.requires_grad_(False)
     top = list(blocks)[-trainable_layers:]
-    head = model.get_output_embeddings()
+    head = model.get_output_embeddings() or getattr(model, "score", None)  # LM head, or a reward model's
     norm = getattr(getattr(model, "model", model), "norm", None)
     for module in [*top, head, norm]:
         if module is not None:
@@ -56,10 +56,15 @@ def freeze_all_but_top(model: PreTrainedModel, trainable_layers: int) -> None:
                 param.requires_grad_(True)
 
 
-def lora_config(cfg: PeftSection):
-    """The PEFT LoraConfig of the section (all linear layers unless target_modules says otherwise)."""
+def lora_config(cfg: PeftSection, task: str = "causal-lm"):
+    """The PEFT LoraConfig of the section (all linear layers unless target_modules says otherwise).
+
+    A reward model's fresh `score` head is trained in full beside the adapter (it starts random).
+    """
     from peft import LoraConfig
 
+    classifier = task != "causal-lm"
+    modules_to_save = cfg.modules_to_save or (["score"] if classifier else None)
     return LoraConfig(
         r=cfg.r,
         lora_alpha=cfg.alpha,
@@ -67,12 +72,14 @@ def lora_config(cfg: PeftSection):
         target_modules=cfg.target_modules,
         use_rslora=cfg.rslora,
         use_dora=cfg.dora,
-        modules_to_save=cfg.modules_to_save,
-        task_type="CAUSAL_LM",
+        modules_to_save=modules_to_save,
+        task_type="SEQ_CLS" if classifier else "CAUSAL_LM",
     )
 
 
-def apply_finetune_method(model: PreTrainedModel, cfg: PeftSection, gradient_checkpointing: bool = False):
+def apply_finetune_method(
+    model: PreTrainedModel, cfg: PeftSection, gradient_checkpointing: bool = False, task: str = "causal-lm"
+):
     """Freeze or wrap `model` as the section asks; returns the model to train (a PeftModel for LoRA)."""
     if cfg.method == "full":
         return model
@@ -85,7 +92,7 @@ def apply_finetune_method(model: PreTrainedModel, cfg: PeftSection, gradient_che
         # casts norms to fp32, freezes the 4-bit base and enables input grads for checkpointing
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         disable_cpu_inference_repacking(model)
-    return get_peft_model(model, lora_config(cfg))
+    return get_peft_model(model, lora_config(cfg, task))
 
 
 def disable_cpu_inference_repacking(model: torch.nn.Module) -> None:

@@ -10,7 +10,8 @@ FORMAT_FIELDS = {
     "text": "a 'text' string (or data.text_field)",
     "alpaca": "'instruction' and 'output' strings, optional 'input'",
     "messages": "'messages': a list of {role, content} with at least one assistant turn",
-    "preference": "'prompt', 'chosen' and 'rejected' (strings or message lists)",
+    "preference": "'prompt', 'chosen' and 'rejected' (strings or message lists), or 'chosen' and 'rejected' "
+    "as whole conversations that share their prompt turns",
     "prompt": "a 'prompt' string or message list",
 }
 ROLES = {"system", "user", "assistant", "tool"}
@@ -55,6 +56,19 @@ def _side(row: dict, key: str, where: str, fmt: str) -> str | list[dict]:
     return _messages(value, key, where, fmt)
 
 
+def _split_implicit_prompt(row: dict, where: str, fmt: str) -> dict:
+    """Whole chosen/rejected conversations -> the shared prompt turns and the two final answers."""
+    chosen = _messages(row["chosen"], "chosen", where, fmt)
+    rejected = _messages(row["rejected"], "rejected", where, fmt)
+    if chosen[:-1] != rejected[:-1]:
+        raise _fail(
+            where, fmt, "the prompt turns of 'chosen' and 'rejected' differ; a pair must answer the same prompt"
+        )
+    if len(chosen) < 2 or chosen[-1]["role"] != "assistant" or rejected[-1]["role"] != "assistant":
+        raise _fail(where, fmt, "each conversation must be prompt turns followed by one assistant answer")
+    return {"prompt": chosen[:-1], "chosen": chosen[-1:], "rejected": rejected[-1:]}
+
+
 def normalize_row(row: Any, fmt: str, where: str, text_field: str = "text") -> dict:
     """Check a raw row against its format and return it in the canonical shape for that format.
 
@@ -77,6 +91,8 @@ def normalize_row(row: Any, fmt: str, where: str, text_field: str = "text") -> d
             raise _fail(where, fmt, "'messages' has no assistant turn to learn from")
         return {"messages": messages}
     if fmt == "preference":
+        if "prompt" not in row and isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list):
+            row = _split_implicit_prompt(row, where, fmt)
         sides = {key: _side(row, key, where, fmt) for key in ("prompt", "chosen", "rejected")}
         if sides["chosen"] == sides["rejected"]:
             raise _fail(where, fmt, "'chosen' and 'rejected' are identical, so the pair teaches nothing")

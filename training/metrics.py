@@ -55,7 +55,10 @@ class MetricsCallback(TrainerCallback):
         if not state.is_world_process_zero or not logs or "loss" not in logs:
             return
         now, tokens = time.perf_counter(), float(state.num_input_tokens_seen or 0)
+        # the stage's own figures too (DPO reward margins, GRPO rewards, ...), under TRL's names
+        extra = {k: v for k, v in logs.items() if isinstance(v, int | float) and k not in ("learning_rate",)}
         record = {
+            **extra,
             "step": state.global_step,
             "loss": logs["loss"],
             "lr": logs.get("learning_rate"),
@@ -75,9 +78,8 @@ class MetricsCallback(TrainerCallback):
         self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics=None, **kw
     ) -> None:
         if state.is_world_process_zero and metrics and "eval_loss" in metrics:
-            append_metrics(
-                self.path, {"step": state.global_step, "eval_loss": metrics["eval_loss"], "time": time.time()}
-            )
+            figures = {k: v for k, v in metrics.items() if k.startswith("eval_") and isinstance(v, int | float)}
+            append_metrics(self.path, {**figures, "step": state.global_step, "time": time.time()})
         # evaluation time is not training time: restart the rate window
         self._last = (time.perf_counter(), state.global_step, float(state.num_input_tokens_seen or 0))
 

@@ -9,6 +9,7 @@ import torch
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
     AutoTokenizer,
     BitsAndBytesConfig,
     PreTrainedModel,
@@ -67,9 +68,15 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
 
 
 def load_model(
-    cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, quantization: BitsAndBytesConfig | None = None
+    cfg: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    quantization: BitsAndBytesConfig | None = None,
+    task: str = "causal-lm",
 ) -> PreTrainedModel:
-    """Build (scratch) or load (pretrained, optionally 4-bit) a causal LM with the chosen attention and dtype."""
+    """Build (scratch) or load (pretrained, optionally 4-bit) a causal LM, or a one-output sequence
+    classifier (`task="sequence-classification"`, a reward model), with the chosen attention and dtype."""
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    head = {} if task == "causal-lm" else {"num_labels": 1}
     attn = resolve_attn_implementation(cfg.attn_implementation, strict=cfg.strict_attention)
     dtype = resolve_dtype(cfg.dtype)
     if cfg.init == "scratch":
@@ -80,20 +87,23 @@ def load_model(
         arch.setdefault("vocab_size", len(tokenizer))
         for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
             arch.setdefault(key, getattr(tokenizer, key))
-        config = AutoConfig.for_model(model_type, **arch)
-        model = AutoModelForCausalLM.from_config(config, attn_implementation=attn, dtype=dtype)
+        config = AutoConfig.for_model(model_type, **arch, **head)
+        model = auto.from_config(config, attn_implementation=attn, dtype=dtype)
     else:
         assert cfg.name_or_path is not None
         check_model_source(cfg.name_or_path)
         try:
-            model = AutoModelForCausalLM.from_pretrained(
+            model = auto.from_pretrained(
                 cfg.name_or_path,
                 attn_implementation=attn,
                 dtype=dtype,
                 trust_remote_code=cfg.trust_remote_code,
                 quantization_config=quantization,
+                **head,
             )
         except OSError as exc:
             raise UserError(f"cannot load model '{cfg.name_or_path}': {exc}") from None
+    if task != "causal-lm" and model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id  # the classifier reads the last non-pad token
     log.info("model: %s parameters, dtype %s, attention %s", f"{model.num_parameters():,}", dtype, attn)
     return model

@@ -40,14 +40,12 @@ def _precision_flags(training: TrainingConfig) -> dict:
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
-def build_trainer_args(spec: TrainSpec, run_dir: Path, has_eval: bool):
-    """TRL SFTConfig (HF TrainingArguments) for the job; must exist before the model for ZeRO-3 init."""
-    from trl import SFTConfig
-
+def common_trainer_kwargs(spec: TrainSpec, run_dir: Path, has_eval: bool) -> dict:
+    """TrainingArguments fields every stage shares: schedule, batch, eval/save cadence, DeepSpeed, devices."""
     training, output = spec.training, spec.output
     cuda = torch.cuda.is_available()
     warmup = training.warmup_steps if training.warmup_steps > 0 else training.warmup_ratio
-    return SFTConfig(
+    return dict(
         output_dir=str(run_dir / "checkpoints"),
         per_device_train_batch_size=training.batch_size,
         per_device_eval_batch_size=training.batch_size,
@@ -78,10 +76,19 @@ def build_trainer_args(spec: TrainSpec, run_dir: Path, has_eval: bool):
         ddp_backend=("nccl" if cuda else "gloo") if dist.is_initialized() else None,
         deepspeed=build_deepspeed_config(spec.deepspeed, cuda=cuda) if spec.deepspeed is not None else None,
         dataloader_num_workers=0,
+        **_precision_flags(training),
+    )
+
+
+def build_trainer_args(spec: TrainSpec, run_dir: Path, has_eval: bool):
+    """TRL SFTConfig for pretrain/sft; must exist before the model for ZeRO-3 init."""
+    from trl import SFTConfig
+
+    return SFTConfig(
+        **common_trainer_kwargs(spec, run_dir, has_eval),
         max_length=spec.data.max_length,
         packing=False,  # SFT rows were packed (and cached) at tokenisation; see training/packing.py
         dataset_num_proc=spec.data.num_proc if spec.data.num_proc > 1 else None,
-        **_precision_flags(training),
     )
 
 
@@ -166,12 +173,22 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
             if param.requires_grad:
                 param.data = param.data.float()
 
-    checkpoint = resume_checkpoint(run_dir, output.resume)
+    return train_and_publish(trainer, tokenizer, run_dir, output.resume, has_eval, rank, preemption)
+
+
+def train_and_publish(
+    trainer, tokenizer, run_dir: Path, resume: str, has_eval: bool, rank: int, preemption: PreemptionCallback
+) -> dict:
+    """Train (resuming when asked), evaluate once more, and write `final/` atomically; every rank calls this."""
+    distributed = dist.is_available() and dist.is_initialized()
+    checkpoint = resume_checkpoint(run_dir, resume)
     trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     if preemption.stopped:  # a checkpoint was written; final/ waits for the rerun that finishes the job
         return {"global_step": trainer.state.global_step, "preempted": True}
     step = trainer.state.global_step
-    evaluated_last = any("eval_loss" in h and h.get("step") == step for h in trainer.state.log_history)
+    evaluated_last = any(
+        any(k.startswith("eval_") for k in h) and h.get("step") == step for h in trainer.state.log_history
+    )
     metrics = trainer.evaluate() if has_eval and not evaluated_last else {}
 
     # Every rank takes part in the save (ZeRO-3 gathers shards); rank 0 publishes it atomically.
@@ -206,8 +223,8 @@ def redirect_output(log_path: Path) -> None:
     )
 
 
-def ray_train_worker(payload: dict) -> None:
-    """Ray Train entry point: rebuild the worker's spec from `payload` and run it."""
+def start_ray_worker(payload: dict) -> tuple[Path, int]:
+    """In a Ray Train worker: this rank and its run directory; the worker's output goes to RUN_DIR/logs."""
     import datasets
     import ray.train
 
@@ -216,4 +233,10 @@ def ray_train_worker(payload: dict) -> None:
     redirect_output(run_dir / "logs" / f"worker-{rank}.log")
     log.info("rank %d runs on Ray node %s", rank, ray.get_runtime_context().get_node_id())
     datasets.disable_progress_bars()
+    return run_dir, rank
+
+
+def ray_train_worker(payload: dict) -> None:
+    """Ray Train entry point of pretrain/sft: rebuild the worker's spec from `payload` and run it."""
+    run_dir, rank = start_ray_worker(payload)
     run_training(TrainSpec.model_validate(payload["spec"]), run_dir, rank)

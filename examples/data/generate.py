@@ -70,15 +70,54 @@ def make_last_word_task(rng: random.Random, count: int) -> list[dict]:
     return rows
 
 
+def make_last_word_preferences(rng: random.Random, count: int) -> list[dict]:
+    """Preference pairs: the right last word is chosen, another word of the list (or a near miss) rejected."""
+    rows = []
+    for _ in range(count):
+        words = rng.sample(WORDS, rng.randint(2, 6))
+        wrong = rng.choice(words[:-1] + [rng.choice([w for w in WORDS if w not in words])])
+        rows.append(
+            {
+                "prompt": [{"role": "user", "content": f"Say the last word: {' '.join(words)}"}],
+                "chosen": [{"role": "assistant", "content": words[-1]}],
+                "rejected": [{"role": "assistant", "content": wrong}],
+            }
+        )
+    return rows
+
+
+def make_last_word_prompts(rng: random.Random, count: int) -> list[dict]:
+    """Prompts alone, for online RL: a reward function checks the answer (rlhf/rewards.py)."""
+    return [
+        {
+            "prompt": [
+                {"role": "user", "content": f"Say the last word: {' '.join(rng.sample(WORDS, rng.randint(2, 6)))}"}
+            ]
+        }
+        for _ in range(count)
+    ]
+
+
+def write_jsonl(name: str, rows: list[dict]) -> None:
+    """One JSON object per line."""
+    with open(HERE / name, "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+
+
 def main() -> None:
-    """Write corpus.txt, corpus-eval.txt, last-word-train.jsonl and last-word-eval.jsonl."""
+    """Write the corpus, the SFT task, its preference pairs and its prompts (train and eval splits)."""
     rng = random.Random(1234)
     (HERE / "corpus.txt").write_text("\n".join(make_corpus(rng, 3000)) + "\n")
     (HERE / "corpus-eval.txt").write_text("\n".join(make_corpus(rng, 150)) + "\n")
     for name, count in [("last-word-train.jsonl", 2000), ("last-word-eval.jsonl", 100)]:
-        with open(HERE / name, "w") as f:
-            for row in make_last_word_task(rng, count):
-                f.write(json.dumps(row) + "\n")
+        write_jsonl(name, make_last_word_task(rng, count))
+    # a second generator, so the files above stay byte-identical to the first release
+    rng = random.Random(4321)
+    write_jsonl("last-word-pref-train.jsonl", make_last_word_preferences(rng, 1000))
+    write_jsonl("last-word-pref-eval.jsonl", make_last_word_preferences(rng, 100))
+    write_jsonl("last-word-prompts-train.jsonl", make_last_word_prompts(rng, 400))
+    write_jsonl("last-word-prompts-eval.jsonl", make_last_word_prompts(rng, 50))
 
 
 if __name__ == "__main__":

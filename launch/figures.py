@@ -1,0 +1,81 @@
+"""Before/after figures of a job: the starting model and `final/` scored on held-out data, on the driver."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from launch.config import JobConfig
+from training.data import read_sources
+from training.model import load_tokenizer
+
+PERCENTAGES = {"task acc.", "greedy = chosen", "pair accuracy"}
+EVAL_ROWS = 100
+
+
+def _load(job: JobConfig, model_path: str | None, task: str):
+    """The job's starting model (seeded, for a scratch start) or a finished model folder, for inference."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
+
+    from training.model import load_model
+
+    if model_path is None:
+        set_seed(job.training.seed)
+        return load_model(job.model, load_tokenizer(job.model), task=task)
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    return auto.from_pretrained(model_path)
+
+
+def _eval_rows(job: JobConfig) -> list[dict]:
+    count = job.data.eval_generations or EVAL_ROWS
+    return read_sources(job.data.eval, job.data, job.training.seed, "eval")[:count] if job.data.eval else []
+
+
+def stage_figures(job: JobConfig, model_path: str | None) -> dict[str, float]:
+    """Named figures of one model for the job's stage (empty when the job has no held-out data)."""
+    rows = _eval_rows(job)
+    if not rows:
+        return {}
+    tokenizer = load_tokenizer(job.model)
+    if job.stage == "sft" and job.data.eval_generations:
+        from training.evaluate import exact_match_accuracy
+
+        return {"task acc.": exact_match_accuracy(_load(job, model_path, "causal-lm"), tokenizer, rows)}
+    if job.stage == "reward":
+        from rlhf.evaluate import reward_model_figures
+
+        return reward_model_figures(_load(job, model_path, "sequence-classification"), tokenizer, rows)
+    if job.stage == "dpo":
+        from rlhf.evaluate import preference_figures
+
+        return preference_figures(_load(job, model_path, "causal-lm"), tokenizer, rows)
+    if job.stage == "grpo" and job.reward.functions:
+        from rlhf.evaluate import reward_of_greedy_answers
+        from rlhf.rewards import lookup
+
+        functions = [(lookup(f.name), f.weight) for f in job.reward.functions]
+        model = _load(job, model_path, "causal-lm")
+        return {
+            "greedy reward": reward_of_greedy_answers(model, tokenizer, rows, functions, job.grpo.max_completion_length)
+        }
+    return {}
+
+
+def starting_point(job: JobConfig) -> str | None:
+    """The folder the job starts from, or None for a scratch model."""
+    return job.model.name_or_path if job.model.init == "pretrained" else None
+
+
+def format_figures(figures: dict[str, tuple[float, float]]) -> list[str]:
+    """`  name   before -> after` lines, percentages where the figure is a share."""
+    lines = []
+    for name, (before, after) in figures.items():
+        if name in PERCENTAGES:
+            lines.append(f"  {name:16s}{before:8.1%} -> {after:7.1%}")
+        else:
+            lines.append(f"  {name:16s}{before:8.3f} -> {after:7.3f}")
+    return lines
+
+
+def final_folder(run_dir: Path) -> str:
+    """The finished model folder of a run."""
+    return str(Path(run_dir) / "final")

@@ -1,0 +1,1 @@
+"""Preference stages: reward modelling, DPO and GRPO on the Ray + DeepSpeed path."""

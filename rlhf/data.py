@@ -1,0 +1,50 @@
+"""Validated preference/prompt rows as the datasets TRL's trainers take (conversational when the
+tokenizer has a chat template, so TRL renders the prompt and answers with it)."""
+
+from __future__ import annotations
+
+import datasets
+from transformers import PreTrainedTokenizerBase
+
+from training.config import DataConfig
+from training.data import read_splits
+from training.errors import UserError
+
+NEEDS = {"reward": ("preference",), "dpo": ("preference",), "grpo": ("prompt", "preference")}
+
+
+def as_messages(value: str | list[dict], role: str) -> list[dict]:
+    """A message list, wrapping a plain string as one message of `role`."""
+    return value if isinstance(value, list) else [{"role": role, "content": value}]
+
+
+def as_text(value: str | list[dict]) -> str:
+    """A plain string, joining message contents when given a message list."""
+    return value if isinstance(value, str) else "\n".join(m["content"] for m in value)
+
+
+def to_trl_rows(stage: str, rows: list[dict], conversational: bool) -> list[dict]:
+    """Rows in the shape TRL expects for the stage: prompt/chosen/rejected, or prompt alone."""
+    convert = (lambda v, role: as_messages(v, role)) if conversational else (lambda v, role: as_text(v))
+    if stage == "grpo":
+        return [{"prompt": convert(row["prompt"], "user")} for row in rows]
+    return [
+        {
+            "prompt": convert(row["prompt"], "user"),
+            "chosen": convert(row["chosen"], "assistant"),
+            "rejected": convert(row["rejected"], "assistant"),
+        }
+        for row in rows
+    ]
+
+
+def rlhf_datasets(stage: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> dict:
+    """Train (and eval) datasets of a reward, dpo or grpo job, read and validated from data.train/eval."""
+    if cfg.format not in NEEDS[stage]:
+        raise UserError(f"stage {stage} reads data.format {' or '.join(NEEDS[stage])}, not '{cfg.format}'")
+    train, held = read_splits(cfg, seed)
+    conversational = tokenizer.chat_template is not None
+    splits = {"train": datasets.Dataset.from_list(to_trl_rows(stage, train, conversational))}
+    if held is not None:
+        splits["eval"] = datasets.Dataset.from_list(to_trl_rows(stage, held, conversational))
+    return splits

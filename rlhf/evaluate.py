@@ -1,0 +1,75 @@
+"""Program-checked figures for the preference stages, computed on the driver from model folders."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from rlhf.data import as_messages
+from rlhf.rewards import RewardFn, text_of
+from training.evaluate import greedy_answer
+
+
+@torch.no_grad()
+def completion_logprob(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: list[dict], completion: list[dict]
+) -> float:
+    """Summed log-probability of the completion's tokens after the chat-rendered prompt."""
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([tokenizer(full_text, add_special_tokens=False)["input_ids"]], device=model.device)
+    logps = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+    targets = ids[0, 1:]
+    token_logps = logps.gather(-1, targets[:, None])[:, 0]
+    return float(token_logps[len(prompt_ids) - 1 :].sum())
+
+
+def preference_figures(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> dict:
+    """Mean chosen-minus-rejected log-prob margin, and how often the greedy answer is the chosen one."""
+    model.eval()
+    margins, correct = [], 0
+    for row in rows:
+        prompt = as_messages(row["prompt"], "user")
+        chosen, rejected = as_messages(row["chosen"], "assistant"), as_messages(row["rejected"], "assistant")
+        margins.append(
+            completion_logprob(model, tokenizer, prompt, chosen)
+            - completion_logprob(model, tokenizer, prompt, rejected)
+        )
+        correct += greedy_answer(model, tokenizer, prompt) == text_of(chosen).strip()
+    return {"logp margin": sum(margins) / len(margins), "greedy = chosen": correct / len(rows)}
+
+
+def reward_of_greedy_answers(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict],
+    functions: list[tuple[RewardFn, float]],
+    max_new_tokens: int = 16,
+) -> float:
+    """Mean weighted reward of the model's greedy answers to the rows' prompts."""
+    model.eval()
+    prompts = [as_messages(row["prompt"], "user") for row in rows]
+    answers = [[{"role": "assistant", "content": greedy_answer(model, tokenizer, p, max_new_tokens)}] for p in prompts]
+    total = [0.0] * len(rows)
+    for fn, weight in functions:
+        for i, value in enumerate(fn(prompts=prompts, completions=answers)):
+            total[i] += weight * value
+    return sum(total) / len(total)
+
+
+@torch.no_grad()
+def reward_model_figures(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> dict:
+    """Pair accuracy (chosen scored above rejected) and mean score margin of a reward model."""
+    model.eval()
+    wins, margins = 0, []
+    for row in rows:
+        prompt = as_messages(row["prompt"], "user")
+        scores = []
+        for side in ("chosen", "rejected"):
+            text = tokenizer.apply_chat_template(prompt + as_messages(row[side], "assistant"), tokenize=False)
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+            scores.append(float(model(ids).logits[0, 0]))
+        wins += scores[0] > scores[1]
+        margins.append(scores[0] - scores[1])
+    return {"pair accuracy": wins / len(rows), "score margin": sum(margins) / len(margins)}

@@ -1,0 +1,67 @@
+"""Named reward functions for GRPO: programs that score completions, no humans needed.
+
+Each takes TRL's arguments (`prompts`, `completions`, plus dataset columns as keywords) and
+returns one float per completion. Register a new one with `@reward_function("name")`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+from training.errors import UserError
+
+RewardFn = Callable[..., list[float]]
+REGISTRY: dict[str, RewardFn] = {}
+
+
+def reward_function(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Register a reward function under `name`."""
+
+    def register(fn: RewardFn) -> RewardFn:
+        fn.__name__ = name  # TRL logs each reward under its function's name
+        REGISTRY[name] = fn
+        return fn
+
+    return register
+
+
+def lookup(name: str) -> RewardFn:
+    """The registered function, or an error that lists the registered names."""
+    if name not in REGISTRY:
+        raise UserError(
+            f"reward.functions: unknown reward function '{name}'; registered: {', '.join(sorted(REGISTRY))}"
+        )
+    return REGISTRY[name]
+
+
+def text_of(item: str | list[dict]) -> str:
+    """The text of a plain completion, or of the last message of a conversational one."""
+    return item if isinstance(item, str) else item[-1]["content"]
+
+
+def last_word_of_prompt(prompt: str | list[dict]) -> str:
+    """The expected answer of the shipped task: the last word after 'Say the last word:'."""
+    user = prompt if isinstance(prompt, str) else next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+    return user.rsplit(":", 1)[-1].split()[-1]
+
+
+@reward_function("last_word_exact")
+def last_word_exact(prompts: list, completions: list, **_: object) -> list[float]:
+    """1.0 when the completion is exactly the prompt's last word, else 0.0."""
+    return [float(text_of(c).strip() == last_word_of_prompt(p)) for p, c in zip(prompts, completions, strict=True)]
+
+
+@reward_function("last_word_in_answer")
+def last_word_in_answer(prompts: list, completions: list, **_: object) -> list[float]:
+    """Partial credit: 1.0 when the prompt's last word appears among the completion's words."""
+    return [
+        float(last_word_of_prompt(p) in re.findall(r"[\w']+", text_of(c)))
+        for p, c in zip(prompts, completions, strict=True)
+    ]
+
+
+@reward_function("one_word")
+def one_word(prompts: list, completions: list, **_: object) -> list[float]:
+    """1.0 for an answer of exactly one word (the format the task asks for), else 0.0."""
+    return [float(len(text_of(c).split()) == 1) for c in completions]

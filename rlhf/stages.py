@@ -1,0 +1,151 @@
+"""The preference stages as recipes for one SPMD worker: reward model, DPO and GRPO through TRL.
+
+Each reads top to bottom like `training.runner.run_training`: data, model (and reference or reward
+models), the TRL config built on the shared trainer arguments, the trainer, then the shared
+train-and-publish step. `ray_train_worker` is the Ray Train entry point.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch.distributed as dist
+from transformers import AutoConfig, PrinterCallback, set_seed
+
+from rlhf.config import PreferenceSpec
+from rlhf.data import rlhf_datasets
+from rlhf.losses import trl_loss_terms
+from rlhf.rewards import lookup
+from training.config import TrainSpec
+from training.errors import UserError
+from training.finetune_method import apply_finetune_method, memory_footprint, quantization_config
+from training.metrics import MetricsCallback
+from training.model import check_model_source, load_model, load_tokenizer
+from training.preemption import PreemptionCallback
+from training.runner import common_trainer_kwargs, materialize_scratch_base, start_ray_worker, train_and_publish
+
+log = logging.getLogger(__name__)
+
+
+def check_reward_model(path: str) -> None:
+    """Refuse a reward-model folder that is not a sequence-classification model with one output."""
+    check_model_source(path, "reward.model")
+    config = AutoConfig.from_pretrained(path)
+    architectures = config.architectures or []
+    if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
+        raise UserError(
+            f"reward.model: '{path}' is not a reward model (architectures {architectures}, "
+            f"num_labels {config.num_labels}); give the final/ folder of a `stage: reward` run"
+        )
+
+
+def _stage_config(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, has_eval: bool):
+    """The TRL config of the stage on top of the arguments every stage shares."""
+    common = common_trainer_kwargs(spec, run_dir, has_eval)
+    if spec.stage == "reward":
+        from trl import RewardConfig
+
+        return RewardConfig(**common, max_length=spec.data.max_length)
+    if spec.stage == "dpo":
+        from trl import DPOConfig
+
+        loss_types, weights = trl_loss_terms(pref.dpo.loss_type, pref.dpo.label_smoothing)
+        return DPOConfig(
+            **common,
+            beta=pref.dpo.beta,
+            loss_type=loss_types,
+            loss_weights=weights,
+            label_smoothing=pref.dpo.label_smoothing,
+            precompute_ref_log_probs=pref.dpo.precompute_ref_log_probs,
+            max_length=spec.data.max_length,
+        )
+    from trl import GRPOConfig
+
+    grpo = pref.grpo
+    weights = [f.weight for f in pref.reward.functions] + ([pref.reward.model_weight] if pref.reward.model else [])
+    common["include_num_input_tokens_seen"] = "no"  # GRPO batches are prompts; tokens are counted by TRL
+    return GRPOConfig(
+        **common,
+        num_generations=grpo.num_generations,
+        max_completion_length=grpo.max_completion_length,
+        temperature=grpo.temperature,
+        top_p=grpo.top_p,
+        beta=grpo.beta,
+        epsilon=grpo.epsilon,
+        reward_weights=weights,
+    )
+
+
+def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, rank: int) -> dict:
+    """Train one worker's share of a reward, dpo or grpo job and, with the other ranks, write `final/`."""
+    training, peft = spec.training, spec.peft
+    set_seed(training.seed)
+    distributed = dist.is_available() and dist.is_initialized()
+    world = dist.get_world_size() if distributed else 1
+    tokenizer = load_tokenizer(spec.model)
+    has_eval = (bool(spec.data.eval) or spec.data.eval_fraction > 0) and spec.stage != "grpo"
+    splits = rlhf_datasets(spec.stage, spec.data, tokenizer, training.seed)  # TRL tokenises them
+    task = "sequence-classification" if spec.stage == "reward" else "causal-lm"
+    if spec.stage == "grpo":
+        if not pref.reward.functions and not pref.reward.model:
+            raise UserError("stage grpo needs rewards: set reward.functions (named functions) and/or reward.model")
+        reward_funcs = [lookup(f.name) for f in pref.reward.functions]
+        if pref.reward.model:
+            check_reward_model(pref.reward.model)
+            reward_funcs.append(pref.reward.model)  # TRL loads it as a sequence-classification model
+
+    model_cfg = spec.model
+    if model_cfg.init == "scratch" and (peft.method in ("lora", "qlora") or spec.stage == "dpo"):
+        # an adapter needs its base on disk, and DPO's reference must be the very weights the policy starts from
+        model_cfg = materialize_scratch_base(spec, tokenizer, run_dir, rank, distributed)
+    # scratch weights before the DeepSpeed-aware arguments exist, as in training.runner.run_training
+    model = load_model(model_cfg, tokenizer, task=task) if model_cfg.init == "scratch" else None
+    args = _stage_config(spec, pref, run_dir, has_eval)
+    if model is None:
+        quantization = quantization_config(peft) if peft.method == "qlora" else None
+        model = load_model(model_cfg, tokenizer, quantization, task=task)
+    model.config.use_cache = False
+    model = apply_finetune_method(model, peft, training.gradient_checkpointing, task=task)
+    if rank == 0:
+        print(memory_footprint(model), flush=True)
+
+    preemption = PreemptionCallback(run_dir)
+    callbacks = [
+        MetricsCallback(run_dir / "metrics.jsonl", training.batch_size * training.grad_accum * world),
+        preemption,
+    ]
+    common = dict(
+        model=model,
+        args=args,
+        train_dataset=splits["train"],
+        eval_dataset=splits.get("eval"),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+    if spec.stage == "reward":
+        from trl import RewardTrainer
+
+        trainer = RewardTrainer(**common)
+    elif spec.stage == "dpo":
+        from trl import DPOTrainer
+
+        # The reference is the frozen starting policy: with an adapter, the same base with the adapter
+        # disabled (TRL does that when ref_model is None); precomputed log-probs need none at all.
+        needs_copy = peft.method in ("full", "freeze") and not pref.dpo.precompute_ref_log_probs
+        ref_model = load_model(model_cfg, tokenizer) if needs_copy else None
+        trainer = DPOTrainer(ref_model=ref_model, **common)
+    else:
+        from trl import GRPOTrainer
+
+        trainer = GRPOTrainer(reward_funcs=reward_funcs, **common)
+    trainer.remove_callback(PrinterCallback)
+    return train_and_publish(trainer, tokenizer, run_dir, spec.output.resume, has_eval, rank, preemption)
+
+
+def ray_train_worker(payload: dict) -> None:
+    """Ray Train entry point of reward/dpo/grpo: rebuild the specs from `payload` and run this worker."""
+    run_dir, rank = start_ray_worker(payload)
+    run_preference_stage(
+        TrainSpec.model_validate(payload["spec"]), PreferenceSpec.model_validate(payload["preference"]), run_dir, rank
+    )
