@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 
@@ -15,3 +17,6 @@ class ClusterConfig(BaseModel):
     cpus_per_worker: float = Field(default=1.0, gt=0)
     gpus_per_worker: float = Field(default=0.0, ge=0)
     dashboard: bool = Field(default=False, description="local Ray only; bound to 127.0.0.1")
+    placement: Literal["pack", "spread", "strict_spread"] = Field(
+        default="pack", description="workers on as few nodes as fit (pack), spread, or one per node (strict_spread)"
+    )

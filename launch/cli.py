@@ -31,12 +31,18 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--merge", action="store_true", help="a plain HF folder (QLoRA bases are dequantised first)")
     what.add_argument("--adapter", action="store_true", help="the PEFT adapter folder alone")
     export.add_argument("--out", help="destination folder (default RUN_DIR/export-merged or RUN_DIR/export-adapter)")
+    from launch.submit import add_submit_commands
+
+    add_submit_commands(commands)
     return parser
 
 
 def _dispatch(args: argparse.Namespace) -> int:
     from launch.config import dump_job, load_job
+    from launch.submit import COMMANDS, run_submit_command
 
+    if args.command in COMMANDS:
+        return run_submit_command(args)
     if args.command == "validate":
         print(dump_job(load_job(args.job, args.overrides)), end="")
         return 0
@@ -91,6 +97,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # an outcome that is not a failure but has its own exit code (training.preemption.Preempted: 75)
+        if getattr(exc, "exit_code", None) is None:
+            raise
+        print(str(exc), file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 class Preempted(Exception):
     """Training stopped early at a checkpoint because a preemption warning arrived."""
 
+    exit_code = PREEMPTED_EXIT_CODE  # the CLI exits with it
+
 
 def request_stop(run_dir: Path, reason: str) -> None:
     """Ask the workers of the run in `run_dir` to checkpoint and stop after their current step."""
