@@ -35,13 +35,19 @@ def dpo_loss(
     return losses.mean()
 
 
-def trl_loss_terms(loss_type: str, label_smoothing: float) -> tuple[list[str], list[float] | None]:
-    """TRL `loss_type` and `loss_weights` for a job's loss.
+def trl_loss_terms(
+    loss_type: str, label_smoothing: float, sft_weight: float = 0.0
+) -> tuple[list[str], list[float] | None]:
+    """TRL `loss_type` and `loss_weights` for a job's loss (plus RPO's NLL term on chosen when sft_weight > 0).
 
     TRL's sigmoid ignores label smoothing, so cDPO, (1-e)*L(d) + e*L(-d) with L(x) = -log sigmoid(beta*x),
     is built from TRL's own terms: its "robust" loss is ((1-e)*L(d) - e*L(-d)) / (1-2e), hence
     cDPO = 2(1-e) * sigmoid - (1-2e) * robust exactly, gradients included.
     """
     if loss_type == "sigmoid" and label_smoothing > 0:
-        return ["sigmoid", "robust"], [2 * (1 - label_smoothing), -(1 - 2 * label_smoothing)]
-    return [loss_type], None
+        types, weights = ["sigmoid", "robust"], [2 * (1 - label_smoothing), -(1 - 2 * label_smoothing)]
+    else:
+        types, weights = [loss_type], [1.0]
+    if sft_weight > 0:
+        types, weights = [*types, "sft"], [*weights, sft_weight]
+    return types, (weights if len(types) > 1 else None)

@@ -19,7 +19,7 @@ from rlhf.losses import trl_loss_terms
 from rlhf.rewards import lookup
 from training.config import TrainSpec
 from training.errors import UserError
-from training.finetune_method import apply_finetune_method, memory_footprint, quantization_config
+from training.finetune_method import apply_finetune_method, lora_config, memory_footprint, quantization_config
 from training.metrics import MetricsCallback
 from training.model import check_model_source, load_model, load_tokenizer
 from training.preemption import PreemptionCallback
@@ -50,7 +50,7 @@ def _stage_config(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, has_eval
     if spec.stage == "dpo":
         from trl import DPOConfig
 
-        loss_types, weights = trl_loss_terms(pref.dpo.loss_type, pref.dpo.label_smoothing)
+        loss_types, weights = trl_loss_terms(pref.dpo.loss_type, pref.dpo.label_smoothing, pref.dpo.sft_weight)
         return DPOConfig(
             **common,
             beta=pref.dpo.beta,
@@ -106,7 +106,12 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
         quantization = quantization_config(peft) if peft.method == "qlora" else None
         model = load_model(model_cfg, tokenizer, quantization, task=task)
     model.config.use_cache = False
-    model = apply_finetune_method(model, peft, training.gradient_checkpointing, task=task)
+    # DPO gets its adapter from TRL (peft_config), so the reference is the base with the adapter disabled;
+    # handed a PeftModel, TRL would keep a cloned "ref" adapter instead
+    adapter_by_trl = spec.stage == "dpo" and peft.method in ("lora", "qlora")
+    model = apply_finetune_method(
+        model, peft, training.gradient_checkpointing, task=task, wrap_adapter=not adapter_by_trl
+    )
     if rank == 0:
         print(memory_footprint(model), flush=True)
 
@@ -134,7 +139,7 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
         # disabled (TRL does that when ref_model is None); precomputed log-probs need none at all.
         needs_copy = peft.method in ("full", "freeze") and not pref.dpo.precompute_ref_log_probs
         ref_model = load_model(model_cfg, tokenizer) if needs_copy else None
-        trainer = DPOTrainer(ref_model=ref_model, **common)
+        trainer = DPOTrainer(ref_model=ref_model, peft_config=lora_config(peft) if adapter_by_trl else None, **common)
     else:
         from trl import GRPOTrainer
 

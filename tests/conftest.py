@@ -90,3 +90,30 @@ def ray_session(tmp_path_factory):
     )
     yield
     ray.shutdown()
+
+
+def _single_run(base: dict, run_dir: Path, **sections: dict) -> Path:
+    """Run a job in this process (no Ray) and return its final/ folder."""
+    from launch.config import job_from_dict
+    from launch.run import run_job
+
+    job = job_dict(base, run_dir, cluster={"workers": 1}, **sections)
+    run_job(job_from_dict(job), show_progress=False, single=True)
+    return run_dir / "final"
+
+
+@pytest.fixture(scope="session")
+def pretrained_base(tmp_path_factory) -> str:
+    """The tiny Llama after a short single-process pretraining on the shipped corpus."""
+    return str(_single_run(PRETRAIN_JOB, tmp_path_factory.mktemp("pretrained") / "run", training={"max_steps": 60}))
+
+
+@pytest.fixture(scope="session")
+def sft_base(pretrained_base, tmp_path_factory) -> str:
+    """A weakly instruction-tuned model: knows the answer format, often wrong, so preference stages can improve it."""
+    job = {**SFT_JOB, "model": {"name_or_path": pretrained_base}}
+    return str(_single_run(job, tmp_path_factory.mktemp("sft") / "run",
+                           training={"max_steps": SFT_BASE_STEPS, "learning_rate": 3e-3, "batch_size": 8}))
+
+
+SFT_BASE_STEPS = 120

@@ -78,9 +78,17 @@ def lora_config(cfg: PeftSection, task: str = "causal-lm"):
 
 
 def apply_finetune_method(
-    model: PreTrainedModel, cfg: PeftSection, gradient_checkpointing: bool = False, task: str = "causal-lm"
+    model: PreTrainedModel,
+    cfg: PeftSection,
+    gradient_checkpointing: bool = False,
+    task: str = "causal-lm",
+    wrap_adapter: bool = True,
 ):
-    """Freeze or wrap `model` as the section asks; returns the model to train (a PeftModel for LoRA)."""
+    """Freeze or wrap `model` as the section asks; returns the model to train (a PeftModel for LoRA).
+
+    With `wrap_adapter=False` a LoRA/QLoRA base is only prepared, for a trainer that adds the adapter
+    itself from `lora_config` (TRL's DPO then uses the base with the adapter disabled as reference).
+    """
     if cfg.method == "full":
         return model
     if cfg.method == "freeze":
@@ -92,7 +100,7 @@ def apply_finetune_method(
         # casts norms to fp32, freezes the 4-bit base and enables input grads for checkpointing
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         disable_cpu_inference_repacking(model)
-    return get_peft_model(model, lora_config(cfg, task))
+    return get_peft_model(model, lora_config(cfg, task)) if wrap_adapter else model
 
 
 def disable_cpu_inference_repacking(model: torch.nn.Module) -> None:
