@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from collections.abc import Iterator
 
 from cluster.config import ClusterConfig
@@ -14,6 +15,17 @@ log = logging.getLogger(__name__)
 
 class ClusterError(Exception):
     """The cluster cannot be reached or cannot host the job; the message says what to change."""
+
+
+def unreachable(host: str, port: int, timeout_s: float = 5.0) -> str | None:
+    """Why nothing answers a TCP connect to host:port within `timeout_s`, or None when something does."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return None
+    except TimeoutError:
+        return f"no answer within {timeout_s:.0f}s"
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
 
 
 def torch_backend(cfg: ClusterConfig) -> str:
@@ -47,6 +59,14 @@ def ray_cluster(cfg: ClusterConfig) -> Iterator[None]:
         return
     env = {"env_vars": worker_env(cfg)}
     if cfg.address:
+        # ray.init retries a silent address for minutes; a bad address should fail in seconds
+        host, _, port = cfg.address.removeprefix("ray://").rpartition(":")
+        why = unreachable(host, int(port)) if host and port.isdigit() else None
+        if why:
+            raise ClusterError(
+                f"cannot reach the Ray cluster at cluster.address={cfg.address} ({why}); check the address "
+                "(the head's GCS, host:6379 by default) and that the cluster is up"
+            )
         try:
             ray.init(address=cfg.address, log_to_driver=False, runtime_env=env)
         except Exception as exc:  # ray raises ConnectionError, TimeoutError or RuntimeError here

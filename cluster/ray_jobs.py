@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from cluster.ray_cluster import ClusterError
+from cluster.ray_cluster import ClusterError, unreachable
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 CONNECT_TIMEOUT_S = 5.0
@@ -63,18 +62,15 @@ def jobs_url(address: str | None) -> str:
     return f"{parts.scheme}://{parts.netloc}"
 
 
-def _check_reachable(url: str, timeout_s: float = CONNECT_TIMEOUT_S) -> None:
-    """Fail fast, and within `timeout_s`, when nothing listens at the address."""
+def _check_reachable(url: str) -> None:
+    """Fail fast, and within seconds, when nothing listens at the address."""
     parts = urlsplit(url)
-    try:
-        with socket.create_connection((parts.hostname, parts.port), timeout=timeout_s):
-            pass
-    except OSError as exc:
+    why = unreachable(parts.hostname or "", parts.port or 0, CONNECT_TIMEOUT_S)
+    if why:
         raise ClusterError(
-            f"cannot reach the Ray cluster at --ray {url} ({exc.strerror or type(exc).__name__}, within "
-            f"{timeout_s:.0f}s); check that the cluster is up and that this is its dashboard address "
-            "(http://HEAD:8265; the Jobs API is not on the GCS port 6379)"
-        ) from None
+            f"cannot reach the Ray cluster at --ray {url} ({why}); check that the cluster is up and that this is "
+            "its dashboard address (http://HEAD:8265; the Jobs API is not on the GCS port 6379)"
+        )
 
 
 @contextlib.contextmanager
