@@ -11,7 +11,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-from bench import bench_orchestration, bench_packing, bench_qlora_memory, bench_tokenize  # noqa: E402
+from bench import (  # noqa: E402
+    bench_dpo,
+    bench_orchestration,
+    bench_packing,
+    bench_qlora_memory,
+    bench_tokenize,
+)
 from cluster.config import ClusterConfig  # noqa: E402
 from cluster.ray_cluster import ray_cluster  # noqa: E402
 
@@ -25,6 +31,7 @@ def main() -> None:
         "qlora_memory": bench_qlora_memory,
         "packing": bench_packing,
         "orchestration": bench_orchestration,
+        "dpo": bench_dpo,
     }
     selected = sys.argv[1:] or list(benches)
     with tempfile.TemporaryDirectory() as tmp, ray_cluster(ClusterConfig(workers=2)):

@@ -19,7 +19,13 @@ from rlhf.losses import trl_loss_terms
 from rlhf.rewards import lookup
 from training.config import TrainSpec
 from training.errors import UserError
-from training.finetune_method import apply_finetune_method, lora_config, memory_footprint, quantization_config
+from training.finetune_method import (
+    apply_finetune_method,
+    keep_adapters_in_fp32,
+    lora_config,
+    memory_footprint,
+    quantization_config,
+)
 from training.metrics import MetricsCallback
 from training.model import check_model_source, load_model, load_tokenizer
 from training.preemption import PreemptionCallback
@@ -145,6 +151,8 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
 
         trainer = GRPOTrainer(reward_funcs=reward_funcs, **common)
     trainer.remove_callback(PrinterCallback)
+    if peft.method == "qlora" and not args.bf16:
+        keep_adapters_in_fp32(trainer.model)
     return train_and_publish(trainer, tokenizer, run_dir, spec.output.resume, has_eval, rank, preemption)
 
 

@@ -118,6 +118,17 @@ def disable_cpu_inference_repacking(model: torch.nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def keep_adapters_in_fp32(model: torch.nn.Module) -> None:
+    """Undo TRL's bf16 cast of QLoRA adapters when training computes in fp32.
+
+    TRL stores QLoRA adapters in bf16 (the paper's choice, under bf16 autocast). Computing in fp32
+    (e.g. on CPU), bf16 adapter weights round Adam's small updates away.
+    """
+    for param in model.parameters():
+        if param.requires_grad:
+            param.data = param.data.float()
+
+
 def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; a 4-bit packed weight counts its unpacked size."""
     trainable = total = 0

@@ -17,7 +17,12 @@ import torch.distributed as dist
 
 from training.config import DataConfig, ModelConfig, OutputConfig, TrainingConfig, TrainSpec
 from training.deepspeed_config import build_deepspeed_config
-from training.finetune_method import apply_finetune_method, memory_footprint, quantization_config
+from training.finetune_method import (
+    apply_finetune_method,
+    keep_adapters_in_fp32,
+    memory_footprint,
+    quantization_config,
+)
 from training.metrics import MetricsCallback
 from training.model import load_model, load_tokenizer, resolve_dtype
 from training.packing import PackedRowsCollator
@@ -167,11 +172,7 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
     )
     trainer.remove_callback(PrinterCallback)  # its dict-per-step print is metrics.jsonl's job
     if peft.method == "qlora" and not args.bf16:
-        # TRL stores QLoRA adapters in bf16 (the paper's choice, under bf16 autocast). Computing in fp32
-        # (e.g. on CPU), bf16 adapter weights would round Adam's small updates away: keep them fp32.
-        for param in model.parameters():
-            if param.requires_grad:
-                param.data = param.data.float()
+        keep_adapters_in_fp32(trainer.model)
 
     return train_and_publish(trainer, tokenizer, run_dir, output.resume, has_eval, rank, preemption)
 
