@@ -140,25 +140,33 @@ def _sbatch_refusal(stderr: str, request: SlurmRequest) -> str:
     reason = " ".join(line.removeprefix("sbatch: error: ").strip() for line in stderr.strip().splitlines())
     hint = ""
     if "node count specification invalid" in reason.lower() or "requested node configuration" in reason.lower():
-        partition = request.partition or "the default partition"
-        count = partition_node_count(request.partition)
-        has = f" has {count} node(s)" if count is not None else ""
-        hint = f" --nodes {request.nodes} is more than {partition}{has}; ask for fewer nodes or another --partition."
+        hint = " " + _too_many_nodes(request)
+    elif "configuration source" in reason.lower():
+        hint = " No SLURM configuration here: set SLURM_CONF (slurm/local-cluster.sh up prints it) or use a login node."
     return f"sbatch refused the job: {reason or 'no reason given'}.{hint}"
 
 
-def partition_node_count(partition: str | None) -> int | None:
-    """How many nodes a partition (or the default one) has, by sinfo; None when sinfo cannot say."""
+def _too_many_nodes(request: SlurmRequest) -> str:
+    name, count = partition_size(request.partition)
+    has = f" has ({count})" if count is not None else " has"
+    return (
+        f"--nodes {request.nodes} asks for more nodes than partition '{name}'{has}; "
+        "ask for fewer nodes or another --partition."
+    )
+
+
+def partition_size(partition: str | None) -> tuple[str, int | None]:
+    """A partition's name (the default one's when None) and its node count, by sinfo; None when sinfo cannot say."""
     command = ["sinfo", "-h", "-o", "%D %P"] + ([f"--partition={partition}"] if partition else [])
     try:
         out = subprocess.run(command, capture_output=True, text=True, timeout=20).stdout
     except (OSError, subprocess.TimeoutExpired):
-        return None
+        return partition or "default", None
     for line in out.splitlines():
         count, _, name = line.partition(" ")
         if partition or name.endswith("*"):  # sinfo marks the default partition with a star
-            return int(count) if count.isdigit() else None
-    return None
+            return name.rstrip("*"), int(count) if count.isdigit() else None
+    return partition or "default", None
 
 
 def submit(request: SlurmRequest, template: str | None = None) -> str:
@@ -182,6 +190,17 @@ def submit(request: SlurmRequest, template: str | None = None) -> str:
     if not job_id.isdigit():
         raise ClusterError(f"sbatch answered '{proc.stdout.strip()}' instead of a job id")
     return job_id
+
+
+def never_starts(job_id: str, request: SlurmRequest) -> str | None:
+    """Why a just-queued job can never start (sites without EnforcePartLimits queue it anyway), or None."""
+    try:
+        reason = job_info(job_id).get("Reason", "")
+    except ClusterError:
+        return None
+    if reason == "PartitionNodeLimit":
+        return f"job {job_id} is pending with reason PartitionNodeLimit and will not start: " + _too_many_nodes(request)
+    return None
 
 
 def job_info(job_id: str) -> dict[str, str]:

@@ -156,6 +156,9 @@ def _submit_slurm(args: argparse.Namespace, job: JobConfig) -> int:
         return 0
     job_id = slurm.submit(request)
     print(f"submitted SLURM job {job_id} ({args.nodes} node(s))")
+    stuck = slurm.never_starts(job_id, request)
+    if stuck:
+        print(f"warning: {stuck} Cancel it with `tuneyard stop {job_id} --slurm`.", file=sys.stderr)
     print(f"  run dir: {job.output.dir}")
     print(f"  follow:  tuneyard logs {job_id} --slurm --follow")
     print(f"  stop:    tuneyard stop {job_id} --slurm")

@@ -57,6 +57,9 @@ SchedulerType=sched/builtin
 SchedulerParameters=sched_interval=2
 ReturnToService=2
 JobRequeue=1
+# refuse at submission what the partition can never run (e.g. more nodes than it has), as most sites do
+EnforcePartLimits=ALL
+MailProg=/bin/true
 KillWait=5
 MinJobAge=600
 InactiveLimit=0
