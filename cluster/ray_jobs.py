@@ -145,14 +145,25 @@ def submit(
         raise _cluster_error(exc, url) from None
 
 
-def status(address: str | None, job_id: str) -> tuple[str, str]:
-    """(status, message) of a job: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED, and Ray's words on it."""
+def details(address: str | None, job_id: str) -> dict:
+    """A job's status, Ray's message on it, and its start/end times (epoch seconds; None until they happen)."""
     client = _client(address)
     try:
         info = client.get_job_info(job_id)
     except Exception as exc:
         raise _cluster_error(exc, jobs_url(address), job_id) from None
-    return str(getattr(info.status, "value", info.status)), info.message or ""
+    return {
+        "status": str(getattr(info.status, "value", info.status)),
+        "message": info.message or "",
+        "start_time": info.start_time / 1000 if info.start_time else None,
+        "end_time": info.end_time / 1000 if info.end_time else None,
+    }
+
+
+def status(address: str | None, job_id: str) -> tuple[str, str]:
+    """(status, message) of a job: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED, and Ray's words on it."""
+    info = details(address, job_id)
+    return info["status"], info["message"]
 
 
 def logs(address: str | None, job_id: str) -> str:

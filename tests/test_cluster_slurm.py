@@ -63,6 +63,7 @@ def local_slurm():
     assert up.returncode == 0, up.stdout + up.stderr
     env["SLURM_CONF"] = str(root / "slurm.conf")
     assert f"export SLURM_CONF={env['SLURM_CONF']}" in up.stdout
+    env["_ROOT"] = str(root)
     yield env
     subprocess.run([str(LOCAL_CLUSTER), "down"], env=env, capture_output=True, timeout=120)
     shutil.rmtree(root, ignore_errors=True)
@@ -157,6 +158,7 @@ def preempted_job(local_slurm, tmp_path_factory):
         "token": token,
         "script": script,
         "warned_after": warned_after,
+        "ray_tmp": ray_tmp,
     }
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
@@ -206,8 +208,55 @@ def test_hostile_values_stay_inert_and_the_token_is_not_written(preempted_job):
     assert job_yaml["data"]["text_field"] == HOSTILE_OVERRIDE.split("=", 1)[1]
     token = preempted_job["token"]
     assert token not in preempted_job["log"] and token not in preempted_job["script"]
-    leaked = [p for p in preempted_job["run_dir"].rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
+    # nor in the run dir, SLURM's state, spool and logs, or the Ray nodes' session dirs (their logs)
+    places = [preempted_job["run_dir"], Path(env["_ROOT"]), preempted_job["ray_tmp"]]
+    leaked = [p for place in places for p in place.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
     assert not leaked
+
+
+def test_logs_shows_the_job_output(preempted_job):
+    proc = tuneyard(preempted_job["env"], "logs", preempted_job["job_id"], "--slurm")
+    assert proc.returncode == 0, proc.stderr
+    assert "Ray is up: 2 node(s)" in proc.stdout and "eval loss" in proc.stdout
+
+
+def test_stop_cancels_a_queued_job(local_slurm, tmp_path):
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job_dict(SFT_JOB, tmp_path / "run")))
+    later = "--sbatch-arg=--begin=now+1hour"  # queued, never started: stop is all this test exercises
+    submitted = tuneyard(local_slurm, "submit", str(job_file), "--slurm", "--nodes", "1", later)
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = re.search(r"submitted SLURM job (\d+)", submitted.stdout).group(1)
+    assert job_state(local_slurm, job_id)["state"] == "PENDING"
+    stopped = tuneyard(local_slurm, "stop", job_id, "--slurm")
+    assert stopped.returncode == 0, stopped.stderr
+    assert job_state(local_slurm, job_id)["state"] == "CANCELLED"
+
+
+def test_ray_that_does_not_come_up_in_time_fails_the_job_clearly(local_slurm, tmp_path):
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(job_dict(SFT_JOB, tmp_path / "run")))
+    ray_tmp = Path(tempfile.mkdtemp(prefix="tys", dir="/tmp"))
+    args = ["--slurm", "--nodes", "2", "--ray-wait", "1", "--ray-tmp", str(ray_tmp)]
+    submitted = subprocess.run(
+        [str(BIN / "tuneyard"), "submit", str(job_file), *args],
+        env=local_slurm,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert submitted.returncode == 0, submitted.stderr
+    job_id = re.search(r"submitted SLURM job (\d+)", submitted.stdout).group(1)
+    deadline = time.monotonic() + 180
+    while (state := job_state(local_slurm, job_id))["state"] in ("PENDING", "RUNNING", "COMPLETING"):
+        assert time.monotonic() < deadline, state
+        time.sleep(1)
+    shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert state["state"] == "FAILED"
+    log = _log(tmp_path, job_id)
+    assert "tuneyard-slurm: error:" in log and "within 1s" in log, log[-3000:]
+    assert not (tmp_path / "run").exists()  # training never started
 
 
 def test_more_nodes_than_the_partition_is_refused_plainly(local_slurm, tmp_path):
