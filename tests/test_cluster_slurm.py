@@ -63,7 +63,6 @@ def local_slurm():
     assert up.returncode == 0, up.stdout + up.stderr
     env["SLURM_CONF"] = str(root / "slurm.conf")
     assert f"export SLURM_CONF={env['SLURM_CONF']}" in up.stdout
-    env["_ROOT"] = str(root)
     yield env
     subprocess.run([str(LOCAL_CLUSTER), "down"], env=env, capture_output=True, timeout=120)
     shutil.rmtree(root, ignore_errors=True)
@@ -209,7 +208,7 @@ def test_hostile_values_stay_inert_and_the_token_is_not_written(preempted_job):
     token = preempted_job["token"]
     assert token not in preempted_job["log"] and token not in preempted_job["script"]
     # nor in the run dir, SLURM's state, spool and logs, or the Ray nodes' session dirs (their logs)
-    places = [preempted_job["run_dir"], Path(env["_ROOT"]), preempted_job["ray_tmp"]]
+    places = [preempted_job["run_dir"], Path(env["TUNEYARD_SLURM_DIR"]), preempted_job["ray_tmp"]]
     leaked = [p for place in places for p in place.rglob("*") if p.is_file() and token.encode() in p.read_bytes()]
     assert not leaked
 

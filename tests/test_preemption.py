@@ -31,6 +31,7 @@ def test_watch_turns_a_signal_into_a_request_and_a_record_into_preempted(tmp_pat
     assert signal.getsignal(signal.SIGUSR1) is before
 
 
+@pytest.mark.integration
 def test_warning_mid_training_checkpoints_and_the_rerun_continues(tmp_path):
     """One process (--single): USR1 after the first step; the same job run again resumes and finishes."""
     run_dir = tmp_path / "run"
