@@ -136,15 +136,20 @@ class TwoNodeRay:
             time.sleep(0.5)
 
     def stop(self) -> None:
-        """TERM each `ray start --block` group (it stops its node), then KILL what is left of ours."""
+        """TERM each `ray start --block` group (it stops its node), KILL what is left of ours after 10 s."""
         for proc in self.procs:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
         for proc in self.procs:
             try:
-                proc.wait(timeout=30)
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                pass
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)  # members of the group outlive its leader
+            except ProcessLookupError:
+                pass
         time.sleep(1)
         for pid in own_processes(str(self.root)):
             try:
