@@ -1,4 +1,4 @@
-"""The `tuneyard` command: train, validate, plot, export."""
+"""The `tuneyard` command: train, validate, pipeline, plot, export, and cluster submission."""
 
 from __future__ import annotations
 
@@ -31,6 +31,10 @@ def _parser() -> argparse.ArgumentParser:
     what.add_argument("--merge", action="store_true", help="a plain HF folder (QLoRA bases are dequantised first)")
     what.add_argument("--adapter", action="store_true", help="the PEFT adapter folder alone")
     export.add_argument("--out", help="destination folder (default RUN_DIR/export-merged or RUN_DIR/export-adapter)")
+    pipeline = commands.add_parser("pipeline", help="run an ordered list of stage jobs, skipping finished ones")
+    pipeline.add_argument("pipeline", help="pipeline YAML: stages: [{job: FILE, overrides: [...]}, ...]")
+    pipeline.add_argument("--single", action="store_true", help="every stage in this process, without Ray")
+    pipeline.add_argument("--force", action="store_true", help="run finished stages again too")
     from launch.submit import add_submit_commands
 
     add_submit_commands(commands)
@@ -53,6 +57,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         if not (run_dir / "metrics.jsonl").exists():
             raise UserError(f"{run_dir} has no metrics.jsonl; give a run directory (output.dir of a job)")
         print(plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png"))
+        return 0
+    if args.command == "pipeline":
+        from launch.pipeline import run_pipeline
+
+        run_pipeline(Path(args.pipeline), single=args.single, force=args.force)
         return 0
     if args.command == "export":
         from training.export import export_adapter, export_merged

@@ -112,8 +112,13 @@ def pretrained_base(tmp_path_factory) -> str:
 def sft_base(pretrained_base, tmp_path_factory) -> str:
     """A weakly instruction-tuned model: knows the answer format, often wrong, so preference stages can improve it."""
     job = {**SFT_JOB, "model": {"name_or_path": pretrained_base}}
-    return str(_single_run(job, tmp_path_factory.mktemp("sft") / "run",
-                           training={"max_steps": SFT_BASE_STEPS, "learning_rate": 3e-3, "batch_size": 8}))
+    return str(
+        _single_run(
+            job,
+            tmp_path_factory.mktemp("sft") / "run",
+            training={"max_steps": SFT_BASE_STEPS, "learning_rate": 3e-3, "batch_size": 8},
+        )
+    )
 
 
 SFT_BASE_STEPS = 120

@@ -207,21 +207,22 @@ def test_dpo_raises_margin_and_greedy_accuracy(ray_session, sft_base, tmp_path):
 
 @pytest.mark.integration
 def test_grpo_raises_the_programmatic_reward(ray_session, sft_base, tmp_path):
-    """GRPO on 2 workers under ZeRO-2. Under ZeRO-3 the same job moves the weights as much but its
-    sampled reward stayed flat in every try (an open finding), so that case is not claimed here."""
+    """GRPO on 2 workers under ZeRO-3: the sampled reward of the last 20 steps beats the first 20.
+
+    A constant learning rate: with cosine decay the second half barely moves and the gain drowns in
+    sampling noise at this tiny budget."""
     job = job_dict(
         {**PREFERENCE_JOB, "stage": "grpo"},
         tmp_path / "grpo",
         data={"format": "prompt", "train": str(DATA / "last-word-prompts-train.jsonl"), "eval": None},
-        training={"learning_rate": 1e-3, "max_steps": 80, "batch_size": 16},
-        deepspeed={"zero_stage": 2},
+        training={"learning_rate": 1e-3, "lr_scheduler": "constant", "max_steps": 100, "batch_size": 16},
         grpo={"num_generations": 8, "max_completion_length": 8, "temperature": 0.7},
         reward={"functions": [{"name": "last_word_exact"}, {"name": "one_word", "weight": 0.2}]},
     )
     job["model"] = {"name_or_path": sft_base}
     result = run_job(job_from_dict(job), show_progress=False)
     rewards = [r["reward"] for r in read_metrics(result.run_dir / "metrics.jsonl") if "reward" in r]
-    assert len(rewards) == 80
+    assert len(rewards) == 100
     first, last = sum(rewards[:20]) / 20, sum(rewards[-20:]) / 20
     assert last > first + 0.03, (first, last)
 

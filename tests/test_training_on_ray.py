@@ -63,9 +63,7 @@ def test_resume_continues_to_the_same_loss(pretrain_run, tmp_path):
     job, straight = pretrain_run
     copy = tmp_path / "resumed"
     shutil.copytree(straight.run_dir, copy, ignore=shutil.ignore_patterns("checkpoint-30", "final", "ray"))
-    kept = [line for line in (copy / "metrics.jsonl").read_text().splitlines() if '"step": 1' in line[:12]]
     (copy / "metrics.jsonl").write_text("")  # the resumed run's records alone
-    assert kept  # the straight run had logged the first steps
     resumed_job = job.model_copy(update={"output": job.output.model_copy(update={"dir": str(copy)})})
     run_job(resumed_job, show_progress=False)
     resumed = losses(copy)
