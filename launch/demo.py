@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,10 @@ def main() -> int:
     """Run pretrain-tiny.yaml then sft-tiny.yaml (fresh each time) and print what each learned."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own progress line says enough
     from cluster.ray_cluster import ray_cluster
     from launch.config import load_job
     from launch.run import run_job
