@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import torch.distributed as dist
 
@@ -18,10 +19,8 @@ def main() -> None:
     """Run one worker of the job without Ray: torchrun gives the rank and the rendezvous."""
     job = load_job(sys.argv[1])
     rank = int(os.environ["RANK"])
-    redirect_output(os.path.join(job.output.dir, "logs", f"torchrun-{rank}.log"))
+    redirect_output(Path(job.output.dir) / "logs" / f"torchrun-{rank}.log")
     dist.init_process_group("gloo")
-    from pathlib import Path
-
     run_training(job.train_spec(), Path(job.output.dir), rank)
     dist.destroy_process_group()
 
