@@ -10,9 +10,8 @@ import yaml
 
 from cluster.ray_cluster import ray_cluster
 from launch.config import JobConfig, load_job
-from launch.run import RunResult, run_job
+from launch.run import RunResult, eval_loss_figure, run_job
 from training.errors import UserError
-from training.metrics import read_metrics
 from training.run_dir import RUN_FILE, job_identity
 
 
@@ -45,8 +44,7 @@ def finished_earlier(job: JobConfig) -> bool:
 
 def recorded_result(job: JobConfig) -> RunResult:
     """The eval-loss figure of a finished run, read back from its metrics.jsonl."""
-    evals = [r["eval_loss"] for r in read_metrics(Path(job.output.dir) / "metrics.jsonl") if "eval_loss" in r]
-    return RunResult(Path(job.output.dir), 0.0, {"eval loss": (evals[0], evals[-1])} if evals else {})
+    return RunResult(Path(job.output.dir), 0.0, eval_loss_figure(Path(job.output.dir)))
 
 
 def run_pipeline(path: Path, single: bool = False, force: bool = False) -> list[tuple[str, RunResult, bool]]:

@@ -149,6 +149,12 @@ def run_single(job: JobConfig, run_dir: Path) -> None:
         run_training(job.train_spec(use_deepspeed=False), run_dir, rank=0)
 
 
+def eval_loss_figure(run_dir: Path) -> dict[str, tuple[float, float]]:
+    """The first and last eval loss a run recorded in its metrics.jsonl (none if it never evaluated)."""
+    evals = [r["eval_loss"] for r in read_metrics(Path(run_dir) / "metrics.jsonl") if "eval_loss" in r]
+    return {"eval loss": (evals[0], evals[-1])} if evals else {}
+
+
 def run_job(job: JobConfig, show_progress: bool = True, single: bool = False) -> RunResult:
     """Run one job end to end (on Ray, or in this process with `single`) and return its before/after figures."""
     started = time.time()
@@ -163,8 +169,7 @@ def run_job(job: JobConfig, show_progress: bool = True, single: bool = False) ->
     else:
         with ray_cluster(job.cluster), preemption_watch(run_dir), progress:
             run_on_ray(job, run_dir)
-    evals = [r["eval_loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "eval_loss" in r]
-    figures = {"eval loss": (evals[0], evals[-1])} if evals else {}
+    figures = eval_loss_figure(run_dir)
     after = stage_figures(job, final_folder(run_dir))
     figures.update({name: (before[name], after[name]) for name in before})
     return RunResult(run_dir=run_dir, seconds=time.time() - started, figures=figures)
