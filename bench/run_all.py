@@ -15,6 +15,7 @@ from bench import (  # noqa: E402
     bench_dpo,
     bench_orchestration,
     bench_packing,
+    bench_ppo,
     bench_qlora_memory,
     bench_tokenize,
 )
@@ -32,6 +33,7 @@ def main() -> None:
         "packing": bench_packing,
         "orchestration": bench_orchestration,
         "dpo": bench_dpo,
+        "ppo": bench_ppo,
     }
     selected = sys.argv[1:] or list(benches)
     with tempfile.TemporaryDirectory() as tmp, ray_cluster(ClusterConfig(workers=2)):

@@ -47,10 +47,11 @@ def worker_env(cfg: ClusterConfig) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def ray_cluster(cfg: ClusterConfig) -> Iterator[None]:
+def ray_cluster(cfg: ClusterConfig, cpus_needed: float | None = None) -> Iterator[None]:
     """Use the Ray this process already joined, connect to `cfg.address`, or start a local Ray.
 
-    A local Ray listens on 127.0.0.1 only and is stopped when the block ends.
+    A local Ray listens on 127.0.0.1 only and is stopped when the block ends; it offers at least
+    `cpus_needed` CPUs (default: the workers' share), so a job sized for a laptop fits on it.
     """
     import ray
 
@@ -76,7 +77,7 @@ def ray_cluster(cfg: ClusterConfig) -> Iterator[None]:
                 "and the auth token (RAY_AUTH_TOKEN or ~/.ray/auth_token)"
             ) from None
     else:
-        needed = cfg.workers * cfg.cpus_per_worker
+        needed = cpus_needed if cpus_needed is not None else cfg.workers * cfg.cpus_per_worker
         ray.init(
             num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
             _node_ip_address="127.0.0.1",

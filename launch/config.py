@@ -10,7 +10,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cluster.config import ClusterConfig
-from rlhf.config import DpoSection, GrpoSection, PreferenceSpec, RewardSection
+from rlhf.config import DpoSection, GrpoSection, PpoSection, PreferenceSpec, RewardSection
 from training.config import (
     DataConfig,
     DeepSpeedSection,
@@ -22,7 +22,7 @@ from training.config import (
 )
 from training.errors import UserError
 
-Stage = Literal["pretrain", "sft", "reward", "dpo", "grpo"]
+Stage = Literal["pretrain", "sft", "reward", "dpo", "grpo", "ppo"]
 PREFERENCE_STAGES = ("reward", "dpo", "grpo")
 
 
@@ -41,6 +41,7 @@ class JobConfig(BaseModel):
     output: OutputConfig
     dpo: DpoSection = Field(default_factory=DpoSection)
     grpo: GrpoSection = Field(default_factory=GrpoSection)
+    ppo: PpoSection = Field(default_factory=PpoSection)
     reward: RewardSection = Field(default_factory=RewardSection)
 
     @model_validator(mode="after")
@@ -55,7 +56,7 @@ class JobConfig(BaseModel):
 
     def train_spec(self, use_deepspeed: bool = True) -> TrainSpec:
         """The sections a training worker needs (all but `cluster`); no DeepSpeed for a single process."""
-        spec = TrainSpec.model_validate(self.model_dump(exclude={"cluster", "dpo", "grpo", "reward"}))
+        spec = TrainSpec.model_validate(self.model_dump(exclude={"cluster", "dpo", "grpo", "ppo", "reward"}))
         return spec if use_deepspeed else spec.model_copy(update={"deepspeed": None})
 
     def preference_spec(self) -> PreferenceSpec:

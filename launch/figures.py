@@ -48,15 +48,14 @@ def stage_figures(job: JobConfig, model_path: str | None) -> dict[str, float]:
         from rlhf.evaluate import preference_figures
 
         return preference_figures(_load(job, model_path, "causal-lm"), tokenizer, rows)
-    if job.stage == "grpo" and job.reward.functions:
+    if job.stage in ("grpo", "ppo") and job.reward.functions:
         from rlhf.evaluate import reward_of_greedy_answers
         from rlhf.rewards import lookup
 
         functions = [(lookup(f.name), f.weight) for f in job.reward.functions]
         model = _load(job, model_path, "causal-lm")
-        return {
-            "greedy reward": reward_of_greedy_answers(model, tokenizer, rows, functions, job.grpo.max_completion_length)
-        }
+        length = job.grpo.max_completion_length if job.stage == "grpo" else job.ppo.generation.max_new_tokens
+        return {"greedy reward": reward_of_greedy_answers(model, tokenizer, rows, functions, length)}
     return {}
 
 

@@ -76,6 +76,11 @@ def preflight(job: JobConfig) -> None:
     if job.model.init == "pretrained":
         assert job.model.name_or_path is not None
         check_model_source(job.model.name_or_path)
+    if job.stage == "ppo":
+        from rlhf.ppo.controller import prepare_ppo
+
+        prepare_ppo(job.train_spec(), job.ppo, job.reward)  # data, prompt lengths, rewards, the critic's start
+        return
     tokenizer = load_tokenizer(job.model)
     if job.stage in PREFERENCE_STAGES:
         from rlhf.data import rlhf_datasets
@@ -137,6 +142,23 @@ def run_on_ray(job: JobConfig, run_dir: Path) -> None:
         ) from exc
 
 
+def run_ppo_on_ray(job: JobConfig, run_dir: Path) -> None:
+    """Run the PPO controller here, its role groups as Ray actors on the current cluster."""
+    from rlhf.ppo.controller import run_ppo
+
+    try:
+        run_ppo(job.train_spec(), job.ppo, job.reward, run_dir, job.cluster.placement)
+    except (UserError, ClusterError):
+        raise
+    except Exception as exc:
+        user_error = find_user_error(exc)
+        if user_error is not None:
+            raise user_error from None
+        raise RuntimeError(
+            f"PPO failed ({type(exc).__name__}); the role actors' logs are in {run_dir / 'logs'}"
+        ) from exc
+
+
 def run_single(job: JobConfig, run_dir: Path) -> None:
     """The whole job in this process: no Ray, no DeepSpeed, breakpoints work (one GPU or a laptop)."""
     if job.stage in PREFERENCE_STAGES:
@@ -157,6 +179,8 @@ def eval_loss_figure(run_dir: Path) -> dict[str, tuple[float, float]]:
 
 def run_job(job: JobConfig, show_progress: bool = True, single: bool = False) -> RunResult:
     """Run one job end to end (on Ray, or in this process with `single`) and return its before/after figures."""
+    if single and job.stage == "ppo":
+        raise UserError("stage ppo runs its roles as Ray actors; --single is not supported for it (drop --single)")
     started = time.time()
     run_dir = prepare_run_dir(job.output, job_identity(job.model_dump(mode="json"))).resolve()
     (run_dir / "job.yaml").write_text(dump_job(job))
@@ -166,6 +190,12 @@ def run_job(job: JobConfig, show_progress: bool = True, single: bool = False) ->
     if single:
         with preemption_watch(run_dir), progress:
             run_single(job, run_dir)
+    elif job.stage == "ppo":
+        from rlhf.ppo.groups import plan_placement, present_roles
+
+        cpus = plan_placement(job.ppo, present_roles(job.train_spec(), job.reward)).total("CPU")
+        with ray_cluster(job.cluster, cpus_needed=cpus), preemption_watch(run_dir), progress:
+            run_ppo_on_ray(job, run_dir)
     else:
         with ray_cluster(job.cluster), preemption_watch(run_dir), progress:
             run_on_ray(job, run_dir)

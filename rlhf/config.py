@@ -1,10 +1,10 @@
-"""The job sections of the preference stages: `dpo`, `grpo` and `reward`."""
+"""The job sections of the preference and RL stages: `dpo`, `grpo`, `ppo` and `reward`."""
 
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DPO_LOSSES = Literal[
     "sigmoid",
@@ -77,3 +77,112 @@ class PreferenceSpec(BaseModel):
     dpo: DpoSection = Field(default_factory=DpoSection)
     grpo: GrpoSection = Field(default_factory=GrpoSection)
     reward: RewardSection = Field(default_factory=RewardSection)
+
+
+class KlSection(BaseModel):
+    """The KL penalty against the reference: coefficient, estimator, and a fixed or adaptive controller."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    coef: float = Field(default=0.05, ge=0, description="the KL coefficient (the start value when adaptive)")
+    estimator: Literal["k1", "k2", "k3"] = Field(default="k1", description="per-token KL estimator (Schulman's k1-k3)")
+    controller: Literal["fixed", "adaptive"] = "fixed"
+    target: float = Field(default=6.0, gt=0, description="adaptive: the KL (summed over a response) to hold")
+    horizon: int = Field(default=10000, ge=1, description="adaptive: samples over which the coefficient adapts")
+
+
+class GenerationSection(BaseModel):
+    """How the policy samples its responses during rollouts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: int = Field(default=16, ge=1)
+    temperature: float = Field(default=1.0, ge=0, description="0: greedy")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    stop_at_eos: bool = True
+
+
+class RoleSection(BaseModel):
+    """One PPO role group: its workers, what each gets, and its ZeRO stage."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workers: int = Field(default=1, ge=1)
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=0.0, ge=0)
+    zero_stage: Literal[0, 1, 2, 3] | None = Field(
+        default=None, description="policy/critic: defaults to deepspeed.zero_stage; reference/reward: 0 or 3"
+    )
+
+
+class CriticRoleSection(RoleSection):
+    """The critic group, plus where its weights start."""
+
+    init: Literal["auto", "reward_model", "policy"] = Field(
+        default="auto",
+        description="start from reward.model (OpenRLHF's default) or the policy's weights; "
+        "auto: the reward model when it shares the policy's tokenizer, else the policy",
+    )
+
+
+class RolesSection(BaseModel):
+    """The four PPO roles, each its own group of Ray actors and torch.distributed group."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    policy: RoleSection = Field(default_factory=RoleSection)
+    critic: CriticRoleSection = Field(default_factory=CriticRoleSection)
+    reference: RoleSection = Field(default_factory=RoleSection)
+    reward: RoleSection = Field(default_factory=RoleSection)
+
+
+class PpoSection(BaseModel):
+    """PPO with a critic: rollouts, KL-shaped rewards, GAE, clipped policy and value updates."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rollout_batch_size: int = Field(default=16, ge=1, description="prompts per iteration")
+    samples_per_prompt: int = Field(default=1, ge=1)
+    mini_batch_size: int = Field(default=16, ge=1, description="samples per optimizer step, over all policy ranks")
+    micro_batch_size: int = Field(default=4, ge=1, description="samples per forward/backward on one rank")
+    ppo_epochs: int = Field(default=1, ge=1)
+    iterations: int = Field(default=0, ge=0, description="iterations to run; 0: `epochs` passes over the prompts")
+    epochs: float = Field(default=1.0, gt=0, description="passes over the prompts when iterations is 0")
+    clip_range: float = Field(default=0.2, gt=0)
+    value_clip_range: float | None = Field(default=0.2, gt=0, description="none: unclipped value loss")
+    gamma: float = Field(default=1.0, ge=0, le=1)
+    lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda")
+    whiten_advantages: bool = True
+    entropy_coef: float = Field(default=0.0, ge=0)
+    value_loss_coef: float = Field(default=1.0, gt=0, description="scales the critic's loss")
+    critic_learning_rate: float | None = Field(default=None, gt=0, description="defaults to training.learning_rate")
+    max_prompt_length: int = Field(default=128, ge=1, description="a longer prompt is an error, reported before start")
+    save_every: int = Field(default=0, ge=0, description="checkpoint every N iterations (0: output.save_steps)")
+    generation: GenerationSection = Field(default_factory=GenerationSection)
+    kl: KlSection = Field(default_factory=KlSection)
+    roles: RolesSection = Field(default_factory=RolesSection)
+    colocate: Literal["all", "policy_reference", "none"] = "none"
+
+    @model_validator(mode="after")
+    def _batches_divide(self) -> PpoSection:
+        samples = self.rollout_batch_size * self.samples_per_prompt
+        if samples % self.mini_batch_size:
+            raise ValueError(
+                f"ppo.mini_batch_size ({self.mini_batch_size}) must divide the samples of an iteration "
+                f"(rollout_batch_size x samples_per_prompt = {samples})"
+            )
+        for role in ("policy", "critic", "reference", "reward"):
+            ranks = getattr(self.roles, role).workers
+            if samples % ranks:
+                raise ValueError(
+                    f"the {samples} samples of an iteration must split evenly over the {ranks} {role} worker(s)"
+                )
+            if role in ("reference", "reward"):
+                continue
+            per_rank, rest = divmod(self.mini_batch_size, ranks)
+            if rest or per_rank % min(self.micro_batch_size, per_rank):
+                raise ValueError(
+                    f"ppo.mini_batch_size ({self.mini_batch_size}) must split evenly over the {ranks} {role} "
+                    f"worker(s) into micro-batches of ppo.micro_batch_size ({self.micro_batch_size})"
+                )
+        return self

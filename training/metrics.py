@@ -91,7 +91,7 @@ class MetricsCallback(TrainerCallback):
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> Path:
-    """Draw training loss and eval loss against step into a PNG."""
+    """Draw training and eval loss against step into a PNG; a PPO run adds its reward and KL panels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,7 +100,9 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Path:
     records = read_metrics(metrics_path)
     train = [(r["step"], r["loss"]) for r in records if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    rl = [r for r in records if "reward" in r and "kl" in r]
+    fig, axes = plt.subplots(1, 3 if rl else 1, figsize=(16 if rl else 7, 4), squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
     if evals:
@@ -109,6 +111,10 @@ def plot_metrics(metrics_path: Path, png_path: Path) -> Path:
     ax.set_ylabel("loss")
     ax.set_title(Path(metrics_path).parent.name)
     ax.legend()
+    for ax, key, label in ((axes[0][1], "reward", "mean reward"), (axes[0][2], "kl", "KL to reference")) if rl else ():
+        ax.plot([r["step"] for r in rl], [r[key] for r in rl], linewidth=1)
+        ax.set_xlabel("iteration")
+        ax.set_ylabel(label)
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

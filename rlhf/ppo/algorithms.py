@@ -1,0 +1,222 @@
+"""PPO maths for RLHF as pure torch functions: masked statistics, KL estimators, reward shaping, GAE,
+the clipped policy and value losses, entropy/log-probs from logits, and the KL-coefficient controllers.
+
+Conventions: per-token tensors are float [B, T] over response positions only (index t is the t-th response
+token), and `mask` is a [B, T] bool or 0/1 float tensor that is 1 on real tokens, contiguous from t=0
+(right padding). Values at masked-out positions never influence a result: they are selected away with
+`torch.where` rather than multiplied by 0, so inf/nan padding cannot leak in as nan.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def _bool(mask: Tensor) -> Tensor:
+    """The mask as a bool tensor."""
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+def masked_sum(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of x over the masked entries (all of them when dim is None, else along dim)."""
+    kept = torch.where(_bool(mask), x, torch.zeros((), dtype=x.dtype, device=x.device))
+    return kept.sum() if dim is None else kept.sum(dim)
+
+
+def masked_mean(x: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of x over the masked entries (all of them when dim is None, else along dim); 0 where none."""
+    count = _bool(mask).sum() if dim is None else _bool(mask).sum(dim)
+    return masked_sum(x, mask, dim) / count.clamp(min=1).to(x.dtype)
+
+
+def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of x over all masked entries (Bessel-corrected when unbiased)."""
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        # stays a tensor op (no .item() sync); one entry gives 0 rather than 0/0
+        count = _bool(mask).sum().to(x.dtype)
+        var = var * count / (count - 1).clamp(min=1)
+    return var
+
+
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """(x - mean) / sqrt(var + eps) over the masked entries, 0 elsewhere; shift_mean False keeps the mean."""
+    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    whitened = (x - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(_bool(mask), whitened, torch.zeros((), dtype=whitened.dtype, device=whitened.device))
+
+
+def sequence_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Loss aggregation: the masked mean over each row's tokens, then the plain mean over rows."""
+    # every sequence weighs the same whatever its length, and equal-size micro-batches average to the batch value
+    return masked_mean(x, mask, dim=-1).mean()
+
+
+def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of KL(policy || reference) for tokens sampled from the policy (k1, k2 or k3)."""
+    # Schulman, "Approximating KL divergence": k1 is unbiased, k2 low-variance but biased, k3 unbiased and >= 0
+    log_ratio = logprobs - ref_logprobs
+    if estimator == "k1":
+        return log_ratio
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        # expm1 keeps precision when the policy is close to the reference (log_ratio ~ 0)
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator '{estimator}'; valid: {', '.join(KL_ESTIMATORS)}")
+
+
+def shape_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
+    """Per-token rewards: -kl_coef * kl on each response token plus each row's score on its last real token."""
+    keep = _bool(mask)
+    zero = torch.zeros((), dtype=kl.dtype, device=kl.device)
+    rewards = torch.where(keep, -kl_coef * kl, zero)
+    lengths = keep.sum(-1)
+    last = (lengths - 1).clamp(min=0).unsqueeze(-1)
+    # a row of length 0 has no token to carry its score, so its score is dropped
+    score = torch.where(lengths > 0, scores.to(rewards.dtype), zero).unsqueeze(-1)
+    return rewards.scatter_add(-1, last, score)
+
+
+@torch.no_grad()
+def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
+    """(advantages, returns) by generalised advantage estimation; the episode ends after each row's last token."""
+    # no_grad: advantages and returns are fixed targets for the update, never a path for gradients into the critic
+    keep = _bool(mask)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    # zeroed padding makes V after the last real token 0 (terminal) and keeps A at padded positions 0
+    rewards = torch.where(keep, rewards.to(values.dtype), zero)
+    values = torch.where(keep, values, zero)
+    steps = rewards.shape[-1]
+    advantages = torch.zeros_like(values)
+    next_value = torch.zeros_like(values[..., 0])
+    next_advantage = torch.zeros_like(values[..., 0])
+    for t in reversed(range(steps)):
+        delta = rewards[..., t] + gamma * next_value - values[..., t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[..., t] = next_advantage
+        next_value = values[..., t]
+    advantages = torch.where(keep, advantages, zero)
+    returns = torch.where(keep, advantages + values, zero)
+    return advantages, returns
+
+
+def policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate loss and its stats (clip_frac, approx_kl, ratio_max_dev)."""
+    keep = _bool(mask)
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    # padded log-probs may be garbage (e.g. -inf); selecting them away before exp keeps loss and grads finite
+    log_ratio = torch.where(keep, logprobs - old_logprobs, zero)
+    advantages = torch.where(keep, advantages.to(logprobs.dtype), zero)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    loss = sequence_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        deviation = torch.where(keep, (ratio - 1).abs(), zero)
+        stats = {
+            "clip_frac": masked_mean((clipped > unclipped).to(logprobs.dtype), mask),
+            # k3 of old vs new; from log_ratio directly rather than log(exp(...))
+            "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),
+            "ratio_max_dev": deviation.max() if deviation.numel() else zero.clone(),
+        }
+    return loss, stats
+
+
+def value_loss(
+    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float | None
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Clipped value loss 0.5 * max((V - R)^2, (V_clipped - R)^2) (plain when clip_range is None) and its stats."""
+    keep = _bool(mask)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    # as in policy_loss: padded targets are selected away so garbage there cannot reach the loss or grads
+    returns = torch.where(keep, returns.to(values.dtype), zero)
+    old_values = torch.where(keep, old_values.to(values.dtype), zero)
+    values = torch.where(keep, values, zero)
+    unclipped = (values - returns) ** 2
+    if clip_range is None:
+        return 0.5 * sequence_mean(unclipped, mask), {"value_clip_frac": zero.clone()}
+    clipped_values = old_values + (values - old_values).clamp(-clip_range, clip_range)
+    clipped = (clipped_values - returns) ** 2
+    loss = 0.5 * sequence_mean(torch.maximum(unclipped, clipped), mask)
+    with torch.no_grad():
+        stats = {"value_clip_frac": masked_mean((clipped > unclipped).to(values.dtype), mask)}
+    return loss, stats
+
+
+def entropy_from_logits(logits: Tensor) -> Tensor:
+    """Entropy of softmax(logits) over the last dim, per position (shape logits.shape[:-1])."""
+    logits = logits.float()
+    # entropy is shift-invariant; shifting the max to 0 avoids the cancellation of two large terms in
+    # logZ - sum p * logits when logits are large (the shift is a constant, so it is detached)
+    logits = logits - logits.amax(dim=-1, keepdim=True).detach()
+    # top-k/top-p filtered entries arrive as -inf and 0 * -inf would be nan; the most negative finite
+    # float gives them probability exactly 0 and a 0 contribution instead
+    logits = logits.clamp(min=torch.finfo(logits.dtype).min)
+    probs = torch.softmax(logits, dim=-1)
+    # H = logZ - sum p * logits: no log of a probability, so no log(0) for vanishing ones
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Log-probabilities of `tokens` [B, T] under logits [B, T, V], computed in float32."""
+    # float32: bf16 log-softmax over a large vocabulary is too coarse for PPO ratios
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    return log_probs.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)
+
+
+class FixedKLController:
+    """A constant KL coefficient."""
+
+    def __init__(self, kl_coef: float) -> None:
+        """Start at kl_coef."""
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Nothing to adapt: the coefficient stays fixed."""
+
+    def state_dict(self) -> dict:
+        """The coefficient, for checkpoints."""
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the coefficient from a checkpoint."""
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """KL coefficient steered towards a target KL (Ziegler et al. 2019, "Fine-Tuning LMs from Human Preferences")."""
+
+    def __init__(self, kl_coef: float, target: float, horizon: int) -> None:
+        """Start at kl_coef, aiming at `target` KL with a response time of `horizon` samples."""
+        if not (target > 0 and math.isfinite(target)):
+            raise ValueError(f"AdaptiveKLController target must be a positive number, not {target}")
+        if horizon <= 0:
+            raise ValueError(f"AdaptiveKLController horizon must be positive, not {horizon}")
+        self.value = float(kl_coef)
+        self.target = float(target)
+        self.horizon = int(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Scale the coefficient by 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon."""
+        # the clipped error bounds the change per update, so one outlier batch cannot swing the coefficient
+        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict:
+        """The coefficient, for checkpoints (target and horizon come from the config)."""
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore the coefficient from a checkpoint."""
+        self.value = float(state["value"])

@@ -1,0 +1,156 @@
+"""Placing the PPO roles: one placement group, bundles shared by colocated roles, a Ray actor per rank.
+
+`ppo.colocate: none` gives every rank of every role a bundle of its own. `all` puts rank i of every
+role into bundle i, each actor asking for a fraction of the bundle, as OpenRLHF colocates;
+`policy_reference` shares bundles between those two roles only. `cluster.placement` is the
+placement group's strategy (spread puts one role's ranks on different nodes where it can).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from cluster.ray_cluster import ClusterError
+from rlhf.config import PpoSection, RewardSection, RoleSection
+from rlhf.ppo.batches import split_rows
+from training.config import TrainSpec
+
+ROLE_ORDER = ("policy", "critic", "reference", "reward")
+
+
+@dataclass
+class Seat:
+    """Where one rank of a role sits: its bundle and the share of it the actor asks for."""
+
+    bundle: int
+    cpus: float
+    gpus: float
+
+
+@dataclass
+class Placement:
+    """The bundles of the placement group and the seats of each present role's ranks."""
+
+    bundles: list[dict[str, float]] = field(default_factory=list)
+    seats: dict[str, list[Seat]] = field(default_factory=dict)
+
+    def total(self, resource: str) -> float:
+        """How much of a resource (CPU, GPU) the whole placement group holds."""
+        return sum(b.get(resource, 0.0) for b in self.bundles)
+
+
+def colocated_sets(colocate: str, roles: list[str]) -> list[list[str]]:
+    """The roles that share bundles, as groups (a role alone is a group of one)."""
+    if colocate == "all":
+        return [roles]
+    if colocate == "policy_reference" and "reference" in roles:
+        return [["policy", "reference"], *[[r] for r in roles if r not in ("policy", "reference")]]
+    return [[r] for r in roles]
+
+
+def present_roles(spec: TrainSpec, reward: RewardSection) -> list[str]:
+    """The roles that run as actors: no reference for an adapter policy, no reward actor without a model."""
+    adapter = spec.peft.method in ("lora", "qlora")
+    return [r for r in ROLE_ORDER if not (r == "reference" and adapter) and not (r == "reward" and not reward.model)]
+
+
+def plan_placement(ppo: PpoSection, roles: list[str]) -> Placement:
+    """Bundles and seats for the roles that run as actors (in ROLE_ORDER).
+
+    Colocated roles share bundles: rank i of each sits in the set's bundle i, which holds the most
+    any of them asks for, and each asks for its share of it (a role with fewer ranks uses the first bundles).
+    """
+    placement = Placement()
+    for together in colocated_sets(ppo.colocate, roles):
+        sections: dict[str, RoleSection] = {r: getattr(ppo.roles, r) for r in together}
+        first = len(placement.bundles)
+        for i in range(max(s.workers for s in sections.values())):
+            at_rank = [s for s in sections.values() if s.workers > i]
+            gpus = max(s.gpus_per_worker for s in at_rank)
+            placement.bundles.append(
+                {"CPU": max(s.cpus_per_worker for s in at_rank), **({"GPU": gpus} if gpus else {})}
+            )
+        for role, section in sections.items():
+            placement.seats[role] = []
+            for i in range(section.workers):
+                share = sum(1 for s in sections.values() if s.workers > i)
+                seat = Seat(first + i, section.cpus_per_worker / share, section.gpus_per_worker / share)
+                placement.seats[role].append(seat)
+    return placement
+
+
+def check_fits(placement: Placement, available: dict[str, float], ppo: PpoSection) -> None:
+    """Refuse, with the arithmetic, roles that ask for more CPUs or GPUs than the Ray cluster has."""
+    for resource in ("CPU", "GPU"):
+        asked = placement.total(resource)
+        have = available.get(resource, 0.0)
+        if asked <= have + 1e-9:
+            continue
+        key = "cpus_per_worker" if resource == "CPU" else "gpus_per_worker"
+        terms = " + ".join(
+            f"{role} {len(seats)} x {getattr(getattr(ppo.roles, role), key):g}"
+            for role, seats in placement.seats.items()
+        )
+        shared = f" (colocate: {ppo.colocate} shares bundles)" if ppo.colocate != "none" else ""
+        raise ClusterError(
+            f"the PPO roles ask for {asked:g} {resource}s ({terms}{shared}) but the Ray cluster has {have:g}; "
+            f"lower ppo.roles.*.workers or ppo.roles.*.{key}, set ppo.colocate: all, or use a bigger cluster"
+        )
+
+
+@dataclass
+class RoleGroup:
+    """The Ray actors of one role, rank order; calls go to every rank at once."""
+
+    name: str
+    actors: list
+
+    def call(self, method: str, per_rank_args: list[tuple]) -> list:
+        """`method(*args)` on each rank with its own arguments; the ObjectRefs, rank order."""
+        return [getattr(a, method).remote(*args) for a, args in zip(self.actors, per_rank_args, strict=True)]
+
+    def broadcast(self, method: str, *args) -> list:
+        """`method(*args)` on every rank; the ObjectRefs, rank order."""
+        return [getattr(a, method).remote(*args) for a in self.actors]
+
+    def scatter(self, method: str, batch: dict) -> list:
+        """`method(shard)` on each rank with its equal, consecutive share of the batch's rows."""
+        return self.call(method, [(shard,) for shard in split_rows(batch, len(self.actors))])
+
+
+@contextlib.contextmanager
+def start_role_groups(
+    placement: Placement, classes: dict[str, type], strategy: str, actor_args: dict[str, tuple]
+) -> Iterator[dict[str, RoleGroup]]:
+    """Create the placement group and every role's actors, set the groups up in parallel; remove all after."""
+    import ray
+    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    group = placement_group(placement.bundles, strategy=strategy.upper())
+    groups: dict[str, RoleGroup] = {}
+    try:
+        ray.get(group.ready())
+        for role, seats in placement.seats.items():
+            remote = ray.remote(classes[role])
+            actors = [
+                remote.options(
+                    num_cpus=seat.cpus,
+                    num_gpus=seat.gpus,
+                    scheduling_strategy=PlacementGroupSchedulingStrategy(
+                        placement_group=group, placement_group_bundle_index=seat.bundle
+                    ),
+                ).remote(rank, len(seats), *actor_args[role])
+                for rank, seat in enumerate(seats)
+            ]
+            groups[role] = RoleGroup(role, actors)
+        addresses = {role: ray.get(g.actors[0].rendezvous_address.remote()) for role, g in groups.items()}
+        ray.get([ref for role, g in groups.items() for ref in g.broadcast("setup", addresses[role])])
+        yield groups
+    finally:
+        for g in groups.values():
+            for actor in g.actors:
+                ray.kill(actor)
+        remove_placement_group(group)

@@ -1,0 +1,385 @@
+"""The four PPO roles as Ray actor classes: policy, critic, reference and reward.
+
+Each class is plain Python (tests can build one in-process); `rlhf.ppo.groups` makes Ray actors
+of it. The ranks of one role form their own torch.distributed group (gloo on CPU, NCCL on GPUs) and
+the trainable roles (policy, critic) hold a DeepSpeed engine with ZeRO 0-3; the reference and the
+reward model run inference only, under ZeRO-3 when their `zero_stage` is 3. Batches arrive as the
+layout of `rlhf.ppo.batches`; every method a group calls is collective over its ranks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from rlhf.config import PpoSection, RewardSection
+from rlhf.ppo import algorithms as algo
+from rlhf.ppo.batches import response_logits, select_rows
+from rlhf.ppo.generation import HFGenerator, whole_weights
+from training.config import ModelConfig, TrainSpec
+from training.deepspeed_config import build_deepspeed_config
+from training.finetune_method import apply_finetune_method, keep_adapters_in_fp32, quantization_config
+from training.model import load_model, load_tokenizer, resolve_dtype
+
+log = logging.getLogger(__name__)
+
+
+def free_port(host: str) -> int:
+    """A TCP port free on `host` now (for the role group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def micro_batches(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
+    """Consecutive chunks of at most `size` rows."""
+    rows = next(iter(batch.values())).shape[0]
+    return [select_rows(batch, slice(i, i + size)) for i in range(0, rows, size)]
+
+
+def engine_config(spec: TrainSpec, zero_stage: int, micro: int, accumulation: int) -> dict:
+    """A complete DeepSpeed dict (no "auto" left: no HF trainer fills them) for one role's engine."""
+    section = spec.deepspeed.model_copy(update={"zero_stage": zero_stage}) if spec.deepspeed else None
+    config = build_deepspeed_config(section, cuda=torch.cuda.is_available()) if section else {}
+    config["zero_optimization"] = {
+        k: v for k, v in config.get("zero_optimization", {"stage": 0}).items() if v != "auto"
+    }
+    precision = spec.training.precision
+    if precision == "auto":
+        precision = "bf16" if resolve_dtype("auto") == torch.bfloat16 else "fp32"
+    config.update(
+        train_micro_batch_size_per_gpu=micro,
+        gradient_accumulation_steps=accumulation,
+        gradient_clipping=spec.training.max_grad_norm,
+        bf16={"enabled": precision == "bf16"},
+        fp16={"enabled": precision == "fp16"},
+        # a client optimizer (torch's AdamW) under ZeRO; DeepSpeed's fused Adam would be JIT-built for CUDA
+        zero_allow_untested_optimizer=True,
+    )
+    return config
+
+
+class RoleWorker:
+    """What every role's actor shares: its rank, the group's rendezvous, logging to RUN_DIR/logs."""
+
+    role = "role"
+
+    def __init__(self, rank: int, world_size: int, run_dir: str, payload: dict):
+        self.rank, self.world_size, self.run_dir = rank, world_size, Path(run_dir)
+        self.spec = TrainSpec.model_validate(payload["spec"])
+        self.ppo = PpoSection.model_validate(payload["ppo"])
+        self.reward = RewardSection.model_validate(payload["reward"])
+        self.total_iterations: int = payload["total_iterations"]
+        self.critic_source: str | None = payload.get("critic_source")
+        self.engine = None
+
+    def rendezvous_address(self) -> str:
+        """tcp://ip:port of this (rank 0) actor, where the group's ranks meet."""
+        import ray
+
+        ip = ray.util.get_node_ip_address()
+        return f"tcp://{ip}:{free_port(ip)}"
+
+    def setup(self, address: str, timeout_s: float = 1800) -> None:
+        """Join the role's process group and build the model (a collective over the role's ranks)."""
+        from training.runner import redirect_output
+
+        if os.environ.get("TUNEYARD_ACTOR_LOGS_TO_FILE", "1") == "1":
+            redirect_output(self.run_dir / "logs" / f"{self.role}-{self.rank}.log")
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
+        host, _, port = address.removeprefix("tcp://").rpartition(":")
+        os.environ.update(MASTER_ADDR=host, MASTER_PORT=port)
+        if not dist.is_initialized():
+            dist.init_process_group(
+                backend,
+                init_method=address,
+                rank=self.rank,
+                world_size=self.world_size,
+                timeout=timedelta(seconds=timeout_s),
+            )
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        torch.manual_seed(self.spec.training.seed)
+        self.build()
+
+    def build(self) -> None:
+        """Load the role's model; each role defines it."""
+        raise NotImplementedError
+
+    def _inference_engine(self, model: torch.nn.Module, zero_stage: int):
+        """A ZeRO-3 inference engine over `model` (stage 3), or None: the model runs as it is."""
+        if zero_stage != 3 or self.spec.deepspeed is None:
+            return None
+        import deepspeed
+
+        config = engine_config(self.spec, 3, micro=self.ppo.micro_batch_size, accumulation=1)
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        engine.eval()
+        return engine
+
+    def _train_engine(self, model: torch.nn.Module, zero_stage: int, learning_rate: float):
+        """A DeepSpeed engine with AdamW and the job's LR schedule over the trainable parameters."""
+        import deepspeed
+        from transformers import get_scheduler
+
+        per_rank = self.ppo.mini_batch_size // self.world_size
+        micro = min(self.ppo.micro_batch_size, per_rank)
+        training = self.spec.training
+        params = [p for p in model.parameters() if p.requires_grad]
+        samples = self.ppo.rollout_batch_size * self.ppo.samples_per_prompt
+        total = max(1, self.total_iterations * self.ppo.ppo_epochs * samples // self.ppo.mini_batch_size)
+        warmup = training.warmup_steps or int(training.warmup_ratio * total)
+
+        def schedule(opt):
+            return get_scheduler(training.lr_scheduler, opt, num_warmup_steps=warmup, num_training_steps=total)
+
+        config = engine_config(self.spec, zero_stage, micro=micro, accumulation=per_rank // micro)
+        if "optimizer" in config:  # offloaded optimizer state: DeepSpeed builds its CPU Adam from the config
+            config["optimizer"]["params"] = {"lr": learning_rate, "weight_decay": training.weight_decay}
+            optimizer = None
+        else:
+            optimizer = torch.optim.AdamW(params, lr=learning_rate, weight_decay=training.weight_decay)
+        engine, *_ = deepspeed.initialize(
+            model=model, optimizer=optimizer, model_parameters=params, lr_scheduler=schedule, config=config
+        )
+        return engine
+
+    def save_checkpoint(self, folder: str) -> None:
+        """The engine's DeepSpeed state (weights, optimizer, scheduler) into `folder` (collective)."""
+        self.engine.save_checkpoint(folder, tag="state")
+
+    def load_checkpoint(self, folder: str) -> None:
+        """Restore what `save_checkpoint` wrote."""
+        path, _ = self.engine.load_checkpoint(folder, tag="state")
+        if path is None:
+            raise RuntimeError(f"{self.role}: no DeepSpeed checkpoint in {folder}")
+
+    def save_final(self, folder: str) -> None:
+        """The model as a Hugging Face folder (safetensors), written by rank 0 (ZeRO-3 shards gathered)."""
+        with whole_weights(self.engine) as module:
+            if self.rank == 0:
+                module.save_pretrained(folder, safe_serialization=True)
+                self.tokenizer.save_pretrained(folder)
+        dist.barrier()
+
+
+def sequence_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
+    """The model's forward over the sample layout (no KV cache)."""
+    return model(
+        input_ids=batch["sequences"],
+        attention_mask=batch["attention_mask"],
+        position_ids=batch["position_ids"],
+        use_cache=False,
+    )
+
+
+class PolicyWorker(RoleWorker):
+    """The policy: generates rollouts with its current weights, scores its own log-probs, trains.
+
+    With a LoRA/QLoRA policy it also serves the reference: the same base with the adapter disabled.
+    """
+
+    role = "policy"
+
+    def build(self) -> None:
+        spec, peft = self.spec, self.spec.peft
+        self.tokenizer = load_tokenizer(spec.model)
+        quantization = quantization_config(peft) if peft.method == "qlora" else None
+        model = load_model(spec.model, self.tokenizer, quantization)
+        model.config.use_cache = False
+        model = apply_finetune_method(model, peft, spec.training.gradient_checkpointing)
+        if peft.method == "qlora":
+            keep_adapters_in_fp32(model)
+        zero = self.ppo.roles.policy.zero_stage
+        zero = zero if zero is not None else (spec.deepspeed.zero_stage if spec.deepspeed else 0)
+        self.engine = self._train_engine(model, zero, spec.training.learning_rate)
+        self.generator = HFGenerator(
+            lambda: whole_weights(self.engine), self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        )
+
+    def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seed: int) -> list[list[int]]:
+        """Responses to this rank's prompts (collective under ZeRO-3: the shards are gathered)."""
+        return self.generator.generate(prompt_ids, prompt_mask, self.ppo.generation, seed + 7919 * self.rank)
+
+    @torch.no_grad()
+    def logprobs(self, batch: dict[str, torch.Tensor], reference: bool = False) -> dict[str, torch.Tensor]:
+        """Per-token log-probs (and entropy) of the responses under the current weights, or the reference's."""
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        width = batch["action_mask"].shape[1]
+        out_logprobs, out_entropy = [], []
+        for micro in micro_batches(batch, self.ppo.micro_batch_size):
+            if reference:
+                with module.disable_adapter():
+                    logits = response_logits(sequence_forward(module, micro).logits, width)
+            else:
+                logits = response_logits(sequence_forward(module, micro).logits, width)
+            out_logprobs.append(algo.logprobs_from_logits(logits, micro["sequences"][:, -width:]))
+            out_entropy.append(algo.entropy_from_logits(logits.float()))
+        module.train(was_training)
+        return {"logprobs": torch.cat(out_logprobs), "entropy": torch.cat(out_entropy)}
+
+    def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The reference's log-probs: this base with the adapter disabled (LoRA/QLoRA policies only)."""
+        return {"logprobs": self.logprobs(batch, reference=True)["logprobs"]}
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One optimizer step on this rank's share of a mini-batch (micro-batches accumulate)."""
+        self.engine.train()
+        width = batch["action_mask"].shape[1]
+        totals: dict[str, float] = {}
+        chunks = micro_batches(batch, self.engine.train_micro_batch_size_per_gpu())
+        for micro in chunks:
+            logits = response_logits(sequence_forward(self.engine, micro).logits, width)
+            logprobs = algo.logprobs_from_logits(logits, micro["sequences"][:, -width:])
+            mask = micro["action_mask"]
+            loss, stats = algo.policy_loss(
+                logprobs, micro["old_logprobs"], micro["advantages"], mask, self.ppo.clip_range
+            )
+            entropy = algo.sequence_mean(algo.entropy_from_logits(logits.float()), mask)
+            total = loss - self.ppo.entropy_coef * entropy if self.ppo.entropy_coef else loss
+            self.engine.backward(total)
+            self.engine.step()
+            figures = {"policy_loss": loss.item(), "entropy": entropy.item(), **{k: v.item() for k, v in stats.items()}}
+            for key, value in figures.items():
+                if key == "ratio_max_dev":
+                    totals[key] = max(totals.get(key, 0.0), value)
+                else:
+                    totals[key] = totals.get(key, 0.0) + value / len(chunks)
+        totals["lr"] = self.engine.get_lr()[0]
+        return totals
+
+
+class ValueModel(torch.nn.Module):
+    """A sequence classifier read at every position: its backbone's hidden states through its one-output head."""
+
+    def __init__(self, classifier: torch.nn.Module):
+        super().__init__()
+        self.classifier = classifier
+        self.backbone = getattr(classifier, classifier.base_model_prefix)
+        self.head = getattr(classifier, "score", None) or classifier.classifier
+
+    def forward(self, input_ids, attention_mask, position_ids, use_cache=False) -> torch.Tensor:
+        """Values [B, L], one per position."""
+        hidden = self.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache
+        ).last_hidden_state
+        return self.head(hidden).squeeze(-1).float()
+
+
+class CriticWorker(RoleWorker):
+    """The critic: a value per response token; trained on the returns with a clipped value loss."""
+
+    role = "critic"
+
+    def build(self) -> None:
+        spec = self.spec
+        self.tokenizer = load_tokenizer(spec.model)
+        model_cfg = ModelConfig(
+            name_or_path=self.critic_source,
+            tokenizer=spec.model.tokenizer,
+            dtype=spec.model.dtype,
+            attn_implementation=spec.model.attn_implementation,
+            trust_remote_code=spec.model.trust_remote_code,
+        )
+        classifier = load_model(model_cfg, self.tokenizer, task="sequence-classification")
+        if spec.training.gradient_checkpointing:
+            classifier.gradient_checkpointing_enable()
+        zero = self.ppo.roles.critic.zero_stage
+        zero = zero if zero is not None else (spec.deepspeed.zero_stage if spec.deepspeed else 0)
+        learning_rate = self.ppo.critic_learning_rate or spec.training.learning_rate
+        self.engine = self._train_engine(ValueModel(classifier), zero, learning_rate)
+
+    @torch.no_grad()
+    def values(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """V(s_t) for each response token t: the value at the position that predicts it."""
+        module = self.engine.module
+        module.eval()
+        width = batch["action_mask"].shape[1]
+        out = [sequence_forward(module, m)[:, -width - 1 : -1] for m in micro_batches(batch, self.ppo.micro_batch_size)]
+        module.train()
+        return {"values": torch.cat(out)}
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One optimizer step of the value loss on this rank's share of a mini-batch."""
+        self.engine.train()
+        width = batch["action_mask"].shape[1]
+        totals: dict[str, float] = {}
+        chunks = micro_batches(batch, self.engine.train_micro_batch_size_per_gpu())
+        for micro in chunks:
+            values = sequence_forward(self.engine, micro)[:, -width - 1 : -1]
+            loss, stats = algo.value_loss(
+                values, micro["old_values"], micro["returns"], micro["action_mask"], self.ppo.value_clip_range
+            )
+            self.engine.backward(self.ppo.value_loss_coef * loss)
+            self.engine.step()
+            for key, value in {"value_loss": loss.item(), **{k: v.item() for k, v in stats.items()}}.items():
+                totals[key] = totals.get(key, 0.0) + value / len(chunks)
+        return totals
+
+    def save_final(self, folder: str) -> None:
+        """The critic as a Hugging Face sequence-classification folder (its head is the value head)."""
+        with whole_weights(self.engine) as module:
+            if self.rank == 0:
+                module.classifier.save_pretrained(folder, safe_serialization=True)
+                self.tokenizer.save_pretrained(folder)
+        dist.barrier()
+
+
+class ReferenceWorker(RoleWorker):
+    """The frozen starting policy: per-token log-probs for the KL penalty."""
+
+    role = "reference"
+
+    def build(self) -> None:
+        self.tokenizer = load_tokenizer(self.spec.model)
+        self.model = load_model(self.spec.model, self.tokenizer).eval()
+        self.model.requires_grad_(False)
+        self.engine = self._inference_engine(self.model, self.ppo.roles.reference.zero_stage or 0)
+
+    @torch.no_grad()
+    def logprobs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-token reference log-probs of the responses."""
+        model = self.engine.module if self.engine is not None else self.model
+        width = batch["action_mask"].shape[1]
+        out = []
+        for micro in micro_batches(batch, self.ppo.micro_batch_size):
+            logits = response_logits(sequence_forward(model, micro).logits, width)
+            out.append(algo.logprobs_from_logits(logits, micro["sequences"][:, -width:]))
+        return {"logprobs": torch.cat(out)}
+
+
+class RewardWorker(RoleWorker):
+    """A reward model (from `stage: reward`) scoring decoded conversations with its own tokenizer.
+
+    The policy's responses arrive as text and are re-tokenised here: a reward model trained with
+    another tokenizer (or chat template) scores what it was trained on, not the policy's token ids.
+    """
+
+    role = "reward"
+
+    def build(self) -> None:
+        path = self.reward.model
+        assert path is not None
+        cfg = ModelConfig(name_or_path=path, trust_remote_code=self.spec.model.trust_remote_code)
+        self.tokenizer = load_tokenizer(cfg)
+        self.model = load_model(cfg, self.tokenizer, task="sequence-classification").eval()
+        self.model.requires_grad_(False)
+        self.engine = self._inference_engine(self.model, self.ppo.roles.reward.zero_stage or 0)
+
+    @torch.no_grad()
+    def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
+        """One scalar per (prompt, response), read by the reward model from its own rendering of the text."""
+        from rlhf.ppo.scoring import reward_model_scores
+
+        model = self.engine.module if self.engine is not None else self.model
+        return reward_model_scores(model, self.tokenizer, prompts, responses, self.ppo.micro_batch_size)

@@ -1,0 +1,381 @@
+"""PPO: sample layout, placement arithmetic, reward re-tokenisation, and real runs of the role groups on
+Ray with DeepSpeed and gloo: learning, first-step ratio, ZeRO-3 x 2 ranks == ZeRO-0 x 1 rank, resume
+after preemption, a LoRA policy as its own reference, and the errors a user gets before any actor starts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from cluster.ray_cluster import ClusterError
+from launch.config import job_from_dict
+from launch.run import run_job
+from rlhf.config import PpoSection
+from rlhf.ppo.batches import build_samples, left_pad, split_rows
+from rlhf.ppo.controller import Prompt, prompts_of_iteration
+from rlhf.ppo.groups import check_fits, plan_placement
+from rlhf.ppo.scoring import render_for_reward_model, reward_model_scores
+from rlhf.rewards import reward_function
+from tests.conftest import EXAMPLES, TINY_ARCH, job_dict
+from training.metrics import COMPLETE_MARKER, read_metrics
+from training.preemption import REQUEST_FILE, Preempted
+
+DATA = EXAMPLES / "data"
+PPO_JOB = {
+    "stage": "ppo",
+    "model": {"name_or_path": "set-by-test"},
+    "data": {
+        "format": "prompt",
+        "train": str(DATA / "last-word-prompts-train.jsonl"),
+        "eval": str(DATA / "last-word-prompts-eval.jsonl"),
+        "max_length": 128,
+    },
+    "ppo": {
+        "rollout_batch_size": 16,
+        "samples_per_prompt": 2,
+        "mini_batch_size": 16,
+        "micro_batch_size": 8,
+        "generation": {"max_new_tokens": 8, "temperature": 0.7},
+        "roles": {
+            "policy": {"cpus_per_worker": 0.5},
+            "critic": {"cpus_per_worker": 0.5},
+            "reference": {"cpus_per_worker": 0.5},
+            "reward": {"cpus_per_worker": 0.5},
+        },
+    },
+    "reward": {"functions": [{"name": "last_word_exact"}, {"name": "one_word", "weight": 0.2}]},
+    "training": {"learning_rate": 5e-4, "lr_scheduler": "constant", "seed": 7, "precision": "fp32"},
+    "deepspeed": {"zero_stage": 2},
+    "output": {"dir": "set-by-test"},
+}
+
+
+def ppo_job(tmp_path, policy: str, name: str, **sections: dict) -> dict:
+    """A PPO job dict from PPO_JOB with the policy folder and some sections' keys replaced (`ppo` merged deeply)."""
+    ppo = sections.pop("ppo", {})
+    job = job_dict(PPO_JOB, tmp_path / name, **sections)
+    job["model"] = {"name_or_path": policy}
+    job["data"].pop("cache_dir")
+    for key, value in ppo.items():
+        job["ppo"][key] = {**job["ppo"].get(key, {}), **value} if isinstance(value, dict) else value
+    return job
+
+
+def iterations_of(run_dir) -> list[dict]:
+    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "reward" in r]
+
+
+# --- pure pieces: layout, placement, data order, re-tokenisation
+
+
+def test_sample_layout_puts_response_after_left_padded_prompt():
+    prompt_ids, prompt_mask = left_pad([[5, 6, 7], [8]], pad_id=0)
+    batch = build_samples(prompt_ids, prompt_mask, [[9, 2], [10, 11, 2]], pad_id=0)
+    assert batch["sequences"].tolist() == [[5, 6, 7, 9, 2, 0], [0, 0, 8, 10, 11, 2]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1, 1, 1, 0], [0, 0, 1, 1, 1, 1]]
+    # positions count real tokens only, as generate() places a left-padded prompt
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 4], [0, 0, 0, 1, 2, 3]]
+    assert batch["action_mask"].tolist() == [[1, 1, 0], [1, 1, 1]]
+    halves = split_rows(batch, 2)
+    assert halves[1]["sequences"].tolist() == [[0, 0, 8, 10, 11, 2]]
+
+
+def test_placement_shares_bundles_when_colocated():
+    roles = {"policy": {"workers": 2, "cpus_per_worker": 1}, "critic": {"workers": 2}, "reference": {"workers": 1}}
+    colocated = plan_placement(PpoSection(colocate="all", roles=roles), ["policy", "critic", "reference"])
+    assert colocated.bundles == [{"CPU": 1.0}, {"CPU": 1.0}]
+    assert [(s.bundle, round(s.cpus, 3)) for s in colocated.seats["policy"]] == [(0, 0.333), (1, 0.5)]
+    assert [s.bundle for s in colocated.seats["reference"]] == [0]
+    apart = plan_placement(PpoSection(colocate="none", roles=roles), ["policy", "critic", "reference"])
+    assert apart.total("CPU") == 5.0 and [s.bundle for s in apart.seats["critic"]] == [2, 3]
+    pair = plan_placement(PpoSection(colocate="policy_reference", roles=roles), ["policy", "critic", "reference"])
+    assert pair.total("CPU") == 4.0 and pair.seats["reference"][0].bundle == pair.seats["policy"][0].bundle
+
+
+def test_roles_that_do_not_fit_show_the_arithmetic():
+    ppo = PpoSection(roles={"policy": {"workers": 2, "gpus_per_worker": 1}, "critic": {"gpus_per_worker": 1}})
+    placement = plan_placement(ppo, ["policy", "critic", "reference"])
+    with pytest.raises(ClusterError) as info:
+        check_fits(placement, {"CPU": 8.0, "GPU": 2.0}, ppo)
+    assert "ask for 3 GPUs (policy 2 x 1 + critic 1 x 1 + reference 1 x 0) but the Ray cluster has 2" in str(info.value)
+
+
+def test_batch_sizes_must_divide():
+    with pytest.raises(ValueError, match=r"mini_batch_size \(12\) must divide the samples of an iteration"):
+        PpoSection(rollout_batch_size=16, mini_batch_size=12)
+    with pytest.raises(ValueError, match="must split evenly over the 3 policy worker"):
+        PpoSection(rollout_batch_size=16, mini_batch_size=16, roles={"policy": {"workers": 3}})
+
+
+def test_prompt_order_is_a_function_of_the_iteration():
+    prompts = [Prompt([{"role": "user", "content": str(i)}], [i]) for i in range(10)]
+    first_pass = [p.ids[0] for i in range(5) for p in prompts_of_iteration(prompts, i, 2, seed=3)]
+    assert sorted(first_pass) == list(range(10))  # one pass sees every prompt once
+    assert prompts_of_iteration(prompts, 7, 2, seed=3) == prompts_of_iteration(prompts, 7, 2, seed=3)
+    second_pass = [p.ids[0] for i in range(5, 10) for p in prompts_of_iteration(prompts, i, 2, seed=3)]
+    assert sorted(second_pass) == list(range(10)) and second_pass != first_pass  # reshuffled
+
+
+@pytest.fixture(scope="session")
+def reward_models(sft_base, tmp_path_factory) -> dict[str, str]:
+    """Two untrained one-output reward models: one on the policy's tokenizer, one with a tokenizer of its own."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForSequenceClassification, PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("reward-models")
+    torch.manual_seed(0)
+    same = AutoModelForSequenceClassification.from_pretrained(sft_base, num_labels=1)
+    same.save_pretrained(root / "same-tokenizer")
+    AutoTokenizer.from_pretrained(sft_base).save_pretrained(root / "same-tokenizer")
+
+    # a small byte-level BPE without a chat template: the reward model reads plain text
+    raw = Tokenizer(models.BPE(unk_token="[UNK]"))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    raw.decoder = decoders.ByteLevel()
+    raw.train(
+        [str(DATA.parent / "data" / "corpus.txt")],
+        trainers.BpeTrainer(vocab_size=300, special_tokens=["[PAD]", "[UNK]", "[EOS]"]),
+    )
+    other_tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=raw, pad_token="[PAD]", unk_token="[UNK]", eos_token="[EOS]"
+    )
+    config = LlamaConfig(
+        **{k: v for k, v in TINY_ARCH.items() if k != "model_type"},
+        vocab_size=len(other_tokenizer),
+        num_labels=1,
+        pad_token_id=other_tokenizer.pad_token_id,
+    )
+    LlamaForSequenceClassification(config).save_pretrained(root / "other-tokenizer")
+    other_tokenizer.save_pretrained(root / "other-tokenizer")
+    return {"same": str(root / "same-tokenizer"), "other": str(root / "other-tokenizer")}
+
+
+def test_reward_model_with_another_tokenizer_reads_its_own_tokens(reward_models, sft_base):
+    tokenizer = AutoTokenizer.from_pretrained(reward_models["other"])
+    model = AutoModelForSequenceClassification.from_pretrained(reward_models["other"]).eval()
+    prompts = [[{"role": "user", "content": "Say the last word: red fox owl"}]] * 2 + [
+        [{"role": "user", "content": "Say the last word: cat"}]
+    ]
+    responses = ["owl", "fox owl fox", "cat"]
+    scores = reward_model_scores(model, tokenizer, prompts, responses, batch_size=2)  # padded batches
+    with torch.no_grad():
+        alone = [
+            float(model(torch.tensor([render_for_reward_model(tokenizer, p, r)])).logits[0, 0])
+            for p, r in zip(prompts, responses, strict=True)
+        ]
+    assert scores == pytest.approx(alone, abs=1e-5)
+    assert (
+        tokenizer.decode(render_for_reward_model(tokenizer, prompts[0], "owl")) == "Say the last word: red fox owl\nowl"
+    )
+    policy_ids = AutoTokenizer.from_pretrained(sft_base)("Say the last word: red fox owl\nowl")["input_ids"]
+    assert policy_ids != render_for_reward_model(tokenizer, prompts[0], "owl")
+
+
+# --- real runs on Ray: DeepSpeed engines in role actors, gloo groups
+
+
+@pytest.fixture(scope="session")
+def learning_run(ray_session, sft_base, tmp_path_factory):
+    """80 iterations of 32 samples on the shipped task from the weak SFT model (about 25 s here)."""
+    tmp = tmp_path_factory.mktemp("ppo-learn")
+    job = ppo_job(tmp, sft_base, "run", ppo={"iterations": 80, "critic_learning_rate": 1e-3})
+    result = run_job(job_from_dict(job), show_progress=False)
+    return result
+
+
+@pytest.mark.integration
+def test_ppo_raises_the_reward_with_bounded_kl(learning_run):
+    rows = iterations_of(learning_run.run_dir)
+    assert len(rows) == 80
+    first, last = (sum(r["reward"] for r in part) / len(part) for part in (rows[:16], rows[-16:]))
+    # measured here: 0.385 -> 0.496 (last_word_exact + 0.2 x one_word, sampled at temperature 0.7)
+    assert last > first + 0.06, (first, last)
+    # KL per response (k1 over 32 samples, a noisy estimate) measured: mean 0.29 over the last 16, max 2.4
+    assert sum(r["kl"] for r in rows[-16:]) / 16 < 1.0 and max(r["kl"] for r in rows) < 5.0
+    for key in (
+        "reward_std",
+        "kl_coef",
+        "policy_loss",
+        "value_loss",
+        "clip_frac",
+        "approx_kl",
+        "entropy",
+        "response_length",
+        "generate_s",
+        "score_s",
+        "train_s",
+    ):
+        assert all(key in r for r in rows), key
+
+
+@pytest.mark.integration
+def test_first_ppo_step_has_ratio_one(learning_run):
+    """Old log-probs (rollout forward) and new ones (training forward) agree before the first update.
+
+    Every iteration's first mini-batch comes before any update of that iteration, with a batch
+    composition (a shuffled mini-batch in micro-batches) other than the rollout's."""
+    rows = iterations_of(learning_run.run_dir)
+    assert max(r["first_ratio_max_dev"] for r in rows) < 1e-5
+    assert max(r["ratio_max_dev"] for r in rows) > 1e-3  # later mini-batches did move the policy
+
+
+@pytest.mark.integration
+def test_ppo_outputs_load_and_plot(learning_run):
+    run_dir = learning_run.run_dir
+    policy = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    critic = AutoModelForSequenceClassification.from_pretrained(run_dir / "critic")
+    assert critic.config.num_labels == 1 and policy.config.model_type == "llama"
+    assert (run_dir / "final" / "model.safetensors").exists() and not list(run_dir.glob("final/*.bin"))
+    subprocess.run([sys.executable, "-m", "launch.cli", "plot", str(run_dir)], check=True, capture_output=True)
+    assert (run_dir / "metrics.png").stat().st_size > 10_000
+    assert "greedy reward" in learning_run.figures
+
+
+@pytest.mark.integration
+def test_two_rank_zero3_equals_one_rank_zero0(ray_session, sft_base, reward_models, tmp_path):
+    """Greedy rollouts, so both runs see the same samples; the reward model shares the policy's tokenizer,
+    so the critic starts from it. colocate all (2-rank groups) and none (1-rank groups) both finish."""
+    common = {"iterations": 1, "generation": {"temperature": 0.0}, "rollout_batch_size": 8, "mini_batch_size": 16}
+    reward = {"model": reward_models["same"], "model_weight": 0.5}
+    one = ppo_job(tmp_path, sft_base, "one", deepspeed={"zero_stage": 0}, reward=reward, ppo=common)
+    two = ppo_job(
+        tmp_path,
+        sft_base,
+        "two",
+        deepspeed={"zero_stage": 3},
+        reward=reward,
+        ppo={
+            **common,
+            "colocate": "all",
+            "roles": {"policy": {"workers": 2}, "critic": {"workers": 2}, "reference": {"workers": 2, "zero_stage": 3}},
+        },
+    )
+    rows = [iterations_of(run_job(job_from_dict(j), show_progress=False).run_dir)[0] for j in (one, two)]
+    for key in ("reward", "kl", "first_policy_loss", "first_value_loss", "value_loss", "policy_loss", "entropy"):
+        assert rows[1][key] == pytest.approx(rows[0][key], rel=1e-4, abs=1e-6), key
+    assert rows[0]["first_ratio_max_dev"] < 1e-5 and rows[1]["first_ratio_max_dev"] < 1e-5
+
+
+STOP_AT: dict = {"run_dir": None}
+
+
+@reward_function("test_request_stop_in_iteration_two")
+def request_stop_in_iteration_two(prompts: list, completions: list, **_: object) -> list[float]:
+    """Zero reward; while the run in STOP_AT scores iteration 2, it asks that run to stop (as SIGUSR1 would)."""
+    run_dir = STOP_AT["run_dir"]
+    if run_dir is not None and len(iterations_of(run_dir)) == 1:
+        (run_dir / REQUEST_FILE).write_text("test\n")
+    return [0.0] * len(completions)
+
+
+@pytest.mark.integration
+def test_resume_after_preemption_ends_where_an_uninterrupted_run_ends(ray_session, sft_base, reward_models, tmp_path):
+    """Adaptive KL and a reward model with its own tokenizer; the stop lands after iteration 2 of 4."""
+    sections = dict(
+        reward={
+            "functions": [{"name": "last_word_exact"}, {"name": "test_request_stop_in_iteration_two", "weight": 0.0}],
+            "model": reward_models["other"],
+            "model_weight": 0.1,
+        },
+        ppo={"iterations": 4, "kl": {"controller": "adaptive", "coef": 0.2, "target": 0.5, "horizon": 64}},
+        output={"keep_last": 1},
+    )
+    straight = run_job(job_from_dict(ppo_job(tmp_path, sft_base, "straight", **sections)), show_progress=False)
+    job = job_from_dict(ppo_job(tmp_path, sft_base, "resumed", **sections))
+    STOP_AT["run_dir"] = tmp_path / "resumed"
+    try:
+        with pytest.raises(Preempted, match="stopped after step 2 of 4"):
+            run_job(job, show_progress=False)
+    finally:
+        STOP_AT["run_dir"] = None
+    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-2" / COMPLETE_MARKER).exists()
+    assert not (tmp_path / "resumed" / "final").exists()
+    run_job(job, show_progress=False)
+
+    expected, got = iterations_of(straight.run_dir), iterations_of(tmp_path / "resumed")
+    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert len({r["kl_coef"] for r in expected}) == 4  # the adaptive coefficient moved every iteration
+    for want, have in zip(expected, got, strict=True):
+        for key in ("reward", "kl_coef", "kl", "policy_loss", "value_loss"):
+            assert have[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (want["step"], key)
+    a = AutoModelForCausalLM.from_pretrained(straight.run_dir / "final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "final").state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.integration
+def test_lora_policy_is_its_own_reference(ray_session, sft_base, tmp_path):
+    job = ppo_job(
+        tmp_path,
+        sft_base,
+        "lora",
+        peft={"method": "lora", "r": 4, "alpha": 8},
+        ppo={"iterations": 2, "roles": {"policy": {"zero_stage": 3}}},
+        training={"learning_rate": 5e-3},
+    )
+    result = run_job(job_from_dict(job), show_progress=False)
+    rows = iterations_of(result.run_dir)
+    # the fresh adapter is the identity, so the policy starts as its reference; after an update it is not
+    assert rows[0]["kl"] == 0.0 and abs(rows[1]["kl"]) > 0
+    assert not (result.run_dir / "logs" / "reference-0.log").exists()  # no reference actor, no second copy
+    config = json.loads((result.run_dir / "final" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == sft_base
+
+
+# --- the user's mistakes: one paragraph, exit 2, before any actor starts
+
+
+def run_cli(tmp_path, job: dict, *extra: str) -> subprocess.CompletedProcess:
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return subprocess.run(
+        [sys.executable, "-m", "launch.cli", "train", str(path), *extra], capture_output=True, text=True, timeout=300
+    )
+
+
+def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    for fragment in fragments:
+        assert fragment in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize(
+    "change, fragments",
+    [
+        ({"reward": {"functions": []}}, ["stage ppo needs rewards"]),
+        ({"ppo": {"max_prompt_length": 8}}, ["data.train: prompt 1", "over ppo.max_prompt_length 8"]),
+        ({"reward": {"model": "POLICY"}}, ["is not a reward model", "num_labels"]),
+        (
+            {"reward": {"model": "OTHER"}, "ppo": {"roles": {"critic": {"init": "reward_model"}}}},
+            ["has another tokenizer than the policy", "ppo.roles.critic.init: policy"],
+        ),
+        (
+            {"ppo": {"roles": {"policy": {"gpus_per_worker": 1}}}},
+            ["the PPO roles ask for 1 GPUs (policy 1 x 1 + critic 1 x 0 + reference 1 x 0) but the Ray cluster has 0"],
+        ),
+        ({"data": {"format": "preference"}}, ["stage ppo reads data.format prompt"]),
+    ],
+)
+def test_bad_ppo_input_is_one_paragraph(tmp_path, sft_base, reward_models, change, fragments):
+    job = ppo_job(tmp_path, sft_base, "run")
+    for section, values in change.items():
+        for key, value in values.items():
+            if value == "POLICY":
+                value = sft_base
+            elif value == "OTHER":
+                value = reward_models["other"]
+            job[section][key] = {**job[section][key], **value} if isinstance(value, dict) else value
+    proc = run_cli(tmp_path, job)
+    assert_user_error(proc, *fragments)
+    assert not list((tmp_path / "run" / "logs").glob("*.log"))  # no actor started
+
+
+def test_ppo_refuses_single(tmp_path, sft_base):
+    assert_user_error(run_cli(tmp_path, ppo_job(tmp_path, sft_base, "run"), "--single"), "--single is not supported")

@@ -1,0 +1,448 @@
+"""PPO maths (rlhf/ppo/algorithms.py) against numbers worked out by hand: masked statistics, KL estimators,
+reward shaping, GAE, the clipped policy and value losses, entropy/log-probs and the KL controllers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from rlhf.ppo.algorithms import (
+    KL_ESTIMATORS,
+    AdaptiveKLController,
+    FixedKLController,
+    entropy_from_logits,
+    gae_advantages,
+    kl_estimate,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    policy_loss,
+    sequence_mean,
+    shape_rewards,
+    value_loss,
+)
+
+MASK_DTYPES = [torch.bool, torch.float32]
+
+
+def t(rows: list) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def assert_close(actual: torch.Tensor, expected: list, atol: float = 1e-9) -> None:
+    torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
+
+
+def lengths_mask(lengths: list[int], steps: int, dtype: torch.dtype = torch.bool) -> torch.Tensor:
+    return (torch.arange(steps)[None, :] < torch.tensor(lengths)[:, None]).to(dtype)
+
+
+# masked statistics
+
+
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES)
+def test_masked_sum_mean_var_by_hand(mask_dtype):
+    x = t([[1.0, 2.0, 3.0], [4.0, 5.0, 1e30]])
+    mask = lengths_mask([3, 2], 3, mask_dtype)
+    assert masked_sum(x, mask).item() == 15.0
+    assert masked_sum(x, mask, dim=1).tolist() == [6.0, 9.0]
+    assert masked_mean(x, mask).item() == 3.0
+    assert masked_mean(x, mask, dim=1).tolist() == [2.0, 4.5]
+    # squared deviations from 3: 4 + 1 + 0 + 1 + 4 = 10 over 5 entries, or over 4 with Bessel's correction
+    assert masked_var(x, mask, unbiased=False).item() == pytest.approx(2.0)
+    assert masked_var(x, mask).item() == pytest.approx(2.5)
+
+
+def test_masked_stats_with_empty_rows_and_nan_padding_stay_finite():
+    x = t([[float("nan"), float("inf")], [2.0, float("-inf")]])
+    mask = lengths_mask([0, 1], 2)
+    assert masked_mean(x, mask, dim=1).tolist() == [0.0, 2.0]
+    assert masked_mean(x, mask).item() == 2.0
+    # a single entry has no spread; the unbiased estimate must not be 0/0
+    assert masked_var(x, mask).item() == 0.0
+    assert masked_mean(x, lengths_mask([0, 0], 2)).item() == 0.0
+
+
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES)
+def test_masked_whiten_ignores_padding(mask_dtype):
+    mask = lengths_mask([3, 2], 3, mask_dtype)
+    small = masked_whiten(t([[1.0, 2.0, 3.0], [4.0, 5.0, 0.0]]), mask)
+    huge = masked_whiten(t([[1.0, 2.0, 3.0], [4.0, 5.0, 1e30]]), mask)
+    assert torch.equal(small, huge)
+    # mean 3 and unbiased var 2.5 over the five real entries
+    s = math.sqrt(2.5 + 1e-8)
+    expected = [[-2 / s, -1 / s, 0.0], [1 / s, 2 / s, 0.0]]
+    assert_close(huge, expected)
+    assert huge[1, 2].item() == 0.0
+    assert masked_mean(huge, mask).item() == pytest.approx(0.0, abs=1e-12)
+    assert masked_var(huge, mask).item() == pytest.approx(1.0, abs=1e-6)
+
+
+def test_masked_whiten_without_mean_shift_keeps_the_mean():
+    mask = lengths_mask([3, 2], 3)
+    out = masked_whiten(t([[1.0, 2.0, 3.0], [4.0, 5.0, -7.0]]), mask, shift_mean=False)
+    s = math.sqrt(2.5 + 1e-8)
+    assert_close(out, [[3 - 2 / s, 3 - 1 / s, 3.0], [3 + 1 / s, 3 + 2 / s, 0.0]])
+    assert masked_mean(out, mask).item() == pytest.approx(3.0)
+
+
+def test_sequence_mean_averages_rows_then_batch():
+    x = t([[1.0, 2.0, 99.0], [4.0, -5.0, -5.0]])
+    mask = lengths_mask([2, 1], 3)
+    # row means 1.5 and 4, then (1.5 + 4) / 2; a token-level mean would give 7 / 3 instead
+    assert sequence_mean(x, mask).item() == pytest.approx(2.75)
+
+
+def test_sequence_mean_of_equal_halves_is_the_whole_batch():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 6, generator=gen, dtype=torch.float64)
+    mask = lengths_mask([6, 1, 3, 5, 2, 6, 4, 1], 6)
+    whole = sequence_mean(x, mask)
+    halves = (sequence_mean(x[:4], mask[:4]) + sequence_mean(x[4:], mask[4:])) / 2
+    assert halves.item() == pytest.approx(whole.item(), abs=1e-12)
+    # the property fails for a token-level mean on the same rows, so it is a real constraint
+    token_halves = (masked_mean(x[:4], mask[:4]) + masked_mean(x[4:], mask[4:])) / 2
+    assert token_halves.item() != pytest.approx(masked_mean(x, mask).item(), abs=1e-6)
+
+
+# KL estimators
+
+P = [0.5, 0.3, 0.2]
+Q = [0.2, 0.3, 0.5]
+# KL(p||q) = 0.5 ln(0.5/0.2) + 0.3 ln 1 + 0.2 ln(0.2/0.5) = 0.5 ln 2.5 - 0.2 ln 2.5 = 0.3 ln 2.5
+TRUE_KL = 0.3 * math.log(2.5)
+
+
+def log_pq() -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.tensor(P, dtype=torch.float64).log(), torch.tensor(Q, dtype=torch.float64).log()
+
+
+def test_true_kl_of_the_fixture_by_formula():
+    assert TRUE_KL == pytest.approx(sum(p * math.log(p / q) for p, q in zip(P, Q, strict=True)))
+    assert TRUE_KL == pytest.approx(0.2748872, abs=1e-7)
+
+
+def test_k1_and_k3_expectations_under_p_are_the_true_kl():
+    logp, logq = log_pq()
+    weights = torch.tensor(P, dtype=torch.float64)
+    assert (weights * kl_estimate(logp, logq, "k1")).sum().item() == pytest.approx(TRUE_KL)
+    assert (weights * kl_estimate(logp, logq, "k3")).sum().item() == pytest.approx(TRUE_KL)
+    assert (weights * kl_estimate(logp, logq)).sum().item() == pytest.approx(TRUE_KL)  # k1 is the default
+
+
+def test_k2_expectation_is_half_the_mean_squared_log_ratio():
+    logp, logq = log_pq()
+    weights = torch.tensor(P, dtype=torch.float64)
+    # log p/q is ln 2.5, 0, -ln 2.5: 0.5 * (0.5 + 0.2) * ln(2.5)^2
+    expected = 0.35 * math.log(2.5) ** 2
+    assert (weights * kl_estimate(logp, logq, "k2")).sum().item() == pytest.approx(expected)
+    assert expected == pytest.approx(0.2938560, abs=1e-6)
+
+
+def test_kl_estimators_pointwise_by_hand():
+    log_ratio = t([0.0, math.log(2.0), -math.log(2.0)])
+    zeros = torch.zeros(3, dtype=torch.float64)
+    assert kl_estimate(log_ratio, zeros, "k1").tolist() == pytest.approx([0.0, math.log(2), -math.log(2)])
+    half_sq = 0.5 * math.log(2) ** 2
+    assert kl_estimate(log_ratio, zeros, "k2").tolist() == pytest.approx([0.0, half_sq, half_sq])
+    # exp(-r) - 1 + r: r = ln 2 gives 0.5 - 1 + ln 2; r = -ln 2 gives 2 - 1 - ln 2
+    assert kl_estimate(log_ratio, zeros, "k3").tolist() == pytest.approx([0.0, math.log(2) - 0.5, 1 - math.log(2)])
+
+
+def test_k3_is_never_negative():
+    log_ratio = torch.linspace(-20, 20, 4001, dtype=torch.float64)
+    k3 = kl_estimate(log_ratio, torch.zeros_like(log_ratio), "k3")
+    assert (k3 >= 0).all()
+    small = torch.tensor([1e-6, -1e-6], dtype=torch.float32)
+    assert (kl_estimate(small, torch.zeros_like(small), "k3") >= 0).all()
+
+
+def test_k3_monte_carlo_matches_the_true_kl():
+    gen = torch.Generator().manual_seed(1234)
+    samples = torch.multinomial(torch.tensor(P), 200_000, replacement=True, generator=gen)
+    logp, logq = log_pq()
+    k3 = kl_estimate(logp[samples], logq[samples], "k3")
+    assert abs(k3.mean().item() - TRUE_KL) < 0.01 * TRUE_KL
+
+
+def test_unknown_kl_estimator_names_the_valid_ones():
+    assert KL_ESTIMATORS == ("k1", "k2", "k3")
+    with pytest.raises(ValueError, match="k1, k2, k3"):
+        kl_estimate(torch.zeros(2), torch.zeros(2), "k4")
+
+
+# reward shaping and GAE
+
+
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES)
+def test_shape_rewards_puts_score_on_last_real_token(mask_dtype):
+    scores = t([1.0, -2.0, 5.0])
+    kl = t([[0.1, 0.2, 0.3], [0.4, 0.5, 9.9], [7.0, 7.0, 7.0]])
+    mask = lengths_mask([3, 2, 0], 3, mask_dtype)
+    rewards = shape_rewards(scores, kl, mask, kl_coef=0.5)
+    expected = [
+        [-0.05, -0.1, -0.15 + 1.0],
+        [-0.2, -0.25 - 2.0, 0.0],  # padding gets neither penalty nor score
+        [0.0, 0.0, 0.0],  # a row of length 0 gets nothing
+    ]
+    assert_close(rewards, expected)
+
+
+# gamma 0.9, lam 0.8, gamma * lam 0.72; V after the last real token is 0.
+# Row 0 (length 3): r = [0.1, -0.2, 1.0], V = [0.5, 0.4, 0.3]
+#   delta2 = 1.0 + 0 - 0.3 = 0.7                 A2 = 0.7
+#   delta1 = -0.2 + 0.9*0.3 - 0.4 = -0.33        A1 = -0.33 + 0.72*0.7 = 0.174
+#   delta0 = 0.1 + 0.9*0.4 - 0.5 = -0.04         A0 = -0.04 + 0.72*0.174 = 0.08528
+#   returns = A + V = [0.58528, 0.574, 1.0]
+# Row 1 (length 2): r = [0.0, 2.0, pad], V = [1.0, 0.5, pad]
+#   delta1 = 2.0 + 0 - 0.5 = 1.5                 A1 = 1.5
+#   delta0 = 0.0 + 0.9*0.5 - 1.0 = -0.55         A0 = -0.55 + 0.72*1.5 = 0.53
+#   returns = [1.53, 2.0, 0]
+GAE_ADVANTAGES = [[0.08528, 0.174, 0.7], [0.53, 1.5, 0.0]]
+GAE_RETURNS = [[0.58528, 0.574, 1.0], [1.53, 2.0, 0.0]]
+
+
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES)
+@pytest.mark.parametrize("pad", [(0.0, 0.0), (7.0, -3.0), (1e6, 1e6)])
+def test_gae_by_hand_on_a_padded_batch(mask_dtype, pad):
+    rewards = t([[0.1, -0.2, 1.0], [0.0, 2.0, pad[0]]])
+    values = t([[0.5, 0.4, 0.3], [1.0, 0.5, pad[1]]])
+    mask = lengths_mask([3, 2], 3, mask_dtype)
+    advantages, returns = gae_advantages(rewards, values, mask, gamma=0.9, lam=0.8)
+    assert_close(advantages, GAE_ADVANTAGES, atol=1e-12)
+    assert_close(returns, GAE_RETURNS, atol=1e-12)
+    assert advantages[1, 2].item() == 0.0 and returns[1, 2].item() == 0.0
+
+
+def test_gae_with_gamma_lam_one_is_reward_to_go_minus_value():
+    rewards = t([[1.0, 2.0, 3.0, 0.0]])
+    values = t([[0.5, 0.25, 2.0, 4.0]])
+    mask = lengths_mask([3], 4)
+    advantages, returns = gae_advantages(rewards, values, mask, gamma=1.0, lam=1.0)
+    # reward-to-go 6, 5, 3 minus V; returns are the reward-to-go itself
+    assert_close(advantages, [[5.5, 4.75, 1.0, 0.0]])
+    assert_close(returns, [[6.0, 5.0, 3.0, 0.0]])
+
+
+def test_gae_carries_no_gradient_into_the_critic():
+    values = t([[0.5, 0.4]]).requires_grad_()
+    advantages, returns = gae_advantages(t([[0.0, 1.0]]), values, lengths_mask([2], 2), gamma=0.9, lam=0.8)
+    assert not advantages.requires_grad and not returns.requires_grad
+
+
+# policy loss
+
+CLIP = 0.2
+
+# (ratio, advantage, per-token loss, clip active): loss = max(-A r, -A clamp(r, 0.8, 1.2))
+POLICY_CASES = [
+    (1.0, 1.0, -1.0, False),
+    (1.1, 1.0, -1.1, False),  # inside the range
+    (1.5, 1.0, -1.2, True),  # past 1 + c with A > 0: clipped at -1.2, no gradient
+    (0.5, 1.0, -0.5, False),  # below 1 - c with A > 0: the unclipped term is the pessimistic one
+    (1.0, -1.0, 1.0, False),
+    (0.9, -1.0, 0.9, False),
+    (0.5, -1.0, 0.8, True),  # below 1 - c with A < 0: clipped at 0.8
+    (1.5, -1.0, 1.5, False),  # past 1 + c with A < 0: unclipped term is larger
+    (1.5, 2.0, -2.4, True),
+    (0.7, -0.5, 0.4, True),  # -(-0.5) * 0.8
+]
+
+
+@pytest.mark.parametrize("ratio,advantage,expected,clip_active", POLICY_CASES)
+def test_policy_loss_single_token(ratio, advantage, expected, clip_active):
+    old = t([[-1.3]])
+    logprobs = (old + math.log(ratio)).requires_grad_()
+    loss, stats = policy_loss(logprobs, old, t([[advantage]]), lengths_mask([1], 1), CLIP)
+    assert loss.item() == pytest.approx(expected)
+    assert stats["clip_frac"].item() == float(clip_active)
+    assert stats["ratio_max_dev"].item() == pytest.approx(abs(ratio - 1))
+    assert stats["approx_kl"].item() == pytest.approx(ratio - 1 - math.log(ratio))
+    loss.backward()
+    # d(-A r)/d logprob = -A r where the unclipped term is active; 0 where the clip holds the objective
+    expected_grad = 0.0 if clip_active else -advantage * ratio
+    assert logprobs.grad.item() == pytest.approx(expected_grad, abs=1e-12)
+
+
+@pytest.mark.parametrize("advantage", [1.0, -1.0])
+@pytest.mark.parametrize("boundary", [1 - CLIP, 1 + CLIP])
+def test_policy_loss_is_continuous_at_the_clip_boundary(advantage, boundary):
+    old = t([[0.0]])
+    for ratio in (boundary - 1e-9, boundary, boundary + 1e-9):
+        loss, _ = policy_loss(old + math.log(ratio), old, t([[advantage]]), lengths_mask([1], 1), CLIP)
+        assert loss.item() == pytest.approx(-advantage * boundary, abs=1e-8)
+
+
+def test_policy_loss_batch_stats_and_padding():
+    ratios = [case[0] for case in POLICY_CASES]
+    advantages = [case[1] for case in POLICY_CASES]
+    old = torch.zeros(2, len(ratios), dtype=torch.float64)
+    logprobs = torch.log(t([ratios, [2.0] + [1.0] * (len(ratios) - 1)]))
+    # padding of row 1 is garbage: an enormous ratio and nan log-ratios must not show up anywhere
+    logprobs[1, 1] = 50.0
+    logprobs[1, 2] = old[1, 2] = float("-inf")  # -inf - -inf is nan
+    logprobs.requires_grad_()
+    adv = t([advantages, [1.0] + [1e9] * (len(ratios) - 1)])
+    mask = lengths_mask([len(ratios), 1], len(ratios))
+    loss, stats = policy_loss(logprobs, old, adv, mask, CLIP)
+    row0 = sum(case[2] for case in POLICY_CASES) / len(POLICY_CASES)
+    row1 = -1.2  # ratio 2 with A = 1 clips at 1.2
+    assert loss.item() == pytest.approx((row0 + row1) / 2)
+    # 4 clipped tokens in row 0 plus the one in row 1, over 11 real tokens
+    assert stats["clip_frac"].item() == pytest.approx(5 / 11)
+    assert stats["ratio_max_dev"].item() == pytest.approx(1.0)
+    kl = [r - 1 - math.log(r) for r in ratios] + [1 - math.log(2)]
+    assert stats["approx_kl"].item() == pytest.approx(sum(kl) / 11)
+    assert all(not s.requires_grad for s in stats.values())
+    loss.backward()
+    assert torch.isfinite(logprobs.grad).all()
+    assert (logprobs.grad[1, 1:] == 0).all()
+
+
+def test_policy_loss_with_no_real_tokens_has_zero_stats():
+    zeros = torch.zeros(1, 3)
+    loss, stats = policy_loss(zeros, zeros, zeros, lengths_mask([0], 3), CLIP)
+    assert loss.item() == 0.0
+    assert {k: v.item() for k, v in stats.items()} == {"clip_frac": 0.0, "approx_kl": 0.0, "ratio_max_dev": 0.0}
+
+
+# value loss (dyadic numbers so the squares are exact and "strictly larger" is unambiguous), clip 0.25
+#   V      old   R     V_clipped  (V-R)^2   (Vc-R)^2   0.5*max    clip active
+#   1.0    0.5   1.5   0.75       0.25      0.5625     0.28125    yes
+#   1.0    0.5   0.0   0.75       1.0       0.5625     0.5        no
+#   0.625  0.5   2.0   0.625      1.890625  1.890625   0.9453125  no (inside the range: equal terms)
+#  -0.5    0.0   0.0  -0.25       0.25      0.0625     0.125      no
+#  -0.5    0.0  -1.0  -0.25       0.25      0.5625     0.28125    yes
+#   row 0 mean = 2.1328125 / 5 = 0.4265625; row 1 (one token, V=0, old=0, R=1): 0.5
+VALUES = [[1.0, 1.0, 0.625, -0.5, -0.5], [0.0, 3.0, 3.0, 3.0, 3.0]]
+OLD_VALUES = [[0.5, 0.5, 0.5, 0.0, 0.0], [0.0, -9.0, -9.0, -9.0, -9.0]]
+RETURNS = [[1.5, 0.0, 2.0, 0.0, -1.0], [1.0, 1e9, float("nan"), 1e9, 1e9]]
+
+
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES)
+def test_value_loss_clipped_by_hand(mask_dtype):
+    values = t(VALUES).requires_grad_()
+    mask = lengths_mask([5, 1], 5, mask_dtype)
+    loss, stats = value_loss(values, t(OLD_VALUES), t(RETURNS), mask, clip_range=0.25)
+    assert loss.item() == pytest.approx((0.4265625 + 0.5) / 2)
+    assert stats["value_clip_frac"].item() == pytest.approx(2 / 6)
+    loss.backward()
+    # where the clipped term wins, V_clipped is constant in V, so those tokens pass no gradient
+    grad = values.grad.tolist()
+    assert grad[0][0] == 0.0 and grad[0][4] == 0.0
+    # elsewhere d/dV 0.5 (V - R)^2 / (5 tokens * 2 rows) = (V - R) / 10
+    assert grad[0][1] == pytest.approx(1.0 / 10)
+    assert grad[0][2] == pytest.approx(-1.375 / 10)
+    assert grad[0][3] == pytest.approx(-0.5 / 10)
+    assert grad[1] == pytest.approx([-1.0 / 2, 0.0, 0.0, 0.0, 0.0])
+
+
+def test_value_loss_unclipped_by_hand():
+    mask = lengths_mask([5, 1], 5)
+    loss, stats = value_loss(t(VALUES), t(OLD_VALUES), t(RETURNS), mask, clip_range=None)
+    # 0.5 (V-R)^2: 0.125, 0.5, 0.9453125, 0.125, 0.125 -> 1.8203125 / 5 = 0.3640625; row 1: 0.5
+    assert loss.item() == pytest.approx((0.3640625 + 0.5) / 2)
+    assert stats["value_clip_frac"].item() == 0.0
+
+
+# entropy and log-probs
+
+
+def test_entropy_of_uniform_is_log_vocab():
+    for vocab in (2, 5, 50_000):
+        logits = torch.full((2, 3, vocab), 3.7)
+        assert entropy_from_logits(logits).shape == (2, 3)
+        assert torch.allclose(entropy_from_logits(logits), torch.full((2, 3), math.log(vocab)))
+
+
+def test_entropy_of_a_known_distribution():
+    # p = (1/2, 1/4, 1/4): H = 0.5 ln 2 + 0.5 ln 4 = 1.5 ln 2, whatever constant the logits carry
+    logits = torch.log(t([[0.5, 0.25, 0.25]])) + 1000.0
+    assert entropy_from_logits(logits).item() == pytest.approx(1.5 * math.log(2), abs=1e-5)
+    # a point mass has entropy 0; -inf (filtered) entries count as probability 0, not nan
+    assert entropy_from_logits(t([[0.0, -1e4, -1e4]])).item() == pytest.approx(0.0, abs=1e-6)
+    filtered = t([[1.0, 1.0, float("-inf")]])
+    assert entropy_from_logits(filtered).item() == pytest.approx(math.log(2), abs=1e-6)
+
+
+def test_entropy_gradient_is_finite_with_filtered_logits():
+    logits = torch.tensor([[0.3, -1.0, float("-inf")]], requires_grad=True)
+    entropy_from_logits(logits).sum().backward()
+    assert torch.isfinite(logits.grad).all()
+
+
+def test_logprobs_from_logits_by_hand():
+    # softmax(0, ln 3) = (1/4, 3/4); softmax(ln 2, 0) = (2/3, 1/3)
+    logits = torch.tensor([[[0.0, math.log(3)], [math.log(2), 0.0]]])
+    out = logprobs_from_logits(logits, torch.tensor([[1, 1]]))
+    assert out.shape == (1, 2)
+    assert_close(out, [[math.log(0.75), math.log(1 / 3)]], atol=1e-6)
+    out = logprobs_from_logits(logits, torch.tensor([[0, 0]]))
+    assert_close(out, [[math.log(0.25), math.log(2 / 3)]], atol=1e-6)
+
+
+def test_logprobs_from_bf16_logits_are_float32():
+    logits = torch.tensor([[[0.0, 1.0, 2.0]]], dtype=torch.bfloat16)
+    out = logprobs_from_logits(logits, torch.tensor([[2]]))
+    assert out.dtype == torch.float32
+    # ln(e^2 / (1 + e + e^2))
+    assert out.item() == pytest.approx(2 - math.log(1 + math.e + math.e**2), abs=1e-6)
+
+
+# KL controllers
+
+
+def test_fixed_kl_controller_never_changes():
+    ctl = FixedKLController(0.05)
+    for kl in (0.0, 1.0, 1e6):
+        ctl.update(kl, 512)
+    assert ctl.value == 0.05
+
+
+@pytest.mark.parametrize(
+    "current_kl,expected",
+    [
+        (6.0, 0.1),  # on target: error 0
+        (5.4, 0.099),  # below: error 5.4/6 - 1 = -0.1, factor 1 - 0.1 * 1000/10000 = 0.99
+        (6.6, 0.101),  # above: error +0.1, factor 1.01
+        (60.0, 0.102),  # error 9 clipped to 0.2, factor 1.02
+        (0.0, 0.098),  # error -1 clipped to -0.2, factor 0.98
+    ],
+)
+def test_adaptive_kl_controller_update_by_hand(current_kl, expected):
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    ctl.update(current_kl, n_steps=1000)
+    assert ctl.value == pytest.approx(expected)
+
+
+def test_adaptive_kl_controller_compounds_updates():
+    ctl = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    ctl.update(5.4, 1000)
+    ctl.update(6.6, 1000)
+    assert ctl.value == pytest.approx(0.1 * 0.99 * 1.01)  # 0.09999
+    ctl.update(torch.tensor(60.0), 500)  # a tensor KL is accepted; error 0.2 * 500/10000 = 0.01
+    assert ctl.value == pytest.approx(0.09999 * 1.01)
+
+
+def test_adaptive_kl_controller_rejects_bad_settings():
+    with pytest.raises(ValueError, match="target"):
+        AdaptiveKLController(0.1, target=0.0, horizon=10)
+    with pytest.raises(ValueError, match="horizon"):
+        AdaptiveKLController(0.1, target=1.0, horizon=0)
+
+
+@pytest.mark.parametrize("make", [lambda: FixedKLController(0.2), lambda: AdaptiveKLController(0.2, 6.0, 10_000)])
+def test_kl_controller_state_round_trips(make):
+    ctl = make()
+    ctl.update(60.0, 1000)
+    state = json.loads(json.dumps(ctl.state_dict()))  # plain data, as a checkpoint stores it
+    fresh = make()
+    fresh.value = 123.0  # so a load that restores nothing cannot pass
+    fresh.load_state_dict(state)
+    assert fresh.value == ctl.value
+    assert fresh.state_dict() == ctl.state_dict()
