@@ -46,7 +46,9 @@ class JobConfig(BaseModel):
 
     @model_validator(mode="after")
     def _sections_agree(self) -> JobConfig:
-        if self.peft.method == "qlora" and self.deepspeed.zero_stage == 3 and not self.deepspeed.config:
+        policy_zero = self.ppo.roles.policy.zero_stage if self.stage == "ppo" else None
+        zero_stage = policy_zero if policy_zero is not None else self.deepspeed.zero_stage
+        if self.peft.method == "qlora" and zero_stage == 3 and not self.deepspeed.config:
             raise ValueError(
                 "peft.method qlora cannot run under deepspeed.zero_stage 3: ZeRO-3 shards parameters but "
                 "4-bit bitsandbytes weights do not shard. Use zero_stage 0-2 (the 4-bit base is small; ZeRO-2 "

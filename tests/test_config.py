@@ -84,3 +84,22 @@ def test_validate_command_prints_resolved_job(tmp_path):
         check=True,
     )
     assert "max_steps: 5" in out.stdout and "zero_stage: 2" in out.stdout
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "examples" / "configs").glob("*.yaml")))
+def test_every_example_config_validates(path):
+    assert load_job(path).output.dir.endswith(f"runs/{path.stem}")  # each example writes its own run
+
+
+def test_every_example_pipeline_validates():
+    from launch.pipeline import load_pipeline
+
+    for path in (Path(__file__).parent.parent / "examples" / "pipelines").glob("*.yaml"):
+        assert load_pipeline(path)[-1].stage == "ppo"
+
+
+def test_qlora_policy_under_zero3_is_refused_for_ppo(tmp_path):
+    text = GOOD.replace("stage: sft", "stage: ppo").replace("format: messages", "format: prompt")
+    path = write(tmp_path, text + "peft:\n  method: qlora\nppo:\n  roles:\n    policy:\n      zero_stage: 3\n")
+    with pytest.raises(UserError, match="peft.method qlora cannot run under deepspeed.zero_stage 3"):
+        load_job(path)
