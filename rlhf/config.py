@@ -171,6 +171,9 @@ class PpoSection(BaseModel):
                 f"ppo.mini_batch_size ({self.mini_batch_size}) must divide the samples of an iteration "
                 f"(rollout_batch_size x samples_per_prompt = {samples})"
             )
+        for role in ("reference", "reward"):
+            if getattr(self.roles, role).zero_stage not in (None, 0, 3):
+                raise ValueError(f"ppo.roles.{role}.zero_stage: an inference role runs unsharded (0) or ZeRO-3 (3)")
         for role in ("policy", "critic", "reference", "reward"):
             ranks = getattr(self.roles, role).workers
             if samples % ranks:

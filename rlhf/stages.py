@@ -29,6 +29,7 @@ from training.finetune_method import (
 from training.metrics import MetricsCallback
 from training.model import check_model_source, load_model, load_tokenizer
 from training.preemption import PreemptionCallback
+from training.run_dir import CompleteCheckpointCallback
 from training.runner import common_trainer_kwargs, materialize_scratch_base, start_ray_worker, train_and_publish
 
 log = logging.getLogger(__name__)
@@ -124,6 +125,7 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
     preemption = PreemptionCallback(run_dir)
     callbacks = [
         MetricsCallback(run_dir / "metrics.jsonl", training.batch_size * training.grad_accum * world),
+        CompleteCheckpointCallback(run_dir, spec.output.keep_last),
         preemption,
     ]
     common = dict(

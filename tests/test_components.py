@@ -109,3 +109,44 @@ def test_tokenizer_recipe_reproduces_the_shipped_tokenizer(tmp_path):
     subprocess.run([sys.executable, str(recipe), str(tmp_path / "tok")], check=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         assert (tmp_path / "tok" / name).read_text() == (TOKENIZER / name).read_text()
+
+
+def test_previous_checkpoint_survives_every_moment_of_a_save(tmp_path):
+    """keep_last 1: while checkpoint N is written (before it is marked complete) N-1 is still complete.
+
+    The probe runs after the trainer wrote checkpoint N and before it is marked; with the HF trainer's
+    own rotation (save_total_limit) N-1 was already gone then, and a kill there left nothing to resume."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from tests.conftest import SFT_JOB, TINY_ARCH, job_dict
+    from training.config import TrainSpec
+    from training.run_dir import CompleteCheckpointCallback
+    from training.runner import common_trainer_kwargs
+
+    job = job_dict(
+        SFT_JOB, tmp_path, training={"max_steps": 3, "batch_size": 2}, output={"save_steps": 1, "keep_last": 1}
+    )
+    spec = TrainSpec.model_validate({k: v for k, v in job.items() if k != "cluster"}).model_copy(
+        update={"deepspeed": None}
+    )
+    args = TrainingArguments(**common_trainer_kwargs(spec, tmp_path, has_eval=False))
+    config = AutoConfig.for_model(**{**TINY_ARCH, "vocab_size": 64})
+    ids = torch.arange(16) % 64
+    data = [{"input_ids": ids, "labels": ids}] * 8
+    seen: list[list[str]] = []
+
+    class Probe(TrainerCallback):
+        def on_save(self, args, state, control, **kw):
+            seen.append([p.name for p in complete_checkpoints(tmp_path)])
+
+    trainer = Trainer(
+        model=AutoModelForCausalLM.from_config(config),
+        args=args,
+        train_dataset=data,
+        callbacks=[Probe(), CompleteCheckpointCallback(tmp_path, keep_last=1)],
+    )
+    trainer.train()
+    assert seen == [[], ["checkpoint-1"], ["checkpoint-2"]]
+    assert [p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")] == ["checkpoint-3"]
+    assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-3"]

@@ -32,11 +32,7 @@ def read_metrics(path: Path) -> list[dict]:
 
 
 class MetricsCallback(TrainerCallback):
-    """Writes step metrics (loss, lr, grad_norm, tokens/s, samples/s) and eval loss to metrics.jsonl.
-
-    It also marks each checkpoint complete once the trainer has finished writing it, so resume
-    never picks a half-written one.
-    """
+    """Writes step metrics (loss, lr, grad_norm, tokens/s, samples/s) and eval loss to metrics.jsonl."""
 
     def __init__(self, path: Path, samples_per_step: int):
         self.path = Path(path)
@@ -82,12 +78,6 @@ class MetricsCallback(TrainerCallback):
             append_metrics(self.path, {**figures, "step": state.global_step, "time": time.time()})
         # evaluation time is not training time: restart the rate window
         self._last = (time.perf_counter(), state.global_step, float(state.num_input_tokens_seen or 0))
-
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
-        if state.is_world_process_zero:
-            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            if folder.is_dir():
-                (folder / COMPLETE_MARKER).write_text(str(state.global_step))
 
 
 def plot_metrics(metrics_path: Path, png_path: Path) -> Path:

@@ -7,6 +7,8 @@ import json
 import shutil
 from pathlib import Path
 
+from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
 from training.config import OutputConfig
 from training.errors import UserError
 from training.metrics import COMPLETE_MARKER
@@ -23,11 +25,50 @@ def job_identity(job_dump: dict) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.split("-")[-1])
+
+
 def complete_checkpoints(run_dir: Path) -> list[Path]:
     """Checkpoint folders that were fully written, oldest first."""
     folder = Path(run_dir) / "checkpoints"
     found = [p for p in folder.glob("checkpoint-*") if (p / COMPLETE_MARKER).exists()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+    return sorted(found, key=_step_of)
+
+
+def retire_old_checkpoints(run_dir: Path, keep_last: int) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints, and unfinished ones older than those.
+
+    Called only after the newest checkpoint is marked complete, so a crash at any moment of a save
+    leaves at least one complete checkpoint (with keep_last 1 too).
+    """
+    keep = complete_checkpoints(run_dir)[-keep_last:]
+    if not keep:
+        return
+    for folder in (Path(run_dir) / "checkpoints").glob("checkpoint-*"):
+        if _step_of(folder) < _step_of(keep[0]):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+class CompleteCheckpointCallback(TrainerCallback):
+    """Marks a checkpoint complete once every rank has written its part, then retires older ones.
+
+    The HF trainer's own rotation (save_total_limit) would delete the previous checkpoint before the
+    new one is marked complete; the trainer is given no limit and this callback rotates instead.
+    """
+
+    def __init__(self, run_dir: Path, keep_last: int):
+        self.run_dir, self.keep_last = Path(run_dir), keep_last
+
+    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # each rank writes its own shards and RNG state
+        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+        if state.is_world_process_zero and folder.is_dir():
+            (folder / COMPLETE_MARKER).write_text(str(state.global_step))
+            retire_old_checkpoints(self.run_dir, self.keep_last)
 
 
 def prepare_run_dir(output: OutputConfig, identity: str) -> Path:

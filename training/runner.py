@@ -27,7 +27,7 @@ from training.metrics import MetricsCallback
 from training.model import load_model, load_tokenizer, resolve_dtype
 from training.packing import PackedRowsCollator
 from training.preemption import PreemptionCallback
-from training.run_dir import publish_final, resume_checkpoint
+from training.run_dir import CompleteCheckpointCallback, publish_final, resume_checkpoint
 from training.tokenize import prepare_datasets
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def common_trainer_kwargs(spec: TrainSpec, run_dir: Path, has_eval: bool) -> dic
         eval_on_start=has_eval,
         save_strategy="steps" if output.save_steps else "no",
         save_steps=output.save_steps or 500,
-        save_total_limit=output.keep_last,
+        save_total_limit=None,  # training.run_dir.CompleteCheckpointCallback keeps output.keep_last
         logging_steps=training.logging_steps,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
@@ -168,7 +168,11 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
         train_dataset=splits["train"],
         eval_dataset=splits.get("eval"),
         processing_class=tokenizer,
-        callbacks=[MetricsCallback(run_dir / "metrics.jsonl", samples_per_step), preemption],
+        callbacks=[
+            MetricsCallback(run_dir / "metrics.jsonl", samples_per_step),
+            CompleteCheckpointCallback(run_dir, output.keep_last),
+            preemption,
+        ],
     )
     trainer.remove_callback(PrinterCallback)  # its dict-per-step print is metrics.jsonl's job
     if peft.method == "qlora" and not args.bf16:

@@ -30,7 +30,7 @@ from training.config import TrainSpec
 from training.errors import UserError
 from training.metrics import COMPLETE_MARKER, append_metrics
 from training.preemption import RECORD_FILE, REQUEST_FILE
-from training.run_dir import complete_checkpoints, publish_final, resume_checkpoint
+from training.run_dir import publish_final, resume_checkpoint, retire_old_checkpoints
 
 log = logging.getLogger(__name__)
 ROLE_CLASSES = {"policy": PolicyWorker, "critic": CriticWorker, "reference": ReferenceWorker, "reward": RewardWorker}
@@ -150,8 +150,7 @@ def save_checkpoint(groups: dict[str, RoleGroup], run_dir: Path, state: Controll
     )
     (folder / "controller.json").write_text(json.dumps(asdict(state)))
     (folder / COMPLETE_MARKER).write_text(str(state.iteration))
-    for old in complete_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
+    retire_old_checkpoints(run_dir, keep_last)
     return folder
 
 

@@ -90,8 +90,7 @@ class RoleWorker:
         """Join the role's process group and build the model (a collective over the role's ranks)."""
         from training.runner import redirect_output
 
-        if os.environ.get("TUNEYARD_ACTOR_LOGS_TO_FILE", "1") == "1":
-            redirect_output(self.run_dir / "logs" / f"{self.role}-{self.rank}.log")
+        redirect_output(self.run_dir / "logs" / f"{self.role}-{self.rank}.log")
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         host, _, port = address.removeprefix("tcp://").rpartition(":")
@@ -114,9 +113,19 @@ class RoleWorker:
         """Load the role's model; each role defines it."""
         raise NotImplementedError
 
-    def _inference_engine(self, model: torch.nn.Module, zero_stage: int):
-        """A ZeRO-3 inference engine over `model` (stage 3), or None: the model runs as it is."""
-        if zero_stage != 3 or self.spec.deepspeed is None:
+    def zero_stage(self) -> int:
+        """This role's ZeRO stage: its own `ppo.roles.<role>.zero_stage`, else the job's `deepspeed.zero_stage`."""
+        own = getattr(self.ppo.roles, self.role).zero_stage
+        if own is not None:
+            return own
+        return self.spec.deepspeed.zero_stage if self.spec.deepspeed is not None else 0
+
+    def _inference_engine(self, model: torch.nn.Module):
+        """A ZeRO-3 inference engine over `model` when the role asks for stage 3; else None (the model as it is).
+
+        Inference roles do not fall back on the job's `deepspeed.zero_stage`: unsharded is the fast default.
+        """
+        if getattr(self.ppo.roles, self.role).zero_stage != 3 or self.spec.deepspeed is None:
             return None
         import deepspeed
 
@@ -198,9 +207,7 @@ class PolicyWorker(RoleWorker):
         model = apply_finetune_method(model, peft, spec.training.gradient_checkpointing)
         if peft.method == "qlora":
             keep_adapters_in_fp32(model)
-        zero = self.ppo.roles.policy.zero_stage
-        zero = zero if zero is not None else (spec.deepspeed.zero_stage if spec.deepspeed else 0)
-        self.engine = self._train_engine(model, zero, spec.training.learning_rate)
+        self.engine = self._train_engine(model, self.zero_stage(), spec.training.learning_rate)
         self.generator = HFGenerator(
             lambda: whole_weights(self.engine), self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         )
@@ -294,10 +301,8 @@ class CriticWorker(RoleWorker):
         classifier = load_model(model_cfg, self.tokenizer, task="sequence-classification")
         if spec.training.gradient_checkpointing:
             classifier.gradient_checkpointing_enable()
-        zero = self.ppo.roles.critic.zero_stage
-        zero = zero if zero is not None else (spec.deepspeed.zero_stage if spec.deepspeed else 0)
         learning_rate = self.ppo.critic_learning_rate or spec.training.learning_rate
-        self.engine = self._train_engine(ValueModel(classifier), zero, learning_rate)
+        self.engine = self._train_engine(ValueModel(classifier), self.zero_stage(), learning_rate)
 
     @torch.no_grad()
     def values(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -344,7 +349,7 @@ class ReferenceWorker(RoleWorker):
         self.tokenizer = load_tokenizer(self.spec.model)
         self.model = load_model(self.spec.model, self.tokenizer).eval()
         self.model.requires_grad_(False)
-        self.engine = self._inference_engine(self.model, self.ppo.roles.reference.zero_stage or 0)
+        self.engine = self._inference_engine(self.model)
 
     @torch.no_grad()
     def logprobs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -374,7 +379,7 @@ class RewardWorker(RoleWorker):
         self.tokenizer = load_tokenizer(cfg)
         self.model = load_model(cfg, self.tokenizer, task="sequence-classification").eval()
         self.model.requires_grad_(False)
-        self.engine = self._inference_engine(self.model, self.ppo.roles.reward.zero_stage or 0)
+        self.engine = self._inference_engine(self.model)
 
     @torch.no_grad()
     def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
