@@ -20,3 +20,8 @@ class ClusterConfig(BaseModel):
     placement: Literal["pack", "spread", "strict_spread"] = Field(
         default="pack", description="workers on as few nodes as fit (pack), spread, or one per node (strict_spread)"
     )
+    start_timeout_s: float = Field(
+        default=0.0,
+        ge=0,
+        description="with cluster.address: seconds an autoscaling cluster gets to fit the workers; 0 fails at once",
+    )

@@ -9,6 +9,7 @@ import socket
 from collections.abc import Iterator
 
 from cluster.config import ClusterConfig
+from cluster.extensions import clear_stale_locks, extensions_dir
 
 log = logging.getLogger(__name__)
 
@@ -34,15 +35,13 @@ def torch_backend(cfg: ClusterConfig) -> str:
 
 
 def worker_env(cfg: ClusterConfig) -> dict[str, str]:
-    """Environment for each worker: one BLAS thread pool per granted CPU, a shared extension cache."""
+    """Environment for each worker: one BLAS thread pool per granted CPU, an extension cache per torch build."""
     threads = str(max(1, int(cfg.cpus_per_worker)))
     return {
         "OMP_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
         "TOKENIZERS_PARALLELISM": "false",
-        "TORCH_EXTENSIONS_DIR": os.environ.get(
-            "TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/tuneyard/torch_extensions")
-        ),
+        "TORCH_EXTENSIONS_DIR": extensions_dir(),
     }
 
 
@@ -59,6 +58,9 @@ def ray_cluster(cfg: ClusterConfig, cpus_needed: float | None = None) -> Iterato
         yield
         return
     env = {"env_vars": worker_env(cfg)}
+    # a build that died on this machine left a lock the workers would wait on forever; remote nodes keep
+    # their own caches (or share this one over a network filesystem, where only the lock's age counts)
+    clear_stale_locks(env["env_vars"]["TORCH_EXTENSIONS_DIR"])
     if cfg.address:
         # ray.init retries a silent address for minutes; a bad address should fail in seconds
         host, _, port = cfg.address.removeprefix("ray://").rpartition(":")

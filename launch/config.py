@@ -24,6 +24,9 @@ from training.errors import UserError
 
 Stage = Literal["pretrain", "sft", "reward", "dpo", "grpo", "ppo"]
 PREFERENCE_STAGES = ("reward", "dpo", "grpo")
+# the sections only some stages read; a job's identity leaves out those its stage does not read
+STAGE_SECTIONS = {"dpo": ("dpo",), "grpo": ("grpo", "reward"), "ppo": ("ppo", "reward")}
+OPTIONAL_SECTIONS = ("dpo", "grpo", "ppo", "reward")
 
 
 class JobConfig(BaseModel):
@@ -56,9 +59,20 @@ class JobConfig(BaseModel):
             )
         return self
 
+    def identity_dump(self) -> dict:
+        """The job as a dict without the sections its stage does not read (what `job_identity` hashes).
+
+        So a new stage's section, or a change to another stage's defaults, leaves existing runs' identity alone.
+        """
+        dump = self.model_dump(mode="json")
+        for section in OPTIONAL_SECTIONS:
+            if section not in STAGE_SECTIONS.get(self.stage, ()):
+                dump.pop(section)
+        return dump
+
     def train_spec(self, use_deepspeed: bool = True) -> TrainSpec:
         """The sections a training worker needs (all but `cluster`); no DeepSpeed for a single process."""
-        spec = TrainSpec.model_validate(self.model_dump(exclude={"cluster", "dpo", "grpo", "ppo", "reward"}))
+        spec = TrainSpec.model_validate(self.model_dump(exclude={"cluster", *OPTIONAL_SECTIONS}))
         return spec if use_deepspeed else spec.model_copy(update={"deepspeed": None})
 
     def preference_spec(self) -> PreferenceSpec:

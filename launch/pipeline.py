@@ -39,7 +39,7 @@ def finished_earlier(job: JobConfig) -> bool:
     if not (run_dir / "final").is_dir() or not (run_dir / RUN_FILE).exists():
         return False
     owner = json.loads((run_dir / RUN_FILE).read_text()).get("identity")
-    return owner == job_identity(job.model_dump(mode="json"))
+    return owner == job_identity(job.identity_dump())
 
 
 def recorded_result(job: JobConfig) -> RunResult:

@@ -27,8 +27,10 @@ def progress_line(records: list[dict], started: float, now: float) -> str:
         return f"starting workers ... {_clock(now - started)}"
     total = starts[-1].get("total_steps") or 0
     first_step = starts[-1].get("step", 0)
+    # a lost worker restarts the run from its newest checkpoint: another start record
+    restarted = f" | restarted from step {first_step} after a lost worker" if len(starts) > 1 else ""
     if not steps:
-        return f"step {first_step}/{total} | compiling and loading ... {_clock(now - started)}"
+        return f"step {first_step}/{total} | compiling and loading ...{restarted} {_clock(now - started)}"
     last = steps[-1]
     done = last["step"] - first_step
     span = last["time"] - starts[-1]["time"]
@@ -46,6 +48,8 @@ def progress_line(records: list[dict], started: float, now: float) -> str:
         f"elapsed {_clock(now - started)}",
         f"ETA {_clock(eta)}",
     ]
+    if restarted:
+        parts.append(restarted.removeprefix(" | "))
     return " | ".join(parts)
 
 

@@ -10,12 +10,13 @@ from pathlib import Path
 
 from cluster.config import ClusterConfig
 from cluster.ray_cluster import ClusterError, ray_cluster, torch_backend
+from cluster.resources import wait_for_resources
 from launch.config import PREFERENCE_STAGES, JobConfig, dump_job
 from launch.figures import final_folder, format_figures, stage_figures, starting_point
 from launch.progress import ProgressFollower
 from training.data import read_splits
-from training.errors import UserError
-from training.metrics import read_metrics
+from training.errors import TrainingFailed, UserError
+from training.metrics import append_metrics, read_metrics
 from training.model import check_model_source, load_tokenizer
 from training.preemption import preemption_watch
 from training.run_dir import job_identity, prepare_run_dir
@@ -98,17 +99,50 @@ def preflight(job: JobConfig) -> None:
         read_splits(job.data, job.training.seed)  # malformed rows, missing fields, empty data
 
 
+def _first_sentence(text: str, limit: int = 200) -> str:
+    """The first sentence of a failure's last line, cut to `limit` characters."""
+    lines = text.strip().splitlines()
+    line = lines[-1] if lines else ""
+    sentence = line.split(". ", 1)[0].rstrip(".")
+    return sentence if len(sentence) <= limit else sentence[: limit - 3] + "..."
+
+
+def worker_failures(exc: BaseException, run_dir: Path) -> str:
+    """The failed workers of a Ray Train error: rank, node, the failure's last line, its log; dead ones first.
+
+    When one worker dies its peers fail too (a collective loses its partner): the dead one is the cause.
+    """
+    failures = getattr(exc, "worker_failures", None) or {}
+    if not failures:
+        return f"{type(exc).__name__}: {_first_sentence(str(exc))}"
+
+    def died(failure: BaseException) -> bool:
+        return "ActorDied" in type(failure).__name__ or "actor is dead" in str(failure)
+
+    lines = []
+    for rank, failure in sorted(failures.items(), key=lambda item: (not died(item[1]), item[0])):
+        log_path = run_dir / "logs" / f"worker-{rank}.log"
+        node = ""
+        if log_path.exists():
+            started = [x for x in log_path.read_text(errors="replace").splitlines() if "runs on Ray node" in x]
+            node = f" on node {started[-1].rsplit(' ', 1)[-1][:12]}" if started else ""
+        lines.append(f"rank {rank}{node}: {_first_sentence(str(failure)) or type(failure).__name__} (log: {log_path})")
+    return "; ".join(lines)
+
+
 def run_on_ray(job: JobConfig, run_dir: Path) -> None:
-    """Run the job's workers as a Ray Train TorchTrainer on the current Ray cluster."""
+    """Run the job's workers as a Ray Train TorchTrainer on the current Ray cluster.
+
+    A worker that dies (or fails for any reason but the user's input) ends the attempt; the next one
+    resumes from the newest complete checkpoint, up to `training.max_failures` times. The retries are
+    ours, not Ray Train's, so a user's mistake raised in a worker is reported at once, not retried.
+    """
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cluster: ClusterConfig = job.cluster
-    payload = {
-        "run_dir": str(run_dir),
-        "spec": job.train_spec().model_dump(mode="json"),
-        "preference": job.preference_spec().model_dump(mode="json"),
-    }
+    wait_for_resources(cluster)  # Ray Train would wait forever, silently, for workers that cannot fit
+    spec = job.train_spec()
     if job.stage in PREFERENCE_STAGES:
         from rlhf.stages import ray_train_worker as entry
     else:
@@ -117,29 +151,46 @@ def run_on_ray(job: JobConfig, run_dir: Path) -> None:
         "CPU": cluster.cpus_per_worker,
         **({"GPU": cluster.gpus_per_worker} if cluster.gpus_per_worker else {}),
     }
-    trainer = TorchTrainer(
-        entry,
-        train_loop_config=payload,
-        torch_config=TorchConfig(backend=torch_backend(cluster)),
-        scaling_config=ScalingConfig(
-            num_workers=cluster.workers,
-            use_gpu=cluster.gpus_per_worker > 0,
-            resources_per_worker=resources,
-            placement_strategy=cluster.placement.upper(),
-        ),
-        run_config=RunConfig(
-            storage_path=str(run_dir / "ray"), name="train", failure_config=FailureConfig(max_failures=0)
-        ),
-    )
-    try:
-        trainer.fit()
-    except Exception as exc:
-        user_error = find_user_error(exc)
-        if user_error is not None:
-            raise user_error from None
-        raise RuntimeError(
-            f"training failed ({type(exc).__name__}); the workers' logs are in {run_dir / 'logs'}"
-        ) from exc
+    for attempt in range(job.training.max_failures + 1):
+        payload = {
+            "run_dir": str(run_dir),
+            "spec": spec.model_dump(mode="json"),
+            "preference": job.preference_spec().model_dump(mode="json"),
+        }
+        trainer = TorchTrainer(
+            entry,
+            train_loop_config=payload,
+            torch_config=TorchConfig(backend=torch_backend(cluster)),
+            scaling_config=ScalingConfig(
+                num_workers=cluster.workers,
+                use_gpu=cluster.gpus_per_worker > 0,
+                resources_per_worker=resources,
+                placement_strategy=cluster.placement.upper(),
+            ),
+            run_config=RunConfig(
+                storage_path=str(run_dir / "ray"),
+                name=f"train-{attempt}",
+                failure_config=FailureConfig(max_failures=0),
+            ),
+        )
+        try:
+            trainer.fit()
+            return
+        except Exception as exc:
+            user_error = find_user_error(exc)
+            if user_error is not None:
+                raise user_error from None
+            failed = worker_failures(exc, run_dir)
+            if attempt == job.training.max_failures:
+                raise TrainingFailed(
+                    f"training failed: {failed}. The {attempt} restart(s) that training.max_failures allows are "
+                    f"used up; all workers' logs are in {run_dir / 'logs'}. Run the job again to resume from its "
+                    "newest complete checkpoint."
+                ) from None
+            log.warning("a worker was lost (%s); restarting from the newest complete checkpoint", failed)
+            append_metrics(run_dir / "metrics.jsonl", {"event": "restart", "reason": failed, "time": time.time()})
+            # this run's own newest checkpoint, whatever the job said
+            spec = spec.model_copy(update={"output": spec.output.model_copy(update={"resume": "auto"})})
 
 
 def run_ppo_on_ray(job: JobConfig, run_dir: Path) -> None:
@@ -182,7 +233,7 @@ def run_job(job: JobConfig, show_progress: bool = True, single: bool = False) ->
     if single and job.stage == "ppo":
         raise UserError("stage ppo runs its roles as Ray actors; --single is not supported for it (drop --single)")
     started = time.time()
-    run_dir = prepare_run_dir(job.output, job_identity(job.model_dump(mode="json"))).resolve()
+    run_dir = prepare_run_dir(job.output, job_identity(job.identity_dump())).resolve()
     (run_dir / "job.yaml").write_text(dump_job(job))
     preflight(job)
     before = stage_figures(job, starting_point(job))

@@ -34,7 +34,6 @@ class DpoSection(BaseModel):
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5, description="sigmoid: cDPO's assumed flip rate")
     sft_weight: float = Field(default=0.0, ge=0, description="adds NLL on the chosen answers (RPO) at this weight")
     precompute_ref_log_probs: bool = False
-    max_prompt_length: int | None = None
 
 
 class RewardFunction(BaseModel):

@@ -77,9 +77,11 @@ def ray_session(tmp_path_factory):
     import ray
 
     from cluster.config import ClusterConfig
+    from cluster.extensions import clear_stale_locks, default_extensions_dir
     from cluster.ray_cluster import worker_env
 
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/tuneyard/torch_extensions"))
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
+    clear_stale_locks(os.environ["TORCH_EXTENSIONS_DIR"])  # this fixture starts Ray itself, not via ray_cluster
     ray.init(
         num_cpus=max(os.cpu_count() or 1, 2),
         _node_ip_address="127.0.0.1",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 
 import pytest
 import yaml
@@ -78,3 +79,19 @@ def test_output_dir_of_another_job(tmp_path, setting):
         assert_user_error(proc, "holds another job's run", "output.overwrite: true")
     else:  # allowed past the run-dir check; fails later, on the model path
         assert_user_error(proc, "does not exist")
+
+
+def test_workers_the_cluster_cannot_host(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("asks for a GPU a machine without one lacks")
+    job = job_dict(SFT_JOB, tmp_path / "run", cluster={"workers": 2, "gpus_per_worker": 1})
+    started = time.monotonic()
+    proc = run_cli(tmp_path, job)
+    assert time.monotonic() - started < 60, "refused only after a minute"
+    assert_user_error(
+        proc,
+        "cluster.workers 2 x cluster.gpus_per_worker 1 = 2 GPUs, but the Ray cluster has 0 GPUs (1 node: 0)",
+        "set cluster.gpus_per_worker: 0 to train on CPUs",
+    )

@@ -4,7 +4,10 @@ after preemption, a LoRA policy as its own reference, and the errors a user gets
 
 from __future__ import annotations
 
+import copy
 import json
+import os
+import signal
 import subprocess
 import sys
 
@@ -262,51 +265,94 @@ def test_two_rank_zero3_equals_one_rank_zero0(ray_session, sft_base, reward_mode
     assert rows[0]["first_ratio_max_dev"] < 1e-5 and rows[1]["first_ratio_max_dev"] < 1e-5
 
 
-STOP_AT: dict = {"run_dir": None}
+HOOK: dict = {"run_dir": None, "action": None}
 
 
-@reward_function("test_request_stop_in_iteration_two")
-def request_stop_in_iteration_two(prompts: list, completions: list, **_: object) -> list[float]:
-    """Zero reward; while the run in STOP_AT scores iteration 2, it asks that run to stop (as SIGUSR1 would)."""
-    run_dir = STOP_AT["run_dir"]
-    if run_dir is not None and len(iterations_of(run_dir)) == 1:
-        (run_dir / REQUEST_FILE).write_text("test\n")
+@reward_function("test_hook_in_iteration_three")
+def hook_in_iteration_three(prompts: list, completions: list, **_: object) -> list[float]:
+    """Zero reward; while the run in HOOK scores its iteration 3, it does HOOK's action to that run once."""
+    run_dir = HOOK["run_dir"]
+    if run_dir is not None and len(iterations_of(run_dir)) == 2:
+        HOOK["run_dir"] = None
+        HOOK["action"](run_dir)
     return [0.0] * len(completions)
 
 
-@pytest.mark.integration
-def test_resume_after_preemption_ends_where_an_uninterrupted_run_ends(ray_session, sft_base, reward_models, tmp_path):
-    """Adaptive KL and a reward model with its own tokenizer; the stop lands after iteration 2 of 4."""
-    sections = dict(
-        reward={
-            "functions": [{"name": "last_word_exact"}, {"name": "test_request_stop_in_iteration_two", "weight": 0.0}],
-            "model": reward_models["other"],
-            "model_weight": 0.1,
-        },
-        ppo={"iterations": 4, "kl": {"controller": "adaptive", "coef": 0.2, "target": 0.5, "horizon": 64}},
-        output={"keep_last": 1},
-    )
-    straight = run_job(job_from_dict(ppo_job(tmp_path, sft_base, "straight", **sections)), show_progress=False)
-    job = job_from_dict(ppo_job(tmp_path, sft_base, "resumed", **sections))
-    STOP_AT["run_dir"] = tmp_path / "resumed"
-    try:
-        with pytest.raises(Preempted, match="stopped after step 2 of 4"):
-            run_job(job, show_progress=False)
-    finally:
-        STOP_AT["run_dir"] = None
-    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-2" / COMPLETE_MARKER).exists()
-    assert not (tmp_path / "resumed" / "final").exists()
-    run_job(job, show_progress=False)
+def request_stop(run_dir) -> None:
+    """What SIGUSR1 to `tuneyard train` does."""
+    (run_dir / REQUEST_FILE).write_text("test\n")
 
-    expected, got = iterations_of(straight.run_dir), iterations_of(tmp_path / "resumed")
+
+def kill_critic(run_dir) -> None:
+    """SIGKILL the critic actor's process (its pid is in its log)."""
+    line = [x for x in (run_dir / "logs" / "critic-0.log").read_text().splitlines() if "critic rank 0 of 1: pid" in x]
+    os.kill(int(line[-1].rsplit(" ", 1)[-1]), signal.SIGKILL)
+
+
+FOUR_ITERATIONS = dict(
+    reward={
+        "functions": [{"name": "last_word_exact"}, {"name": "test_hook_in_iteration_three", "weight": 0.0}],
+        "model": "OTHER",
+        "model_weight": 0.1,
+    },
+    ppo={"iterations": 4, "save_every": 1, "kl": {"controller": "adaptive", "coef": 0.2, "target": 0.5, "horizon": 64}},
+    output={"keep_last": 1},
+)
+
+
+def four_iteration_job(tmp_path, sft_base, reward_models, name: str) -> dict:
+    """Adaptive KL, a checkpoint every iteration (keep_last 1), a reward model with its own tokenizer."""
+    job = ppo_job(tmp_path, sft_base, name, **copy.deepcopy(FOUR_ITERATIONS))
+    job["reward"]["model"] = reward_models["other"]
+    return job
+
+
+@pytest.fixture(scope="session")
+def straight_run(ray_session, sft_base, reward_models, tmp_path_factory):
+    """The 4 iterations without interruption."""
+    job = four_iteration_job(tmp_path_factory.mktemp("ppo-straight"), sft_base, reward_models, "run")
+    return run_job(job_from_dict(job), show_progress=False).run_dir
+
+
+def assert_same_iterations(expected_dir, got_dir) -> None:
+    expected, got = iterations_of(expected_dir), iterations_of(got_dir)
     assert [r["step"] for r in got] == [1, 2, 3, 4]
     assert len({r["kl_coef"] for r in expected}) == 4  # the adaptive coefficient moved every iteration
     for want, have in zip(expected, got, strict=True):
         for key in ("reward", "kl_coef", "kl", "policy_loss", "value_loss"):
             assert have[key] == pytest.approx(want[key], rel=1e-5, abs=1e-7), (want["step"], key)
-    a = AutoModelForCausalLM.from_pretrained(straight.run_dir / "final").state_dict()
-    b = AutoModelForCausalLM.from_pretrained(tmp_path / "resumed" / "final").state_dict()
+    a = AutoModelForCausalLM.from_pretrained(expected_dir / "final").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(got_dir / "final").state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+@pytest.mark.integration
+def test_resume_after_preemption_ends_where_an_uninterrupted_run_ends(straight_run, sft_base, reward_models, tmp_path):
+    """The stop lands in iteration 3 of 4: checkpoint, Preempted (exit 75 from the CLI), the rerun resumes."""
+    job = job_from_dict(four_iteration_job(tmp_path, sft_base, reward_models, "resumed"))
+    HOOK.update(run_dir=tmp_path / "resumed", action=request_stop)
+    with pytest.raises(Preempted, match="stopped after step 3 of 4"):
+        run_job(job, show_progress=False)
+    checkpoints = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert checkpoints == ["checkpoint-3"] and not (tmp_path / "resumed" / "final").exists()  # keep_last 1
+    assert (tmp_path / "resumed" / "checkpoints" / "checkpoint-3" / COMPLETE_MARKER).exists()
+    run_job(job, show_progress=False)
+    assert_same_iterations(straight_run, tmp_path / "resumed")
+
+
+@pytest.mark.integration
+def test_a_lost_role_actor_restarts_the_groups_from_the_last_checkpoint(
+    straight_run, sft_base, reward_models, tmp_path
+):
+    """SIGKILL of the critic in iteration 3: the groups restart from checkpoint-2 and finish as if nothing happened."""
+    job = job_from_dict(four_iteration_job(tmp_path, sft_base, reward_models, "killed"))
+    HOOK.update(run_dir=tmp_path / "killed", action=kill_critic)
+    run_job(job, show_progress=False)
+    records = read_metrics(tmp_path / "killed" / "metrics.jsonl")
+    restarts = [r for r in records if r.get("event") == "restart"]
+    assert len(restarts) == 1 and "died" in restarts[0]["reason"].lower()
+    assert [r["step"] for r in records if r.get("event") == "start"] == [0, 2]
+    assert_same_iterations(straight_run, tmp_path / "killed")
 
 
 @pytest.mark.integration

@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -13,6 +19,7 @@ from launch.run import run_job
 from tests.conftest import PRETRAIN_JOB, SFT_JOB, job_dict
 from training.errors import UserError
 from training.metrics import read_metrics
+from training.run_dir import complete_checkpoints
 
 pytestmark = pytest.mark.integration
 
@@ -109,3 +116,60 @@ def test_overlength_error_travels_back_from_the_workers(ray_session, tmp_path):
     job = job_from_dict(job_dict(SFT_JOB, run_dir, data={"max_length": 16}))
     with pytest.raises(UserError, match=r"train examples are longer than data.max_length=16 tokens"):
         run_job(job, show_progress=False)
+
+
+def kill_worker_after_checkpoint(run_dir, rank: int, after_step: int) -> dict:
+    """In the background: once a checkpoint is complete and step `after_step` logged, SIGKILL worker `rank`."""
+    done: dict = {"pid": None}
+
+    def watch() -> None:
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and done["pid"] is None:
+            log = run_dir / "logs" / f"worker-{rank}.log"
+            if complete_checkpoints(run_dir) and max(losses(run_dir), default=0) >= after_step and log.exists():
+                pid = int([x for x in log.read_text().splitlines() if "(pid " in x][-1].split("(pid ")[1].split(")")[0])
+                os.kill(pid, signal.SIGKILL)
+                done["pid"] = pid
+            time.sleep(0.05)
+
+    threading.Thread(target=watch, daemon=True).start()
+    return done
+
+
+def test_a_killed_worker_restarts_from_the_last_checkpoint_and_ends_at_the_same_loss(pretrain_run, tmp_path):
+    """SIGKILL of rank 1 after checkpoint-15 (training.max_failures 2): the run finishes by itself."""
+    job, straight = pretrain_run
+    run_dir = tmp_path / "killed"
+    killed_job = job.model_copy(update={"output": job.output.model_copy(update={"dir": str(run_dir)})})
+    killed = kill_worker_after_checkpoint(run_dir, rank=1, after_step=16)
+    run_job(killed_job, show_progress=False)
+    assert killed["pid"] is not None
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records if r.get("event") == "start"] == [0, 15]  # restarted from checkpoint-15
+    assert "rank 1" in [r for r in records if r.get("event") == "restart"][0]["reason"]
+    reference, got = losses(straight.run_dir), losses(run_dir)
+    for step in (16, 23, 30):
+        assert got[step] == pytest.approx(reference[step], rel=1e-4), step
+    assert (run_dir / "final" / "model.safetensors").exists()
+
+
+def test_a_killed_worker_without_retries_is_one_paragraph(ray_session, tmp_path):
+    """max_failures 0: the CLI says which rank failed, how, and where its log is; exit 1, no traceback."""
+    import yaml
+
+    run_dir = tmp_path / "run"
+    job = job_dict(PRETRAIN_JOB, run_dir, training={"max_steps": 60, "max_failures": 0}, output={"save_steps": 5})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    killed = kill_worker_after_checkpoint(run_dir, rank=1, after_step=6)
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "train", str(tmp_path / "job.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert killed["pid"] is not None
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("training failed: rank 1") and "worker-1.log" in message, message
+    assert "training.max_failures" in message

@@ -96,6 +96,9 @@ class TrainingConfig(BaseModel):
     gradient_checkpointing: bool = False
     eval_steps: int | None = Field(default=None, ge=1, description="None: evaluate at start and end only")
     logging_steps: int = Field(default=1, ge=1)
+    max_failures: int = Field(
+        default=2, ge=0, description="restarts after a lost worker (or PPO role actor), each from the newest checkpoint"
+    )
 
 
 class DeepSpeedSection(BaseModel):

@@ -19,6 +19,8 @@ RUN_FILE = "run.json"
 def job_identity(job_dump: dict) -> str:
     """A hash of everything that defines the run's results (not where it runs, lives or how it resumes)."""
     relevant = {k: v for k, v in job_dump.items() if k not in ("cluster", "output")}
+    if isinstance(relevant.get("training"), dict):  # how often to retry is not what the run computes
+        relevant["training"] = {k: v for k, v in relevant["training"].items() if k != "max_failures"}
     relevant["output"] = {
         k: v for k, v in job_dump.get("output", {}).items() if k not in ("dir", "resume", "overwrite")
     }

@@ -236,7 +236,7 @@ def start_ray_worker(payload: dict) -> tuple[Path, int]:
     rank = ray.train.get_context().get_world_rank()
     run_dir = Path(payload["run_dir"])
     redirect_output(run_dir / "logs" / f"worker-{rank}.log")
-    log.info("rank %d runs on Ray node %s", rank, ray.get_runtime_context().get_node_id())
+    log.info("rank %d (pid %d) runs on Ray node %s", rank, os.getpid(), ray.get_runtime_context().get_node_id())
     datasets.disable_progress_bars()
     return run_dir, rank
 

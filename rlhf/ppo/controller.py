@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from transformers import PreTrainedTokenizerBase
 
 from rlhf.config import PpoSection, RewardSection
 from rlhf.ppo import algorithms as algo
@@ -27,7 +28,7 @@ from rlhf.ppo.groups import RoleGroup, check_fits, plan_placement, present_roles
 from rlhf.ppo.roles import CriticWorker, PolicyWorker, ReferenceWorker, RewardWorker
 from rlhf.ppo.scoring import function_scores
 from training.config import TrainSpec
-from training.errors import UserError
+from training.errors import TrainingFailed, UserError
 from training.metrics import COMPLETE_MARKER, append_metrics
 from training.preemption import RECORD_FILE, REQUEST_FILE
 from training.run_dir import publish_final, resume_checkpoint, retire_old_checkpoints
@@ -165,7 +166,9 @@ def publish_models(groups: dict[str, RoleGroup], run_dir: Path) -> None:
         publish_final(staging, run_dir / name)
 
 
-def prepare_ppo(spec: TrainSpec, ppo: PpoSection, reward: RewardSection) -> tuple[object, list[Prompt], str]:
+def prepare_ppo(
+    spec: TrainSpec, ppo: PpoSection, reward: RewardSection
+) -> tuple[PreTrainedTokenizerBase, list[Prompt], str]:
     """The checks of the user's input (on the driver, before any actor): tokenizer, prompts, critic's start."""
     from rlhf.rewards import lookup
     from rlhf.stages import check_reward_model
@@ -191,7 +194,12 @@ def prepare_ppo(spec: TrainSpec, ppo: PpoSection, reward: RewardSection) -> tupl
 
 
 def run_ppo(spec: TrainSpec, ppo: PpoSection, reward: RewardSection, run_dir: Path, strategy: str) -> None:
-    """Train the policy with PPO on the current Ray cluster; write metrics, checkpoints and final/."""
+    """Train the policy with PPO on the current Ray cluster; write metrics, checkpoints and final/.
+
+    A lost role actor (its process died, its node went away) ends the attempt: every group is torn
+    down and started again, resuming from the newest complete checkpoint, up to
+    `training.max_failures` times.
+    """
     import ray
 
     tokenizer, prompts, critic_start = prepare_ppo(spec, ppo, reward)
@@ -206,137 +214,165 @@ def run_ppo(spec: TrainSpec, ppo: PpoSection, reward: RewardSection, run_dir: Pa
         "total_iterations": iterations,
         "critic_source": critic_start,
     }
-    samples_per_iteration = ppo.rollout_batch_size * ppo.samples_per_prompt
-    metrics_path = run_dir / "metrics.jsonl"
-
     classes = {role: ROLE_CLASSES[role] for role in roles}
     args = {role: (str(run_dir), payload) for role in roles}
-    with start_role_groups(placement, classes, strategy, args) as groups:
-        policy, critic = groups["policy"], groups["critic"]
-        reference = groups.get("reference", policy)  # an adapter policy is its own reference
-        reward_group = groups.get("reward")
+    resume = spec.output.resume
+    for attempt in range(spec.training.max_failures + 1):
+        try:
+            with start_role_groups(placement, classes, strategy, args) as groups:
+                ppo_iterations(groups, spec, ppo, reward, run_dir, tokenizer, prompts, iterations, resume)
+            return
+        except ray.exceptions.RayActorError as exc:
+            lost = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if attempt == spec.training.max_failures:
+                raise TrainingFailed(
+                    f"PPO stopped: a role actor was lost ({lost}) and the {attempt} restart(s) that "
+                    f"training.max_failures allows are used up; the actors' logs are in {run_dir / 'logs'} "
+                    "(ROLE-RANK.log). Run the job again to resume from its newest complete checkpoint."
+                ) from None
+            log.warning("a PPO role actor was lost (%s); restarting the role groups from the last checkpoint", lost)
+            append_metrics(run_dir / "metrics.jsonl", {"event": "restart", "reason": lost, "time": time.time()})
+            resume = "auto"  # this run's own newest checkpoint, whatever the job said
 
-        # --- resume: engines, KL coefficient and data position from the newest complete checkpoint
-        kl_ctl = kl_controller(ppo)
-        state = ControllerState(kl_coef=kl_ctl.value)
-        checkpoint = resume_checkpoint(run_dir, spec.output.resume)
-        if checkpoint is not None:
-            state = ControllerState(**json.loads((checkpoint / "controller.json").read_text()))
-            kl_ctl.load_state_dict(state.kl_controller or {"value": state.kl_coef})
-            ray.get(policy.broadcast("load_checkpoint", str(checkpoint / "policy")))
-            ray.get(critic.broadcast("load_checkpoint", str(checkpoint / "critic")))
-            log.info("resumed from %s at iteration %d", checkpoint, state.iteration)
-        append_metrics(
-            metrics_path, {"event": "start", "step": state.iteration, "total_steps": iterations, "time": time.time()}
-        )
-        save_every = ppo.save_every or spec.output.save_steps
 
-        for iteration in range(state.iteration, iterations):
-            started = time.perf_counter()
-            # --- rollout: the policy ranks answer their share of the prompts with the current weights
-            batch_prompts = prompts_of_iteration(prompts, iteration, ppo.rollout_batch_size, spec.training.seed)
-            samples = [p for p in batch_prompts for _ in range(ppo.samples_per_prompt)]
-            prompt_ids, prompt_mask = left_pad([p.ids for p in samples], tokenizer.pad_token_id)
-            seed = spec.training.seed + 100_003 * iteration
-            shards = split_rows({"ids": prompt_ids, "mask": prompt_mask}, len(policy.actors))
-            answers = ray.get(policy.call("generate", [(s["ids"], s["mask"], seed) for s in shards]))
-            responses = [r for part in answers for r in part]
-            batch = build_samples(prompt_ids, prompt_mask, responses, tokenizer.pad_token_id)
-            mask = batch["action_mask"].float()
-            generated = time.perf_counter()
+def ppo_iterations(
+    groups: dict[str, RoleGroup],
+    spec: TrainSpec,
+    ppo: PpoSection,
+    reward: RewardSection,
+    run_dir: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Prompt],
+    iterations: int,
+    resume: str,
+) -> None:
+    """The PPO loop over started role groups, from the checkpoint `resume` names (or the start) to final/."""
+    import ray
 
-            # --- score: reference log-probs, old log-probs, values and rewards, all groups at once
-            old_refs = policy.scatter("logprobs", batch)
-            ref_refs = reference.scatter("logprobs" if reference is not policy else "reference_logprobs", batch)
-            value_refs = critic.scatter("values", batch)
-            # rewards read text: a reward model re-tokenises it with its own tokenizer (rlhf/ppo/scoring.py)
-            texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
-            conversations = [s.messages for s in samples]
-            if reward_group is not None:
-                per_rank = len(samples) // len(reward_group.actors)
-                reward_refs = reward_group.call(
-                    "score",
-                    [
-                        (conversations[i : i + per_rank], texts[i : i + per_rank])
-                        for i in range(0, len(samples), per_rank)
-                    ],
-                )
-            scores = torch.tensor(function_scores(reward.functions, conversations, texts))
-            if reward_group is not None:
-                model_scores = torch.tensor([s for part in ray.get(reward_refs) for s in part])
-                scores = scores + reward.model_weight * model_scores
-            old = gather(old_refs)
-            old_logprobs, entropy = old["logprobs"], old["entropy"]
-            ref_logprobs = gather(ref_refs)["logprobs"]
-            values = gather(value_refs)["values"]
-            scored = time.perf_counter()
+    samples_per_iteration = ppo.rollout_batch_size * ppo.samples_per_prompt
+    metrics_path = run_dir / "metrics.jsonl"
+    policy, critic = groups["policy"], groups["critic"]
+    reference = groups.get("reference", policy)  # an adapter policy is its own reference
+    reward_group = groups.get("reward")
 
-            # --- advantages: KL-shaped per-token rewards, GAE, whitening
-            kl = algo.kl_estimate(old_logprobs, ref_logprobs, ppo.kl.estimator) * mask
-            kl_coef = kl_ctl.value
-            rewards = algo.shape_rewards(scores, kl, mask, kl_coef)
-            advantages, returns = algo.gae_advantages(rewards, values * mask, mask, ppo.gamma, ppo.lam)
-            if ppo.whiten_advantages:
-                advantages = algo.masked_whiten(advantages, mask)
-            experience = {
-                **batch,
-                "old_logprobs": old_logprobs,
-                "old_values": values,
-                "advantages": advantages,
-                "returns": returns,
-            }
+    # --- resume: engines, KL coefficient and data position from the newest complete checkpoint
+    kl_ctl = kl_controller(ppo)
+    state = ControllerState(kl_coef=kl_ctl.value)
+    checkpoint = resume_checkpoint(run_dir, resume)
+    if checkpoint is not None:
+        state = ControllerState(**json.loads((checkpoint / "controller.json").read_text()))
+        kl_ctl.load_state_dict(state.kl_controller or {"value": state.kl_coef})
+        ray.get(policy.broadcast("load_checkpoint", str(checkpoint / "policy")))
+        ray.get(critic.broadcast("load_checkpoint", str(checkpoint / "critic")))
+        log.info("resumed from %s at iteration %d", checkpoint, state.iteration)
+    append_metrics(
+        metrics_path, {"event": "start", "step": state.iteration, "total_steps": iterations, "time": time.time()}
+    )
+    save_every = ppo.save_every or spec.output.save_steps
 
-            # --- ppo_epochs over seeded mini-batches: policy and critic update side by side
-            policy_stats, critic_stats = [], []
-            order = torch.Generator().manual_seed(spec.training.seed + 7 * iteration)
-            for _ in range(ppo.ppo_epochs):
-                permutation = torch.randperm(samples_per_iteration, generator=order)
-                for start in range(0, samples_per_iteration, ppo.mini_batch_size):
-                    mini = select_rows(experience, permutation[start : start + ppo.mini_batch_size])
-                    policy_refs = policy.scatter("train_step", mini)
-                    critic_refs = critic.scatter("train_step", mini)
-                    policy_stats.append(mean_of(ray.get(policy_refs)))
-                    critic_stats.append(mean_of(ray.get(critic_refs)))
-            trained = time.perf_counter()
+    for iteration in range(state.iteration, iterations):
+        started = time.perf_counter()
+        # --- rollout: the policy ranks answer their share of the prompts with the current weights
+        batch_prompts = prompts_of_iteration(prompts, iteration, ppo.rollout_batch_size, spec.training.seed)
+        samples = [p for p in batch_prompts for _ in range(ppo.samples_per_prompt)]
+        prompt_ids, prompt_mask = left_pad([p.ids for p in samples], tokenizer.pad_token_id)
+        seed = spec.training.seed + 100_003 * iteration
+        shards = split_rows({"ids": prompt_ids, "mask": prompt_mask}, len(policy.actors))
+        answers = ray.get(policy.call("generate", [(s["ids"], s["mask"], seed) for s in shards]))
+        responses = [r for part in answers for r in part]
+        batch = build_samples(prompt_ids, prompt_mask, responses, tokenizer.pad_token_id)
+        mask = batch["action_mask"].float()
+        generated = time.perf_counter()
 
-            # --- metrics, KL controller, checkpoint
-            sequence_kl = (kl * mask).sum(dim=1)
-            kl_ctl.update(float(sequence_kl.mean()), samples_per_iteration)
-            first = policy_stats[0]
-            record = {
-                "step": iteration + 1,
-                "reward": float(scores.mean()),
-                "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-                "kl": float(sequence_kl.mean()),
-                "kl_coef": kl_coef,
-                **mean_of(policy_stats),
-                **mean_of(critic_stats),
-                "loss": mean_of(policy_stats)["policy_loss"],
-                "first_ratio_max_dev": first["ratio_max_dev"],
-                "first_policy_loss": first["policy_loss"],
-                "first_value_loss": critic_stats[0]["value_loss"],
-                "entropy": float(algo.masked_mean(entropy, mask)),
-                "response_length": float(mask.sum(dim=1).mean()),
-                "generate_s": generated - started,
-                "score_s": scored - generated,
-                "train_s": trained - scored,
-                "samples_per_s": samples_per_iteration / (trained - started),
-                "time": time.time(),
-            }
-            state = ControllerState(
-                iteration=iteration + 1,
-                data_position=(iteration + 1) * ppo.rollout_batch_size,
-                kl_coef=kl_ctl.value,
-                kl_controller=kl_ctl.state_dict(),
+        # --- score: reference log-probs, old log-probs, values and rewards, all groups at once
+        old_refs = policy.scatter("logprobs", batch)
+        ref_refs = reference.scatter("logprobs" if reference is not policy else "reference_logprobs", batch)
+        value_refs = critic.scatter("values", batch)
+        # rewards read text: a reward model re-tokenises it with its own tokenizer (rlhf/ppo/scoring.py)
+        texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
+        conversations = [s.messages for s in samples]
+        if reward_group is not None:
+            per_rank = len(samples) // len(reward_group.actors)
+            reward_refs = reward_group.call(
+                "score",
+                [(conversations[i : i + per_rank], texts[i : i + per_rank]) for i in range(0, len(samples), per_rank)],
             )
-            append_metrics(metrics_path, record)
-            stop_requested = (run_dir / REQUEST_FILE).exists()
-            last = iteration + 1 == iterations
-            if stop_requested or (save_every and (iteration + 1) % save_every == 0 and not last):
-                folder = save_checkpoint(groups, run_dir, state, spec.output.keep_last)
-            if stop_requested and not last:
-                (run_dir / RECORD_FILE).write_text(
-                    json.dumps({"step": iteration + 1, "max_steps": iterations, "checkpoint": str(folder)})
-                )
-                return
-        publish_models(groups, run_dir)
+        scores = torch.tensor(function_scores(reward.functions, conversations, texts))
+        if reward_group is not None:
+            model_scores = torch.tensor([s for part in ray.get(reward_refs) for s in part])
+            scores = scores + reward.model_weight * model_scores
+        old = gather(old_refs)
+        old_logprobs, entropy = old["logprobs"], old["entropy"]
+        ref_logprobs = gather(ref_refs)["logprobs"]
+        values = gather(value_refs)["values"]
+        scored = time.perf_counter()
+
+        # --- advantages: KL-shaped per-token rewards, GAE, whitening
+        kl = algo.kl_estimate(old_logprobs, ref_logprobs, ppo.kl.estimator) * mask
+        kl_coef = kl_ctl.value
+        rewards = algo.shape_rewards(scores, kl, mask, kl_coef)
+        advantages, returns = algo.gae_advantages(rewards, values * mask, mask, ppo.gamma, ppo.lam)
+        if ppo.whiten_advantages:
+            advantages = algo.masked_whiten(advantages, mask)
+        experience = {
+            **batch,
+            "old_logprobs": old_logprobs,
+            "old_values": values,
+            "advantages": advantages,
+            "returns": returns,
+        }
+
+        # --- ppo_epochs over seeded mini-batches: policy and critic update side by side
+        policy_stats, critic_stats = [], []
+        order = torch.Generator().manual_seed(spec.training.seed + 7 * iteration)
+        for _ in range(ppo.ppo_epochs):
+            permutation = torch.randperm(samples_per_iteration, generator=order)
+            for start in range(0, samples_per_iteration, ppo.mini_batch_size):
+                mini = select_rows(experience, permutation[start : start + ppo.mini_batch_size])
+                policy_refs = policy.scatter("train_step", mini)
+                critic_refs = critic.scatter("train_step", mini)
+                policy_stats.append(mean_of(ray.get(policy_refs)))
+                critic_stats.append(mean_of(ray.get(critic_refs)))
+        trained = time.perf_counter()
+
+        # --- metrics, KL controller, checkpoint
+        sequence_kl = (kl * mask).sum(dim=1)
+        kl_ctl.update(float(sequence_kl.mean()), samples_per_iteration)
+        first = policy_stats[0]
+        record = {
+            "step": iteration + 1,
+            "reward": float(scores.mean()),
+            "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
+            "kl": float(sequence_kl.mean()),
+            "kl_coef": kl_coef,
+            **mean_of(policy_stats),
+            **mean_of(critic_stats),
+            "loss": mean_of(policy_stats)["policy_loss"],
+            "first_ratio_max_dev": first["ratio_max_dev"],
+            "first_policy_loss": first["policy_loss"],
+            "first_value_loss": critic_stats[0]["value_loss"],
+            "entropy": float(algo.masked_mean(entropy, mask)),
+            "response_length": float(mask.sum(dim=1).mean()),
+            "generate_s": generated - started,
+            "score_s": scored - generated,
+            "train_s": trained - scored,
+            "samples_per_s": samples_per_iteration / (trained - started),
+            "time": time.time(),
+        }
+        state = ControllerState(
+            iteration=iteration + 1,
+            data_position=(iteration + 1) * ppo.rollout_batch_size,
+            kl_coef=kl_ctl.value,
+            kl_controller=kl_ctl.state_dict(),
+        )
+        append_metrics(metrics_path, record)
+        stop_requested = (run_dir / REQUEST_FILE).exists()
+        last = iteration + 1 == iterations
+        if stop_requested or (save_every and (iteration + 1) % save_every == 0 and not last):
+            folder = save_checkpoint(groups, run_dir, state, spec.output.keep_last)
+        if stop_requested and not last:
+            (run_dir / RECORD_FILE).write_text(
+                json.dumps({"step": iteration + 1, "max_steps": iterations, "checkpoint": str(folder)})
+            )
+            return
+    publish_models(groups, run_dir)

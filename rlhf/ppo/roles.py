@@ -91,6 +91,7 @@ class RoleWorker:
         from training.runner import redirect_output
 
         redirect_output(self.run_dir / "logs" / f"{self.role}-{self.rank}.log")
+        log.info("%s rank %d of %d: pid %d", self.role, self.rank, self.world_size, os.getpid())
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
         host, _, port = address.removeprefix("tcp://").rpartition(":")

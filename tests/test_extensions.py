@@ -1,0 +1,148 @@
+"""The torch extension cache: one folder per torch/DeepSpeed build, and dead builds' locks cleared before a run."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from cluster.config import ClusterConfig
+from cluster.extensions import clear_stale_locks, default_extensions_dir, extensions_dir
+from cluster.ray_cluster import worker_env
+
+# what torch.utils.cpp_extension.load does around a build: FileBaton on <TORCH_EXTENSIONS_DIR>/<name>/lock
+HOLD_BATON = """
+import sys, time
+from torch.utils.file_baton import FileBaton
+baton = FileBaton(sys.argv[1])
+assert baton.try_acquire()
+print("held", flush=True)
+time.sleep(60)
+"""
+
+# a real JIT build of a tiny library (no torch headers, so it compiles in a second)
+BUILD = """
+import sys
+from torch.utils.cpp_extension import load
+print("loading", flush=True)
+load(name="tiny_op", sources=[sys.argv[1]], is_python_module=False, verbose=False)
+print("built", flush=True)
+"""
+
+
+def plant(root: Path, op: str) -> Path:
+    """An op folder with the lock a build left behind."""
+    (root / op).mkdir(parents=True, exist_ok=True)
+    lock = root / op / "lock"
+    lock.touch()
+    return lock
+
+
+def wait_for(condition, timeout_s: float = 30.0) -> None:
+    deadline = time.time() + timeout_s
+    while not condition():
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def started():
+    """Processes this test starts, each in its own session; ended after the test."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            # SIGTERM first: ninja runs each command in a process group of its own and ends them on SIGTERM
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def test_cache_folder_is_keyed_by_the_build(monkeypatch):
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    folder = Path(default_extensions_dir())
+    accelerator = f"cu{torch.version.cuda.replace('.', '')}" if torch.version.cuda else "cpu"
+    torch_version = torch.__version__.split("+")[0]
+    ds = importlib.metadata.version("deepspeed")
+    assert folder.parent == Path("~/.cache/tuneyard/torch_extensions").expanduser()
+    assert folder.name == f"torch-{torch_version}-ds-{ds}-{accelerator}-py{sys.version_info[0]}{sys.version_info[1]}"
+    assert worker_env(ClusterConfig())["TORCH_EXTENSIONS_DIR"] == str(folder)
+    # the user's own setting wins
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/somewhere/else")
+    assert extensions_dir() == "/somewhere/else"
+    assert worker_env(ClusterConfig())["TORCH_EXTENSIONS_DIR"] == "/somewhere/else"
+
+
+def test_locks_of_dead_builds_are_removed_with_a_warning(tmp_path, caplog):
+    root = tmp_path / "torch-x-ds-y-cpu-py311"
+    locks = [plant(root, "deepspeed_shm_comm"), plant(root, "cpu_adam")]
+    (root / "fused_adam").mkdir()  # a finished build: no lock, nothing to do
+    with caplog.at_level(logging.WARNING, logger="cluster.extensions"):
+        removed = clear_stale_locks(root)
+    assert sorted(removed) == sorted(locks)
+    assert not any(lock.exists() for lock in locks)
+    for lock in locks:
+        assert any(str(lock) in r.getMessage() and "no live process" in r.getMessage() for r in caplog.records)
+    assert (root / "fused_adam").is_dir() and (root / "deepspeed_shm_comm").is_dir()
+
+
+def test_lock_held_by_a_live_baton_is_kept(tmp_path, caplog, started):
+    lock = tmp_path / "deepspeed_shm_comm" / "lock"
+    lock.parent.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_BATON, str(lock)], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    started.append(holder)
+    assert holder.stdout.readline().strip() == "held"
+    with caplog.at_level(logging.WARNING, logger="cluster.extensions"):
+        assert clear_stale_locks(tmp_path) == []
+    assert lock.exists() and not caplog.records
+    # the same lock past the age bound goes, held or not: a build hung that long hangs the run too
+    old = time.time() - 11 * 60
+    os.utime(lock, (old, old))
+    with caplog.at_level(logging.WARNING, logger="cluster.extensions"):
+        assert clear_stale_locks(tmp_path) == [lock]
+    assert not lock.exists() and "11 min old" in caplog.text
+
+
+def test_lock_of_a_running_ninja_build_is_kept(tmp_path, started):
+    op = tmp_path / "cpu_adam"
+    op.mkdir()
+    (op / "build.ninja").write_text("rule slow\n  command = sleep 60 && touch $out\nbuild out.o: slow\n")
+    lock = plant(tmp_path, "cpu_adam")
+    ninja = subprocess.Popen(["ninja"], cwd=op, stdout=subprocess.DEVNULL, start_new_session=True)
+    started.append(ninja)
+    wait_for(lambda: Path(f"/proc/{ninja.pid}/task/{ninja.pid}/children").read_text().strip())  # it is building
+    assert clear_stale_locks(tmp_path) == []
+    assert lock.exists()
+
+
+def test_a_stale_lock_hangs_a_real_build_until_cleared(tmp_path, started):
+    source = tmp_path / "tiny.cpp"
+    source.write_text('extern "C" int tiny() { return 1; }\n')
+    root = tmp_path / "ext"
+    plant(root, "tiny_op")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(root)}
+    command = [sys.executable, "-c", BUILD, str(source)]
+    stuck = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, text=True, start_new_session=True)
+    started.append(stuck)
+    assert stuck.stdout.readline().strip() == "loading"
+    time.sleep(5)  # the build takes about a second; torch's FileBaton waits on the dead build's lock instead
+    assert stuck.poll() is None and not list((root / "tiny_op").glob("*.so"))
+    os.killpg(stuck.pid, signal.SIGKILL)
+    stuck.wait()
+    assert clear_stale_locks(root) == [root / "tiny_op" / "lock"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "built" in done.stdout, done.stderr
+    assert list((root / "tiny_op").glob("*.so")) and not (root / "tiny_op" / "lock").exists()
