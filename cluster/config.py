@@ -25,3 +25,6 @@ class ClusterConfig(BaseModel):
         ge=0,
         description="with cluster.address: seconds an autoscaling cluster gets to fit the workers; 0 fails at once",
     )
+    collective_timeout_s: float = Field(
+        default=1800.0, gt=0, description="how long a collective (all-reduce, barrier) waits for every rank"
+    )

@@ -19,7 +19,7 @@ from training.errors import TrainingFailed, UserError
 from training.metrics import append_metrics, read_metrics
 from training.model import check_model_source, load_tokenizer
 from training.preemption import preemption_watch
-from training.run_dir import job_identity, prepare_run_dir
+from training.run_dir import check_resume_world_size, job_identity, prepare_run_dir, resume_checkpoint
 from training.runner import default_cache_dir, ray_train_worker
 from training.tokenize import cache_key
 
@@ -130,6 +130,19 @@ def worker_failures(exc: BaseException, run_dir: Path) -> str:
     return "; ".join(lines)
 
 
+def check_world_size_of_resume(job: JobConfig, run_dir: Path, single: bool) -> None:
+    """The checkpoint a run would resume from must be partitioned for the job's ranks (ZeRO 1-3)."""
+    checkpoint = resume_checkpoint(run_dir, job.output.resume)
+    if checkpoint is None:
+        return
+    if job.stage == "ppo":
+        for role in ("policy", "critic"):
+            workers = getattr(job.ppo.roles, role).workers
+            check_resume_world_size(checkpoint / role, workers, f"ppo.roles.{role}.workers")
+    else:
+        check_resume_world_size(checkpoint, 1 if single else job.cluster.workers, "cluster.workers")
+
+
 def run_on_ray(job: JobConfig, run_dir: Path) -> None:
     """Run the job's workers as a Ray Train TorchTrainer on the current Ray cluster.
 
@@ -160,7 +173,7 @@ def run_on_ray(job: JobConfig, run_dir: Path) -> None:
         trainer = TorchTrainer(
             entry,
             train_loop_config=payload,
-            torch_config=TorchConfig(backend=torch_backend(cluster)),
+            torch_config=TorchConfig(backend=torch_backend(cluster), timeout_s=int(cluster.collective_timeout_s)),
             scaling_config=ScalingConfig(
                 num_workers=cluster.workers,
                 use_gpu=cluster.gpus_per_worker > 0,
@@ -198,7 +211,7 @@ def run_ppo_on_ray(job: JobConfig, run_dir: Path) -> None:
     from rlhf.ppo.controller import run_ppo
 
     try:
-        run_ppo(job.train_spec(), job.ppo, job.reward, run_dir, job.cluster.placement)
+        run_ppo(job.train_spec(), job.ppo, job.reward, run_dir, job.cluster)
     except (UserError, ClusterError):
         raise
     except Exception as exc:
@@ -236,6 +249,7 @@ def run_job(job: JobConfig, show_progress: bool = True, single: bool = False) ->
     run_dir = prepare_run_dir(job.output, job_identity(job.identity_dump())).resolve()
     (run_dir / "job.yaml").write_text(dump_job(job))
     preflight(job)
+    check_world_size_of_resume(job, run_dir, single)
     before = stage_figures(job, starting_point(job))
     progress = ProgressFollower(run_dir / "metrics.jsonl", job.stage) if show_progress else contextlib.nullcontext()
     if single:

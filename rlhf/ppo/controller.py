@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from cluster.config import ClusterConfig
 from rlhf.config import PpoSection, RewardSection
 from rlhf.ppo import algorithms as algo
 from rlhf.ppo.batches import build_samples, concat_rows, left_pad, select_rows, split_rows
@@ -193,7 +194,7 @@ def prepare_ppo(
     return tokenizer, prompts, critic_source(spec, ppo, reward, tokenizer.get_vocab())
 
 
-def run_ppo(spec: TrainSpec, ppo: PpoSection, reward: RewardSection, run_dir: Path, strategy: str) -> None:
+def run_ppo(spec: TrainSpec, ppo: PpoSection, reward: RewardSection, run_dir: Path, cluster: ClusterConfig) -> None:
     """Train the policy with PPO on the current Ray cluster; write metrics, checkpoints and final/.
 
     A lost role actor (its process died, its node went away) ends the attempt: every group is torn
@@ -219,7 +220,7 @@ def run_ppo(spec: TrainSpec, ppo: PpoSection, reward: RewardSection, run_dir: Pa
     resume = spec.output.resume
     for attempt in range(spec.training.max_failures + 1):
         try:
-            with start_role_groups(placement, classes, strategy, args) as groups:
+            with start_role_groups(placement, classes, cluster, args) as groups:
                 ppo_iterations(groups, spec, ppo, reward, run_dir, tokenizer, prompts, iterations, resume)
             return
         except ray.exceptions.RayActorError as exc:

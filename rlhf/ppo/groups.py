@@ -12,6 +12,7 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from cluster.config import ClusterConfig
 from cluster.ray_cluster import ClusterError
 from rlhf.config import PpoSection, RewardSection, RoleSection
 from rlhf.ppo.batches import split_rows
@@ -122,17 +123,30 @@ class RoleGroup:
 
 @contextlib.contextmanager
 def start_role_groups(
-    placement: Placement, classes: dict[str, type], strategy: str, actor_args: dict[str, tuple]
+    placement: Placement, classes: dict[str, type], cluster: ClusterConfig, actor_args: dict[str, tuple]
 ) -> Iterator[dict[str, RoleGroup]]:
-    """Create the placement group and every role's actors, set the groups up in parallel; remove all after."""
+    """Create the placement group and every role's actors, set the groups up in parallel; remove all after.
+
+    The placement group's strategy is `cluster.placement`; each group's collectives wait up to
+    `cluster.collective_timeout_s` for a rank.
+    """
     import ray
     from ray.util.placement_group import placement_group, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-    group = placement_group(placement.bundles, strategy=strategy.upper())
+    group = placement_group(placement.bundles, strategy=cluster.placement.upper())
     groups: dict[str, RoleGroup] = {}
     try:
-        ray.get(group.ready())
+        wait_s = max(60.0, cluster.start_timeout_s)
+        try:
+            ray.get(group.ready(), timeout=wait_s)
+        except ray.exceptions.GetTimeoutError:
+            raise ClusterError(
+                f"the PPO placement group ({len(placement.bundles)} bundles: {placement.bundles}) found no room on the "
+                f"Ray cluster's nodes within {wait_s:.0f}s although the cluster has the resources in total; a bundle "
+                "must fit on one node: lower ppo.roles.*.cpus_per_worker/gpus_per_worker, or set "
+                "cluster.start_timeout_s for an autoscaling cluster"
+            ) from None
         for role, seats in placement.seats.items():
             remote = ray.remote(classes[role])
             actors = [
@@ -147,7 +161,8 @@ def start_role_groups(
             ]
             groups[role] = RoleGroup(role, actors)
         addresses = {role: ray.get(g.actors[0].rendezvous_address.remote()) for role, g in groups.items()}
-        ray.get([ref for role, g in groups.items() for ref in g.broadcast("setup", addresses[role])])
+        timeout = cluster.collective_timeout_s
+        ray.get([ref for role, g in groups.items() for ref in g.broadcast("setup", addresses[role], timeout)])
         yield groups
     finally:
         for g in groups.values():
