@@ -54,7 +54,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         from training.metrics import plot_metrics
 
         run_dir = Path(args.run_dir)
-        if not (run_dir / "metrics.jsonl").exists():
+        if not (run_dir / "metrics.jsonl").is_file():
             raise UserError(f"{run_dir} has no metrics.jsonl; give a run directory (output.dir of a job)")
         print(plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png"))
         return 0
@@ -104,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        print(
+            "interrupted: the workers were stopped; run the same command again to continue from the newest "
+            "complete checkpoint (output.resume: auto)",
+            file=sys.stderr,
+        )
         return 130
     except Exception as exc:
         # an outcome that is not a failure but has its own exit code (training.preemption.Preempted: 75)

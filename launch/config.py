@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -92,7 +93,13 @@ def apply_override(tree: dict, override: str) -> None:
         if not isinstance(child, dict):
             raise UserError(f"override '{override}': '{part}' holds a value, not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise UserError(
+            f"override '{override}': the value is not valid YAML ({problem}); quote it, e.g. {key}='\"...\"'"
+        ) from None
 
 
 def _line_of(root: yaml.Node | None, path: tuple) -> int | None:
@@ -157,17 +164,38 @@ def describe_validation_error(error: ValidationError, source: str, root: yaml.No
     return "\n".join(lines)
 
 
+def describe_yaml_error(exc: yaml.YAMLError, path: Path) -> str:
+    """One line for a YAML syntax error: file:line:column, what is wrong, and the usual cause when it is a tab."""
+    mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    context = getattr(exc, "context", None)
+    text = f"{where}: not valid YAML ({f'{context}: ' if context else ''}{problem})"
+    if "\\t" in problem or "tab" in problem:
+        text += "; YAML indents with spaces, not tabs: replace the tab characters"
+    return text
+
+
 def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     """Read a job YAML, apply overrides, validate; raise UserError listing every problem."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"job file {path} is a folder; give the job's YAML file")
     if not path.is_file():
         raise UserError(f"job file {path} does not exist")
-    text = path.read_text()
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise UserError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the job file as UTF-8"
+        ) from None
     try:
         tree = yaml.safe_load(text) or {}
         root = yaml.compose(text)
     except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML: {exc}") from None
+        raise UserError(describe_yaml_error(exc, path)) from None
     if not isinstance(tree, dict):
         raise UserError(f"{path}: a job file is a mapping of sections (stage, model, data, ...)")
     for override in overrides or []:
@@ -181,7 +209,29 @@ def job_from_dict(tree: dict, source: str = "<job>", root: yaml.Node | None = No
         job = JobConfig.model_validate(tree)
     except ValidationError as exc:
         raise UserError(f"{source} has errors:\n{describe_validation_error(exc, source, root)}") from None
-    return resolve_paths(job)
+    job = resolve_paths(job)
+    if job.deepspeed.config:
+        line = _line_of(root, ("deepspeed", "config"))
+        check_deepspeed_json(Path(job.deepspeed.config), f"{source}:{line}" if line else source)
+    return job
+
+
+def check_deepspeed_json(path: Path, where: str) -> None:
+    """The raw DeepSpeed config of deepspeed.config is part of the job: it must exist and be a JSON object."""
+    if not path.is_file():
+        raise UserError(
+            f"{where}: deepspeed.config '{path}' does not exist (or is a folder); give a DeepSpeed JSON file"
+        )
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{where}: deepspeed.config {path} is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"{where}: deepspeed.config {path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})"
+        ) from None
+    if not isinstance(config, dict):
+        raise UserError(f'{where}: deepspeed.config {path} must hold a JSON object ({{"zero_optimization": ...}})')
 
 
 def _absolute(path: str | None, must_exist_to_count: bool = False) -> str | None:

@@ -143,6 +143,31 @@ def check_world_size_of_resume(job: JobConfig, run_dir: Path, single: bool) -> N
         check_resume_world_size(checkpoint, 1 if single else job.cluster.workers, "cluster.workers")
 
 
+def fit_interruptibly(trainer) -> None:
+    """`trainer.fit()` in a helper thread, so Ctrl-C reaches this (main) thread as KeyboardInterrupt.
+
+    In the main thread Ray Train installs its own SIGINT handler, which aborts the run and exits the
+    process with status 1 and no word; here the interrupt unwinds `ray_cluster`, whose shutdown ends
+    every worker, and the CLI says how to resume.
+    """
+    import threading
+
+    outcome: dict[str, BaseException] = {}
+
+    def fit() -> None:
+        try:
+            trainer.fit()
+        except BaseException as exc:  # handed to the main thread as it is
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=0.5)
+    if "error" in outcome:
+        raise outcome["error"]
+
+
 def run_on_ray(job: JobConfig, run_dir: Path) -> None:
     """Run the job's workers as a Ray Train TorchTrainer on the current Ray cluster.
 
@@ -187,7 +212,7 @@ def run_on_ray(job: JobConfig, run_dir: Path) -> None:
             ),
         )
         try:
-            trainer.fit()
+            fit_interruptibly(trainer)
             return
         except Exception as exc:
             user_error = find_user_error(exc)

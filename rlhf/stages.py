@@ -35,10 +35,20 @@ from training.runner import common_trainer_kwargs, materialize_scratch_base, sta
 log = logging.getLogger(__name__)
 
 
-def check_reward_model(path: str) -> None:
-    """Refuse a reward-model folder that is not a sequence-classification model with one output."""
-    check_model_source(path, "reward.model")
-    config = AutoConfig.from_pretrained(path)
+def check_reward_model(path: str, allow_pickle: bool | None = None) -> None:
+    """Refuse a reward-model folder that is not a sequence-classification model with one output.
+
+    `allow_pickle` (the job's model.allow_pickle) False refuses pickle-only weights; None leaves them to the loader.
+    """
+    check_model_source(path, "reward.model", allow_pickle=allow_pickle)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as exc:  # a hub id that is not cached, an unknown model_type
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"reward.model: cannot read the config of '{path}' ({first}); give the final/ folder of a "
+            "`stage: reward` run"
+        ) from None
     architectures = config.architectures or []
     if not any(a.endswith("ForSequenceClassification") for a in architectures) or config.num_labels != 1:
         raise UserError(
@@ -99,7 +109,7 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
             raise UserError("stage grpo needs rewards: set reward.functions (named functions) and/or reward.model")
         reward_funcs = [lookup(f.name) for f in pref.reward.functions]
         if pref.reward.model:
-            check_reward_model(pref.reward.model)
+            check_reward_model(pref.reward.model, allow_pickle=spec.model.allow_pickle)
             reward_funcs.append(pref.reward.model)  # TRL loads it as a sequence-classification model
 
     model_cfg = spec.model

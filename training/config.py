@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 DataFormat = Literal["text", "alpaca", "messages", "preference", "prompt"]
@@ -23,6 +23,10 @@ class ModelConfig(BaseModel):
     attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
     strict_attention: bool = False
     trust_remote_code: bool = False
+    allow_pickle: bool = Field(
+        default=False,
+        description="load .bin/.pt/.pkl weights (unpickling runs code), else safetensors only; covers reward.model",
+    )
 
     @model_validator(mode="after")
     def _source_is_complete(self) -> ModelConfig:
@@ -74,6 +78,16 @@ class DataConfig(BaseModel):
     eval_generations: int = Field(default=0, ge=0, description="held-out examples scored by greedy exact match")
 
     _sources = field_validator("train", "eval", mode="before")(lambda cls, v: _as_sources(v))
+
+    @field_validator("train", "eval")
+    @classmethod
+    def _sources_named(cls, sources: list[DataSource] | None, info: ValidationInfo) -> list[DataSource] | None:
+        # an empty list would only fail at training time, and an empty path means the current directory
+        if sources is not None and not sources and info.field_name == "train":
+            raise ValueError("lists no data; give at least one source, e.g. train: data/train.jsonl")
+        if any(not source.path.strip() for source in sources or []):
+            raise ValueError("a source has an empty path; give a data file, a dataset folder or a hub dataset name")
+        return sources
 
 
 class TrainingConfig(BaseModel):

@@ -14,58 +14,110 @@ from training.formats import normalize_row
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 
 
-def _raw_rows(source: DataSource) -> list[tuple[object, str]]:
-    """(row, where) pairs of one source; `where` is file:line for line-oriented files."""
+def _decoded(path: Path) -> str:
+    """The file's text; a byte that is not UTF-8 is an error naming the line it is on."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")  # a leading byte-order mark (Windows editors) is not part of the data
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise UserError(
+            f"{path}:{line}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at offset {exc.start}); data files are read "
+            "as UTF-8: convert it, e.g. iconv -f latin1 -t utf-8 FILE > FILE.utf8"
+        ) from None
+
+
+def _jsonl_rows(path: Path) -> list[tuple[object, str]]:
+    text = _decoded(path)
+    lines = text.split("\n")
+    pairs = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            pairs.append((json.loads(line), f"{path}:{number}"))
+        except json.JSONDecodeError as exc:
+            cut = " The file ends inside this row: was it cut short?" if number == len(lines) else ""
+            raise UserError(
+                f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno}); "
+                f"each line of a .jsonl file must be one JSON object.{cut}"
+            ) from None
+    return pairs
+
+
+def _json_rows(path: Path) -> list[tuple[object, str]]:
+    text = _decoded(path)
+    if not text.strip():
+        raise UserError(f"{path}: the file is empty; a .json data file holds a list of rows, [{{...}}, ...]")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg} at column {exc.colno})") from None
+    if not isinstance(data, list):
+        raise UserError(
+            f"{path}: a .json data file must hold a list of rows, [{{...}}, ...], not a {type(data).__name__}; "
+            "for one JSON object per line name the file .jsonl"
+        )
+    return [(row, f"{path}[{i}]") for i, row in enumerate(data)]
+
+
+def _parquet_rows(path: Path) -> list[tuple[object, str]]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:  # ArrowInvalid: damaged or not Parquet; ArrowIOError is an OSError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{path}: not a readable Parquet file ({first}); it may be damaged or cut short, "
+            "or hold another format under a .parquet name: write it again"
+        ) from None
+    return [(row, f"{path} row {i}") for i, row in enumerate(table.to_pylist())]
+
+
+def _raw_rows(source: DataSource, key: str = "data.train") -> list[tuple[object, str]]:
+    """(row, where) pairs of one source; `where` is file:line for line-oriented files; `key` names the list."""
     path = Path(source.path).expanduser()
     suffix = path.suffix.lower()
     if path.is_dir():  # a dataset folder (e.g. a clone of a hub dataset): `datasets` reads it
-        return _hub_rows(source)
+        return _hub_rows(source, key)
     if suffix in LOCAL_SUFFIXES or path.exists():
         if not path.is_file():
-            raise UserError(f"data source '{source.path}' does not exist (or is not a file)")
+            raise UserError(
+                f"{key}: data source '{source.path}' does not exist (or is not a file); check the path "
+                "(relative paths are relative to the directory tuneyard runs in)"
+            )
         if suffix == ".jsonl":
-            pairs = []
-            with open(path, encoding="utf-8") as f:
-                for number, line in enumerate(f, start=1):
-                    if not line.strip():
-                        continue
-                    try:
-                        pairs.append((json.loads(line), f"{path}:{number}"))
-                    except json.JSONDecodeError as exc:
-                        raise UserError(
-                            f"{path}:{number}: malformed JSON ({exc.msg} at column {exc.colno}); "
-                            "each line of a .jsonl file must be one JSON object"
-                        ) from None
-            return pairs
+            return _jsonl_rows(path)
         if suffix == ".json":
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except json.JSONDecodeError as exc:
-                raise UserError(f"{path}:{exc.lineno}: malformed JSON ({exc.msg})") from None
-            if not isinstance(data, list):
-                raise UserError(f"{path}: a .json data file must hold a list of rows")
-            return [(row, f"{path}[{i}]") for i, row in enumerate(data)]
+            return _json_rows(path)
         if suffix == ".parquet":
-            import pyarrow.parquet as pq
-
-            return [(row, f"{path} row {i}") for i, row in enumerate(pq.read_table(path).to_pylist())]
+            return _parquet_rows(path)
         if suffix == ".txt":
-            lines = path.read_text(encoding="utf-8").splitlines()
+            lines = _decoded(path).splitlines()
             return [({"text": line}, f"{path}:{n}") for n, line in enumerate(lines, start=1) if line.strip()]
-        raise UserError(f"data source '{source.path}': unsupported file type; use one of {LOCAL_SUFFIXES}")
-    return _hub_rows(source)
+        raise UserError(f"{key}: data source '{source.path}': unsupported file type; use one of {LOCAL_SUFFIXES}")
+    return _hub_rows(source, key)
 
 
-def _hub_rows(source: DataSource) -> list[tuple[object, str]]:
+def _hub_rows(source: DataSource, key: str) -> list[tuple[object, str]]:
     """Rows of a `datasets.load_dataset` name or folder (a hub name needs the hub or its local cache)."""
     import datasets
 
     try:
         dataset = datasets.load_dataset(source.path, source.name, split=source.split)
     except Exception as exc:  # datasets raises many types for "not found / offline"
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if Path(source.path).expanduser().is_dir():
+            raise UserError(
+                f"{key}: data source '{source.path}' is a folder that `datasets` cannot read as a dataset "
+                f"({type(exc).__name__}: {first}); point it at a {'/'.join(LOCAL_SUFFIXES)} file, or at a folder "
+                "of data files"
+            ) from None
         raise UserError(
-            f"data source '{source.path}' is neither a local file nor a loadable dataset ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}); check the path or the hub name"
+            f"{key}: data source '{source.path}' is neither a local file nor a loadable dataset ({type(exc).__name__}: "
+            f"{first}); check the path or the hub name"
         ) from None
     return [(row, f"{source.path}[{source.split}] row {i}") for i, row in enumerate(dataset)]
 
@@ -103,7 +155,9 @@ def read_sources(sources: list[DataSource], cfg: DataConfig, seed: int, role: st
     """Read, validate and mix the sources of one split; refuse an empty result."""
     rows = []
     for source in sources:
-        normalized = [normalize_row(row, cfg.format, where, cfg.text_field) for row, where in _raw_rows(source)]
+        normalized = [
+            normalize_row(row, cfg.format, where, cfg.text_field) for row, where in _raw_rows(source, f"data.{role}")
+        ]
         rows.extend(_mix(source, normalized, seed))
     if not rows:
         names = ", ".join(s.path for s in sources)

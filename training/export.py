@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -13,6 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from training.config import PeftSection
 from training.errors import UserError
 from training.finetune_method import disable_cpu_inference_repacking, quantization_config
+from training.model import check_model_source
 from training.run_dir import publish_final
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
@@ -20,6 +22,8 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jin
 
 
 def _adapter_folder(run_dir: Path) -> Path:
+    if not Path(run_dir).is_dir():
+        raise UserError(f"{run_dir} is not a folder; give a run directory (the output.dir of a finished job)")
     final = Path(run_dir) / "final"
     if not final.is_dir():
         raise UserError(f"{run_dir} has no final/ folder; export works on a finished run directory")
@@ -31,34 +35,69 @@ def _adapter_folder(run_dir: Path) -> Path:
     return final
 
 
-def _run_peft_section(run_dir: Path) -> PeftSection:
-    job = yaml.safe_load((Path(run_dir) / "job.yaml").read_text())
-    return PeftSection(**job.get("peft", {}))
+def _run_job(run_dir: Path) -> dict:
+    """The run's job.yaml as a dict: its peft and model sections say how the base was loaded."""
+    path = Path(run_dir) / "job.yaml"
+    try:
+        job = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path} is missing; export reads the run's job.yaml, written when the run started") from None
+    except (UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise UserError(f"{path} is damaged ({type(exc).__name__}); restore the run's job.yaml") from None
+    if not isinstance(job, dict):
+        raise UserError(f"{path} is not a job (a mapping of sections); restore the run's job.yaml")
+    return job
+
+
+def _run_peft_section(job: dict) -> PeftSection:
+    return PeftSection(**(job.get("peft") or {}))
+
+
+def _publish(staging: Path, out: Path, write: Callable[[Path], None]) -> None:
+    """Write into a staging folder beside `out`, then swap it in; a place that cannot be written is the user's."""
+    try:
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        write(staging)
+        publish_final(staging, out)
+    except OSError as exc:
+        raise UserError(
+            f"--out: cannot write the export to '{out}' ({exc.strerror}: '{exc.filename}'); give a folder path "
+            "in a writable place"
+        ) from None
 
 
 def export_adapter(run_dir: Path, out: Path) -> Path:
     """Copy the PEFT adapter (config, safetensors weights) and the tokenizer into `out`."""
     final = _adapter_folder(run_dir)
-    staging = out.with_name(out.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    for name in ADAPTER_FILES + TOKENIZER_FILES:
-        if (final / name).exists():
-            shutil.copy2(final / name, staging / name)
-    publish_final(staging, out)
+
+    def write(staging: Path) -> None:
+        for name in ADAPTER_FILES + TOKENIZER_FILES:
+            if (final / name).exists():
+                shutil.copy2(final / name, staging / name)
+
+    _publish(out.with_name(out.name + ".staging"), out, write)
     return out
 
 
-def load_dequantized_base(base_path: str, peft: PeftSection) -> torch.nn.Module:
+def load_dequantized_base(base_path: str, peft: PeftSection, allow_pickle: bool = False) -> torch.nn.Module:
     """The base the adapter was trained on: for QLoRA the 4-bit weights, dequantised to the compute dtype.
 
     Merging into the original full-precision weights would give other logits than the trained QLoRA
     model (it never saw them), and merging into 4-bit weights would re-quantise the sum: both are wrong.
     """
-    if peft.method != "qlora":
-        return AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
-    quant = quantization_config(peft)
-    quantized = AutoModelForCausalLM.from_pretrained(base_path, quantization_config=quant)
+    from safetensors import SafetensorError
+
+    use_safetensors = None if allow_pickle else True  # as training.model.load_model loads it
+    try:
+        if peft.method != "qlora":
+            return AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, use_safetensors=use_safetensors)
+        quant = quantization_config(peft)
+        quantized = AutoModelForCausalLM.from_pretrained(
+            base_path, quantization_config=quant, use_safetensors=use_safetensors
+        )
+    except (OSError, SafetensorError) as exc:
+        raise UserError(f"cannot load the adapter's base model '{base_path}': {exc}") from None
     disable_cpu_inference_repacking(quantized)
     return quantized.dequantize(dtype=quant.bnb_4bit_compute_dtype)
 
@@ -68,15 +107,25 @@ def export_merged(run_dir: Path, out: Path) -> Path:
     from peft import PeftModel
 
     final = _adapter_folder(run_dir)
-    peft = _run_peft_section(run_dir)
-    base_path = json.loads((final / "adapter_config.json").read_text())["base_model_name_or_path"]
+    job = _run_job(run_dir)
+    peft = _run_peft_section(job)
+    allow_pickle = bool((job.get("model") or {}).get("allow_pickle", False))
+    adapter_config = final / "adapter_config.json"
+    try:
+        base_path = json.loads(adapter_config.read_text(encoding="utf-8"))["base_model_name_or_path"]
+    except (ValueError, KeyError, TypeError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UserError(
+            f"{adapter_config} is damaged (not JSON, or no base_model_name_or_path); restore it from a checkpoint"
+        ) from None
     if not Path(base_path).exists() and base_path.startswith(("/", ".")):
         raise UserError(f"the adapter's base model '{base_path}' is gone; restore it to merge")
-    base = load_dequantized_base(base_path, peft)
+    check_model_source(base_path, "the adapter's base model", allow_pickle=allow_pickle)
+    base = load_dequantized_base(base_path, peft, allow_pickle)
     merged = PeftModel.from_pretrained(base, final).merge_and_unload()
-    staging = out.with_name(out.name + ".staging")
-    shutil.rmtree(staging, ignore_errors=True)
-    merged.save_pretrained(staging)
-    AutoTokenizer.from_pretrained(final).save_pretrained(staging)
-    publish_final(staging, out)
+
+    def write(staging: Path) -> None:
+        merged.save_pretrained(staging)
+        AutoTokenizer.from_pretrained(final).save_pretrained(staging)
+
+    _publish(out.with_name(out.name + ".staging"), out, write)
     return out

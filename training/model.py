@@ -2,27 +2,25 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import (
-    AutoConfig,
-    AutoModelForCausalLM,
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    BitsAndBytesConfig,
-    PreTrainedModel,
-    PreTrainedTokenizerBase,
-)
-
-from training.attention import resolve_attn_implementation
 from training.config import ModelConfig
 from training.errors import UserError
 
+if TYPE_CHECKING:  # torch and transformers load lazily, so `tuneyard validate` answers in a fraction of a second
+    import torch
+    from transformers import BitsAndBytesConfig, PreTrainedModel, PreTrainedTokenizerBase
+
 log = logging.getLogger(__name__)
 
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # names of torch dtypes
+# files from_pretrained would unpickle; training_args.bin, optimizer.pt and rng_state.pth of a checkpoint
+# folder are not weights (from_pretrained never reads them), so only these names count
+PICKLE_WEIGHT_PATTERNS = ("pytorch_model*.bin", "model*.bin", "*.pt", "*.pth", "*.pkl", "*.ckpt")
+NOT_WEIGHTS = {"training_args.bin", "optimizer.pt", "scheduler.pt", "scaler.pt"}
 
 
 def looks_like_local_path(name: str) -> bool:
@@ -30,8 +28,104 @@ def looks_like_local_path(name: str) -> bool:
     return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or Path(name).exists()
 
 
-def check_model_source(name: str, what: str = "model.name_or_path") -> None:
-    """Fail clearly when a local model path does not exist or is not a model folder."""
+def pickle_weight_files(folder: Path) -> list[Path]:
+    """The files in `folder` that hold weights as pickles (.bin, .pt, .pth, .pkl, .ckpt)."""
+    found = {p for pattern in PICKLE_WEIGHT_PATTERNS for p in folder.glob(pattern) if p.is_file()}
+    return sorted(p for p in found if p.name not in NOT_WEIGHTS and not p.name.startswith("rng_state"))
+
+
+def _safetensors_problem(file: Path) -> str | None:
+    """Why a .safetensors file cannot be loaded (cut short, damaged header), or None when it looks whole.
+
+    Reads only the header and compares the size it promises with the file's: cheap for any model size.
+    """
+    size = file.stat().st_size
+    with open(file, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"it is {size} bytes, shorter than a safetensors header"
+        length = int.from_bytes(head, "little")
+        if length > size - 8:
+            return f"its header claims {length} bytes but the file has {size}: it was cut short"
+        try:
+            header = json.loads(f.read(length))
+            ends = [t["data_offsets"][1] for key, t in header.items() if key != "__metadata__"]
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+            return "its header is not valid safetensors metadata"
+    needed = 8 + length + max(ends, default=0)
+    if needed > size:
+        return f"its tensors need {needed} bytes but the file has {size}: it was cut short"
+    return None
+
+
+def _check_model_folder(path: Path, what: str, allow_pickle: bool | None) -> None:
+    """config.json parses, safetensors files are whole, and pickle-only weights are allowed explicitly."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        if (path / "adapter_config.json").is_file():
+            raise UserError(
+                f"{what}: '{path}' is a LoRA adapter folder (adapter_config.json, no config.json); merge it into its "
+                "base first with `tuneyard export RUN_DIR --merge` and point at the merged folder"
+            )
+        raise UserError(
+            f"{what}: '{path}' is a folder but holds no config.json; point it at a Hugging Face model folder"
+        )
+    try:
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{what}: {config_file} is not UTF-8 text; the folder's config.json is damaged") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(
+            f"{what}: {config_file}:{exc.lineno}: not valid JSON ({exc.msg}); the model folder's config.json is "
+            "damaged: save the model again (save_pretrained) or download it again"
+        ) from None
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise UserError(
+            f"{what}: {config_file} has no 'model_type', so transformers cannot tell the architecture; "
+            "save the model again with save_pretrained"
+        )
+    safetensors = sorted(path.glob("*.safetensors"))
+    for file in safetensors:
+        problem = _safetensors_problem(file)
+        if problem:
+            raise UserError(
+                f"{what}: {file} is damaged ({problem}). Copy or download the model again; "
+                "a save that was interrupted leaves such a file"
+            )
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{what}: {index} is not a valid safetensors index (a JSON weight_map)") from None
+        missing = sorted(s for s in shards if not (path / s).is_file())
+        if missing:
+            raise UserError(f"{what}: '{path}' lacks the weight shards {', '.join(missing)} that {index.name} names")
+    if safetensors:
+        return
+    pickles = pickle_weight_files(path)
+    if not pickles:
+        raise UserError(
+            f"{what}: '{path}' holds config.json but no weights (model.safetensors or model-*.safetensors); "
+            "copy the weight files into it"
+        )
+    if allow_pickle is False:
+        raise UserError(
+            f"{what}: '{path}' holds its weights only as pickle files ({', '.join(p.name for p in pickles[:3])}), "
+            "and loading a pickle can run any code it carries. Convert them to safetensors (load the model once "
+            "where you trust it and save_pretrained the folder), or, if you trust these files, set "
+            "model.allow_pickle: true."
+        )
+
+
+def check_model_source(
+    name: str, what: str = "model.name_or_path", allow_pickle: bool | None = None, tokenizer_only: bool = False
+) -> None:
+    """Fail clearly when a local model path does not exist, is not a model folder, or its files are damaged.
+
+    `allow_pickle` False refuses a folder whose weights are pickles only; None leaves that to the loader,
+    which knows model.allow_pickle. `tokenizer_only` (or what="model.tokenizer") checks the path alone.
+    """
     if not looks_like_local_path(name):
         return
     path = Path(name).expanduser()
@@ -40,28 +134,39 @@ def check_model_source(name: str, what: str = "model.name_or_path") -> None:
             f"{what}: '{name}' does not exist. Give an existing local folder (e.g. runs/pretrain-tiny/final) "
             "or a hub id such as 'org/model'."
         )
-    if path.is_dir() and not (path / "config.json").exists() and what == "model.name_or_path":
-        raise UserError(
-            f"{what}: '{name}' is a folder but holds no config.json; point it at a Hugging Face model folder"
-        )
+    if not path.is_dir():
+        raise UserError(f"{what}: '{name}' is a file; give the folder that holds it (a Hugging Face model folder)")
+    if not (tokenizer_only or what == "model.tokenizer"):
+        _check_model_folder(path, what, allow_pickle)
 
 
 def resolve_dtype(name: str) -> torch.dtype:
     """auto: bf16 on a CUDA device that supports it, fp32 otherwise."""
+    import torch
+
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else torch.float32
-    return DTYPES[name]
+    return getattr(torch, DTYPES[name])
 
 
 def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     """The tokenizer of `model.tokenizer` or `model.name_or_path`, with a pad token."""
+    from transformers import AutoTokenizer
+
     name = cfg.tokenizer or cfg.name_or_path
     assert name is not None  # the config validator guarantees one of them
-    check_model_source(name, "model.tokenizer" if cfg.tokenizer else "model.name_or_path")
+    key = "model.tokenizer" if cfg.tokenizer else "model.name_or_path"
+    check_model_source(name, key, tokenizer_only=True)  # the weights are load_model's to judge
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
-    except OSError as exc:
-        raise UserError(f"cannot load the tokenizer '{name}': {exc}") from None
+    except (OSError, ValueError, TypeError) as exc:
+        # a folder without tokenizer files gives ValueError or TypeError, a damaged one JSON or OSError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{key}: cannot load a tokenizer from '{name}' ({type(exc).__name__}: {first}); the folder needs "
+            "tokenizer.json (or the slow tokenizer's files) and tokenizer_config.json, e.g. from "
+            "tokenizer.save_pretrained"
+        ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -75,6 +180,11 @@ def load_model(
 ) -> PreTrainedModel:
     """Build (scratch) or load (pretrained, optionally 4-bit) a causal LM, or a one-output sequence
     classifier (`task="sequence-classification"`, a reward model), with the chosen attention and dtype."""
+    from safetensors import SafetensorError
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from training.attention import resolve_attn_implementation
+
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     head = {} if task == "causal-lm" else {"num_labels": 1}
     attn = resolve_attn_implementation(cfg.attn_implementation, strict=cfg.strict_attention)
@@ -91,7 +201,7 @@ def load_model(
         model = auto.from_config(config, attn_implementation=attn, dtype=dtype)
     else:
         assert cfg.name_or_path is not None
-        check_model_source(cfg.name_or_path)
+        check_model_source(cfg.name_or_path, allow_pickle=cfg.allow_pickle)
         try:
             model = auto.from_pretrained(
                 cfg.name_or_path,
@@ -99,10 +209,18 @@ def load_model(
                 dtype=dtype,
                 trust_remote_code=cfg.trust_remote_code,
                 quantization_config=quantization,
+                # True: transformers itself refuses .bin weights (a hub id is not checked on disk beforehand);
+                # None: safetensors when present, else the pickle the user allowed
+                use_safetensors=None if cfg.allow_pickle else True,
                 **head,
             )
-        except OSError as exc:
-            raise UserError(f"cannot load model '{cfg.name_or_path}': {exc}") from None
+        except (OSError, SafetensorError) as exc:
+            hint = (
+                " (tuneyard loads safetensors weights only, unless model.allow_pickle: true)"
+                if "safetensors" in str(exc) and not cfg.allow_pickle
+                else ""
+            )
+            raise UserError(f"cannot load model '{cfg.name_or_path}': {exc}{hint}") from None
     if task != "causal-lm" and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # the classifier reads the last non-pad token
     log.info("model: %s parameters, dtype %s, attention %s", f"{model.num_parameters():,}", dtype, attn)

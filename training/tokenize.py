@@ -158,6 +158,13 @@ def prepare_datasets(
     final = Path(cache_dir) / cache_key(stage, cfg, tokenizer, seed)
     if (final / "ready").exists():
         return datasets.load_from_disk(str(final / "splits")), True
+    try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder should be, a read-only place
+        raise UserError(
+            f"data.cache_dir: cannot create the tokenised-data cache folder '{final.parent}' ({exc.strerror}: "
+            f"'{exc.filename}'); set data.cache_dir to a writable folder (default: beside output.dir)"
+        ) from None
     started = time.perf_counter()
     built = build_datasets(stage, cfg, tokenizer, seed)
     staging = final.with_name(f"{final.name}.tmp-{os.getpid()}")
