@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -19,11 +20,12 @@ import pytest
 import yaml
 
 from tests.conftest import SFT_JOB, job_dict
+from tests.test_loopback import LOOPBACK, needs_private_network
 
 pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
-NODE_LINE = re.compile(r"rank (\d+) runs on Ray node ([0-9a-f]+)")
+NODE_LINE = re.compile(r"rank (\d+) \(pid \d+\) runs on Ray node ([0-9a-f]+)")
 
 
 def free_ports(count: int) -> list[int]:
@@ -125,6 +127,19 @@ class TwoNodeRay:
         except Exception:
             return 0
         return sum(1 for node in summary if node.get("raylet", {}).get("state") == "ALIVE")
+
+    def node_addresses(self) -> set[str]:
+        """The IP address each alive node registered with (the dashboard's node summary)."""
+        import requests
+
+        reply = requests.get(
+            f"{self.dashboard}/nodes?view=summary", headers={"Authorization": f"Bearer {self.token}"}, timeout=5
+        )
+        return {
+            node.get("ip") or node["raylet"]["nodeManagerAddress"]
+            for node in reply.json()["data"]["summary"]
+            if node.get("raylet", {}).get("state") == "ALIVE"
+        }
 
     def _wait_for(self, condition, what: str, timeout_s: float = 120) -> None:
         deadline = time.monotonic() + timeout_s
@@ -305,3 +320,9 @@ def test_unreachable_address_fails_fast(tmp_path):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert "cannot reach the Ray cluster" in proc.stderr and str(port) in proc.stderr
     assert not (tmp_path / "run" / "final").exists()
+
+
+@needs_private_network
+def test_the_two_node_test_ray_has_only_loopback_nodes(two_node_ray):
+    addresses = two_node_ray.node_addresses()
+    assert len(addresses) >= 1 and all(ipaddress.ip_address(a) in LOOPBACK for a in addresses), addresses

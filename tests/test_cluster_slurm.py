@@ -32,7 +32,7 @@ pytestmark = [
 
 BIN = Path(sys.executable).parent
 LOCAL_CLUSTER = ROOT / "slurm" / "local-cluster.sh"
-NODE_LINE = re.compile(r"rank (\d+) runs on Ray node ([0-9a-f]+)")
+NODE_LINE = re.compile(r"rank (\d+) \(pid \d+\) runs on Ray node ([0-9a-f]+)")
 MAX_STEPS = 60
 
 
