@@ -130,6 +130,16 @@ def worker_failures(exc: BaseException, run_dir: Path) -> str:
     return "; ".join(lines)
 
 
+def check_disk(job: JobConfig, run_dir: Path) -> None:
+    """Refuse before any worker starts when keep_last checkpoints and final/ would not fit on the output disk."""
+    from training.disk import check_free_space
+
+    saves = job.output.save_steps or (job.stage == "ppo" and job.ppo.save_every)
+    models = 2 if job.stage == "ppo" else 1  # the critic is saved beside the policy
+    vocab = len(load_tokenizer(job.model))
+    check_free_space(job.train_spec(), run_dir, vocab, job.output.keep_last if saves else 0, models)
+
+
 def check_world_size_of_resume(job: JobConfig, run_dir: Path, single: bool) -> None:
     """The checkpoint a run would resume from must be partitioned for the job's ranks (ZeRO 1-3)."""
     checkpoint = resume_checkpoint(run_dir, job.output.resume)
@@ -275,6 +285,7 @@ def run_job(job: JobConfig, show_progress: bool = True, single: bool = False) ->
     (run_dir / "job.yaml").write_text(dump_job(job))
     preflight(job)
     check_world_size_of_resume(job, run_dir, single)
+    check_disk(job, run_dir)
     before = stage_figures(job, starting_point(job))
     progress = ProgressFollower(run_dir / "metrics.jsonl", job.stage) if show_progress else contextlib.nullcontext()
     if single:

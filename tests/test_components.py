@@ -150,3 +150,20 @@ def test_previous_checkpoint_survives_every_moment_of_a_save(tmp_path):
     assert seen == [[], ["checkpoint-1"], ["checkpoint-2"]]
     assert [p.name for p in (tmp_path / "checkpoints").glob("checkpoint-*")] == ["checkpoint-3"]
     assert [p.name for p in complete_checkpoints(tmp_path)] == ["checkpoint-3"]
+
+
+def test_a_run_whose_checkpoints_cannot_fit_is_refused_before_it_starts(tmp_path):
+    """A 0.9T-parameter architecture (counted on the meta device) cannot keep 2 checkpoints on this disk."""
+    from launch.config import job_from_dict
+    from launch.run import run_job
+    from tests.conftest import SFT_JOB, TINY_ARCH, job_dict
+    from training.disk import run_bytes
+
+    huge = {**TINY_ARCH, "hidden_size": 16384, "intermediate_size": 65536, "num_hidden_layers": 256}
+    job = job_dict(SFT_JOB, tmp_path / "run", output={"save_steps": 10, "keep_last": 2})
+    job["model"]["architecture"] = huge
+    with pytest.raises(UserError, match=r"has .* free, but this run needs about .* TB: 2 checkpoint\(s\)") as info:
+        run_job(job_from_dict(job), show_progress=False)
+    assert "output.keep_last" in str(info.value) and not list((tmp_path / "run" / "logs").iterdir())
+    # the arithmetic: weights (8 B) + Adam (12 B) per parameter per checkpoint, + the final fp32 weights
+    assert run_bytes(10, adapter=False, checkpoints=2) == 2 * 10 * 20 + 10 * 4
