@@ -22,12 +22,15 @@ demo: $(STAMP)
 	$(BIN)/python -m launch.demo
 
 # Where the machine allows (root: unshare), the suite runs in a private network namespace with only
-# loopback up, so the test clusters (Ray, SLURM) cannot take or listen on any other address.
+# loopback up, so the test clusters (Ray, SLURM) cannot take or listen on any other address. SLURM's
+# daemons resolve their listen address with AI_ADDRCONFIG, which needs one non-127 address: a private
+# one on lo, unreachable from outside the namespace.
 PRIVATE_NET := $(shell unshare -n true 2>/dev/null && command -v ip >/dev/null && echo yes)
+IN_PRIVATE_NET := unshare -n sh -c 'ip link set lo up && ip addr add 10.254.254.1/32 dev lo && exec "$$0" "$$@"'
 
 test: $(STAMP)
 ifeq ($(PRIVATE_NET),yes)
-	unshare -n sh -c 'ip link set lo up && exec "$$0" "$$@"' $(BIN)/python -m pytest -q -ra
+	$(IN_PRIVATE_NET) $(BIN)/python -m pytest -q -ra
 else
 	$(BIN)/python -m pytest -q -ra
 endif
