@@ -10,7 +10,9 @@ the same reward-model folder (built here from the policy with a one-output head)
 start from it (ours: `ppo.roles.critic.init: reward_model`). Same prompts (chat-templated), same batch
 (16 prompts x 1 sample), mini-batch, micro-batch, PPO epochs, max_new_tokens, temperature, LR and fp32.
 The shapes differ and the result says so: TRL is one process without DeepSpeed; ours is a driver plus
-one Ray actor per role with DeepSpeed engines.
+one Ray actor per role with DeepSpeed engines. "ratio" is ours / TRL as shipped; TRL's loop calls
+gc.collect() twice per update, which dominates its time on a model this small, so the result also
+times those calls and gives the ratio TRL would face without them ("ratio_if_trl_skipped_gc").
 
 TRL's side runs in its own virtualenv (outside the repository, never committed); without it Part 2 is
 skipped and "ratio" is NaN. Build it with:
@@ -46,6 +48,9 @@ PROMPTS = DATA / "last-word-prompts-train.jsonl"
 TRL_VENV = Path(os.environ.get("TUNEYARD_TRL_PPO_VENV", "/work/trl-ppo-venv"))
 SKIP = 2  # iterations of start-up and warm-up left out of every median
 SEED = 7
+# one torch thread per process, TRL's as each of our actors (worker_env sets OMP_NUM_THREADS=1 there):
+# two OpenMP threads on a busy two-core machine stall at every barrier and make a run 10-20x slower
+TRL_THREADS = 1
 
 # the settings both sides of Part 2 share; Part 1 uses them with two samples per prompt
 SETTINGS = {
@@ -79,6 +84,18 @@ def single_run(job: dict, run_dir: Path) -> Path:
 
 def build_bases(root: Path) -> tuple[Path, Path]:
     """The policy (tiny Llama: short pretraining, then SFT on the last-word task) and a reward model from it."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as TRL_THREADS: a busy machine stalls multi-threaded steps of a tiny model
+    try:
+        return _build_bases(root)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_bases(root: Path) -> tuple[Path, Path]:
+    """`build_bases` at whatever thread count is set."""
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -148,8 +165,22 @@ def ppo_job(run_dir: Path, policy: Path, iterations: int, samples_per_prompt: in
     }  # fmt: skip
 
 
+def wait_for_free_cpus(timeout_s: float = 60.0) -> None:
+    """Block until the previous job's actors and placement group have given their CPUs back to Ray."""
+    import ray
+
+    if not ray.is_initialized():
+        return  # run_job starts (and stops) a Ray of its own
+    # the previous job's processes may still be exiting: let them go before the next job is timed
+    deadline = time.monotonic() + timeout_s
+    total = ray.cluster_resources().get("CPU", 0.0)
+    while ray.available_resources().get("CPU", 0.0) < total - 1e-6 and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def run_ours(job: dict) -> list[dict]:
     """Run our PPO job on the current Ray; its steady-state iterations, each with its step-to-step wall time."""
+    wait_for_free_cpus()
     run_job(job_from_dict(job), show_progress=False)
     records = [r for r in read_metrics(Path(job["output"]["dir"]) / "metrics.jsonl") if "generate_s" in r]
     samples = job["ppo"]["rollout_batch_size"] * job["ppo"]["samples_per_prompt"]
@@ -186,10 +217,13 @@ def run_trl(work: Path, policy: Path, reward_model: Path, iterations: int) -> di
         "prompts": str(PROMPTS),
         "iterations": iterations,
         "skip": SKIP,
+        "torch_threads": TRL_THREADS,
         "output_dir": str(work / "out"),
     }
     (work / "settings.json").write_text(json.dumps(settings, indent=2))
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    threads = str(TRL_THREADS)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads}  # fmt: skip
     env.pop("PYTHONPATH", None)  # TRL's venv must not see this repository's packages
     with open(work / "trl.log", "w") as log:
         subprocess.run(
@@ -203,17 +237,21 @@ def run_trl(work: Path, policy: Path, reward_model: Path, iterations: int) -> di
 def main(tmp: Path, rounds: int = 2, iterations: int = 25) -> dict:
     """Part 1 (colocate all vs none) and Part 2 (ours vs TRL, reward model on both sides), rounds alternating."""
     started = time.perf_counter()
+    load_start = os.getloadavg()[0]
     policy, reward_model = build_bases(tmp / "bases")
     bases_s = time.perf_counter() - started
 
     # --- Part 1: the same job, colocated and not; each round swaps which goes first
     colocated: dict[str, list[dict]] = {"all": [], "none": []}
+    per_run: dict[str, list[float]] = {"all": [], "none": []}  # each run's median, to show the machine's noise
     for i in range(rounds):
         for mode in ("all", "none") if i % 2 == 0 else ("none", "all"):
-            job = ppo_job(tmp / f"colocate-{mode}-{i}", policy, iterations, 2, mode, None)
-            colocated[mode].extend(run_ours(job))
+            records = run_ours(ppo_job(tmp / f"colocate-{mode}-{i}", policy, iterations, 2, mode, None))
+            colocated[mode].extend(records)
+            per_run[mode].append(medians(records, ("samples_per_s",))["samples_per_s"])
     part1 = {
-        f"colocate_{mode}": {**medians(recs, PHASES), "iterations_used": len(recs)} for mode, recs in colocated.items()
+        f"colocate_{mode}": {**medians(recs, PHASES), "iterations": len(recs), "per_run_samples_per_s": per_run[mode]}
+        for mode, recs in colocated.items()
     }
     result: dict = {
         **part1,
@@ -238,24 +276,31 @@ def main(tmp: Path, rounds: int = 2, iterations: int = 25) -> dict:
         ours: list[dict] = []
         trl_updates: list[dict] = []
         trl_result: dict = {}
+        ours_runs: list[float] = []
+        trl_runs: list[float] = []
         for i in range(rounds):
             for side in ("ours", "trl") if i % 2 == 0 else ("trl", "ours"):
                 if side == "ours":
                     job = ppo_job(tmp / f"ours-rm-{i}", policy, iterations, 1, "none", reward_model)
-                    ours.extend(run_ours(job))
+                    records = run_ours(job)
+                    ours.extend(records)
+                    ours_runs.append(medians(records, ("wall_samples_per_s",))["wall_samples_per_s"])
                 else:
                     trl_result = run_trl(tmp / f"trl-{i}", policy, reward_model, iterations)
                     trl_updates.extend(u for u in trl_result["updates"] if u["step"] > SKIP)
+                    trl_runs.append(trl_result["samples_per_s"])
         for update in trl_updates:
             # what TRL would do without the two gc.collect() calls its loop makes every update
             update["samples_per_s_without_gc"] = SETTINGS["rollout_batch_size"] / (update["seconds"] - update["gc_s"])
-        ours_m = medians(ours, (*PHASES, "wall_samples_per_s"))
-        trl_m = medians(trl_updates, (*PHASES, "between_s", "gc_s", "samples_per_s_without_gc"))
+        ours_m = medians(ours, (*PHASES, "wall_samples_per_s", "response_length"))
+        trl_m = medians(trl_updates, (*PHASES, "between_s", "gc_s", "samples_per_s_without_gc", "generated_width"))
         result.update(
             ratio=ours_m["wall_samples_per_s"] / trl_m["samples_per_s"],
             target=">= 1.0",
             ours_samples_per_s=ours_m["wall_samples_per_s"],
             trl_samples_per_s=trl_m["samples_per_s"],
+            ours_per_run_samples_per_s=ours_runs,
+            trl_per_run_samples_per_s=trl_runs,
             ratio_if_trl_skipped_gc=ours_m["wall_samples_per_s"] / trl_m["samples_per_s_without_gc"],
             ours_phases=ours_m,
             trl_phases=trl_m,
@@ -264,14 +309,21 @@ def main(tmp: Path, rounds: int = 2, iterations: int = 25) -> dict:
             f"reward; colocate none, 0.5 CPU and 1 torch thread each), DeepSpeed ZeRO-2 engines for policy and "
             f"critic, reward model {reward_model.name}/ scoring re-rendered text, critic init reward_model",
             trl_ran=f"TRL {trl_result['versions']['trl']} experimental PPOTrainer: one process, no DeepSpeed, "
-            f"accelerate on CPU, {trl_result['torch_threads']} torch threads, policy + value model in one wrapper "
+            f"accelerate on CPU, torch threads: {trl_result['torch_threads']}, policy + value model in one wrapper "
             "with one AdamW, rollout forwards in one batch (local_rollout_forward_batch_size 64)",
+            phase_notes="ours: generate_s = prompt batching + policy.generate over Ray; score_s = old log-probs, "
+            "reference log-probs, values and reward-model scores (4 actors in parallel); train_s = GAE + policy and "
+            "critic updates. TRL: generate_s = generate (its logits give the old log-probs); score_s = reference, "
+            "value and reward forwards one after another, plus one gc.collect(); train_s = the update; between_s = "
+            "the next gc.collect() and the next prompts; gc_s = both gc.collect() calls of an update",
             part2_job=f"rollout {SETTINGS['rollout_batch_size']} prompts x 1 sample, mini-batch "
             f"{SETTINGS['mini_batch_size']}, micro {SETTINGS['micro_batch_size']}, ppo_epochs "
             f"{SETTINGS['ppo_epochs']}, {iterations} iterations x {rounds} rounds per side, max_new_tokens "
             f"{SETTINGS['max_new_tokens']}, temperature {SETTINGS['temperature']}, lr {SETTINGS['learning_rate']}, "
             f"fp32; samples/s = responses per second, update end to update end, median after the first {SKIP}",
         )
+    # the machine's 1-minute load at start and end: these figures are only as quiet as the machine was
+    result["load_avg_start_end"] = [load_start, os.getloadavg()[0]]
     result["bases_s"] = bases_s
     result["wall_s"] = time.perf_counter() - started
     return result

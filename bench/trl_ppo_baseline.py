@@ -31,7 +31,7 @@ def chat_prompts(path: str, tokenizer) -> list[list[int]]:
     return ids
 
 
-def install_phase_marks(ppo_trainer_module, marks: dict[str, list[float]]) -> None:
+def install_phase_marks(ppo_trainer_module, marks: dict[str, list]) -> None:
     """Stamp the phase boundaries of each update, and time the trainer's own gc.collect() calls.
 
     TRL's PPOTrainer.train is one long loop with no phase timers, so the two module-level helpers it
@@ -48,6 +48,8 @@ def install_phase_marks(ppo_trainer_module, marks: dict[str, list[float]]) -> No
         marks["generate_start"].append(time.perf_counter())
         out = generate(*args, **kwargs)
         marks["generate_end"].append(time.perf_counter())
+        # (model, queries, ...) -> (query_responses, logits): the generated width, for comparing response lengths
+        marks["width"].append(out[0].shape[1] - args[1].shape[1])
         return out
 
     def timed_whiten(*args, **kwargs):
@@ -83,6 +85,7 @@ def run(settings: dict) -> dict:
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as ppo_trainer_module
 
+    torch.set_num_threads(settings.get("torch_threads", torch.get_num_threads()))
     torch.manual_seed(settings["seed"])
     tokenizer = AutoTokenizer.from_pretrained(settings["policy"])
     tokenizer.padding_side = "left"  # TRL's PPO expects left-padded queries
@@ -138,7 +141,7 @@ def run(settings: dict) -> dict:
         def on_step_end(self, args, state, control, **kwargs):
             ends.append(time.perf_counter())
 
-    marks: dict = {"generate_start": [], "generate_end": [], "scored": [], "gc": []}
+    marks: dict = {"generate_start": [], "generate_end": [], "scored": [], "gc": [], "width": []}
     install_phase_marks(ppo_trainer_module, marks)
     trainer = PPOTrainer(
         args=config,
@@ -169,6 +172,7 @@ def run(settings: dict) -> dict:
                 "train_s": end - marks["scored"][i],
                 "gc_s": sum(b - a for a, b in marks["gc"] if begin <= a < end),
                 "samples_per_s": rollout / (end - begin),
+                "generated_width": marks["width"][i],
             }
         )
     steady = [u for u in updates if u["step"] > settings["skip"]]

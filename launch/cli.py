@@ -51,11 +51,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(dump_job(load_job(args.job, args.overrides)), end="")
         return 0
     if args.command == "plot":
-        from training.metrics import plot_metrics
-
         run_dir = Path(args.run_dir)
         if not (run_dir / "metrics.jsonl").is_file():
             raise UserError(f"{run_dir} has no metrics.jsonl; give a run directory (output.dir of a job)")
+        from training.metrics import plot_metrics  # torch and transformers: after the cheap checks
+
         print(plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png"))
         return 0
     if args.command == "pipeline":
@@ -70,9 +70,9 @@ def _dispatch(args: argparse.Namespace) -> int:
         out = Path(args.out) if args.out else run_dir / ("export-merged" if args.merge else "export-adapter")
         print((export_merged if args.merge else export_adapter)(run_dir, out))
         return 0
+    job = load_job(args.job, args.overrides)  # before launch.run's imports (seconds), so a typo answers at once
     from launch.run import run_job
 
-    job = load_job(args.job, args.overrides)
     result = run_job(job, single=args.single)
     print(result.figure())
     return 0

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import EXAMPLES, PRETRAIN_JOB, ROOT, SFT_JOB, TINY_ARCH, TOKENIZER, job_dict
+from tests.conftest import EXAMPLES, PRETRAIN_JOB, ROOT, SFT_JOB, job_dict
+from tests.tiny_models import save_tiny_models
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 SFT_ROWS = EXAMPLES / "data" / "last-word-train.jsonl"
@@ -43,38 +46,10 @@ def assert_one_paragraph(proc: subprocess.CompletedProcess, *fragments: str) -> 
         assert fragment in message, f"{fragment!r} not in:\n{message}"
 
 
-# --- the tiny models the model-folder cases start from --------------------------------------------------------
-
-
 @pytest.fixture(scope="module")
 def models(tmp_path_factory) -> dict[str, Path]:
-    """A tiny Llama saved as safetensors, the same as a pickle, and a one-output classifier as a pickle."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-    root = tmp_path_factory.mktemp("models")
-    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
-    arch = dict(TINY_ARCH)
-    ids = {k: getattr(tokenizer, k) for k in ("pad_token_id", "bos_token_id", "eos_token_id")}
-    arch_type = arch.pop("model_type")
-    config = AutoConfig.for_model(arch_type, vocab_size=len(tokenizer), **arch, **ids)
-    torch.manual_seed(0)
-    causal = AutoModelForCausalLM.from_config(config)
-    folders = {name: root / name for name in ("causal", "pickle", "classifier-pickle")}
-    causal.save_pretrained(folders["causal"])
-    # transformers 5 writes safetensors only; a pickle folder is what older tools and many hub repos hold
-    folders["pickle"].mkdir()
-    causal.config.save_pretrained(folders["pickle"])
-    torch.save(causal.state_dict(), folders["pickle"] / "pytorch_model.bin")
-    classifier = AutoModelForSequenceClassification.from_config(
-        AutoConfig.for_model(arch_type, vocab_size=len(tokenizer), num_labels=1, **arch, **ids)
-    )
-    folders["classifier-pickle"].mkdir()
-    classifier.config.save_pretrained(folders["classifier-pickle"])
-    torch.save(classifier.state_dict(), folders["classifier-pickle"] / "pytorch_model.bin")
-    for folder in folders.values():
-        tokenizer.save_pretrained(folder)
-    return folders
+    """The tiny model folders of tests.tiny_models: safetensors, pickle, and a pickled one-output classifier."""
+    return save_tiny_models(tmp_path_factory.mktemp("models"))
 
 
 def copy_model(source: Path, target: Path) -> Path:
@@ -259,12 +234,6 @@ def _(tmp, models):
     return ["pipeline", write_job(tmp, {"jobs": ["a.yaml"]}, "pipe.yaml")], ["pipe.yaml: a pipeline is `stages:`"]
 
 
-@case("pipeline stage with an unknown key")
-def _(tmp, models):
-    pipe = {"stages": [{"job": write_job(tmp, sft(tmp)), "overides": ["training.max_steps=1"]}]}
-    return ["pipeline", write_job(tmp, pipe, "pipe.yaml")], ["stages[0] must be `job: FILE`"]
-
-
 @case("pipeline stage whose job has an unknown key")
 def _(tmp, models):
     job = write_job(tmp, {**sft(tmp), "trainig": {}}, "stage1.yaml")
@@ -336,13 +305,6 @@ def _(tmp, models):
     return ["train", write_job(tmp, job)], [f"{path}:4: not UTF-8 text (byte 0xe9", "iconv"]
 
 
-@case("text corpus not UTF-8")
-def _(tmp, models):
-    job = job_dict(PRETRAIN_JOB, tmp / "run", cluster={"workers": 1}, data={"eval": None})
-    job, path = with_data(tmp, "corpus.txt", b"one line\nsecond \xff line\n", base=job)
-    return ["train", write_job(tmp, job)], [f"{path}:2: not UTF-8 text"]
-
-
 @case("jsonl with a truncated last line")
 def _(tmp, models):
     rows = first_rows(SFT_ROWS, 4)
@@ -356,26 +318,9 @@ def _(tmp, models):
     return ["train", write_job(tmp, job)], [f"{path}: a .json data file must hold a list of rows", "not a dict"]
 
 
-@case("empty .json file")
-def _(tmp, models):
-    job, path = with_data(tmp, "rows.json", "")
-    return ["train", write_job(tmp, job)], [f"{path}: the file is empty"]
-
-
 @case("corrupt parquet")
 def _(tmp, models):
     job, path = with_data(tmp, "rows.parquet", b"PAR1" + os.urandom(200) + b"PAR1")
-    return ["train", write_job(tmp, job)], [f"{path}: not a readable Parquet file"]
-
-
-@case("parquet cut short")
-def _(tmp, models):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    whole = tmp / "whole.parquet"
-    pq.write_table(pa.Table.from_pylist([{"text": f"row {i}"} for i in range(50)]), whole)
-    job, path = with_data(tmp, "rows.parquet", whole.read_bytes()[:-30])
     return ["train", write_job(tmp, job)], [f"{path}: not a readable Parquet file"]
 
 
@@ -425,13 +370,6 @@ def _(tmp, models):
     return ["train", write_job(tmp, job)], [f"model.name_or_path: {weights} is damaged", "cut short"]
 
 
-@case("model.safetensors with a garbage header")
-def _(tmp, models):
-    folder = copy_model(models["causal"], tmp / "model")
-    (folder / "model.safetensors").write_bytes((40).to_bytes(8, "little") + b"{not json" + b" " * 200)
-    return ["train", write_job(tmp, pretrained(tmp, folder))], ["model.safetensors is damaged", "not valid safetensors"]
-
-
 @case("config.json is not JSON")
 def _(tmp, models):
     folder = copy_model(models["causal"], tmp / "model")
@@ -460,13 +398,6 @@ def _(tmp, models):
     return ["train", write_job(tmp, job)], ["is a LoRA adapter folder", "tuneyard export RUN_DIR --merge"]
 
 
-@case("tokenizer folder missing")
-def _(tmp, models):
-    job = sft(tmp)
-    job["model"]["tokenizer"] = str(tmp / "tokenizer")
-    return ["train", write_job(tmp, job)], [f"model.tokenizer: '{tmp / 'tokenizer'}' does not exist"]
-
-
 @case("tokenizer folder without tokenizer files")
 def _(tmp, models):
     (tmp / "tokenizer").mkdir()
@@ -482,7 +413,7 @@ def _(tmp, models):
     job["data"]["train"] = str(tmp / "rows.jsonl")
     (tmp / "rows.jsonl").write_text(first_rows(SFT_ROWS, 8))
     argv = ["train", write_job(tmp, job), "--single"]  # refused by the loader, in this process
-    return argv, ["pytorch_model.bin", "pickle can run any code", "convert them to safetensors", "allow_pickle: true"]
+    return argv, ["pytorch_model.bin", "pickle can run any code", "Convert them to safetensors", "allow_pickle: true"]
 
 
 # stages and rewards
@@ -505,12 +436,6 @@ def _(tmp, models):
     return ["train", write_job(tmp, job)], ["reward.model:", "is not a reward model", "LlamaForCausalLM"]
 
 
-@case("grpo reward.model that does not exist")
-def _(tmp, models):
-    job = grpo(tmp, models, model=str(tmp / "reward-run" / "final"))
-    return ["train", write_job(tmp, job)], [f"reward.model: '{tmp / 'reward-run' / 'final'}' does not exist"]
-
-
 @case("grpo reward.model with pickle weights")
 def _(tmp, models):
     job = grpo(tmp, models, model=str(models["classifier-pickle"]))
@@ -523,13 +448,6 @@ def _(tmp, models):
 def _(tmp, models):
     job = ppo(tmp, models, max_prompt_length=8)
     return ["train", write_job(tmp, job)], ["data.train: prompt 1", "over ppo.max_prompt_length 8"]
-
-
-@case("ppo with an unknown reward function")
-def _(tmp, models):
-    job = ppo(tmp, models)
-    job["reward"] = {"functions": [{"name": "be_nice"}]}
-    return ["train", write_job(tmp, job)], ["unknown reward function 'be_nice'"]
 
 
 @case("pretrain with a format other than text")
@@ -572,6 +490,28 @@ def _(tmp, models):
 
 
 XFAIL = {"output.dir is an existing file", "output.dir under a regular file"}
+PARALLEL = max(2, min(4, os.cpu_count() or 2))  # the cases are subprocesses, mostly importing torch: CPU-bound
+
+
+@pytest.fixture(scope="module")
+def outcomes(request, tmp_path_factory, models) -> dict[str, tuple[subprocess.CompletedProcess | Exception, list]]:
+    """Every selected case built in its own folder and run, PARALLEL at a time: the table takes its CPU time / 2."""
+    selected = [
+        item.callspec.params["name"]
+        for item in request.session.items
+        if item.module.__name__ == __name__ and "name" in getattr(getattr(item, "callspec", None), "params", {})
+    ]
+
+    def run(name: str) -> tuple[subprocess.CompletedProcess | Exception, list]:
+        tmp = tmp_path_factory.mktemp(re.sub(r"\W+", "-", name)[:40])
+        try:
+            argv, fragments = CASES[name](tmp, models)
+            return run_tuneyard(*argv, cwd=tmp), fragments
+        except Exception as exc:  # reported by the case's own test, not by the fixture
+            return exc, []
+
+    with ThreadPoolExecutor(PARALLEL) as pool:
+        return dict(zip(selected, pool.map(run, selected), strict=True))
 
 
 @pytest.mark.parametrize(
@@ -581,6 +521,8 @@ XFAIL = {"output.dir is an existing file", "output.dir under a regular file"}
         for name in CASES
     ],
 )
-def test_bad_input_is_one_paragraph(name, tmp_path, models):
-    argv, fragments = CASES[name](tmp_path, models)
-    assert_one_paragraph(run_tuneyard(*argv, cwd=tmp_path), *fragments)
+def test_bad_input_is_one_paragraph(name, outcomes):
+    proc, fragments = outcomes[name]
+    if isinstance(proc, Exception):
+        raise proc
+    assert_one_paragraph(proc, *fragments)

@@ -6,16 +6,16 @@ import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from training.config import PeftSection
 from training.errors import UserError
-from training.finetune_method import disable_cpu_inference_repacking, quantization_config
 from training.model import check_model_source
-from training.run_dir import publish_final
+
+if TYPE_CHECKING:  # torch, transformers and bitsandbytes load only to merge: a wrong path answers at once
+    import torch
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
@@ -55,6 +55,8 @@ def _run_peft_section(job: dict) -> PeftSection:
 
 def _publish(staging: Path, out: Path, write: Callable[[Path], None]) -> None:
     """Write into a staging folder beside `out`, then swap it in; a place that cannot be written is the user's."""
+    from training.run_dir import publish_final
+
     try:
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -86,7 +88,11 @@ def load_dequantized_base(base_path: str, peft: PeftSection, allow_pickle: bool 
     Merging into the original full-precision weights would give other logits than the trained QLoRA
     model (it never saw them), and merging into 4-bit weights would re-quantise the sum: both are wrong.
     """
+    import torch
     from safetensors import SafetensorError
+    from transformers import AutoModelForCausalLM
+
+    from training.finetune_method import disable_cpu_inference_repacking, quantization_config
 
     use_safetensors = None if allow_pickle else True  # as training.model.load_model loads it
     try:
@@ -104,8 +110,6 @@ def load_dequantized_base(base_path: str, peft: PeftSection, allow_pickle: bool 
 
 def export_merged(run_dir: Path, out: Path) -> Path:
     """Fold the adapter into its (dequantised) base and write a plain Hugging Face folder in safetensors."""
-    from peft import PeftModel
-
     final = _adapter_folder(run_dir)
     job = _run_job(run_dir)
     peft = _run_peft_section(job)
@@ -120,6 +124,9 @@ def export_merged(run_dir: Path, out: Path) -> Path:
     if not Path(base_path).exists() and base_path.startswith(("/", ".")):
         raise UserError(f"the adapter's base model '{base_path}' is gone; restore it to merge")
     check_model_source(base_path, "the adapter's base model", allow_pickle=allow_pickle)
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
     base = load_dequantized_base(base_path, peft, allow_pickle)
     merged = PeftModel.from_pretrained(base, final).merge_and_unload()
 

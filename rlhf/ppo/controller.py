@@ -1,4 +1,5 @@
-"""The PPO controller: the loop on the driver that drives the role groups. Read `run_ppo` top to bottom.
+"""The PPO controller: the loop on the driver that drives the role groups. Read `ppo_iterations` top to
+bottom; `run_ppo` around it checks the input, places the roles, and restarts them after a lost actor.
 
     prompts -> policy.generate -> [reference log-probs | critic values | rewards] in parallel
             -> KL-shaped per-token rewards -> GAE -> ppo_epochs x mini-batches of (policy, critic) updates
@@ -25,7 +26,7 @@ from cluster.config import ClusterConfig
 from rlhf.config import PpoSection, RewardSection
 from rlhf.ppo import algorithms as algo
 from rlhf.ppo.batches import build_samples, concat_rows, left_pad, select_rows, split_rows
-from rlhf.ppo.groups import RoleGroup, check_fits, plan_placement, present_roles, start_role_groups
+from rlhf.ppo.groups import RoleGroup, plan_placement, present_roles, start_role_groups, wait_until_fits
 from rlhf.ppo.roles import CriticWorker, PolicyWorker, ReferenceWorker, RewardWorker
 from rlhf.ppo.scoring import function_scores
 from training.config import TrainSpec
@@ -56,7 +57,9 @@ class ControllerState:
     kl_controller: dict | None = None
 
 
-def tokenize_prompts(rows: list[dict], tokenizer, max_prompt_length: int, source: str) -> list[Prompt]:
+def tokenize_prompts(
+    rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_prompt_length: int, source: str
+) -> list[Prompt]:
     """Render each prompt with the chat template (ready for the answer) and refuse one over the limit."""
     prompts = []
     for i, row in enumerate(rows):
@@ -207,7 +210,7 @@ def run_ppo(spec: TrainSpec, ppo: PpoSection, reward: RewardSection, run_dir: Pa
     iterations = total_iterations(ppo, len(prompts))
     roles = present_roles(spec, reward)
     placement = plan_placement(ppo, roles)
-    check_fits(placement, ray.available_resources(), ppo)  # before any actor starts
+    wait_until_fits(placement, ppo)  # before any actor starts
     payload = {
         "spec": spec.model_dump(mode="json"),
         "ppo": ppo.model_dump(mode="json"),
@@ -339,20 +342,20 @@ def ppo_iterations(
         # --- metrics, KL controller, checkpoint
         sequence_kl = (kl * mask).sum(dim=1)
         kl_ctl.update(float(sequence_kl.mean()), samples_per_iteration)
-        first = policy_stats[0]
+        first, policy_means = policy_stats[0], mean_of(policy_stats)
         record = {
             "step": iteration + 1,
             "reward": float(scores.mean()),
             "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
             "kl": float(sequence_kl.mean()),
             "kl_coef": kl_coef,
-            **mean_of(policy_stats),
+            **policy_means,
             **mean_of(critic_stats),
-            "loss": mean_of(policy_stats)["policy_loss"],
+            "loss": policy_means["policy_loss"],
             "first_ratio_max_dev": first["ratio_max_dev"],
             "first_policy_loss": first["policy_loss"],
             "first_value_loss": critic_stats[0]["value_loss"],
-            "entropy": float(algo.masked_mean(entropy, mask)),
+            "entropy": float(algo.masked_mean(entropy, mask)),  # of the rollout's sampling distribution
             "response_length": float(mask.sum(dim=1).mean()),
             "generate_s": generated - started,
             "score_s": scored - generated,

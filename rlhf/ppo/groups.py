@@ -9,6 +9,7 @@ placement group's strategy (spread puts one role's ranks on different nodes wher
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -82,6 +83,21 @@ def plan_placement(ppo: PpoSection, roles: list[str]) -> Placement:
     return placement
 
 
+def wait_until_fits(placement: Placement, ppo: PpoSection, wait_s: float = 30.0) -> None:
+    """`check_fits` against the Ray cluster's free resources, giving a job that is ending a moment to free them."""
+    import ray
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            return check_fits(placement, ray.available_resources(), ppo)
+        except ClusterError:
+            if time.monotonic() > deadline:
+                raise
+            check_fits(placement, ray.cluster_resources(), ppo)  # more than the cluster holds: no use waiting
+            time.sleep(0.5)
+
+
 def check_fits(placement: Placement, available: dict[str, float], ppo: PpoSection) -> None:
     """Refuse, with the arithmetic, roles that ask for more CPUs or GPUs than the Ray cluster has."""
     for resource in ("CPU", "GPU"):
@@ -131,7 +147,7 @@ def start_role_groups(
     `cluster.collective_timeout_s` for a rank.
     """
     import ray
-    from ray.util.placement_group import placement_group, remove_placement_group
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     group = placement_group(placement.bundles, strategy=cluster.placement.upper())
@@ -169,3 +185,7 @@ def start_role_groups(
             for actor in g.actors:
                 ray.kill(actor)
         remove_placement_group(group)
+        # removal is asynchronous: a job that starts next on this Ray would find the CPUs still held
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and placement_group_table(group).get("state") != "REMOVED":
+            time.sleep(0.1)
