@@ -413,7 +413,7 @@ def _(tmp, models):
     job["data"]["train"] = str(tmp / "rows.jsonl")
     (tmp / "rows.jsonl").write_text(first_rows(SFT_ROWS, 8))
     argv = ["train", write_job(tmp, job), "--single"]  # refused by the loader, in this process
-    return argv, ["pytorch_model.bin", "pickle can run any code", "Convert them to safetensors", "allow_pickle: true"]
+    return argv, ["pytorch_model.bin", "unpickling can run code", "Convert them to safetensors", "allow_pickle: true"]
 
 
 # stages and rewards

@@ -31,3 +31,26 @@ def test_the_session_ray_has_only_loopback_nodes(ray_session):
 
     addresses = {node["NodeManagerAddress"] for node in ray.nodes() if node["Alive"]}
     assert addresses and all(ipaddress.ip_address(a) in LOOPBACK for a in addresses), addresses
+
+
+@pytest.mark.integration
+def test_a_client_without_the_token_cannot_join_the_local_ray(ray_session, tmp_path):
+    """The local Ray (as `ray_cluster` and this session start it) wants Ray's auth token: a driver that has
+    none (another HOME, no RAY_AUTH_TOKEN) or a wrong one is refused, wherever it connects from."""
+    import os
+    import subprocess
+    import sys
+
+    import ray
+
+    gcs = ray.get_runtime_context().gcs_address
+    probe = f"import ray; ray.init(address={gcs!r}, log_to_driver=False); print('joined')"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    for extra in ({}, {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "not-the-token"}):
+        env = {**clean, "HOME": str(tmp_path), **extra}
+        proc = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=120)
+        assert proc.returncode != 0 and "joined" not in proc.stdout, (extra, proc.stdout, proc.stderr[-1500:])
+        assert "token" in proc.stderr.lower()  # refused for the token, not for anything else
+    # the same probe with this user's token joins: the refusals above are about the token, not the address
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert "joined" in proc.stdout, proc.stderr[-1500:]

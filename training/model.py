@@ -112,7 +112,7 @@ def _check_model_folder(path: Path, what: str, allow_pickle: bool | None) -> Non
     if allow_pickle is False:
         raise UserError(
             f"{what}: '{path}' holds its weights only as pickle files ({', '.join(p.name for p in pickles[:3])}), "
-            "and loading a pickle can run any code it carries. Convert them to safetensors (load the model once "
+            "and unpickling can run code hidden in a file. Convert them to safetensors (load the model once "
             "where you trust it and save_pretrained the folder), or, if you trust these files, set "
             "model.allow_pickle: true."
         )
