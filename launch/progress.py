@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 from training.metrics import read_metrics
+from training.run_dir import read_status
 
 
 def _clock(seconds: float) -> str:
@@ -19,12 +20,15 @@ def _clock(seconds: float) -> str:
     )
 
 
-def progress_line(records: list[dict], started: float, now: float) -> str:
-    """`step 40/200 [20%] loss 2.31 | 5,120 tok/s | elapsed 0:12 | ETA 0:48` from the records so far."""
+def progress_line(records: list[dict], started: float, now: float, status: str = "") -> str:
+    """`step 40/200 [20%] loss 2.31 | 5,120 tok/s | elapsed 0:12 | ETA 0:48` from the records so far.
+
+    Before the first step it says what the run is busy with (`status`: the run directory's status line).
+    """
     starts = [r for r in records if r.get("event") == "start"]
     steps = [r for r in records if "loss" in r]
     if not starts:
-        return f"starting workers ... {_clock(now - started)}"
+        return f"starting workers: {status or 'starting'} ... {_clock(now - started)}"
     total = starts[-1].get("total_steps") or 0
     first_step = starts[-1].get("step", 0)
     # a lost worker restarts the run from its newest checkpoint: another start record
@@ -76,7 +80,10 @@ class ProgressFollower:
 
     def _draw(self, final: bool = False) -> None:
         line = f"[{self.label}] " + progress_line(
-            read_metrics(self.metrics_path)[self._offset :], self._started, time.time()
+            read_metrics(self.metrics_path)[self._offset :],
+            self._started,
+            time.time(),
+            read_status(self.metrics_path.parent),
         )
         if self._tty:
             sys.stdout.write("\r\033[K" + line + ("\n" if final else ""))

@@ -19,7 +19,7 @@ from training.errors import TrainingFailed, UserError
 from training.metrics import append_metrics, read_metrics
 from training.model import check_model_source, load_tokenizer
 from training.preemption import preemption_watch
-from training.run_dir import check_resume_world_size, job_identity, prepare_run_dir, resume_checkpoint
+from training.run_dir import check_resume_world_size, job_identity, prepare_run_dir, resume_checkpoint, set_status
 from training.runner import default_cache_dir, ray_train_worker
 from training.tokenize import cache_key
 
@@ -189,6 +189,7 @@ def run_on_ray(job: JobConfig, run_dir: Path) -> None:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     cluster: ClusterConfig = job.cluster
+    set_status(run_dir, "checking the Ray cluster's resources")
     wait_for_resources(cluster)  # Ray Train would wait forever, silently, for workers that cannot fit
     spec = job.train_spec()
     if job.stage in PREFERENCE_STAGES:
@@ -220,6 +221,9 @@ def run_on_ray(job: JobConfig, run_dir: Path) -> None:
                 name=f"train-{attempt}",
                 failure_config=FailureConfig(max_failures=0),
             ),
+        )
+        set_status(
+            run_dir, f"starting {cluster.workers} Ray Train worker(s)" + (f", attempt {attempt + 1}" if attempt else "")
         )
         try:
             fit_interruptibly(trainer)
@@ -288,17 +292,19 @@ def run_job(job: JobConfig, show_progress: bool = True, single: bool = False) ->
     check_disk(job, run_dir)
     before = stage_figures(job, starting_point(job))
     progress = ProgressFollower(run_dir / "metrics.jsonl", job.stage) if show_progress else contextlib.nullcontext()
+    set_status(run_dir, "loading" if single else "starting Ray")
+    # the progress line comes first, so it shows what start-up is doing while Ray comes up
     if single:
-        with preemption_watch(run_dir), progress:
+        with progress, preemption_watch(run_dir):
             run_single(job, run_dir)
     elif job.stage == "ppo":
         from rlhf.ppo.groups import plan_placement, present_roles
 
         cpus = plan_placement(job.ppo, present_roles(job.train_spec(), job.reward)).total("CPU")
-        with ray_cluster(job.cluster, cpus_needed=cpus), preemption_watch(run_dir), progress:
+        with progress, ray_cluster(job.cluster, cpus_needed=cpus), preemption_watch(run_dir):
             run_ppo_on_ray(job, run_dir)
     else:
-        with ray_cluster(job.cluster), preemption_watch(run_dir), progress:
+        with progress, ray_cluster(job.cluster), preemption_watch(run_dir):
             run_on_ray(job, run_dir)
     figures = eval_loss_figure(run_dir)
     after = stage_figures(job, final_folder(run_dir))

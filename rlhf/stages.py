@@ -29,8 +29,14 @@ from training.finetune_method import (
 from training.metrics import MetricsCallback
 from training.model import check_model_source, load_model, load_tokenizer
 from training.preemption import PreemptionCallback
-from training.run_dir import CompleteCheckpointCallback
-from training.runner import common_trainer_kwargs, materialize_scratch_base, start_ray_worker, train_and_publish
+from training.run_dir import CompleteCheckpointCallback, set_status
+from training.runner import (
+    DEEPSPEED_STATUS,
+    common_trainer_kwargs,
+    materialize_scratch_base,
+    start_ray_worker,
+    train_and_publish,
+)
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +119,8 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
             reward_funcs.append(pref.reward.model)  # TRL loads it as a sequence-classification model
 
     model_cfg = spec.model
+    if rank == 0:
+        set_status(run_dir, "loading the model")
     if model_cfg.init == "scratch" and (peft.method in ("lora", "qlora") or spec.stage == "dpo"):
         # an adapter needs its base on disk, and DPO's reference must be the very weights the policy starts from
         model_cfg = materialize_scratch_base(spec, tokenizer, run_dir, rank, distributed)
@@ -133,6 +141,8 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
         print(memory_footprint(model), flush=True)
 
     preemption = PreemptionCallback(run_dir)
+    if rank == 0:
+        set_status(run_dir, DEEPSPEED_STATUS)
     callbacks = [
         MetricsCallback(run_dir / "metrics.jsonl", training.batch_size * training.grad_accum * world),
         CompleteCheckpointCallback(run_dir, spec.output.keep_last),

@@ -167,3 +167,23 @@ def test_a_run_whose_checkpoints_cannot_fit_is_refused_before_it_starts(tmp_path
     assert "output.keep_last" in str(info.value) and not list((tmp_path / "run" / "logs").iterdir())
     # the arithmetic: weights (8 B) + Adam (12 B) per parameter per checkpoint, + the final fp32 weights
     assert run_bytes(10, adapter=False, checkpoints=2) == 2 * 10 * 20 + 10 * 4
+
+
+def test_progress_line_says_what_start_up_is_doing_and_when_a_run_restarted(tmp_path):
+    from launch.progress import progress_line
+    from training.run_dir import read_status, set_status
+
+    set_status(tmp_path, "tokenising the data (rank 0; cached for later runs)")
+    assert read_status(tmp_path) == "tokenising the data (rank 0; cached for later runs)"
+    assert progress_line([], 0.0, 12.0, read_status(tmp_path)) == (
+        "starting workers: tokenising the data (rank 0; cached for later runs) ... 0:12"
+    )
+    records = [
+        {"event": "start", "step": 0, "total_steps": 30, "time": 0.0},
+        {"step": 10, "loss": 2.0, "time": 10.0, "tokens_per_s": 100.0},
+        {"event": "start", "step": 5, "total_steps": 30, "time": 20.0},
+        {"step": 15, "loss": 1.5, "time": 30.0, "tokens_per_s": 100.0},
+    ]
+    line = progress_line(records, 0.0, 40.0)
+    assert line.startswith("step 15/30 [ 50%] | loss 1.500") and "ETA 0:15" in line
+    assert line.endswith("restarted from step 5 after a lost worker")

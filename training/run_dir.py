@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from training.errors import UserError
 from training.metrics import COMPLETE_MARKER
 
 RUN_FILE = "run.json"
+STATUS_FILE = "status"  # one line: what the run is doing before its first step (the progress line shows it)
 
 
 def job_identity(job_dump: dict) -> str:
@@ -25,6 +27,20 @@ def job_identity(job_dump: dict) -> str:
         k: v for k, v in job_dump.get("output", {}).items() if k not in ("dir", "resume", "overwrite")
     }
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def set_status(run_dir: Path, text: str) -> None:
+    """Say what the run is busy with (starting Ray, loading the model, building an op), replacing the last word."""
+    path = Path(run_dir) / STATUS_FILE
+    staging = path.with_name(f"{STATUS_FILE}.{os.getpid()}")
+    staging.write_text(text + "\n")
+    staging.replace(path)  # atomic: the progress line never reads half a line
+
+
+def read_status(run_dir: Path) -> str:
+    """The last status line a run wrote (empty when none)."""
+    path = Path(run_dir) / STATUS_FILE
+    return path.read_text().strip() if path.exists() else ""
 
 
 def _step_of(checkpoint: Path) -> int:

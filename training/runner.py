@@ -27,10 +27,11 @@ from training.metrics import MetricsCallback
 from training.model import load_model, load_tokenizer, resolve_dtype
 from training.packing import PackedRowsCollator
 from training.preemption import PreemptionCallback
-from training.run_dir import CompleteCheckpointCallback, publish_final, resume_checkpoint
+from training.run_dir import CompleteCheckpointCallback, publish_final, resume_checkpoint, set_status
 from training.tokenize import prepare_datasets
 
 log = logging.getLogger(__name__)
+DEEPSPEED_STATUS = "building the DeepSpeed engine (the first run on a machine also compiles DeepSpeed's CPU comm op)"
 
 
 def default_cache_dir(data: DataConfig, output: OutputConfig) -> Path:
@@ -134,6 +135,8 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
     tokenizer = load_tokenizer(spec.model)
     has_eval = bool(data.eval) or data.eval_fraction > 0
     model_cfg = spec.model
+    if rank == 0:
+        set_status(run_dir, "loading the model")
     if peft.method in ("lora", "qlora") and model_cfg.init == "scratch":
         model_cfg = materialize_scratch_base(spec, tokenizer, run_dir, rank, distributed)
     # A from-scratch model is built before the trainer args register DeepSpeed: under ZeRO-3's
@@ -145,6 +148,7 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
     # Rank 0 tokenises into the cache; the others wait, then read what it wrote.
     cache_dir = default_cache_dir(data, output)
     if rank == 0:
+        set_status(run_dir, "tokenising the data (rank 0; cached for later runs)")
         splits, warm = prepare_datasets(spec.stage, data, tokenizer, training.seed, cache_dir)
         log.info("tokenised data: %s cache", "warm" if warm else "cold")
     if distributed:
@@ -161,6 +165,8 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
         print(memory_footprint(model), flush=True)
     samples_per_step = training.batch_size * training.grad_accum * world
     preemption = PreemptionCallback(run_dir)
+    if rank == 0:
+        set_status(run_dir, DEEPSPEED_STATUS)
     trainer = SFTTrainer(
         model=model,
         args=args,

@@ -33,7 +33,7 @@ from training.config import TrainSpec
 from training.errors import TrainingFailed, UserError
 from training.metrics import COMPLETE_MARKER, append_metrics
 from training.preemption import RECORD_FILE, REQUEST_FILE
-from training.run_dir import publish_final, resume_checkpoint, retire_old_checkpoints
+from training.run_dir import publish_final, resume_checkpoint, retire_old_checkpoints, set_status
 
 log = logging.getLogger(__name__)
 ROLE_CLASSES = {"policy": PolicyWorker, "critic": CriticWorker, "reference": ReferenceWorker, "reward": RewardWorker}
@@ -221,7 +221,11 @@ def run_ppo(spec: TrainSpec, ppo: PpoSection, reward: RewardSection, run_dir: Pa
     classes = {role: ROLE_CLASSES[role] for role in roles}
     args = {role: (str(run_dir), payload) for role in roles}
     resume = spec.output.resume
+    actors = ", ".join(f"{role} x{len(seats)}" for role, seats in placement.seats.items())
     for attempt in range(spec.training.max_failures + 1):
+        set_status(
+            run_dir, f"starting the PPO role actors ({actors})" + (f", attempt {attempt + 1}" if attempt else "")
+        )
         try:
             with start_role_groups(placement, classes, cluster, args) as groups:
                 ppo_iterations(groups, spec, ppo, reward, run_dir, tokenizer, prompts, iterations, resume)

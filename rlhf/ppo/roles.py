@@ -26,6 +26,7 @@ from training.config import ModelConfig, TrainSpec
 from training.deepspeed_config import build_deepspeed_config
 from training.finetune_method import apply_finetune_method, keep_adapters_in_fp32, quantization_config
 from training.model import load_model, load_tokenizer, resolve_dtype
+from training.run_dir import set_status
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +109,8 @@ class RoleWorker:
 
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
         torch.manual_seed(self.spec.training.seed)
+        if self.rank == 0:
+            set_status(self.run_dir, f"{self.role}: loading the model and building its DeepSpeed engine")
         self.build()
 
     def build(self) -> None:
