@@ -98,7 +98,8 @@ def apply_override(tree: dict, override: str) -> None:
     except yaml.YAMLError as exc:
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
         raise UserError(
-            f"override '{override}': the value is not valid YAML ({problem}); quote it, e.g. {key}='\"...\"'"
+            f"override '{override}': the value is not valid YAML ({problem}); close its brackets, or quote it "
+            "as a string"
         ) from None
 
 

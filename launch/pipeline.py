@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from cluster.ray_cluster import ray_cluster
-from launch.config import JobConfig, load_job
+from launch.config import JobConfig, describe_yaml_error, load_job
 from launch.run import RunResult, eval_loss_figure, run_job
 from training.errors import UserError
 from training.run_dir import RUN_FILE, job_identity
@@ -20,7 +20,10 @@ def load_pipeline(path: Path) -> list[JobConfig]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"pipeline file {path} does not exist")
-    spec = yaml.safe_load(path.read_text()) or {}
+    try:
+        spec = yaml.safe_load(path.read_text(errors="replace")) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(describe_yaml_error(exc, path)) from None
     stages = spec.get("stages") if isinstance(spec, dict) else None
     if not isinstance(stages, list) or not stages:
         raise UserError(f"{path}: a pipeline is `stages:` followed by a list of `- job: FILE` entries")

@@ -76,7 +76,7 @@ def preflight(job: JobConfig) -> None:
     """Catch the user's mistakes on the driver, before any worker starts."""
     if job.model.init == "pretrained":
         assert job.model.name_or_path is not None
-        check_model_source(job.model.name_or_path)
+        check_model_source(job.model.name_or_path, allow_pickle=job.model.allow_pickle)
     if job.stage == "ppo":
         from rlhf.ppo.controller import prepare_ppo
 
@@ -92,7 +92,7 @@ def preflight(job: JobConfig) -> None:
         for function in job.reward.functions if job.stage == "grpo" else []:
             lookup(function.name)
         if job.stage == "grpo" and job.reward.model:
-            check_reward_model(job.reward.model)
+            check_reward_model(job.reward.model, allow_pickle=job.model.allow_pickle)
         return
     cache = default_cache_dir(job.data, job.output) / cache_key(job.stage, job.data, tokenizer, job.training.seed)
     if not (cache / "ready").exists():

@@ -241,6 +241,11 @@ def _(tmp, models):
     return ["pipeline", pipe, "--single"], ["stage1.yaml", "unknown key 'trainig'; did you mean 'training'?"]
 
 
+@case("pipeline file indented with a tab")
+def _(tmp, models):
+    return ["pipeline", write_job(tmp, "stages:\n\t- job: a.yaml\n", "pipe.yaml")], ["pipe.yaml:2", "not valid YAML"]
+
+
 # export and plot
 
 
@@ -469,12 +474,6 @@ def _(tmp, models):
     return ["train", write_job(tmp, job), "--single"], ["data.cache_dir: cannot create", "Not a directory"]
 
 
-OUTPUT_DIR_FIX = (
-    "training/run_dir.py prepare_run_dir lets NotADirectoryError/FileExistsError through; its owner is to wrap "
-    "them in UserError naming output.dir (then drop this marker)"
-)
-
-
 @case("output.dir is an existing file")
 def _(tmp, models):
     (tmp / "run").write_text("not a folder")
@@ -489,7 +488,6 @@ def _(tmp, models):
     return ["train", write_job(tmp, job)], ["output.dir", str(tmp / "a-file")]
 
 
-XFAIL = {"output.dir is an existing file", "output.dir under a regular file"}
 PARALLEL = max(2, min(4, os.cpu_count() or 2))  # the cases are subprocesses, mostly importing torch: CPU-bound
 
 
@@ -514,13 +512,7 @@ def outcomes(request, tmp_path_factory, models) -> dict[str, tuple[subprocess.Co
         return dict(zip(selected, pool.map(run, selected), strict=True))
 
 
-@pytest.mark.parametrize(
-    "name",
-    [
-        pytest.param(name, marks=pytest.mark.xfail(reason=OUTPUT_DIR_FIX, strict=True)) if name in XFAIL else name
-        for name in CASES
-    ],
-)
+@pytest.mark.parametrize("name", list(CASES))
 def test_bad_input_is_one_paragraph(name, outcomes):
     proc, fragments = outcomes[name]
     if isinstance(proc, Exception):

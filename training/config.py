@@ -57,6 +57,8 @@ def _as_sources(value: object) -> object:
         return value
     if isinstance(value, str | dict):
         value = [value]
+    if not isinstance(value, list | tuple):
+        return value  # a number or a bool: pydantic's "Input should be a valid list" names the key
     return [{"path": item} if isinstance(item, str) else item for item in value]  # type: ignore[union-attr]
 
 

@@ -159,8 +159,8 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
     check_model_source(name, key, tokenizer_only=True)  # the weights are load_model's to judge
     try:
         tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError, TypeError) as exc:
-        # a folder without tokenizer files gives ValueError or TypeError, a damaged one JSON or OSError
+    except (OSError, ValueError) as exc:
+        # no tokenizer files: ValueError ("Couldn't instantiate the backend"); a damaged JSON: JSONDecodeError
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UserError(
             f"{key}: cannot load a tokenizer from '{name}' ({type(exc).__name__}: {first}); the folder needs "

@@ -21,8 +21,11 @@ STATUS_FILE = "status"  # one line: what the run is doing before its first step 
 def job_identity(job_dump: dict) -> str:
     """A hash of everything that defines the run's results (not where it runs, lives or how it resumes)."""
     relevant = {k: v for k, v in job_dump.items() if k not in ("cluster", "output")}
-    if isinstance(relevant.get("training"), dict):  # how often to retry is not what the run computes
+    # how often to retry, and whether pickle weights may load, are not what the run computes
+    if isinstance(relevant.get("training"), dict):
         relevant["training"] = {k: v for k, v in relevant["training"].items() if k != "max_failures"}
+    if isinstance(relevant.get("model"), dict):
+        relevant["model"] = {k: v for k, v in relevant["model"].items() if k != "allow_pickle"}
     relevant["output"] = {
         k: v for k, v in job_dump.get("output", {}).items() if k not in ("dir", "resume", "overwrite")
     }
@@ -93,6 +96,13 @@ def prepare_run_dir(output: OutputConfig, identity: str) -> Path:
     """Create or adopt the run directory, refusing one that holds a different job's run."""
     run_dir = Path(output.dir)
     run_file = run_dir / RUN_FILE
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"output.dir '{run_dir}' is a file, not a folder; choose another output.dir")
+    blocked = next((p for p in run_dir.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise UserError(
+            f"output.dir '{run_dir}' cannot be created: '{blocked}' is a file, not a folder; choose another output.dir"
+        )
     if run_file.exists():
         owner = json.loads(run_file.read_text()).get("identity")
         explicit_resume = output.resume not in ("auto", "never")

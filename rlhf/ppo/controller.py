@@ -184,13 +184,13 @@ def prepare_ppo(
     if spec.model.init != "pretrained":
         raise UserError("stage ppo starts from a trained policy: set model.name_or_path (e.g. runs/sft-tiny/final)")
     assert spec.model.name_or_path is not None
-    check_model_source(spec.model.name_or_path)
+    check_model_source(spec.model.name_or_path, allow_pickle=spec.model.allow_pickle)
     if not reward.functions and not reward.model:
         raise UserError("stage ppo needs rewards: set reward.functions (named functions) and/or reward.model")
     for function in reward.functions:
         lookup(function.name)
     if reward.model:
-        check_reward_model(reward.model)
+        check_reward_model(reward.model, allow_pickle=spec.model.allow_pickle)
     tokenizer = load_tokenizer(spec.model)
     train_rows, _ = read_splits(spec.data, spec.training.seed)
     prompts = tokenize_prompts(train_rows, tokenizer, ppo.max_prompt_length, "data.train")

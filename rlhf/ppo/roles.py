@@ -295,13 +295,7 @@ class CriticWorker(RoleWorker):
     def build(self) -> None:
         spec = self.spec
         self.tokenizer = load_tokenizer(spec.model)
-        model_cfg = ModelConfig(
-            name_or_path=self.critic_source,
-            tokenizer=spec.model.tokenizer,
-            dtype=spec.model.dtype,
-            attn_implementation=spec.model.attn_implementation,
-            trust_remote_code=spec.model.trust_remote_code,
-        )
+        model_cfg = spec.model.model_copy(update={"name_or_path": self.critic_source})  # the policy's settings
         classifier = load_model(model_cfg, self.tokenizer, task="sequence-classification")
         if spec.training.gradient_checkpointing:
             classifier.gradient_checkpointing_enable()
@@ -379,7 +373,11 @@ class RewardWorker(RoleWorker):
     def build(self) -> None:
         path = self.reward.model
         assert path is not None
-        cfg = ModelConfig(name_or_path=path, trust_remote_code=self.spec.model.trust_remote_code)
+        cfg = ModelConfig(
+            name_or_path=path,
+            trust_remote_code=self.spec.model.trust_remote_code,
+            allow_pickle=self.spec.model.allow_pickle,
+        )
         self.tokenizer = load_tokenizer(cfg)
         self.model = load_model(cfg, self.tokenizer, task="sequence-classification").eval()
         self.model.requires_grad_(False)
