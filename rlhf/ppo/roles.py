@@ -194,6 +194,21 @@ def sequence_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
     )
 
 
+@torch.no_grad()
+def response_logprobs(
+    model: torch.nn.Module, batch: dict[str, torch.Tensor], micro_size: int, entropy: bool = False
+) -> dict[str, torch.Tensor]:
+    """Per-token log-probs of the responses under `model` (and the entropy of its distribution), micro-batched."""
+    width = batch["action_mask"].shape[1]
+    out: dict[str, list[torch.Tensor]] = {"logprobs": [], "entropy": []}
+    for micro in micro_batches(batch, micro_size):
+        logits = response_logits(sequence_forward(model, micro).logits, width)
+        out["logprobs"].append(algo.logprobs_from_logits(logits, micro["sequences"][:, -width:]))
+        if entropy:
+            out["entropy"].append(algo.entropy_from_logits(logits.float()))
+    return {k: torch.cat(v) for k, v in out.items() if v}
+
+
 class PolicyWorker(RoleWorker):
     """The policy: generates rollouts with its current weights, scores its own log-probs, trains.
 
@@ -220,28 +235,24 @@ class PolicyWorker(RoleWorker):
         """Responses to this rank's prompts (collective under ZeRO-3: the shards are gathered)."""
         return self.generator.generate(prompt_ids, prompt_mask, self.ppo.generation, seed + 7919 * self.rank)
 
-    @torch.no_grad()
-    def logprobs(self, batch: dict[str, torch.Tensor], reference: bool = False) -> dict[str, torch.Tensor]:
-        """Per-token log-probs (and entropy) of the responses under the current weights, or the reference's."""
+    def logprobs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-token log-probs and entropy of the responses under the current weights (the rollout's "old")."""
         module = self.engine.module
         was_training = module.training
         module.eval()
-        width = batch["action_mask"].shape[1]
-        out_logprobs, out_entropy = [], []
-        for micro in micro_batches(batch, self.ppo.micro_batch_size):
-            if reference:
-                with module.disable_adapter():
-                    logits = response_logits(sequence_forward(module, micro).logits, width)
-            else:
-                logits = response_logits(sequence_forward(module, micro).logits, width)
-            out_logprobs.append(algo.logprobs_from_logits(logits, micro["sequences"][:, -width:]))
-            out_entropy.append(algo.entropy_from_logits(logits.float()))
+        out = response_logprobs(module, batch, self.ppo.micro_batch_size, entropy=True)
         module.train(was_training)
-        return {"logprobs": torch.cat(out_logprobs), "entropy": torch.cat(out_entropy)}
+        return out
 
     def reference_logprobs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """The reference's log-probs: this base with the adapter disabled (LoRA/QLoRA policies only)."""
-        return {"logprobs": self.logprobs(batch, reference=True)["logprobs"]}
+        module = self.engine.module
+        was_training = module.training
+        module.eval()
+        with module.disable_adapter():
+            out = response_logprobs(module, batch, self.ppo.micro_batch_size)
+        module.train(was_training)
+        return out
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimizer step on this rank's share of a mini-batch (micro-batches accumulate)."""
@@ -349,16 +360,10 @@ class ReferenceWorker(RoleWorker):
         self.model.requires_grad_(False)
         self.engine = self._inference_engine(self.model)
 
-    @torch.no_grad()
     def logprobs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-token reference log-probs of the responses."""
         model = self.engine.module if self.engine is not None else self.model
-        width = batch["action_mask"].shape[1]
-        out = []
-        for micro in micro_batches(batch, self.ppo.micro_batch_size):
-            logits = response_logits(sequence_forward(model, micro).logits, width)
-            out.append(algo.logprobs_from_logits(logits, micro["sequences"][:, -width:]))
-        return {"logprobs": torch.cat(out)}
+        return response_logprobs(model, batch, self.ppo.micro_batch_size)
 
 
 class RewardWorker(RoleWorker):
