@@ -16,6 +16,7 @@ from launch.figures import final_folder, format_figures, stage_figures, starting
 from launch.progress import ProgressFollower
 from training.data import read_splits
 from training.errors import TrainingFailed, UserError
+from training.faults import forwarded_faults
 from training.metrics import append_metrics, read_metrics
 from training.model import check_model_source, load_tokenizer
 from training.preemption import preemption_watch
@@ -50,14 +51,17 @@ class RunResult:
 
 
 def find_user_error(exc: BaseException) -> BaseException | None:
-    """Dig a UserError or ClusterError out of the wrappers Ray puts around a worker's exception."""
+    """Dig a UserError, ClusterError or TrainingFailed out of the wrappers Ray puts around a worker's exception.
+
+    Each is reported as it is, not retried: a retry would meet the same mistake, full disk or NaNs.
+    """
     seen, queue = set(), [exc]
     while queue:
         current = queue.pop(0)
         if id(current) in seen:
             continue
         seen.add(id(current))
-        if isinstance(current, UserError | ClusterError):
+        if isinstance(current, UserError | ClusterError | TrainingFailed):
             return current
         for name in ("__cause__", "__context__", "cause", "error", "_error"):
             child = getattr(current, name, None)
@@ -205,6 +209,7 @@ def run_on_ray(job: JobConfig, run_dir: Path) -> None:
             "run_dir": str(run_dir),
             "spec": spec.model_dump(mode="json"),
             "preference": job.preference_spec().model_dump(mode="json"),
+            "faults": forwarded_faults(),
         }
         trainer = TorchTrainer(
             entry,
@@ -251,7 +256,7 @@ def run_ppo_on_ray(job: JobConfig, run_dir: Path) -> None:
 
     try:
         run_ppo(job.train_spec(), job.ppo, job.reward, run_dir, job.cluster)
-    except (UserError, ClusterError):
+    except (UserError, ClusterError, TrainingFailed):
         raise
     except Exception as exc:
         user_error = find_user_error(exc)

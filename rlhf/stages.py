@@ -28,11 +28,13 @@ from training.finetune_method import (
 )
 from training.metrics import MetricsCallback
 from training.model import check_model_source, load_model, load_tokenizer
+from training.nonfinite import NonFiniteGuard
 from training.preemption import PreemptionCallback
 from training.run_dir import CompleteCheckpointCallback, set_status
 from training.runner import (
     DEEPSPEED_STATUS,
     common_trainer_kwargs,
+    guarded,
     materialize_scratch_base,
     start_ray_worker,
     train_and_publish,
@@ -155,11 +157,12 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
         eval_dataset=splits.get("eval"),
         processing_class=tokenizer,
         callbacks=callbacks,
+        nonfinite_guard=NonFiniteGuard(run_dir, training.max_nonfinite_steps, rank),
     )
     if spec.stage == "reward":
         from trl import RewardTrainer
 
-        trainer = RewardTrainer(**common)
+        trainer = guarded(RewardTrainer)(**common)
     elif spec.stage == "dpo":
         from trl import DPOTrainer
 
@@ -167,11 +170,13 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
         # disabled (TRL does that when ref_model is None); precomputed log-probs need none at all.
         needs_copy = peft.method in ("full", "freeze") and not pref.dpo.precompute_ref_log_probs
         ref_model = load_model(model_cfg, tokenizer) if needs_copy else None
-        trainer = DPOTrainer(ref_model=ref_model, peft_config=lora_config(peft) if adapter_by_trl else None, **common)
+        trainer = guarded(DPOTrainer)(
+            ref_model=ref_model, peft_config=lora_config(peft) if adapter_by_trl else None, **common
+        )
     else:
         from trl import GRPOTrainer
 
-        trainer = GRPOTrainer(reward_funcs=reward_funcs, **common)
+        trainer = guarded(GRPOTrainer)(reward_funcs=reward_funcs, **common)
     trainer.remove_callback(PrinterCallback)
     if peft.method == "qlora" and not args.bf16:
         keep_adapters_in_fp32(trainer.model)

@@ -115,6 +115,9 @@ class TrainingConfig(BaseModel):
     max_failures: int = Field(
         default=2, ge=0, description="restarts after a lost worker (or PPO role actor), each from the newest checkpoint"
     )
+    max_nonfinite_steps: int = Field(
+        default=5, ge=0, description="NaN/inf steps skipped in a row before the run stops (0: stop at the first)"
+    )
 
 
 class DeepSpeedSection(BaseModel):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -11,10 +12,12 @@ from pathlib import Path
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from training.config import OutputConfig
-from training.errors import UserError
+from training.errors import TrainingFailed, UserError
+from training.faults import pause_in_save
 from training.metrics import COMPLETE_MARKER
 
 RUN_FILE = "run.json"
+LOW_SPACE_BYTES = 64 * 2**20  # a failed write with less free than this is taken for a full disk
 STATUS_FILE = "status"  # one line: what the run is doing before its first step (the progress line shows it)
 
 
@@ -88,8 +91,62 @@ class CompleteCheckpointCallback(TrainerCallback):
             dist.barrier()  # each rank writes its own shards and RNG state
         folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         if state.is_world_process_zero and folder.is_dir():
+            pause_in_save("written", state.global_step, self.run_dir, rank=0)
             (folder / COMPLETE_MARKER).write_text(str(state.global_step))
+            pause_in_save("marked", state.global_step, self.run_dir, rank=0)
             retire_old_checkpoints(self.run_dir, self.keep_last)
+
+
+class DiskFull(TrainingFailed):
+    """A save failed because the output filesystem is full; what was saved before is intact."""
+
+
+def out_of_space(exc: BaseException, folder: Path) -> bool:
+    """Whether a failed write was for want of disk space (torch's writer hides the errno, so free space decides)."""
+    current: BaseException | None = exc
+    while current is not None:
+        if isinstance(current, OSError) and current.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(current):
+            return True
+        current = current.__cause__ or current.__context__
+    existing = next((p for p in [Path(folder), *Path(folder).parents] if p.exists()), Path("/"))
+    return shutil.disk_usage(existing).free < LOW_SPACE_BYTES
+
+
+def disk_full_message(what: str, run_dir: Path) -> str:
+    """One paragraph for a save that ran out of space: what failed, what is intact, what to do."""
+    free = shutil.disk_usage(run_dir).free / 2**20
+    done = complete_checkpoints(run_dir)
+    intact = f"The newest complete checkpoint, {done[-1]}, is intact" if done else "No complete checkpoint exists yet"
+    return (
+        f"{what} failed: no space left on the disk of {run_dir} ({free:.1f} MiB free). {intact}, and so is any "
+        "earlier final/. Free some space (or move output.dir, or lower output.keep_last), then run the job "
+        "again to resume."
+    )
+
+
+class ReportsFullDisk:
+    """Trainer mixin: a checkpoint save that fills the disk ends the run with `DiskFull`, keeping older saves.
+
+    The half-written folder is removed (it was never marked complete, so resume would skip it anyway).
+    """
+
+    def _save_checkpoint(self, model, trial) -> None:
+        folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as exc:
+            if not out_of_space(exc, folder):
+                raise
+            if self.state.is_world_process_zero:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise DiskFull(disk_full_message(f"saving {folder.name}", folder.parent.parent)) from None
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        run_dir = Path(self.args.output_dir).parent
+        pause_in_save("weights", self.state.global_step, run_dir, rank=0 if self.state.is_world_process_zero else 1)
+        super()._save_optimizer_and_scheduler(output_dir)
 
 
 def prepare_run_dir(output: OutputConfig, identity: str) -> Path:

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from training.config import DataConfig, ModelConfig, OutputConfig, TrainingConfig, TrainSpec
 from training.deepspeed_config import build_deepspeed_config
+from training.faults import apply_faults
 from training.finetune_method import (
     apply_finetune_method,
     keep_adapters_in_fp32,
@@ -25,9 +26,19 @@ from training.finetune_method import (
 )
 from training.metrics import MetricsCallback
 from training.model import load_model, load_tokenizer, resolve_dtype
+from training.nonfinite import NonFiniteGuard, SkipsNonFiniteSteps
 from training.packing import PackedRowsCollator
 from training.preemption import PreemptionCallback
-from training.run_dir import CompleteCheckpointCallback, publish_final, resume_checkpoint, set_status
+from training.run_dir import (
+    CompleteCheckpointCallback,
+    DiskFull,
+    ReportsFullDisk,
+    disk_full_message,
+    out_of_space,
+    publish_final,
+    resume_checkpoint,
+    set_status,
+)
 from training.tokenize import prepare_datasets
 
 log = logging.getLogger(__name__)
@@ -96,6 +107,11 @@ def build_trainer_args(spec: TrainSpec, run_dir: Path, has_eval: bool):
         packing=False,  # SFT rows were packed (and cached) at tokenisation; see training/packing.py
         dataset_num_proc=spec.data.num_proc if spec.data.num_proc > 1 else None,
     )
+
+
+def guarded(trainer_class: type) -> type:
+    """`trainer_class` that skips NaN/inf steps (training.nonfinite) and reports a disk filled by a save."""
+    return type(trainer_class.__name__, (SkipsNonFiniteSteps, ReportsFullDisk, trainer_class), {})
 
 
 def choose_collator(spec: TrainSpec, model: torch.nn.Module, pad_token_id: int):
@@ -167,7 +183,8 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
     preemption = PreemptionCallback(run_dir)
     if rank == 0:
         set_status(run_dir, DEEPSPEED_STATUS)
-    trainer = SFTTrainer(
+    trainer = guarded(SFTTrainer)(
+        nonfinite_guard=NonFiniteGuard(run_dir, training.max_nonfinite_steps, rank),
         model=model,
         args=args,
         data_collator=choose_collator(spec, model, tokenizer.pad_token_id),
@@ -209,13 +226,20 @@ def train_and_publish(
         shutil.rmtree(staging, ignore_errors=True)
     if distributed:
         dist.barrier()
-    trainer.save_model(str(staging))
-    if distributed:
-        dist.barrier()
-    if rank == 0:
-        tokenizer.save_pretrained(str(staging))
-        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; final/ holds safetensors and JSON only
-        publish_final(staging, run_dir / "final")
+    try:
+        trainer.save_model(str(staging))
+        if distributed:
+            dist.barrier()
+        if rank == 0:
+            tokenizer.save_pretrained(str(staging))
+            (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; final/ holds safetensors and JSON
+            publish_final(staging, run_dir / "final")
+    except Exception as exc:
+        if not out_of_space(exc, staging):
+            raise
+        if rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        raise DiskFull(disk_full_message("writing final/", run_dir)) from None
     if distributed:
         dist.barrier()
     return {"global_step": trainer.state.global_step, **metrics}
@@ -241,6 +265,7 @@ def start_ray_worker(payload: dict) -> tuple[Path, int]:
 
     rank = ray.train.get_context().get_world_rank()
     run_dir = Path(payload["run_dir"])
+    apply_faults(payload.get("faults", {}))
     redirect_output(run_dir / "logs" / f"worker-{rank}.log")
     log.info("rank %d (pid %d) runs on Ray node %s", rank, os.getpid(), ray.get_runtime_context().get_node_id())
     datasets.disable_progress_bars()

@@ -1,0 +1,58 @@
+"""Fault injection for the reliability tests, switched on by `TUNEYARD_FAULT_*` environment variables.
+
+Nothing here acts unless a test sets one of the variables. The driver forwards them to its Ray
+workers (`forwarded_faults` -> payload -> `apply_faults`), so a test sets them where it runs
+`tuneyard train`.
+
+- `TUNEYARD_FAULT_NAN_LOSS="3,4"`: rank 0's training loss becomes NaN at those steps (1-based, as
+  logged), so the other ranks learn of it only through the all-reduce that decides a skip.
+- `TUNEYARD_FAULT_PAUSE="written@20"`: rank 0 stops inside the save of checkpoint-20 at that point
+  (see `SAVE_POINTS`) and sleeps until it is killed; once per run directory, so the restarted run passes.
+- `TUNEYARD_FAULT_HOLD="1@3"`: rank 1 sleeps for a long time after step 3 (its peers' next collective
+  times out).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+PREFIX = "TUNEYARD_FAULT_"
+SAVE_POINTS = ("weights", "written", "marked")  # model written | all ranks' files written | marked complete
+HOLD_SECONDS = 3600.0
+
+
+def forwarded_faults() -> dict[str, str]:
+    """The fault variables set in this (driver) process, to hand to the workers."""
+    return {k: v for k, v in os.environ.items() if k.startswith(PREFIX)}
+
+
+def apply_faults(faults: dict[str, str]) -> None:
+    """In a worker: switch on the faults the driver forwarded."""
+    os.environ.update({k: v for k, v in faults.items() if k.startswith(PREFIX)})
+
+
+def nan_loss_steps() -> set[int]:
+    """Steps whose loss rank 0 turns into NaN (empty unless TUNEYARD_FAULT_NAN_LOSS is set)."""
+    value = os.environ.get(PREFIX + "NAN_LOSS", "")
+    return {int(step) for step in value.split(",") if step.strip()}
+
+
+def pause_in_save(point: str, step: int, run_dir: Path, rank: int) -> None:
+    """Sleep until killed at `point` of the save of checkpoint-`step`, when TUNEYARD_FAULT_PAUSE names it."""
+    if rank != 0 or os.environ.get(PREFIX + "PAUSE") != f"{point}@{step}":
+        return
+    marker = Path(run_dir) / "faults" / f"paused-{point}-{step}"
+    if marker.exists():
+        return
+    marker.parent.mkdir(exist_ok=True)
+    marker.write_text(str(os.getpid()))  # the test reads whom to kill
+    while True:
+        time.sleep(1)
+
+
+def hold_rank(step: int, rank: int) -> None:
+    """Keep this rank away from its peers after `step`, when TUNEYARD_FAULT_HOLD="RANK@STEP" names it."""
+    if os.environ.get(PREFIX + "HOLD") == f"{rank}@{step}":
+        time.sleep(HOLD_SECONDS)
