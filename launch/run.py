@@ -20,7 +20,15 @@ from training.faults import forwarded_faults
 from training.metrics import append_metrics, read_metrics
 from training.model import check_model_source, load_tokenizer
 from training.preemption import preemption_watch
-from training.run_dir import check_resume_world_size, job_identity, prepare_run_dir, resume_checkpoint, set_status
+from training.run_dir import (
+    check_resume_world_size,
+    clear_heartbeats,
+    job_identity,
+    last_sign_of,
+    prepare_run_dir,
+    resume_checkpoint,
+    set_status,
+)
 from training.runner import default_cache_dir, ray_train_worker
 from training.tokenize import cache_key
 
@@ -111,7 +119,7 @@ def _first_sentence(text: str, limit: int = 200) -> str:
     return sentence if len(sentence) <= limit else sentence[: limit - 3] + "..."
 
 
-def worker_failures(exc: BaseException, run_dir: Path) -> str:
+def worker_failures(exc: BaseException, run_dir: Path, workers: int) -> str:
     """The failed workers of a Ray Train error: rank, node, the failure's last line, its log; dead ones first.
 
     When one worker dies its peers fail too (a collective loses its partner): the dead one is the cause.
@@ -131,6 +139,14 @@ def worker_failures(exc: BaseException, run_dir: Path) -> str:
             started = [x for x in log_path.read_text(errors="replace").splitlines() if "runs on Ray node" in x]
             node = f" on node {started[-1].rsplit(' ', 1)[-1][:12]}" if started else ""
         lines.append(f"rank {rank}{node}: {_first_sentence(str(failure)) or type(failure).__name__} (log: {log_path})")
+    waited = [rank for rank, failure in failures.items() if "timed out" in str(failure).lower()]
+    if waited:  # a collective timed out: the ranks that did not wait in it are the ones that never came
+        for rank in sorted(set(range(workers)) - set(failures)):
+            sign = last_sign_of(run_dir, rank)
+            lines.append(
+                f"rank {rank} did not arrive in the collective that rank(s) {', '.join(map(str, sorted(waited)))} "
+                f"waited for" + (f" (its last sign: {sign})" if sign else "")
+            )
     return "; ".join(lines)
 
 
@@ -227,6 +243,7 @@ def run_on_ray(job: JobConfig, run_dir: Path) -> None:
                 failure_config=FailureConfig(max_failures=0),
             ),
         )
+        clear_heartbeats(run_dir)
         set_status(
             run_dir, f"starting {cluster.workers} Ray Train worker(s)" + (f", attempt {attempt + 1}" if attempt else "")
         )
@@ -237,7 +254,7 @@ def run_on_ray(job: JobConfig, run_dir: Path) -> None:
             user_error = find_user_error(exc)
             if user_error is not None:
                 raise user_error from None
-            failed = worker_failures(exc, run_dir)
+            failed = worker_failures(exc, run_dir, cluster.workers)
             if attempt == job.training.max_failures:
                 raise TrainingFailed(
                     f"training failed: {failed}. The {attempt} restart(s) that training.max_failures allows are "

@@ -30,7 +30,7 @@ from training.metrics import MetricsCallback
 from training.model import check_model_source, load_model, load_tokenizer
 from training.nonfinite import NonFiniteGuard
 from training.preemption import PreemptionCallback
-from training.run_dir import CompleteCheckpointCallback, set_status
+from training.run_dir import CompleteCheckpointCallback, Heartbeat, set_status
 from training.runner import (
     DEEPSPEED_STATUS,
     common_trainer_kwargs,
@@ -149,6 +149,7 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
         MetricsCallback(run_dir / "metrics.jsonl", training.batch_size * training.grad_accum * world),
         CompleteCheckpointCallback(run_dir, spec.output.keep_last),
         preemption,
+        Heartbeat(run_dir, rank),  # last: see its docstring
     ]
     common = dict(
         model=model,

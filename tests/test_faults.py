@@ -224,3 +224,32 @@ ls '{run_dir}/final' > '{out}/final.ls'
     assert not [r for r in records if r.get("event") == "restart"]  # a full disk is not retried
     assert [r["step"] for r in records if r.get("event") == "start"] == [0, 5]
     assert "model.safetensors" in (out / "final.ls").read_text().split()
+
+
+def test_a_collective_timeout_names_the_rank_that_did_not_arrive(ray_session, tmp_path):
+    """Rank 1 is held back after step 3 and cluster.collective_timeout_s is 20: rank 0's next collective
+    times out, and the one paragraph names rank 1 and the step it last began; exit 1, no traceback."""
+    run_dir = tmp_path / "run"
+    job = job_dict(
+        SFT_JOB,
+        run_dir,
+        training={"max_steps": 8, "max_failures": 0},
+        cluster={"workers": 2, "collective_timeout_s": 20},
+    )
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    started = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "train", str(tmp_path / "job.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TUNEYARD_FAULT_HOLD": "1@3"},
+        cwd=ROOT,
+    )
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    message = proc.stderr.strip().splitlines()[-1]
+    assert message.startswith("training failed: rank 0"), message
+    assert "rank 1 did not arrive in the collective that rank(s) 0 waited for" in message, message
+    assert "(its last sign: finished step 3, " in message, message
+    assert time.monotonic() - started < 300  # bounded by the timeout, not by the hold (an hour)

@@ -7,18 +7,20 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from pathlib import Path
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from training.config import OutputConfig
 from training.errors import TrainingFailed, UserError
-from training.faults import pause_in_save
+from training.faults import hold_rank, pause_in_save
 from training.metrics import COMPLETE_MARKER
 
 RUN_FILE = "run.json"
 LOW_SPACE_BYTES = 64 * 2**20  # a failed write with less free than this is taken for a full disk
 STATUS_FILE = "status"  # one line: what the run is doing before its first step (the progress line shows it)
+HEARTBEATS = "ranks"  # RUN_DIR/ranks/rank-N: the step rank N last began, and when
 
 
 def job_identity(job_dump: dict) -> str:
@@ -95,6 +97,45 @@ class CompleteCheckpointCallback(TrainerCallback):
             (folder / COMPLETE_MARKER).write_text(str(state.global_step))
             pause_in_save("marked", state.global_step, self.run_dir, rank=0)
             retire_old_checkpoints(self.run_dir, self.keep_last)
+
+
+class Heartbeat(TrainerCallback):
+    """Each rank notes the step it began and the step it finished, so a timed-out collective can name who lagged.
+
+    Put it last among the callbacks: "finished" then means past every collective of the step.
+    """
+
+    def __init__(self, run_dir: Path, rank: int):
+        self.folder, self.rank = Path(run_dir) / HEARTBEATS, rank
+        self.folder.mkdir(exist_ok=True)
+
+    def _note(self, step: int, phase: str) -> None:
+        path = self.folder / f"rank-{self.rank}"
+        staging = path.with_suffix(".tmp")
+        staging.write_text(json.dumps({"step": step, "phase": phase, "time": time.time()}))
+        staging.replace(path)
+
+    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
+        self._note(state.global_step + 1, "began")
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
+        self._note(state.global_step, "finished")
+        hold_rank(state.global_step, self.rank)
+
+
+def clear_heartbeats(run_dir: Path) -> None:
+    """Forget the last attempt's heartbeats (before the workers of a new one start)."""
+    shutil.rmtree(Path(run_dir) / HEARTBEATS, ignore_errors=True)
+
+
+def last_sign_of(run_dir: Path, rank: int, now: float | None = None) -> str:
+    """What rank `rank` last noted ("finished step 3, 25 s before"), or "" when it noted nothing."""
+    try:
+        beat = json.loads((Path(run_dir) / HEARTBEATS / f"rank-{rank}").read_text())
+        step, phase, noted = beat["step"], beat["phase"], beat["time"]
+    except (OSError, ValueError, KeyError):
+        return ""
+    return f"{phase} step {step}, {(time.time() if now is None else now) - noted:.0f} s before"
 
 
 class DiskFull(TrainingFailed):

@@ -32,6 +32,7 @@ from training.preemption import PreemptionCallback
 from training.run_dir import (
     CompleteCheckpointCallback,
     DiskFull,
+    Heartbeat,
     ReportsFullDisk,
     disk_full_message,
     out_of_space,
@@ -195,6 +196,7 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
             MetricsCallback(run_dir / "metrics.jsonl", samples_per_step),
             CompleteCheckpointCallback(run_dir, output.keep_last),
             preemption,
+            Heartbeat(run_dir, rank),  # last: see its docstring
         ],
     )
     trainer.remove_callback(PrinterCallback)  # its dict-per-step print is metrics.jsonl's job
