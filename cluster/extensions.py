@@ -13,7 +13,9 @@ import logging
 import os
 import re
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,16 @@ def extensions_dir() -> str:
     return os.environ.get("TORCH_EXTENSIONS_DIR") or default_extensions_dir()
 
 
+def use_own_build_folder() -> None:
+    """In a worker: key the default cache by the worker's own build, which may differ from the driver's.
+
+    The driver marks a default cache with TUNEYARD_DEFAULT_EXTENSIONS_DIR; a user's own TORCH_EXTENSIONS_DIR
+    is left alone.
+    """
+    if os.environ.get("TUNEYARD_DEFAULT_EXTENSIONS_DIR") == os.environ.get("TORCH_EXTENSIONS_DIR"):
+        os.environ["TORCH_EXTENSIONS_DIR"] = os.environ["TUNEYARD_DEFAULT_EXTENSIONS_DIR"] = default_extensions_dir()
+
+
 def filesystem_type(path: str | Path) -> str:
     """The type (ext4, nfs4, ...) of the filesystem holding `path`, from /proc/self/mounts; '' when unknown."""
     target = os.path.realpath(path)
@@ -87,7 +99,7 @@ def _builder_holding(op_dir: str, lock: str) -> str | None:
     """
     prefix = op_dir.rstrip("/") + "/"
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+        if not entry.name.isdigit():  # this process counts too: a worker holds its own build's baton
             continue
         try:
             name = (entry / "comm").read_text().strip()
@@ -105,14 +117,16 @@ def _builder_holding(op_dir: str, lock: str) -> str | None:
     return None
 
 
-def clear_stale_locks(root: str | Path, stale_after_s: float = STALE_AFTER_S) -> list[Path]:
+def clear_stale_locks(
+    root: str | Path, stale_after_s: float = STALE_AFTER_S, only: set[Path] | None = None
+) -> list[Path]:
     """Remove the `<root>/<op>/lock` files whose build died, with a warning each; return the removed paths.
 
     A lock is stale when no live process holds the build (see `_builder_holding`: a process with the lock
     open, or ninja/a compiler working in or on the op folder), or when it is older than `stale_after_s`
     whoever holds it (a build hung that long would hang the run as surely as a dead one). On a network
     filesystem (NFS, Lustre, ...) the holder may be on another machine, where this one cannot look, so
-    there only the age counts.
+    there only the age counts. With `only`, locks outside it are removed for their age alone.
     """
     root = Path(root)
     if not root.is_dir():
@@ -127,7 +141,7 @@ def clear_stale_locks(root: str | Path, stale_after_s: float = STALE_AFTER_S) ->
         op_dir = os.path.realpath(lock.parent)
         if age > stale_after_s:
             why = f"it is {age / 60:.0f} min old (over {stale_after_s / 60:g} min)"
-        elif network:
+        elif network or (only is not None and lock not in only):
             continue
         else:
             holder = _builder_holding(op_dir, os.path.join(op_dir, "lock"))
@@ -147,3 +161,50 @@ def clear_stale_locks(root: str | Path, stale_after_s: float = STALE_AFTER_S) ->
             why,
         )
     return removed
+
+
+def watch_extension_locks(
+    root: str | Path, report: Callable[[str], None], every_s: float = 5.0, stale_after_s: float = STALE_AFTER_S
+) -> threading.Event:
+    """In a background thread: clear stale locks under `root` as they appear, and report the builds waited on.
+
+    torch's FileBaton waits on a lock without bound; with this running, a lock whose build died goes
+    within `every_s`, and one held longer than `stale_after_s` goes too. `report` gets one line per wait
+    ("waiting for ...") and "" when no lock is left. Set the returned event to stop watching.
+    """
+    stop = threading.Event()
+    root = Path(root)
+
+    def unheld() -> set[Path]:
+        locks = root.glob("*/lock") if root.is_dir() else []
+        return {
+            lock for lock in locks if _builder_holding(os.path.realpath(lock.parent), os.path.realpath(lock)) is None
+        }
+
+    def watch() -> None:
+        waiting, suspects = False, set()
+        while not stop.is_set():
+            # unheld in two looks in a row: a baton between closing its file and removing it is not stale
+            now_unheld = unheld()
+            clear_stale_locks(root, stale_after_s, only=now_unheld & suspects)
+            suspects = now_unheld
+            locks = sorted(root.glob("*/lock")) if root.is_dir() else []
+            if locks:
+                lock = locks[0]
+                holder = _builder_holding(os.path.realpath(lock.parent), os.path.realpath(lock)) or "an unknown process"
+                try:
+                    age = time.time() - lock.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                report(
+                    f"waiting for the build of torch extension '{lock.parent.name}' (lock {lock}, held by "
+                    f"{holder}, {age:.0f} s; a lock held over {stale_after_s:.0f} s is removed)"
+                )
+                waiting = True
+            elif waiting:
+                report("")
+                waiting = False
+            stop.wait(every_s)
+
+    threading.Thread(target=watch, name="extension-lock-watch", daemon=True).start()
+    return stop

@@ -37,12 +37,15 @@ def torch_backend(cfg: ClusterConfig) -> str:
 def worker_env(cfg: ClusterConfig) -> dict[str, str]:
     """Environment for each worker: one BLAS thread pool per granted CPU, an extension cache per torch build."""
     threads = str(max(1, int(cfg.cpus_per_worker)))
-    return {
+    env = {
         "OMP_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
         "TOKENIZERS_PARALLELISM": "false",
         "TORCH_EXTENSIONS_DIR": extensions_dir(),
     }
+    if not os.environ.get("TORCH_EXTENSIONS_DIR"):  # ours: each worker re-keys it by its own build
+        env["TUNEYARD_DEFAULT_EXTENSIONS_DIR"] = env["TORCH_EXTENSIONS_DIR"]
+    return env
 
 
 @contextlib.contextmanager

@@ -146,3 +146,71 @@ def test_a_stale_lock_hangs_a_real_build_until_cleared(tmp_path, started):
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "built" in done.stdout, done.stderr
     assert list((root / "tiny_op").glob("*.so")) and not (root / "tiny_op" / "lock").exists()
+
+
+# the same build in a process that watches the cache as every worker does (training.runner.watch_start_up)
+WATCHED_BUILD = """
+import sys
+from cluster.extensions import watch_extension_locks
+from torch.utils.cpp_extension import load
+watch_extension_locks(sys.argv[2], lambda text: print("report:", text, flush=True), every_s=0.5)
+try:
+    load(name="tiny_op", sources=[sys.argv[1]], is_python_module=False, verbose=False)
+    print("built", flush=True)
+except Exception as exc:  # the wait ended, but torch assumes the lock's owner built the op
+    print("load failed:", type(exc).__name__, flush=True)
+"""
+
+
+def test_a_worker_watching_its_cache_is_not_held_by_a_dead_build(tmp_path, started):
+    """A lock planted while the worker already waits (no driver clean-up before): the wait ends by itself,
+    with a report of what it waited for, and the next attempt (training.max_failures) builds the op."""
+    from tests.conftest import ROOT
+
+    source = tmp_path / "tiny.cpp"
+    source.write_text('extern "C" int tiny() { return 1; }\n')
+    root = tmp_path / "ext"
+    plant(root, "tiny_op")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(root)}
+    started_at = time.monotonic()
+    first = subprocess.run(
+        [sys.executable, "-c", WATCHED_BUILD, str(source), str(root)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert time.monotonic() - started_at < 60
+    assert "report: waiting for the build of torch extension 'tiny_op'" in first.stdout, first.stdout + first.stderr
+    assert "held by an unknown process" in first.stdout
+    assert not (root / "tiny_op" / "lock").exists()
+    if "built" not in first.stdout:  # torch loads what it thinks the lock's owner built; the retry builds it
+        assert "load failed" in first.stdout, first.stdout + first.stderr
+        again = subprocess.run(
+            [sys.executable, "-c", WATCHED_BUILD, str(source), str(root)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=ROOT,
+        )
+        assert "built" in again.stdout, again.stdout + again.stderr
+    assert list((root / "tiny_op").glob("*.so"))
+
+
+def test_a_worker_keys_the_default_cache_by_its_own_build(monkeypatch):
+    """The driver's default folder is re-keyed in the worker; a user's own TORCH_EXTENSIONS_DIR is kept."""
+    from cluster.extensions import use_own_build_folder
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/cache/torch-2.0.0-ds-0.1-cu118-py39")
+    monkeypatch.setenv("TUNEYARD_DEFAULT_EXTENSIONS_DIR", "/cache/torch-2.0.0-ds-0.1-cu118-py39")
+    use_own_build_folder()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == default_extensions_dir()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/mine")
+    use_own_build_folder()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == "/mine"
+    assert "TUNEYARD_DEFAULT_EXTENSIONS_DIR" not in worker_env(ClusterConfig(workers=1))  # the user's own
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
+    env = worker_env(ClusterConfig(workers=1))
+    assert env["TUNEYARD_DEFAULT_EXTENSIONS_DIR"] == env["TORCH_EXTENSIONS_DIR"] == default_extensions_dir()

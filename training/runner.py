@@ -37,6 +37,7 @@ from training.run_dir import (
     disk_full_message,
     out_of_space,
     publish_final,
+    read_status,
     resume_checkpoint,
     set_status,
 )
@@ -260,6 +261,24 @@ def redirect_output(log_path: Path) -> None:
     )
 
 
+def watch_start_up(run_dir: Path, who: str) -> None:
+    """Key this worker's extension cache by its own build, and put any wait on a build lock on the progress line."""
+    from cluster.extensions import use_own_build_folder, watch_extension_locks
+
+    use_own_build_folder()
+    before: list[str] = []
+
+    def report(text: str) -> None:
+        if text:
+            before.append(before[-1] if before else read_status(run_dir))
+            set_status(run_dir, f"{who}: {text}")
+        elif before:
+            set_status(run_dir, before[0])
+            before.clear()
+
+    watch_extension_locks(os.environ["TORCH_EXTENSIONS_DIR"], report)
+
+
 def start_ray_worker(payload: dict) -> tuple[Path, int]:
     """In a Ray Train worker: this rank and its run directory; the worker's output goes to RUN_DIR/logs."""
     import datasets
@@ -269,6 +288,7 @@ def start_ray_worker(payload: dict) -> tuple[Path, int]:
     run_dir = Path(payload["run_dir"])
     apply_faults(payload.get("faults", {}))
     redirect_output(run_dir / "logs" / f"worker-{rank}.log")
+    watch_start_up(run_dir, f"rank {rank}")
     log.info("rank %d (pid %d) runs on Ray node %s", rank, os.getpid(), ray.get_runtime_context().get_node_id())
     datasets.disable_progress_bars()
     return run_dir, rank

@@ -89,9 +89,10 @@ class RoleWorker:
 
     def setup(self, address: str, timeout_s: float = 1800) -> None:
         """Join the role's process group and build the model (a collective over the role's ranks)."""
-        from training.runner import redirect_output
+        from training.runner import redirect_output, watch_start_up
 
         redirect_output(self.run_dir / "logs" / f"{self.role}-{self.rank}.log")
+        watch_start_up(self.run_dir, f"{self.role} rank {self.rank}")
         log.info("%s rank %d of %d: pid %d", self.role, self.rank, self.world_size, os.getpid())
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
