@@ -28,6 +28,7 @@ from rlhf.rewards import reward_function
 from tests.conftest import EXAMPLES, TINY_ARCH, job_dict
 from training.metrics import COMPLETE_MARKER, read_metrics
 from training.preemption import REQUEST_FILE, Preempted
+from training.run_dir import complete_checkpoints
 
 DATA = EXAMPLES / "data"
 PPO_JOB = {
@@ -425,3 +426,28 @@ def test_bad_ppo_input_is_one_paragraph(tmp_path, sft_base, reward_models, chang
 
 def test_ppo_refuses_single(tmp_path, sft_base):
     assert_user_error(run_cli(tmp_path, ppo_job(tmp_path, sft_base, "run"), "--single"), "--single is not supported")
+
+
+@pytest.mark.integration
+def test_nan_policy_steps_are_skipped_then_stop_the_run(ray_session, sft_base, tmp_path, monkeypatch):
+    """Policy optimizer steps 2 and 3 get a NaN loss (rank 0) with training.max_nonfinite_steps 1: step 2 is
+    skipped and the run goes on; step 3 is the second in a row and stops it, naming the steps; checkpoint-1 stays."""
+    monkeypatch.setenv("TUNEYARD_FAULT_NAN_LOSS", "2,3")
+    job = ppo_job(
+        tmp_path,
+        sft_base,
+        "nan",
+        ppo={"iterations": 3, "save_every": 1},
+        training={"max_nonfinite_steps": 1},
+    )
+    from training.nonfinite import NonFiniteTraining
+
+    with pytest.raises(NonFiniteTraining) as info:
+        run_job(job_from_dict(job), show_progress=False)
+    message = str(info.value)
+    assert message.startswith("training stopped at step 3 (optimizer steps of policy and critic; PPO iteration 2)")
+    assert "NaN/inf for 2 steps in a row (steps 2-3)" in message and "checkpoint-1" in message, message
+    records = read_metrics(tmp_path / "nan" / "metrics.jsonl")
+    assert [r["optimizer_step"] for r in records if r.get("event") == "nonfinite"] == [2, 3]
+    assert [r["step"] for r in iterations_of(tmp_path / "nan")] == [1]  # iteration 2 was not completed
+    assert [p.name for p in complete_checkpoints(tmp_path / "nan")] == ["checkpoint-1"]

@@ -118,22 +118,26 @@ class NonFiniteGuard(TrainerCallback):
 
     def stop_message(self) -> str:
         """One paragraph: which steps, what was kept, what to change."""
-        first, last = self.in_a_row[0], self.in_a_row[-1]
-        steps = f"step {first}" if first == last else f"steps {first}-{last}"
-        count = "1 step" if first == last else f"{len(self.in_a_row)} steps"
-        done = complete_checkpoints(self.run_dir)
-        kept = (
-            f"The newest complete checkpoint, {done[-1]}, has good weights and a rerun resumes from it."
-            if done
-            else "No checkpoint was written before them (set output.save_steps to keep one)."
-        )
-        return (
-            f"training stopped at step {last}: the loss or gradients were NaN/inf for {count} in a row ({steps}), "
-            f"more than training.max_nonfinite_steps: {self.limit} allows; each of them was "
-            f"skipped, so the weights are still those after step {first - 1}. {kept} Lower training.learning_rate, "
-            "use precision bf16 or fp32 instead of fp16, look for broken rows in the data, "
-            "or raise training.max_nonfinite_steps."
-        )
+        return nonfinite_stop_message(self.in_a_row, self.limit, self.run_dir)
+
+
+def nonfinite_stop_message(in_a_row: list[int], limit: int, run_dir: Path, where: str = "") -> str:
+    """One paragraph for a run stopped by NaN/inf steps `in_a_row`: which, what was kept, what to change."""
+    first, last = in_a_row[0], in_a_row[-1]
+    steps = f"step {first}" if first == last else f"steps {first}-{last}"
+    count = "1 step" if first == last else f"{len(in_a_row)} steps"
+    done = complete_checkpoints(run_dir)
+    kept = (
+        f"The newest complete checkpoint, {done[-1]}, has good weights and a rerun resumes from it."
+        if done
+        else "No checkpoint was written before them (set output.save_steps to keep one)."
+    )
+    return (
+        f"training stopped at step {last}{where}: the loss or gradients were NaN/inf for {count} in a row "
+        f"({steps}), more than training.max_nonfinite_steps: {limit} allows; each of them was skipped, so the "
+        f"weights are still those after step {first - 1}. {kept} Lower training.learning_rate, use precision "
+        "bf16 or fp32 instead of fp16, look for broken rows in the data, or raise training.max_nonfinite_steps."
+    )
 
 
 class SkipsNonFiniteSteps:

@@ -31,7 +31,9 @@ from rlhf.ppo.roles import CriticWorker, PolicyWorker, ReferenceWorker, RewardWo
 from rlhf.ppo.scoring import function_scores
 from training.config import TrainSpec
 from training.errors import TrainingFailed, UserError
+from training.faults import forwarded_faults
 from training.metrics import COMPLETE_MARKER, append_metrics
+from training.nonfinite import NonFiniteTraining, nonfinite_stop_message
 from training.preemption import RECORD_FILE, REQUEST_FILE
 from training.run_dir import publish_final, resume_checkpoint, retire_old_checkpoints, set_status
 
@@ -217,6 +219,7 @@ def run_ppo(spec: TrainSpec, ppo: PpoSection, reward: RewardSection, run_dir: Pa
         "reward": reward.model_dump(mode="json"),
         "total_iterations": iterations,
         "critic_source": critic_start,
+        "faults": forwarded_faults(),
     }
     classes = {role: ROLE_CLASSES[role] for role in roles}
     args = {role: (str(run_dir), payload) for role in roles}
@@ -277,6 +280,8 @@ def ppo_iterations(
         metrics_path, {"event": "start", "step": state.iteration, "total_steps": iterations, "time": time.time()}
     )
     save_every = ppo.save_every or spec.output.save_steps
+    steps_per_iteration = ppo.ppo_epochs * (samples_per_iteration // ppo.mini_batch_size)
+    optimizer_step, nonfinite = state.iteration * steps_per_iteration, []  # NaN/inf steps in a row
 
     for iteration in range(state.iteration, iterations):
         started = time.perf_counter()
@@ -341,6 +346,17 @@ def ppo_iterations(
                 critic_refs = critic.scatter("train_step", mini)
                 policy_stats.append(mean_of(ray.get(policy_refs)))
                 critic_stats.append(mean_of(ray.get(critic_refs)))
+                optimizer_step += 1
+                if policy_stats[-1]["policy_skipped"] or critic_stats[-1]["critic_skipped"]:
+                    nonfinite.append(optimizer_step)
+                    event = {"event": "nonfinite", "step": iteration + 1, "optimizer_step": optimizer_step}
+                    append_metrics(metrics_path, {**event, "in_a_row": len(nonfinite), "time": time.time()})
+                    if len(nonfinite) > spec.training.max_nonfinite_steps:
+                        where = f" (optimizer steps of policy and critic; PPO iteration {iteration + 1})"
+                        message = nonfinite_stop_message(nonfinite, spec.training.max_nonfinite_steps, run_dir, where)
+                        raise NonFiniteTraining(message)
+                else:
+                    nonfinite = []
         trained = time.perf_counter()
 
         # --- metrics, KL controller, checkpoint

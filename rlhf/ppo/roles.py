@@ -24,8 +24,10 @@ from rlhf.ppo.batches import response_logits, select_rows
 from rlhf.ppo.generation import HFGenerator, whole_weights
 from training.config import ModelConfig, TrainSpec
 from training.deepspeed_config import build_deepspeed_config
+from training.faults import apply_faults, nan_loss_steps
 from training.finetune_method import apply_finetune_method, keep_adapters_in_fp32, quantization_config
 from training.model import load_model, load_tokenizer, resolve_dtype
+from training.nonfinite import any_rank_true, drop_nonfinite_gradients, innermost_torch_optimizer
 from training.run_dir import set_status
 
 log = logging.getLogger(__name__)
@@ -73,12 +75,14 @@ class RoleWorker:
 
     def __init__(self, rank: int, world_size: int, run_dir: str, payload: dict):
         self.rank, self.world_size, self.run_dir = rank, world_size, Path(run_dir)
+        apply_faults(payload.get("faults", {}))
         self.spec = TrainSpec.model_validate(payload["spec"])
         self.ppo = PpoSection.model_validate(payload["ppo"])
         self.reward = RewardSection.model_validate(payload["reward"])
         self.total_iterations: int = payload["total_iterations"]
         self.critic_source: str | None = payload.get("critic_source")
         self.engine = None
+        self.skipped_now = False  # the current optimizer step met a NaN/inf loss or gradient
 
     def rendezvous_address(self) -> str:
         """tcp://ip:port of this (rank 0) actor, where the group's ranks meet."""
@@ -164,7 +168,29 @@ class RoleWorker:
         engine, *_ = deepspeed.initialize(
             model=model, optimizer=optimizer, model_parameters=params, lr_scheduler=schedule, config=config
         )
+        inner = innermost_torch_optimizer(engine.optimizer)
+        if inner is not None:  # ZeRO-0's plain AdamW has no overflow check of its own (training.nonfinite)
+            inner.register_step_pre_hook(self._drop_nonfinite_gradients)
         return engine
+
+    def _drop_nonfinite_gradients(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        self.skipped_now |= drop_nonfinite_gradients(optimizer)
+
+    def checked_loss(self, loss: torch.Tensor) -> torch.Tensor:
+        """The loss to step on: NaN on every rank of the role when any rank's is NaN/inf, so all skip the step."""
+        step = self.engine.global_steps + 1
+        if self.rank == 0 and self.role == "policy" and step in nan_loss_steps():
+            loss = loss * float("nan")
+        if any_rank_true(not bool(torch.isfinite(loss.detach()).all()), loss.device):
+            self.skipped_now = True
+            return loss * float("nan")
+        return loss
+
+    def step_was_skipped(self, skipped_before: int) -> bool:
+        """Whether the optimizer step just taken was dropped for NaN/inf (by this hook or DeepSpeed's check)."""
+        skipped = self.skipped_now or self.engine.skipped_steps > skipped_before
+        self.skipped_now = False
+        return skipped
 
     def save_checkpoint(self, folder: str) -> None:
         """The engine's DeepSpeed state (weights, optimizer, scheduler) into `folder` (collective)."""
@@ -260,6 +286,7 @@ class PolicyWorker(RoleWorker):
         self.engine.train()
         width = batch["action_mask"].shape[1]
         totals: dict[str, float] = {}
+        skipped_before = self.engine.skipped_steps
         chunks = micro_batches(batch, self.engine.train_micro_batch_size_per_gpu())
         for micro in chunks:
             logits = response_logits(sequence_forward(self.engine, micro).logits, width)
@@ -270,7 +297,7 @@ class PolicyWorker(RoleWorker):
             )
             entropy = algo.sequence_mean(algo.entropy_from_logits(logits.float()), mask)
             total = loss - self.ppo.entropy_coef * entropy if self.ppo.entropy_coef else loss
-            self.engine.backward(total)
+            self.engine.backward(self.checked_loss(total))
             self.engine.step()
             figures = {"policy_loss": loss.item(), "entropy": entropy.item(), **{k: v.item() for k, v in stats.items()}}
             for key, value in figures.items():
@@ -279,6 +306,7 @@ class PolicyWorker(RoleWorker):
                 else:
                     totals[key] = totals.get(key, 0.0) + value / len(chunks)
         totals["lr"] = self.engine.get_lr()[0]
+        totals["policy_skipped"] = float(self.step_was_skipped(skipped_before))
         return totals
 
 
@@ -329,16 +357,18 @@ class CriticWorker(RoleWorker):
         self.engine.train()
         width = batch["action_mask"].shape[1]
         totals: dict[str, float] = {}
+        skipped_before = self.engine.skipped_steps
         chunks = micro_batches(batch, self.engine.train_micro_batch_size_per_gpu())
         for micro in chunks:
             values = sequence_forward(self.engine, micro)[:, -width - 1 : -1]
             loss, stats = algo.value_loss(
                 values, micro["old_values"], micro["returns"], micro["action_mask"], self.ppo.value_clip_range
             )
-            self.engine.backward(self.ppo.value_loss_coef * loss)
+            self.engine.backward(self.checked_loss(self.ppo.value_loss_coef * loss))
             self.engine.step()
             for key, value in {"value_loss": loss.item(), **{k: v.item() for k, v in stats.items()}}.items():
                 totals[key] = totals.get(key, 0.0) + value / len(chunks)
+        totals["critic_skipped"] = float(self.step_was_skipped(skipped_before))
         return totals
 
     def save_final(self, folder: str) -> None:
