@@ -54,6 +54,9 @@ def progress_line(records: list[dict], started: float, now: float, status: str =
     ]
     if restarted:
         parts.append(restarted.removeprefix(" | "))
+    skipped = sum(1 for r in records if r.get("event") == "nonfinite")
+    if skipped:
+        parts.append(f"{skipped} NaN/inf step{'s' if skipped > 1 else ''} skipped")
     return " | ".join(parts)
 
 

@@ -187,3 +187,5 @@ def test_progress_line_says_what_start_up_is_doing_and_when_a_run_restarted(tmp_
     line = progress_line(records, 0.0, 40.0)
     assert line.startswith("step 15/30 [ 50%] | loss 1.500") and "ETA 0:15" in line
     assert line.endswith("restarted from step 5 after a lost worker")
+    records.insert(3, {"event": "nonfinite", "step": 12, "in_a_row": 1, "time": 25.0})
+    assert progress_line(records, 0.0, 40.0).endswith("after a lost worker | 1 NaN/inf step skipped")

@@ -207,7 +207,9 @@ def test_identity_ignores_sections_the_stage_does_not_read(tmp_path):
     def identity(text: str, *overrides: str) -> str:
         return job_identity(load_job(write(tmp_path, text), list(overrides)).identity_dump())
 
-    assert identity(GOOD) == identity(GOOD, "ppo.iterations=7", "dpo.beta=0.3", "training.max_failures=0")
+    assert identity(GOOD) == identity(
+        GOOD, "ppo.iterations=7", "dpo.beta=0.3", "training.max_failures=0", "training.max_nonfinite_steps=9"
+    )
     assert identity(GOOD) != identity(GOOD, "training.learning_rate=3e-4")
     ppo = GOOD.replace("stage: sft", "stage: ppo").replace("format: messages", "format: prompt")
     assert identity(ppo) != identity(ppo, "ppo.iterations=7") and identity(ppo) == identity(ppo, "dpo.beta=0.3")

@@ -26,9 +26,11 @@ HEARTBEATS = "ranks"  # RUN_DIR/ranks/rank-N: the step rank N last began, and wh
 def job_identity(job_dump: dict) -> str:
     """A hash of everything that defines the run's results (not where it runs, lives or how it resumes)."""
     relevant = {k: v for k, v in job_dump.items() if k not in ("cluster", "output")}
-    # how often to retry, and whether pickle weights may load, are not what the run computes
+    # how often to retry, how many NaN steps to bear, and whether pickle weights may load, are not what
+    # the run computes (and a rerun that raises a bound must resume, not be refused as another job)
     if isinstance(relevant.get("training"), dict):
-        relevant["training"] = {k: v for k, v in relevant["training"].items() if k != "max_failures"}
+        tolerances = ("max_failures", "max_nonfinite_steps")
+        relevant["training"] = {k: v for k, v in relevant["training"].items() if k not in tolerances}
     if isinstance(relevant.get("model"), dict):
         relevant["model"] = {k: v for k, v in relevant["model"].items() if k != "allow_pickle"}
     relevant["output"] = {
