@@ -58,7 +58,7 @@ class RunResult:
         return "\n".join([f"run: {self.run_dir}  ({self.seconds:.0f}s)", *format_figures(self.figures)])
 
 
-def find_user_error(exc: BaseException) -> BaseException | None:
+def find_reported_error(exc: BaseException) -> BaseException | None:
     """Dig a UserError, ClusterError or TrainingFailed out of the wrappers Ray puts around a worker's exception.
 
     Each is reported as it is, not retried: a retry would meet the same mistake, full disk or NaNs.
@@ -251,9 +251,9 @@ def run_on_ray(job: JobConfig, run_dir: Path) -> None:
             fit_interruptibly(trainer)
             return
         except Exception as exc:
-            user_error = find_user_error(exc)
-            if user_error is not None:
-                raise user_error from None
+            reported = find_reported_error(exc)
+            if reported is not None:
+                raise reported from None
             failed = worker_failures(exc, run_dir, cluster.workers)
             if attempt == job.training.max_failures:
                 raise TrainingFailed(
@@ -276,9 +276,9 @@ def run_ppo_on_ray(job: JobConfig, run_dir: Path) -> None:
     except (UserError, ClusterError, TrainingFailed):
         raise
     except Exception as exc:
-        user_error = find_user_error(exc)
-        if user_error is not None:
-            raise user_error from None
+        reported = find_reported_error(exc)
+        if reported is not None:
+            raise reported from None
         raise RuntimeError(
             f"PPO failed ({type(exc).__name__}); the role actors' logs are in {run_dir / 'logs'}"
         ) from exc

@@ -5,7 +5,8 @@ workers (`forwarded_faults` -> payload -> `apply_faults`), so a test sets them w
 `tuneyard train`.
 
 - `TUNEYARD_FAULT_NAN_LOSS="3,4"`: rank 0's training loss becomes NaN at those steps (1-based, as
-  logged), so the other ranks learn of it only through the all-reduce that decides a skip.
+  logged; for PPO the policy's optimizer steps), so the other ranks learn of it only through the
+  all-reduce that decides a skip.
 - `TUNEYARD_FAULT_PAUSE="written@20"`: rank 0 stops inside the save of checkpoint-20 at that point
   (see `SAVE_POINTS`) and sleeps until it is killed; once per run directory, so the restarted run passes.
 - `TUNEYARD_FAULT_HOLD="1@3"`: rank 1 sleeps for a long time after step 3 (its peers' next collective

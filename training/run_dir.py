@@ -20,7 +20,7 @@ from training.metrics import COMPLETE_MARKER
 RUN_FILE = "run.json"
 LOW_SPACE_BYTES = 64 * 2**20  # a failed write with less free than this is taken for a full disk
 STATUS_FILE = "status"  # one line: what the run is doing before its first step (the progress line shows it)
-HEARTBEATS = "ranks"  # RUN_DIR/ranks/rank-N: the step rank N last began, and when
+HEARTBEATS = "ranks"  # RUN_DIR/ranks/rank-N: the step rank N last began or finished, and when
 
 
 def job_identity(job_dump: dict) -> str:
@@ -188,7 +188,7 @@ class ReportsFullDisk:
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         run_dir = Path(self.args.output_dir).parent
-        pause_in_save("weights", self.state.global_step, run_dir, rank=0 if self.state.is_world_process_zero else 1)
+        pause_in_save("weights", self.state.global_step, run_dir, rank=self.args.process_index)
         super()._save_optimizer_and_scheduler(output_dir)
 
 
