@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -59,6 +61,17 @@ SFT_JOB = {
     "cluster": {"workers": 2},
     "output": {"dir": "set-by-test"},
 }
+
+
+def can_mount_tmpfs(folder: Path) -> bool:
+    """Whether this machine lets us mount a small tmpfs in a private mount namespace (root)."""
+    if shutil.which("unshare") is None:
+        return False
+    folder.mkdir(exist_ok=True)
+    probe = subprocess.run(
+        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs '{folder}'"], capture_output=True
+    )
+    return probe.returncode == 0
 
 
 def job_dict(base: dict, run_dir: Path, **sections: dict) -> dict:

@@ -7,7 +7,6 @@ forwards to its workers.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ from safetensors.torch import load_file
 
 from launch.config import job_from_dict
 from launch.run import run_job
-from tests.conftest import PRETRAIN_JOB, ROOT, SFT_JOB, job_dict
+from tests.conftest import PRETRAIN_JOB, ROOT, SFT_JOB, can_mount_tmpfs, job_dict
 from training.metrics import COMPLETE_MARKER, read_metrics
 from training.nonfinite import NonFiniteTraining
 from training.run_dir import complete_checkpoints
@@ -169,17 +168,6 @@ def test_a_kill_inside_a_save_leaves_a_complete_checkpoint_to_resume(
     for step in (21, 24):
         assert got[step] == pytest.approx(reference[step], rel=1e-4), step
     assert [p.name for p in complete_checkpoints(run_dir)] == ["checkpoint-24"]
-
-
-def can_mount_tmpfs(folder: Path) -> bool:
-    """Whether this machine lets us mount a small tmpfs in a private mount namespace (root)."""
-    if shutil.which("unshare") is None:
-        return False
-    folder.mkdir(exist_ok=True)
-    probe = subprocess.run(
-        ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=1m tmpfs '{folder}'"], capture_output=True
-    )
-    return probe.returncode == 0
 
 
 def test_a_full_disk_during_a_save_is_one_paragraph_and_the_previous_checkpoint_survives(tmp_path):

@@ -25,7 +25,7 @@ from rlhf.ppo.controller import Prompt, prompts_of_iteration
 from rlhf.ppo.groups import check_fits, plan_placement
 from rlhf.ppo.scoring import render_for_reward_model, reward_model_scores
 from rlhf.rewards import reward_function
-from tests.conftest import EXAMPLES, TINY_ARCH, job_dict
+from tests.conftest import EXAMPLES, ROOT, TINY_ARCH, can_mount_tmpfs, job_dict
 from training.metrics import COMPLETE_MARKER, read_metrics
 from training.preemption import REQUEST_FILE, Preempted
 from training.run_dir import complete_checkpoints
@@ -451,3 +451,38 @@ def test_nan_policy_steps_are_skipped_then_stop_the_run(ray_session, sft_base, t
     assert [r["optimizer_step"] for r in records if r.get("event") == "nonfinite"] == [2, 3]
     assert [r["step"] for r in iterations_of(tmp_path / "nan")] == [1]  # iteration 2 was not completed
     assert [p.name for p in complete_checkpoints(tmp_path / "nan")] == ["checkpoint-1"]
+
+
+@pytest.mark.integration
+def test_a_full_disk_during_a_ppo_save_is_one_paragraph(sft_base, tmp_path):
+    """The run dir is on a 48 MiB tmpfs that fills after checkpoint-1: the save of checkpoint-2 fails with
+    one paragraph (exit 1, not retried), the half-written folder goes and checkpoint-1 stays complete."""
+    from training.metrics import COMPLETE_MARKER
+
+    mount = tmp_path / "small"
+    if not can_mount_tmpfs(mount):
+        pytest.skip("needs unshare -m and tmpfs mounts (root)")
+    job = ppo_job(tmp_path, sft_base, "unused", ppo={"iterations": 3, "save_every": 1}, output={"keep_last": 1})
+    run_dir = mount / "run"
+    job["output"]["dir"] = str(run_dir)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    out = tmp_path / "out"
+    out.mkdir()
+    script = f"""
+mount -t tmpfs -o size=48m tmpfs '{mount}'
+( while [ ! -e '{run_dir}/checkpoints/checkpoint-1/{COMPLETE_MARKER}' ]; do sleep 0.05; done
+  free=$(df --output=avail -B1 '{mount}' | tail -1)
+  dd if=/dev/zero of='{mount}/filler' bs=64K count=$(( (free - 524288) / 65536 )) 2>/dev/null ) &
+'{sys.executable}' -m launch.cli train '{tmp_path / "job.yaml"}' > '{out}/out' 2> '{out}/err'; echo $? > '{out}/rc'
+ls '{run_dir}/checkpoints' > '{out}/ls'
+ls '{run_dir}/checkpoints/checkpoint-1' > '{out}/ls1'
+"""
+    subprocess.run(["unshare", "-m", "sh", "-c", script], cwd=ROOT, timeout=900, check=True)
+    err = (out / "err").read_text()
+    assert (out / "rc").read_text().strip() == "1", err[-3000:]
+    assert "Traceback" not in err
+    message = err.strip().splitlines()[-1]
+    assert message.startswith(f"saving checkpoint-2 failed: no space left on the disk of {run_dir}"), message
+    assert "checkpoint-1, is intact" in message, message
+    assert (out / "ls").read_text().split() == ["checkpoint-1"]
+    assert COMPLETE_MARKER in (out / "ls1").read_text().split()

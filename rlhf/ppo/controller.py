@@ -35,7 +35,15 @@ from training.faults import forwarded_faults
 from training.metrics import COMPLETE_MARKER, append_metrics
 from training.nonfinite import NonFiniteTraining, nonfinite_stop_message
 from training.preemption import RECORD_FILE, REQUEST_FILE
-from training.run_dir import publish_final, resume_checkpoint, retire_old_checkpoints, set_status
+from training.run_dir import (
+    DiskFull,
+    disk_full_message,
+    out_of_space,
+    publish_final,
+    resume_checkpoint,
+    retire_old_checkpoints,
+    set_status,
+)
 
 log = logging.getLogger(__name__)
 ROLE_CLASSES = {"policy": PolicyWorker, "critic": CriticWorker, "reference": ReferenceWorker, "reward": RewardWorker}
@@ -151,11 +159,21 @@ def save_checkpoint(groups: dict[str, RoleGroup], run_dir: Path, state: Controll
 
     folder = run_dir / "checkpoints" / f"checkpoint-{state.iteration}"
     shutil.rmtree(folder, ignore_errors=True)
-    folder.mkdir(parents=True)
-    ray.get(
-        [ref for role in ("policy", "critic") for ref in groups[role].broadcast("save_checkpoint", str(folder / role))]
-    )
-    (folder / "controller.json").write_text(json.dumps(asdict(state)))
+    try:
+        folder.mkdir(parents=True)
+        ray.get(
+            [
+                ref
+                for role in ("policy", "critic")
+                for ref in groups[role].broadcast("save_checkpoint", str(folder / role))
+            ]
+        )
+        (folder / "controller.json").write_text(json.dumps(asdict(state)))
+    except Exception as exc:
+        if not out_of_space(exc, folder):
+            raise
+        shutil.rmtree(folder, ignore_errors=True)  # never marked complete; resume would skip it anyway
+        raise DiskFull(disk_full_message(f"saving {folder.name}", run_dir)) from None
     (folder / COMPLETE_MARKER).write_text(str(state.iteration))
     retire_old_checkpoints(run_dir, keep_last)
     return folder
@@ -168,7 +186,13 @@ def publish_models(groups: dict[str, RoleGroup], run_dir: Path) -> None:
     for role, name in (("policy", "final"), ("critic", "critic")):
         staging = run_dir / f"{name}.staging"
         shutil.rmtree(staging, ignore_errors=True)
-        ray.get(groups[role].broadcast("save_final", str(staging)))
+        try:
+            ray.get(groups[role].broadcast("save_final", str(staging)))
+        except Exception as exc:
+            if not out_of_space(exc, staging):
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+            raise DiskFull(disk_full_message(f"writing {name}/", run_dir)) from None
         publish_final(staging, run_dir / name)
 
 
