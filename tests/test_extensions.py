@@ -172,29 +172,20 @@ def test_a_worker_watching_its_cache_is_not_held_by_a_dead_build(tmp_path, start
     root = tmp_path / "ext"
     plant(root, "tiny_op")
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(root)}
+
+    def build() -> subprocess.CompletedProcess:
+        command = [sys.executable, "-c", WATCHED_BUILD, str(source), str(root)]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=120, cwd=ROOT)
+
     started_at = time.monotonic()
-    first = subprocess.run(
-        [sys.executable, "-c", WATCHED_BUILD, str(source), str(root)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-    )
+    first = build()
     assert time.monotonic() - started_at < 60
     assert "report: waiting for the build of torch extension 'tiny_op'" in first.stdout, first.stdout + first.stderr
     assert "held by an unknown process" in first.stdout
     assert not (root / "tiny_op" / "lock").exists()
     if "built" not in first.stdout:  # torch loads what it thinks the lock's owner built; the retry builds it
         assert "load failed" in first.stdout, first.stdout + first.stderr
-        again = subprocess.run(
-            [sys.executable, "-c", WATCHED_BUILD, str(source), str(root)],
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=120,
-            cwd=ROOT,
-        )
+        again = build()
         assert "built" in again.stdout, again.stdout + again.stderr
     assert list((root / "tiny_op").glob("*.so"))
 

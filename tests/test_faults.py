@@ -45,6 +45,22 @@ def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def train_with_fault(tmp_path: Path, job: dict, **faults: str) -> tuple[subprocess.CompletedProcess, str]:
+    """`tuneyard train` on `job` with TUNEYARD_FAULT_<NAME> set; its outcome and the last stderr line."""
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    env = {**os.environ, **{f"TUNEYARD_FAULT_{name}": value for name, value in faults.items()}}
+    proc = subprocess.run(
+        [sys.executable, "-m", "launch.cli", "train", str(tmp_path / "job.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        cwd=ROOT,
+    )
+    lines = proc.stderr.strip().splitlines()
+    return proc, lines[-1] if lines else ""
+
+
 @pytest.mark.parametrize("zero_stage", [0, 2, 3])
 def test_a_nan_loss_on_one_rank_skips_the_step_on_every_rank(ray_session, tmp_path, monkeypatch, zero_stage):
     """Rank 0's loss is NaN at step 3: no rank moves its weights at step 3, then training goes on."""
@@ -102,18 +118,9 @@ def test_nan_stop_through_the_cli_is_one_paragraph_and_not_retried(ray_session, 
     """On Ray with retries left: the NaN stop is reported at once (a retry would meet the same NaNs), exit 1."""
     run_dir = tmp_path / "run"
     job = job_dict(SFT_JOB, run_dir, training={"max_steps": 8, "max_nonfinite_steps": 0, "max_failures": 2})
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    proc = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "train", str(tmp_path / "job.yaml")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "TUNEYARD_FAULT_NAN_LOSS": "2"},
-        cwd=ROOT,
-    )
+    proc, message = train_with_fault(tmp_path, job, NAN_LOSS="2")
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    message = proc.stderr.strip().splitlines()[-1]
     assert message.startswith("training stopped at step 2: the loss or gradients were NaN/inf for 1 step in a row"), (
         message
     )
@@ -224,19 +231,10 @@ def test_a_collective_timeout_names_the_rank_that_did_not_arrive(ray_session, tm
         training={"max_steps": 8, "max_failures": 0},
         cluster={"workers": 2, "collective_timeout_s": 20},
     )
-    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "train", str(tmp_path / "job.yaml")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env={**os.environ, "TUNEYARD_FAULT_HOLD": "1@3"},
-        cwd=ROOT,
-    )
+    proc, message = train_with_fault(tmp_path, job, HOLD="1@3")
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
-    message = proc.stderr.strip().splitlines()[-1]
     assert message.startswith("training failed: rank 0"), message
     assert "rank 1 did not arrive in the collective that rank(s) 0 waited for" in message, message
     assert "(its last sign: finished step 3, " in message, message
