@@ -205,3 +205,64 @@ def test_a_worker_keys_the_default_cache_by_its_own_build(monkeypatch):
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
     env = worker_env(ClusterConfig(workers=1))
     assert env["TUNEYARD_DEFAULT_EXTENSIONS_DIR"] == env["TORCH_EXTENSIONS_DIR"] == default_extensions_dir()
+
+
+SECOND_PYTHON = os.environ.get("TUNEYARD_TEST_SECOND_PYTHON", "")
+
+
+@pytest.mark.integration
+@pytest.mark.skipif(
+    not SECOND_PYTHON,
+    reason="set TUNEYARD_TEST_SECOND_PYTHON to the python of a second virtualenv with another torch (README)",
+)
+def test_two_virtualenvs_with_other_torch_versions_share_one_home(tmp_path):
+    """Runs from this venv (A) and a second one with another torch (B), one HOME: A, B, then A again with a
+    dead build's lock planted in A's op folder. Each build keeps its own compiled op, the third run builds
+    nothing (no rebuilding back and forth) and nothing waits on the lock."""
+    import yaml
+
+    from tests.conftest import PRETRAIN_JOB, ROOT, job_dict
+
+    probe = "import torch, sys; sys.path.insert(0, '.'); from cluster.extensions import build_key; print(build_key())"
+    keys = {
+        name: subprocess.run([python, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
+        .stdout.strip()
+        .splitlines()[-1]
+        for name, python in (("A", sys.executable), ("B", SECOND_PYTHON))
+    }
+    assert keys["A"].split("-ds-")[0] != keys["B"].split("-ds-")[0], keys  # two torch versions
+    home = tmp_path / "home"
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCH_EXTENSIONS_DIR", "TUNEYARD_DEFAULT_EXTENSIONS_DIR")}
+    env["HOME"] = str(home)
+    cache = home / ".cache" / "tuneyard" / "torch_extensions"
+
+    def train(python: str, name: str) -> float:
+        run_dir = tmp_path / name
+        job = job_dict(PRETRAIN_JOB, run_dir, training={"max_steps": 2}, deepspeed={"zero_stage": 2})
+        (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(job))
+        started = time.monotonic()
+        proc = subprocess.run(
+            [python, "-m", "launch.cli", "train", str(tmp_path / f"{name}.yaml")],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            env=env,
+            cwd=ROOT,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return time.monotonic() - started
+
+    def built_op(key: str) -> Path:
+        (library,) = (cache / key / "deepspeed_shm_comm").glob("*.so")
+        return library
+
+    first = train(sys.executable, "a1")
+    built_at = built_op(keys["A"]).stat().st_mtime_ns
+    second = train(SECOND_PYTHON, "b1")
+    assert built_op(keys["B"]).stat().st_mtime_ns > 0
+    assert sorted(p.name for p in cache.iterdir()) == sorted(keys.values())
+    plant(cache / keys["A"], "deepspeed_shm_comm")  # as a killed build leaves it
+    third = train(sys.executable, "a2")
+    assert built_op(keys["A"]).stat().st_mtime_ns == built_at  # loaded, not rebuilt
+    assert not (cache / keys["A"] / "deepspeed_shm_comm" / "lock").exists()
+    print(f"A {first:.0f} s, B {second:.0f} s, A again {third:.0f} s")

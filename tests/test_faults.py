@@ -146,12 +146,23 @@ def kill_when_paused(run_dir: Path, point: str, step: int) -> dict:
     return done
 
 
+SAVE_EVERY_10 = {"training": {"max_steps": 24, "max_failures": 1}, "output": {"save_steps": 10, "keep_last": 1}}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_session, tmp_path_factory) -> dict[int, float]:
+    """The losses of the kill-in-save runs' job when nothing is killed."""
+    run_dir = tmp_path_factory.mktemp("uninterrupted") / "run"
+    run_job(job_from_dict(job_dict(PRETRAIN_JOB, run_dir, **SAVE_EVERY_10)), show_progress=False)
+    return losses(run_dir)
+
+
 @pytest.mark.parametrize(
     "point,restart_from",
     [("weights", 10), ("written", 10), ("marked", 20)],
 )
 def test_a_kill_inside_a_save_leaves_a_complete_checkpoint_to_resume(
-    ray_session, tmp_path, monkeypatch, point, restart_from
+    uninterrupted, tmp_path, monkeypatch, point, restart_from
 ):
     """keep_last 1, checkpoints every 10 steps: rank 0 is killed inside the save of checkpoint-20.
 
@@ -161,19 +172,71 @@ def test_a_kill_inside_a_save_leaves_a_complete_checkpoint_to_resume(
     """
     monkeypatch.setenv("TUNEYARD_FAULT_PAUSE", f"{point}@20")
     run_dir = tmp_path / "run"
-    sections = {"training": {"max_steps": 24, "max_failures": 1}, "output": {"save_steps": 10, "keep_last": 1}}
     killed = kill_when_paused(run_dir, point, 20)
-    run_job(job_from_dict(job_dict(PRETRAIN_JOB, run_dir, **sections)), show_progress=False)
+    run_job(job_from_dict(job_dict(PRETRAIN_JOB, run_dir, **SAVE_EVERY_10)), show_progress=False)
     assert killed["pid"] is not None
     assert "checkpoint-10" in killed["checkpoints"]  # keep_last 1 did not delete it before checkpoint-20 was complete
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records if r.get("event") == "start"] == [0, restart_from]
-    monkeypatch.delenv("TUNEYARD_FAULT_PAUSE")
-    reference_dir = tmp_path / "reference"
-    run_job(job_from_dict(job_dict(PRETRAIN_JOB, reference_dir, **sections)), show_progress=False)
-    reference, got = losses(reference_dir), losses(run_dir)
+    got = losses(run_dir)
     for step in (21, 24):
-        assert got[step] == pytest.approx(reference[step], rel=1e-4), step
+        assert got[step] == pytest.approx(uninterrupted[step], rel=1e-4), step
+    assert [p.name for p in complete_checkpoints(run_dir)] == ["checkpoint-24"]
+
+
+def processes_of_session(sid: int) -> list[str]:
+    """The processes of one session: a CLI started with start_new_session, its Ray daemons and workers."""
+    table = subprocess.run(["ps", "-ww", "-eo", "sid=,pid=,args="], capture_output=True, text=True).stdout
+    return [row for row in table.splitlines() if row.split()[0] == str(sid)]
+
+
+def test_a_kill_of_the_driver_inside_a_save_leaves_a_complete_checkpoint_to_resume(uninterrupted, tmp_path):
+    """SIGKILL of `tuneyard train` itself while rank 0 is inside the save of checkpoint-20 (every file
+    written, not yet marked): Ray's daemons and the workers go with it, checkpoint-10 is still the newest
+    complete one, and the same command resumes from it and ends at the loss of a run never killed.
+
+    Ray's two agents outlive the driver by about a minute (they report the raylet's death to a GCS
+    that is gone and wait for that call to time out); the rerun runs meanwhile, and they are gone after.
+    """
+    run_dir = tmp_path / "run"
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job_dict(PRETRAIN_JOB, run_dir, **SAVE_EVERY_10)))
+    command = [sys.executable, "-m", "launch.cli", "train", str(tmp_path / "job.yaml")]
+    env = {**os.environ, "TUNEYARD_FAULT_PAUSE": "written@20"}
+    driver = subprocess.Popen(
+        command, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    try:
+        marker = run_dir / "faults" / "paused-written-20"
+        deadline = time.monotonic() + 600
+        while not (marker.exists() and marker.read_text()) and driver.poll() is None:
+            assert time.monotonic() < deadline, "rank 0 never paused in the save of checkpoint-20"
+            time.sleep(0.05)
+        assert driver.poll() is None, driver.stderr.read()[-3000:]
+        assert any("raylet" in row for row in processes_of_session(driver.pid))  # the checks below can see Ray
+        driver.kill()
+        driver.wait()
+        deadline = time.monotonic() + 30
+        while not all("Agent" in row for row in processes_of_session(driver.pid)) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = processes_of_session(driver.pid)
+        assert all("Agent" in row for row in left), left  # raylet, gcs and both workers went with the driver
+        assert [p.name for p in complete_checkpoints(run_dir)] == ["checkpoint-10"]
+        assert (run_dir / "checkpoints" / "checkpoint-20").is_dir()  # written, never marked
+
+        rerun = subprocess.run(command, capture_output=True, text=True, timeout=600, cwd=ROOT)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        deadline = time.monotonic() + 90
+        while processes_of_session(driver.pid) and time.monotonic() < deadline:
+            time.sleep(1)
+        assert not processes_of_session(driver.pid)
+    finally:
+        if processes_of_session(driver.pid):
+            os.killpg(driver.pid, signal.SIGKILL)
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records if r.get("event") == "start"] == [0, 10]
+    got = losses(run_dir)
+    for step in (21, 24):
+        assert got[step] == pytest.approx(uninterrupted[step], rel=1e-4), step
     assert [p.name for p in complete_checkpoints(run_dir)] == ["checkpoint-24"]
 
 

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -26,6 +27,7 @@ from rlhf.ppo.groups import check_fits, plan_placement
 from rlhf.ppo.scoring import render_for_reward_model, reward_model_scores
 from rlhf.rewards import reward_function
 from tests.conftest import EXAMPLES, ROOT, TINY_ARCH, can_mount_tmpfs, job_dict
+from training.errors import TrainingFailed
 from training.metrics import COMPLETE_MARKER, read_metrics
 from training.preemption import REQUEST_FILE, Preempted
 from training.run_dir import complete_checkpoints
@@ -451,6 +453,32 @@ def test_nan_policy_steps_are_skipped_then_stop_the_run(ray_session, sft_base, t
     assert [r["optimizer_step"] for r in records if r.get("event") == "nonfinite"] == [2, 3]
     assert [r["step"] for r in iterations_of(tmp_path / "nan")] == [1]  # iteration 2 was not completed
     assert [p.name for p in complete_checkpoints(tmp_path / "nan")] == ["checkpoint-1"]
+
+
+@pytest.mark.integration
+def test_a_stalled_policy_rank_is_named(ray_session, sft_base, tmp_path, monkeypatch):
+    """Policy rank 1 of 2 is held after its optimizer step 2 with cluster.collective_timeout_s 20: rank 0
+    answers and the controller stops waiting 20 s later, naming rank 1, its last step and its log."""
+    monkeypatch.setenv("TUNEYARD_FAULT_HOLD", "1@2")
+    job = ppo_job(
+        tmp_path,
+        sft_base,
+        "held",
+        ppo={"iterations": 2, "roles": {**PPO_JOB["ppo"]["roles"], "policy": {"workers": 2, "cpus_per_worker": 0.5}}},
+        training={"max_failures": 0},
+        cluster={"collective_timeout_s": 20},
+    )
+    started = time.monotonic()
+    with pytest.raises(TrainingFailed) as info:
+        run_job(job_from_dict(job), show_progress=False)
+    message = str(info.value)
+    assert message.startswith(
+        "PPO stopped: policy rank(s) 0 answered and the rest stayed silent for cluster.collective_timeout_s (20 s); "
+        "policy rank 1 did not arrive (its last sign: finished step 2, "
+    ), message
+    assert f"log: {tmp_path / 'held' / 'logs' / 'policy-1.log'}" in message
+    assert "the 0 restart(s) that training.max_failures allows are used up" in message
+    assert time.monotonic() - started < 300  # bounded by the timeout, not by the hold (an hour)
 
 
 @pytest.mark.integration

@@ -10,7 +10,7 @@ workers (`forwarded_faults` -> payload -> `apply_faults`), so a test sets them w
 - `TUNEYARD_FAULT_PAUSE="written@20"`: rank 0 stops inside the save of checkpoint-20 at that point
   (see `SAVE_POINTS`) and sleeps until it is killed; once per run directory, so the restarted run passes.
 - `TUNEYARD_FAULT_HOLD="1@3"`: rank 1 sleeps for a long time after step 3 (its peers' next collective
-  times out).
+  times out; for PPO the policy's rank 1 after its optimizer step 3, and the controller stops waiting).
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from training.metrics import COMPLETE_MARKER
 RUN_FILE = "run.json"
 LOW_SPACE_BYTES = 64 * 2**20  # a failed write with less free than this is taken for a full disk
 STATUS_FILE = "status"  # one line: what the run is doing before its first step (the progress line shows it)
-HEARTBEATS = "ranks"  # RUN_DIR/ranks/rank-N: the step rank N last began or finished, and when
+HEARTBEATS = "ranks"  # RUN_DIR/ranks/rank-N (PPO: ROLE-N): the step rank N last began or finished, and when
 
 
 def job_identity(job_dump: dict) -> str:
@@ -101,6 +101,15 @@ class CompleteCheckpointCallback(TrainerCallback):
             retire_old_checkpoints(self.run_dir, self.keep_last)
 
 
+def note_heartbeat(run_dir: Path, who: str, step: int, phase: str) -> None:
+    """Note in RUN_DIR/ranks/`who` that this rank `phase` ("began", "finished") step `step`, and when."""
+    folder = Path(run_dir) / HEARTBEATS
+    folder.mkdir(exist_ok=True)
+    staging = folder / f"{who}.tmp"
+    staging.write_text(json.dumps({"step": step, "phase": phase, "time": time.time()}))
+    staging.replace(folder / who)
+
+
 class Heartbeat(TrainerCallback):
     """Each rank notes the step it began and the step it finished, so a timed-out collective can name who lagged.
 
@@ -108,20 +117,13 @@ class Heartbeat(TrainerCallback):
     """
 
     def __init__(self, run_dir: Path, rank: int):
-        self.folder, self.rank = Path(run_dir) / HEARTBEATS, rank
-        self.folder.mkdir(exist_ok=True)
-
-    def _note(self, step: int, phase: str) -> None:
-        path = self.folder / f"rank-{self.rank}"
-        staging = path.with_suffix(".tmp")
-        staging.write_text(json.dumps({"step": step, "phase": phase, "time": time.time()}))
-        staging.replace(path)
+        self.run_dir, self.rank = Path(run_dir), rank
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
-        self._note(state.global_step + 1, "began")
+        note_heartbeat(self.run_dir, f"rank-{self.rank}", state.global_step + 1, "began")
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
-        self._note(state.global_step, "finished")
+        note_heartbeat(self.run_dir, f"rank-{self.rank}", state.global_step, "finished")
         hold_rank(state.global_step, self.rank)
 
 
@@ -130,10 +132,10 @@ def clear_heartbeats(run_dir: Path) -> None:
     shutil.rmtree(Path(run_dir) / HEARTBEATS, ignore_errors=True)
 
 
-def last_sign_of(run_dir: Path, rank: int, now: float | None = None) -> str:
-    """What rank `rank` last noted ("finished step 3, 25 s before"), or "" when it noted nothing."""
+def last_sign_of(run_dir: Path, rank: int, now: float | None = None, role: str = "rank") -> str:
+    """What rank `rank` (of a PPO `role`) last noted ("finished step 3, 25 s before"), or "" when it noted nothing."""
     try:
-        beat = json.loads((Path(run_dir) / HEARTBEATS / f"rank-{rank}").read_text())
+        beat = json.loads((Path(run_dir) / HEARTBEATS / f"{role}-{rank}").read_text())
         step, phase, noted = beat["step"], beat["phase"], beat["time"]
     except (OSError, ValueError, KeyError):
         return ""

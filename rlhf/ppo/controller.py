@@ -26,7 +26,14 @@ from cluster.config import ClusterConfig
 from rlhf.config import PpoSection, RewardSection
 from rlhf.ppo import algorithms as algo
 from rlhf.ppo.batches import build_samples, concat_rows, left_pad, select_rows, split_rows
-from rlhf.ppo.groups import RoleGroup, plan_placement, present_roles, start_role_groups, wait_until_fits
+from rlhf.ppo.groups import (
+    RoleGroup,
+    RoleStalled,
+    plan_placement,
+    present_roles,
+    start_role_groups,
+    wait_until_fits,
+)
 from rlhf.ppo.roles import CriticWorker, PolicyWorker, ReferenceWorker, RewardWorker
 from rlhf.ppo.scoring import function_scores
 from training.config import TrainSpec
@@ -138,11 +145,9 @@ def critic_source(spec: TrainSpec, ppo: PpoSection, reward: RewardSection, polic
     return reward.model
 
 
-def gather(refs: list) -> dict[str, torch.Tensor]:
-    """The ranks' answers (dicts of tensors) joined in rank order."""
-    import ray
-
-    return concat_rows(ray.get(refs))
+def gather(group: RoleGroup, refs: list) -> dict[str, torch.Tensor]:
+    """The ranks' answers to one call of `group` (dicts of tensors) joined in rank order."""
+    return concat_rows(group.results(refs))
 
 
 def mean_of(dicts: list[dict[str, float]]) -> dict[str, float]:
@@ -155,19 +160,13 @@ def mean_of(dicts: list[dict[str, float]]) -> dict[str, float]:
 
 def save_checkpoint(groups: dict[str, RoleGroup], run_dir: Path, state: ControllerState, keep_last: int) -> Path:
     """Engines and controller state into checkpoints/checkpoint-N, marked complete last; older ones go after."""
-    import ray
-
     folder = run_dir / "checkpoints" / f"checkpoint-{state.iteration}"
     shutil.rmtree(folder, ignore_errors=True)
     try:
         folder.mkdir(parents=True)
-        ray.get(
-            [
-                ref
-                for role in ("policy", "critic")
-                for ref in groups[role].broadcast("save_checkpoint", str(folder / role))
-            ]
-        )
+        saving = {role: groups[role].broadcast("save_checkpoint", str(folder / role)) for role in ("policy", "critic")}
+        for role, refs in saving.items():
+            groups[role].results(refs)
         (folder / "controller.json").write_text(json.dumps(asdict(state)))
     except Exception as exc:
         if not out_of_space(exc, folder):
@@ -181,13 +180,11 @@ def save_checkpoint(groups: dict[str, RoleGroup], run_dir: Path, state: Controll
 
 def publish_models(groups: dict[str, RoleGroup], run_dir: Path) -> None:
     """final/ (the policy, a Hugging Face folder) and critic/ beside it, each published atomically."""
-    import ray
-
     for role, name in (("policy", "final"), ("critic", "critic")):
         staging = run_dir / f"{name}.staging"
         shutil.rmtree(staging, ignore_errors=True)
         try:
-            ray.get(groups[role].broadcast("save_final", str(staging)))
+            groups[role].results(groups[role].broadcast("save_final", str(staging)))
         except Exception as exc:
             if not out_of_space(exc, staging):
                 raise
@@ -226,8 +223,8 @@ def prepare_ppo(
 def run_ppo(spec: TrainSpec, ppo: PpoSection, reward: RewardSection, run_dir: Path, cluster: ClusterConfig) -> None:
     """Train the policy with PPO on the current Ray cluster; write metrics, checkpoints and final/.
 
-    A lost role actor (its process died, its node went away) ends the attempt: every group is torn
-    down and started again, resuming from the newest complete checkpoint, up to
+    A lost role actor (its process died, its node went away) or a stalled rank (`RoleGroup.results`)
+    ends the attempt: every group is torn down and started again, resuming from the newest complete checkpoint, up to
     `training.max_failures` times.
     """
     import ray
@@ -254,18 +251,19 @@ def run_ppo(spec: TrainSpec, ppo: PpoSection, reward: RewardSection, run_dir: Pa
             run_dir, f"starting the PPO role actors ({actors})" + (f", attempt {attempt + 1}" if attempt else "")
         )
         try:
-            with start_role_groups(placement, classes, cluster, args) as groups:
+            with start_role_groups(placement, classes, cluster, args, run_dir) as groups:
                 ppo_iterations(groups, spec, ppo, reward, run_dir, tokenizer, prompts, iterations, resume)
             return
-        except ray.exceptions.RayActorError as exc:
+        except (ray.exceptions.RayActorError, RoleStalled) as exc:
             lost = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            what = lost if isinstance(exc, RoleStalled) else f"a role actor was lost ({lost})"
             if attempt == spec.training.max_failures:
                 raise TrainingFailed(
-                    f"PPO stopped: a role actor was lost ({lost}) and the {attempt} restart(s) that "
+                    f"PPO stopped: {what}; the {attempt} restart(s) that "
                     f"training.max_failures allows are used up; the actors' logs are in {run_dir / 'logs'} "
                     "(ROLE-RANK.log). Run the job again to resume from its newest complete checkpoint."
                 ) from None
-            log.warning("a PPO role actor was lost (%s); restarting the role groups from the last checkpoint", lost)
+            log.warning("%s; restarting the role groups from the last checkpoint", what)
             append_metrics(run_dir / "metrics.jsonl", {"event": "restart", "reason": lost, "time": time.time()})
             resume = "auto"  # this run's own newest checkpoint, whatever the job said
 
@@ -282,8 +280,6 @@ def ppo_iterations(
     resume: str,
 ) -> None:
     """The PPO loop over started role groups, from the checkpoint `resume` names (or the start) to final/."""
-    import ray
-
     samples_per_iteration = ppo.rollout_batch_size * ppo.samples_per_prompt
     metrics_path = run_dir / "metrics.jsonl"
     policy, critic = groups["policy"], groups["critic"]
@@ -297,8 +293,8 @@ def ppo_iterations(
     if checkpoint is not None:
         state = ControllerState(**json.loads((checkpoint / "controller.json").read_text()))
         kl_ctl.load_state_dict(state.kl_controller or {"value": state.kl_coef})
-        ray.get(policy.broadcast("load_checkpoint", str(checkpoint / "policy")))
-        ray.get(critic.broadcast("load_checkpoint", str(checkpoint / "critic")))
+        policy.results(policy.broadcast("load_checkpoint", str(checkpoint / "policy")))
+        critic.results(critic.broadcast("load_checkpoint", str(checkpoint / "critic")))
         log.info("resumed from %s at iteration %d", checkpoint, state.iteration)
     append_metrics(
         metrics_path, {"event": "start", "step": state.iteration, "total_steps": iterations, "time": time.time()}
@@ -315,7 +311,7 @@ def ppo_iterations(
         prompt_ids, prompt_mask = left_pad([p.ids for p in samples], tokenizer.pad_token_id)
         seed = spec.training.seed + 100_003 * iteration
         shards = split_rows({"ids": prompt_ids, "mask": prompt_mask}, len(policy.actors))
-        answers = ray.get(policy.call("generate", [(s["ids"], s["mask"], seed) for s in shards]))
+        answers = policy.results(policy.call("generate", [(s["ids"], s["mask"], seed) for s in shards]))
         responses = [r for part in answers for r in part]
         batch = build_samples(prompt_ids, prompt_mask, responses, tokenizer.pad_token_id)
         mask = batch["action_mask"].float()
@@ -336,12 +332,12 @@ def ppo_iterations(
             )
         scores = torch.tensor(function_scores(reward.functions, conversations, texts))
         if reward_group is not None:
-            model_scores = torch.tensor([s for part in ray.get(reward_refs) for s in part])
+            model_scores = torch.tensor([s for part in reward_group.results(reward_refs) for s in part])
             scores = scores + reward.model_weight * model_scores
-        old = gather(old_refs)
+        old = gather(policy, old_refs)
         old_logprobs, entropy = old["logprobs"], old["entropy"]
-        ref_logprobs = gather(ref_refs)["logprobs"]
-        values = gather(value_refs)["values"]
+        ref_logprobs = gather(reference, ref_refs)["logprobs"]
+        values = gather(critic, value_refs)["values"]
         scored = time.perf_counter()
 
         # --- advantages: KL-shaped per-token rewards, GAE, whitening
@@ -368,8 +364,8 @@ def ppo_iterations(
                 mini = select_rows(experience, permutation[start : start + ppo.mini_batch_size])
                 policy_refs = policy.scatter("train_step", mini)
                 critic_refs = critic.scatter("train_step", mini)
-                policy_stats.append(mean_of(ray.get(policy_refs)))
-                critic_stats.append(mean_of(ray.get(critic_refs)))
+                policy_stats.append(mean_of(policy.results(policy_refs)))
+                critic_stats.append(mean_of(critic.results(critic_refs)))
                 optimizer_step += 1
                 if policy_stats[-1]["policy_skipped"] or critic_stats[-1]["critic_skipped"]:
                     nonfinite.append(optimizer_step)

@@ -12,12 +12,14 @@ import contextlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from cluster.config import ClusterConfig
 from cluster.ray_cluster import ClusterError
 from rlhf.config import PpoSection, RewardSection, RoleSection
 from rlhf.ppo.batches import split_rows
 from training.config import TrainSpec
+from training.run_dir import last_sign_of
 
 ROLE_ORDER = ("policy", "critic", "reference", "reward")
 
@@ -117,12 +119,18 @@ def check_fits(placement: Placement, available: dict[str, float], ppo: PpoSectio
         )
 
 
+class RoleStalled(RuntimeError):
+    """Some ranks of a role answered a call and the others stayed silent past the collective timeout."""
+
+
 @dataclass
 class RoleGroup:
     """The Ray actors of one role, rank order; calls go to every rank at once."""
 
     name: str
     actors: list
+    run_dir: Path
+    timeout_s: float = 1800.0  # cluster.collective_timeout_s
 
     def call(self, method: str, per_rank_args: list[tuple]) -> list:
         """`method(*args)` on each rank with its own arguments; the ObjectRefs, rank order."""
@@ -136,10 +144,62 @@ class RoleGroup:
         """`method(shard)` on each rank with its equal, consecutive share of the batch's rows."""
         return self.call(method, [(shard,) for shard in split_rows(batch, len(self.actors))])
 
+    def results(self, refs: list) -> list:
+        """The answers to one call on every rank (`ray.get`), or RoleStalled naming the ranks that never answered.
+
+        The ranks of a role work in step (their calls meet in collectives), so once one rank has
+        answered, a rank still silent `timeout_s` later is stuck: waiting on would hang the run. A rank
+        whose own collective timed out while others are silent is reported the same way.
+        """
+        import ray
+
+        pending, answered_at = list(refs), None
+        while pending:
+            wait_s = None if answered_at is None else max(0.0, answered_at + self.timeout_s - time.monotonic())
+            done, pending = ray.wait(pending, num_returns=1, timeout=wait_s)
+            if not done:
+                break
+            answered_at = answered_at or time.monotonic()
+            try:
+                ray.get(done[0])
+            except ray.exceptions.RayTaskError as exc:
+                if pending and "timed out" in str(exc).lower():
+                    lines = [x for x in str(exc).splitlines() if "timed out" in x.lower()]
+                    rank = refs.index(done[0])
+                    raise RoleStalled(
+                        f"{self.name} rank {rank} timed out in a collective ({lines[0].strip()[:200]}); "
+                        + self.silence(refs, pending)
+                    ) from None
+                raise
+        if pending:
+            answered = [i for i, ref in enumerate(refs) if ref not in pending]
+            raise RoleStalled(
+                f"{self.name} rank(s) {', '.join(map(str, answered))} answered and the rest stayed silent for "
+                f"cluster.collective_timeout_s ({self.timeout_s:g} s); " + self.silence(refs, pending)
+            )
+        return ray.get(refs)
+
+    def silence(self, refs: list, pending: list) -> str:
+        """The ranks whose calls are `pending`: their last sign of life and their logs."""
+        parts = []
+        for rank in (refs.index(ref) for ref in pending):
+            sign = last_sign_of(self.run_dir, rank, role=self.name)
+            log_path = self.run_dir / "logs" / f"{self.name}-{rank}.log"
+            parts.append(
+                f"{self.name} rank {rank} did not arrive ("
+                + (f"its last sign: {sign}; " if sign else "")
+                + f"log: {log_path})"
+            )
+        return "; ".join(parts)
+
 
 @contextlib.contextmanager
 def start_role_groups(
-    placement: Placement, classes: dict[str, type], cluster: ClusterConfig, actor_args: dict[str, tuple]
+    placement: Placement,
+    classes: dict[str, type],
+    cluster: ClusterConfig,
+    actor_args: dict[str, tuple],
+    run_dir: Path,
 ) -> Iterator[dict[str, RoleGroup]]:
     """Create the placement group and every role's actors, set the groups up in parallel; remove all after.
 
@@ -175,7 +235,7 @@ def start_role_groups(
                 ).remote(rank, len(seats), *actor_args[role])
                 for rank, seat in enumerate(seats)
             ]
-            groups[role] = RoleGroup(role, actors)
+            groups[role] = RoleGroup(role, actors, run_dir, cluster.collective_timeout_s)
         addresses = {role: ray.get(g.actors[0].rendezvous_address.remote()) for role, g in groups.items()}
         timeout = cluster.collective_timeout_s
         ray.get([ref for role, g in groups.items() for ref in g.broadcast("setup", addresses[role], timeout)])

@@ -24,11 +24,11 @@ from rlhf.ppo.batches import response_logits, select_rows
 from rlhf.ppo.generation import HFGenerator, whole_weights
 from training.config import ModelConfig, TrainSpec
 from training.deepspeed_config import build_deepspeed_config
-from training.faults import apply_faults, nan_loss_steps
+from training.faults import apply_faults, hold_rank, nan_loss_steps
 from training.finetune_method import apply_finetune_method, keep_adapters_in_fp32, quantization_config
 from training.model import load_model, load_tokenizer, resolve_dtype
 from training.nonfinite import any_rank_true, drop_nonfinite_gradients, innermost_torch_optimizer
-from training.run_dir import set_status
+from training.run_dir import note_heartbeat, set_status
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,18 @@ class RoleWorker:
             return loss * float("nan")
         return loss
 
+    def began_step(self) -> int:
+        """Note in RUN_DIR/ranks that this rank began its next optimizer step; the step's number."""
+        step = self.engine.global_steps + 1
+        note_heartbeat(self.run_dir, f"{self.role}-{self.rank}", step, "began")
+        return step
+
+    def finished_step(self, step: int) -> None:
+        """Note that this rank is past every collective of optimizer step `step` (and obey a test's hold)."""
+        note_heartbeat(self.run_dir, f"{self.role}-{self.rank}", step, "finished")
+        if self.role == "policy":
+            hold_rank(step, self.rank)
+
     def step_was_skipped(self, skipped_before: int) -> bool:
         """Whether the optimizer step just taken was dropped for NaN/inf (by this hook or DeepSpeed's check)."""
         skipped = self.skipped_now or self.engine.skipped_steps > skipped_before
@@ -283,6 +295,7 @@ class PolicyWorker(RoleWorker):
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimizer step on this rank's share of a mini-batch (micro-batches accumulate)."""
+        step = self.began_step()
         self.engine.train()
         width = batch["action_mask"].shape[1]
         totals: dict[str, float] = {}
@@ -307,6 +320,7 @@ class PolicyWorker(RoleWorker):
                     totals[key] = totals.get(key, 0.0) + value / len(chunks)
         totals["lr"] = self.engine.get_lr()[0]
         totals["policy_skipped"] = float(self.step_was_skipped(skipped_before))
+        self.finished_step(step)
         return totals
 
 
@@ -354,6 +368,7 @@ class CriticWorker(RoleWorker):
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """One optimizer step of the value loss on this rank's share of a mini-batch."""
+        step = self.began_step()
         self.engine.train()
         width = batch["action_mask"].shape[1]
         totals: dict[str, float] = {}
@@ -369,6 +384,7 @@ class CriticWorker(RoleWorker):
             for key, value in {"value_loss": loss.item(), **{k: v.item() for k, v in stats.items()}}.items():
                 totals[key] = totals.get(key, 0.0) + value / len(chunks)
         totals["critic_skipped"] = float(self.step_was_skipped(skipped_before))
+        self.finished_step(step)
         return totals
 
     def save_final(self, folder: str) -> None:
