@@ -1,4 +1,4 @@
-"""The `tuneyard` command: train, validate, pipeline, plot, export, and cluster submission."""
+"""The `tuneyard` command: train, validate, pipeline, runs, plot, chat, generate, export, and cluster submission."""
 
 from __future__ import annotations
 
@@ -23,8 +23,23 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="print the resolved job, or its errors")
     validate.add_argument("job")
     validate.add_argument("overrides", nargs="*")
-    plot = commands.add_parser("plot", help="draw a run's metrics.jsonl into metrics.png")
-    plot.add_argument("run_dir")
+    runs = commands.add_parser("runs", help="one row per run directory: stage, status, step, loss, before -> after")
+    runs.add_argument("root", nargs="?", default="runs", help="the folder holding run directories (default runs/)")
+    plot = commands.add_parser("plot", help="draw runs' metrics (loss and each stage's own figures) into a PNG")
+    plot.add_argument("run_dirs", nargs="+", metavar="run_dir")
+    plot.add_argument("--out", help="PNG path (default RUN_DIR/metrics.png for one run, runs.png for several)")
+    chat = commands.add_parser("chat", help="talk to a finished run's model in the terminal (/reset, /exit)")
+    chat.add_argument("run_dir")
+    chat.add_argument("--max-new-tokens", type=int, default=256)
+    chat.add_argument("--temperature", type=float, default=0.7, help="0 answers greedily")
+    chat.add_argument("--system", help="a system message that opens every conversation")
+    generate = commands.add_parser("generate", help="answer a file of prompts with a finished run's model")
+    generate.add_argument("run_dir")
+    generate.add_argument("--prompts", required=True, help="JSONL/JSON/Parquet rows: messages, prompt or instruction")
+    generate.add_argument("--out", required=True, help="JSONL: each prompt row with its response")
+    generate.add_argument("--max-new-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 (the default) answers greedily")
+    generate.add_argument("--seed", type=int, default=0)
     export = commands.add_parser("export", help="write a LoRA/QLoRA run's adapter, or the adapter merged into its base")
     export.add_argument("run_dir")
     what = export.add_mutually_exclusive_group(required=True)
@@ -50,13 +65,34 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "validate":
         print(dump_job(load_job(args.job, args.overrides)), end="")
         return 0
-    if args.command == "plot":
-        run_dir = Path(args.run_dir)
-        if not (run_dir / "metrics.jsonl").is_file():
-            raise UserError(f"{run_dir} has no metrics.jsonl; give a run directory (output.dir of a job)")
-        from training.metrics import plot_metrics  # torch and transformers: after the cheap checks
+    if args.command == "runs":
+        from launch.runs import list_runs
 
-        print(plot_metrics(run_dir / "metrics.jsonl", run_dir / "metrics.png"))
+        print(list_runs(Path(args.root)))
+        return 0
+    if args.command == "plot":
+        run_dirs = [Path(d) for d in args.run_dirs]
+        for run_dir in run_dirs:
+            if not (run_dir / "metrics.jsonl").is_file():
+                raise UserError(f"{run_dir} has no metrics.jsonl; give a run directory (output.dir of a job)")
+        from training.metrics import plot_runs  # torch and transformers: after the cheap checks
+
+        out = Path(args.out) if args.out else (run_dirs[0] / "metrics.png" if len(run_dirs) == 1 else Path("runs.png"))
+        labels = [d.name for d in run_dirs] if len({d.name for d in run_dirs}) == len(run_dirs) else args.run_dirs
+        print(plot_runs([(label, d / "metrics.jsonl") for label, d in zip(labels, run_dirs, strict=True)], out))
+        return 0
+    if args.command in ("chat", "generate"):
+        if args.max_new_tokens < 1 or args.temperature < 0:
+            raise UserError("--max-new-tokens must be at least 1 and --temperature at least 0 (0 answers greedily)")
+        from launch.inference import chat, generate_file
+
+        if args.command == "chat":
+            chat(Path(args.run_dir), args.max_new_tokens, args.temperature, args.system)
+        else:
+            count = generate_file(
+                Path(args.run_dir), Path(args.prompts), Path(args.out), args.max_new_tokens, args.temperature, args.seed
+            )
+            print(f"{count} responses in {args.out}")
         return 0
     if args.command == "pipeline":
         from launch.pipeline import run_pipeline
@@ -92,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if extras:
         args.overrides += extras
-    if args.command in ("train", "export"):
+    if args.command in ("train", "export", "chat", "generate"):
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # the "Loading weights" bars; our own progress line says enough

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +28,7 @@ from training.run_dir import (
     job_identity,
     last_sign_of,
     prepare_run_dir,
+    record_outcome,
     resume_checkpoint,
     set_status,
 )
@@ -303,12 +306,30 @@ def eval_loss_figure(run_dir: Path) -> dict[str, tuple[float, float]]:
 
 
 def run_job(job: JobConfig, show_progress: bool = True, single: bool = False) -> RunResult:
-    """Run one job end to end (on Ray, or in this process with `single`) and return its before/after figures."""
+    """Run one job end to end (on Ray, or in this process with `single`) and return its before/after figures.
+
+    RUN_DIR/outcome.json says where the run stands throughout: running (this process), then finished,
+    preempted, interrupted or failed.
+    """
     if single and job.stage == "ppo":
         raise UserError("stage ppo runs its roles as Ray actors; --single is not supported for it (drop --single)")
     started = time.time()
     run_dir = prepare_run_dir(job.output, job_identity(job.identity_dump())).resolve()
     (run_dir / "job.yaml").write_text(dump_job(job))
+    record_outcome(run_dir, "running", pid=os.getpid(), host=socket.gethostname(), started=started)
+    try:
+        figures = train_and_score(job, run_dir, show_progress, single)
+    except BaseException as exc:
+        status = {"Preempted": "preempted", "KeyboardInterrupt": "interrupted"}.get(type(exc).__name__, "failed")
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        record_outcome(run_dir, status, started=started, seconds=time.time() - started, message=message)
+        raise
+    record_outcome(run_dir, "finished", started=started, seconds=time.time() - started, figures=figures)
+    return RunResult(run_dir=run_dir, seconds=time.time() - started, figures=figures)
+
+
+def train_and_score(job: JobConfig, run_dir: Path, show_progress: bool, single: bool) -> dict[str, tuple]:
+    """Check, train and publish final/ in `run_dir`; the before/after figures of the job's stage."""
     preflight(job)
     check_world_size_of_resume(job, run_dir, single)
     check_disk(job, run_dir)
@@ -331,4 +352,4 @@ def run_job(job: JobConfig, show_progress: bool = True, single: bool = False) ->
     figures = eval_loss_figure(run_dir)
     after = stage_figures(job, final_folder(run_dir))
     figures.update({name: (before[name], after[name]) for name in before})
-    return RunResult(run_dir=run_dir, seconds=time.time() - started, figures=figures)
+    return figures

@@ -94,6 +94,19 @@ def test_merged_export_gives_the_adapter_models_logits(adapter_run, tmp_path):
     torch.testing.assert_close(got, adapter_model_logits(method, result.run_dir, ids), atol=2e-4, rtol=1e-4)
 
 
+def test_chat_and_generate_load_the_adapter_as_it_trained(adapter_run):
+    """`tuneyard chat`/`generate` load a LoRA/QLoRA run as the merge does: the adapter on its dequantised base."""
+    from launch.inference import load_run_model
+
+    method, result = adapter_run
+    model, tokenizer = load_run_model(result.run_dir)
+    assert type(model).__name__ == "PeftModelForCausalLM" and tokenizer.pad_token_id is not None
+    ids = torch.randint(0, 400, (1, 24), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        got = model(ids).logits
+    torch.testing.assert_close(got, adapter_model_logits(method, result.run_dir, ids), atol=2e-4, rtol=1e-4)
+
+
 def test_adapter_export_loads_with_peft(adapter_run, tmp_path, base):
     from peft import PeftModel
 

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -241,6 +242,21 @@ def test_ppo_outputs_load_and_plot(learning_run):
     subprocess.run([sys.executable, "-m", "launch.cli", "plot", str(run_dir)], check=True, capture_output=True)
     assert (run_dir / "metrics.png").stat().st_size > 10_000
     assert "greedy reward" in learning_run.figures
+
+
+@pytest.mark.integration
+def test_plot_overlays_runs_with_each_stages_figures(learning_run, sft_base, tmp_path):
+    """`tuneyard plot PPO_RUN SFT_RUN`: one PNG, a loss panel for both and the PPO run's reward and KL panels."""
+    from training.metrics import figure_panels
+
+    runs = [learning_run.run_dir, Path(sft_base).parent]
+    panels = figure_panels([read_metrics(run / "metrics.jsonl") for run in runs])
+    assert [key for key, _ in panels] == ["loss", "reward", "kl"]
+    out = tmp_path / "both.png"
+    command = [sys.executable, "-m", "launch.cli", "plot", *map(str, runs), "--out", str(out)]
+    proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
 
 
 @pytest.mark.integration

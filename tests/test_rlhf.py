@@ -203,6 +203,10 @@ def test_dpo_raises_margin_and_greedy_accuracy(ray_session, sft_base, tmp_path):
     margin, accuracy = result.figures["logp margin"], result.figures["greedy = chosen"]
     assert margin[1] > margin[0] + 0.5, result.figure()
     assert accuracy[1] > accuracy[0] + 0.05, result.figure()
+    from training.metrics import figure_panels, read_metrics
+
+    panels = [key for key, _ in figure_panels([read_metrics(result.run_dir / "metrics.jsonl")])]
+    assert panels == ["loss", "rewards/margins", "rewards/accuracies"]  # `tuneyard plot` draws DPO's own figures
 
 
 @pytest.mark.integration

@@ -101,6 +101,11 @@ def _raw_rows(source: DataSource, key: str = "data.train") -> list[tuple[object,
     return _hub_rows(source, key)
 
 
+def rows_of_file(path: str, key: str) -> list[tuple[object, str]]:
+    """(row, where) pairs of one data file or dataset folder, errors naming `key` (the option that gave it)."""
+    return _raw_rows(DataSource(path=path), key)
+
+
 def _hub_rows(source: DataSource, key: str) -> list[tuple[object, str]]:
     """Rows of a `datasets.load_dataset` name or folder (a hub name needs the hub or its local cache)."""
     import datasets

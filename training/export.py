@@ -35,13 +35,13 @@ def _adapter_folder(run_dir: Path) -> Path:
     return final
 
 
-def _run_job(run_dir: Path) -> dict:
+def read_run_job(run_dir: Path) -> dict:
     """The run's job.yaml as a dict: its peft and model sections say how the base was loaded."""
     path = Path(run_dir) / "job.yaml"
     try:
         job = yaml.safe_load(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise UserError(f"{path} is missing; export reads the run's job.yaml, written when the run started") from None
+        raise UserError(f"{path} is missing; it is written when the run starts: give a run directory") from None
     except (UnicodeDecodeError, yaml.YAMLError) as exc:
         raise UserError(f"{path} is damaged ({type(exc).__name__}); restore the run's job.yaml") from None
     if not isinstance(job, dict):
@@ -108,10 +108,10 @@ def load_dequantized_base(base_path: str, peft: PeftSection, allow_pickle: bool 
     return quantized.dequantize(dtype=quant.bnb_4bit_compute_dtype)
 
 
-def export_merged(run_dir: Path, out: Path) -> Path:
-    """Fold the adapter into its (dequantised) base and write a plain Hugging Face folder in safetensors."""
+def load_adapter_model(run_dir: Path) -> torch.nn.Module:
+    """A LoRA/QLoRA run's model as it trained: its (dequantised) base with the adapter from final/ applied."""
     final = _adapter_folder(run_dir)
-    job = _run_job(run_dir)
+    job = read_run_job(run_dir)
     peft = _run_peft_section(job)
     allow_pickle = bool((job.get("model") or {}).get("allow_pickle", False))
     adapter_config = final / "adapter_config.json"
@@ -122,13 +122,19 @@ def export_merged(run_dir: Path, out: Path) -> Path:
             f"{adapter_config} is damaged (not JSON, or no base_model_name_or_path); restore it from a checkpoint"
         ) from None
     if not Path(base_path).exists() and base_path.startswith(("/", ".")):
-        raise UserError(f"the adapter's base model '{base_path}' is gone; restore it to merge")
+        raise UserError(f"the adapter's base model '{base_path}' is gone; restore it to load the adapter")
     check_model_source(base_path, "the adapter's base model", allow_pickle=allow_pickle)
     from peft import PeftModel
+
+    return PeftModel.from_pretrained(load_dequantized_base(base_path, peft, allow_pickle), final)
+
+
+def export_merged(run_dir: Path, out: Path) -> Path:
+    """Fold the adapter into its (dequantised) base and write a plain Hugging Face folder in safetensors."""
     from transformers import AutoTokenizer
 
-    base = load_dequantized_base(base_path, peft, allow_pickle)
-    merged = PeftModel.from_pretrained(base, final).merge_and_unload()
+    merged = load_adapter_model(run_dir).merge_and_unload()
+    final = Path(run_dir) / "final"
 
     def write(staging: Path) -> None:
         merged.save_pretrained(staging)

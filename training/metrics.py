@@ -80,31 +80,56 @@ class MetricsCallback(TrainerCallback):
         self._last = (time.perf_counter(), state.global_step, float(state.num_input_tokens_seen or 0))
 
 
+# each stage's own figures, drawn in a panel of their own when any plotted run logged them (eval_ too)
+STAGE_FIGURES = (
+    ("reward", "mean reward (GRPO, PPO)"),
+    ("kl", "KL to reference (GRPO, PPO)"),
+    ("rewards/margins", "reward margin (DPO)"),
+    ("rewards/accuracies", "reward accuracy (DPO)"),
+    ("margin", "reward margin (reward model)"),
+    ("accuracy", "pair accuracy (reward model)"),
+)
+
+
+def figure_panels(runs: list[list[dict]]) -> list[tuple[str, str]]:
+    """(key, title) of each panel to draw for runs' records: loss, then the stage figures any run logged."""
+    present = [
+        (key, title)
+        for key, title in STAGE_FIGURES
+        if any(key in r or f"eval_{key}" in r for records in runs for r in records)
+    ]
+    return [("loss", "loss"), *present]
+
+
 def plot_metrics(metrics_path: Path, png_path: Path) -> Path:
-    """Draw training and eval loss against step into a PNG; a PPO run adds its reward and KL panels."""
+    """Draw one run's metrics.jsonl into a PNG (see `plot_runs`)."""
+    return plot_runs([(Path(metrics_path).parent.name, Path(metrics_path))], png_path)
+
+
+def plot_runs(runs: list[tuple[str, Path]], png_path: Path) -> Path:
+    """Overlay runs' (label, metrics.jsonl): train and eval loss, then a panel per stage figure any run logged."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    records = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
-    evals = [(r["step"], r["eval_loss"]) for r in records if "eval_loss" in r]
-    rl = [r for r in records if "reward" in r and "kl" in r]
-    fig, axes = plt.subplots(1, 3 if rl else 1, figsize=(16 if rl else 7, 4), squeeze=False)
-    ax = axes[0][0]
-    if train:
-        ax.plot(*zip(*train, strict=True), label="train loss", linewidth=1)
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="eval loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(Path(metrics_path).parent.name)
-    ax.legend()
-    for ax, key, label in ((axes[0][1], "reward", "mean reward"), (axes[0][2], "kl", "KL to reference")) if rl else ():
-        ax.plot([r["step"] for r in rl], [r[key] for r in rl], linewidth=1)
-        ax.set_xlabel("iteration")
-        ax.set_ylabel(label)
+    loaded = [(label, read_metrics(path)) for label, path in runs]
+    panels = figure_panels([records for _, records in loaded])
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels) + 1, 4), squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (key, title) in zip(axes[0], panels, strict=True):
+        for i, (label, records) in enumerate(loaded):
+            color = colors[i % len(colors)]
+            train = [(r["step"], r[key]) for r in records if key in r and "step" in r]
+            evals = [(r["step"], r[f"eval_{key}"]) for r in records if f"eval_{key}" in r and "step" in r]
+            if train:
+                ax.plot(*zip(*train, strict=True), color=color, linewidth=1, label=f"{label}")
+            if evals:
+                ax.plot(*zip(*evals, strict=True), "o--", color=color, label=f"{label} (eval)")
+        ax.set_xlabel("step")
+        ax.set_title(title)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize="small")
     fig.tight_layout()
     fig.savefig(png_path, dpi=100)
     plt.close(fig)

@@ -20,6 +20,7 @@ from training.metrics import COMPLETE_MARKER
 RUN_FILE = "run.json"
 LOW_SPACE_BYTES = 64 * 2**20  # a failed write with less free than this is taken for a full disk
 STATUS_FILE = "status"  # one line: what the run is doing before its first step (the progress line shows it)
+OUTCOME_FILE = "outcome.json"  # running (with the driver's pid and host), finished, preempted, interrupted, failed
 HEARTBEATS = "ranks"  # RUN_DIR/ranks/rank-N (PPO: ROLE-N): the step rank N last began or finished, and when
 
 
@@ -45,6 +46,23 @@ def set_status(run_dir: Path, text: str) -> None:
     staging = path.with_name(f"{STATUS_FILE}.{os.getpid()}")
     staging.write_text(text + "\n")
     staging.replace(path)  # atomic: the progress line never reads half a line
+
+
+def record_outcome(run_dir: Path, status: str, **facts: object) -> None:
+    """Write where the run stands (`tuneyard runs` reads it): its status and facts such as times and figures."""
+    path = Path(run_dir) / OUTCOME_FILE
+    staging = path.with_name(f"{OUTCOME_FILE}.{os.getpid()}")
+    staging.write_text(json.dumps({"status": status, **facts}, default=str) + "\n")
+    staging.replace(path)
+
+
+def read_outcome(run_dir: Path) -> dict:
+    """What `record_outcome` last wrote ({} for none, or a damaged file)."""
+    try:
+        outcome = json.loads((Path(run_dir) / OUTCOME_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return outcome if isinstance(outcome, dict) else {}
 
 
 def read_status(run_dir: Path) -> str:
