@@ -137,3 +137,9 @@ def sft_base(pretrained_base, tmp_path_factory) -> str:
 
 
 SFT_BASE_STEPS = 120
+
+
+def processes_of_session(sid: int) -> list[str]:
+    """The processes of one session: a CLI started with start_new_session, its Ray daemons and workers too."""
+    table = subprocess.run(["ps", "-ww", "-eo", "sid=,pid=,args="], capture_output=True, text=True).stdout
+    return [row for row in table.splitlines() if row.split()[0] == str(sid)]

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from launch.config import job_from_dict
 from launch.run import run_job
-from tests.conftest import PRETRAIN_JOB, ROOT, SFT_JOB, can_mount_tmpfs, job_dict
+from tests.conftest import PRETRAIN_JOB, ROOT, SFT_JOB, can_mount_tmpfs, job_dict, processes_of_session
 from training.metrics import COMPLETE_MARKER, read_metrics
 from training.nonfinite import NonFiniteTraining
 from training.run_dir import complete_checkpoints
@@ -182,12 +182,6 @@ def test_a_kill_inside_a_save_leaves_a_complete_checkpoint_to_resume(
     for step in (21, 24):
         assert got[step] == pytest.approx(uninterrupted[step], rel=1e-4), step
     assert [p.name for p in complete_checkpoints(run_dir)] == ["checkpoint-24"]
-
-
-def processes_of_session(sid: int) -> list[str]:
-    """The processes of one session: a CLI started with start_new_session, its Ray daemons and workers."""
-    table = subprocess.run(["ps", "-ww", "-eo", "sid=,pid=,args="], capture_output=True, text=True).stdout
-    return [row for row in table.splitlines() if row.split()[0] == str(sid)]
 
 
 def test_a_kill_of_the_driver_inside_a_save_leaves_a_complete_checkpoint_to_resume(uninterrupted, tmp_path):

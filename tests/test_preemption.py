@@ -12,7 +12,7 @@ import pytest
 
 from launch.config import job_from_dict
 from launch.run import run_job
-from tests.conftest import SFT_JOB, job_dict
+from tests.conftest import SFT_JOB, job_dict, processes_of_session
 from training.preemption import PREEMPTED_EXIT_CODE, RECORD_FILE, REQUEST_FILE, Preempted, preemption_watch
 
 
@@ -70,14 +70,6 @@ def test_warning_mid_training_checkpoints_and_the_rerun_continues(tmp_path):
     steps = [r["step"] for r in records if "loss" in r]
     assert steps == list(range(1, 41))  # every step once: continued from the checkpoint, not restarted
     assert (run_dir / "final" / "model.safetensors").exists()
-
-
-def processes_of_session(sid: int) -> list[str]:
-    """The processes of one session (the CLI's, started with start_new_session): its Ray daemons and workers too."""
-    import subprocess
-
-    table = subprocess.run(["ps", "-ww", "-eo", "sid=,pid=,args="], capture_output=True, text=True).stdout.splitlines()
-    return [row for row in table if row.split()[0] == str(sid)]
 
 
 @pytest.mark.integration
