@@ -20,7 +20,7 @@ def _load(job: JobConfig, model_path: str | None, task: str):
 
     if model_path is None:
         set_seed(job.training.seed)
-        return load_model(job.model, load_tokenizer(job.model), task=task)
+        return load_model(job.model, load_tokenizer(job.model, job.data.chat_template), task=task)
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     return auto.from_pretrained(model_path)
 
@@ -35,7 +35,7 @@ def stage_figures(job: JobConfig, model_path: str | None) -> dict[str, float]:
     rows = _eval_rows(job)
     if not rows:
         return {}
-    tokenizer = load_tokenizer(job.model)
+    tokenizer = load_tokenizer(job.model, job.data.chat_template)
     if job.stage == "sft" and job.data.eval_generations:
         from training.evaluate import exact_match_accuracy
 

@@ -33,7 +33,8 @@ from training.run_dir import (
     set_status,
 )
 from training.runner import default_cache_dir, ray_train_worker
-from training.tokenize import cache_key
+from training.tokenize import CHAT_FORMATS, cache_key, tokenize_chat
+from training.tracking import check_trackers, tracker_env
 
 log = logging.getLogger(__name__)
 
@@ -92,12 +93,15 @@ def preflight(job: JobConfig) -> None:
     if job.model.init == "pretrained":
         assert job.model.name_or_path is not None
         check_model_source(job.model.name_or_path, allow_pickle=job.model.allow_pickle)
+    check_training_options(job)
+    check_trackers(job.training)
     if job.stage == "ppo":
         from rlhf.ppo.controller import prepare_ppo
 
         prepare_ppo(job.train_spec(), job.ppo, job.reward)  # data, prompt lengths, rewards, the critic's start
         return
-    tokenizer = load_tokenizer(job.model)
+    tokenizer = load_tokenizer(job.model, job.data.chat_template)
+    check_chat_template(job, tokenizer)
     if job.stage in PREFERENCE_STAGES:
         from rlhf.data import rlhf_datasets
         from rlhf.rewards import lookup
@@ -111,7 +115,73 @@ def preflight(job: JobConfig) -> None:
         return
     cache = default_cache_dir(job.data, job.output) / cache_key(job.stage, job.data, tokenizer, job.training.seed)
     if not (cache / "ready").exists():
-        read_splits(job.data, job.training.seed)  # malformed rows, missing fields, empty data
+        train, _ = read_splits(job.data, job.training.seed)  # malformed rows, missing fields, empty data
+        calling = next((row for row in train if any(m.get("tool_calls") for m in row.get("messages", []))), None)
+        if calling is not None:  # refused when the chat template would leave the calls out
+            tokenize_chat(tokenizer, calling["messages"], job.data.train_on, calling.get("tools"))
+
+
+def check_training_options(job: JobConfig) -> None:
+    """training.optim names an optimizer transformers has; early stopping and keep_best have evaluations to read."""
+    from transformers.training_args import OptimizerNames
+
+    training, output = job.training, job.output
+    names = sorted(o.value for o in OptimizerNames)
+    if training.optim not in names:
+        raise UserError(f"training.optim: '{training.optim}' is not an optimizer transformers has; names are {names}")
+    if job.stage == "ppo" and (training.optim != "adamw_torch" or training.early_stopping or output.keep_best):
+        raise UserError(
+            "training.optim, training.early_stopping and output.keep_best apply to the stages that run a Hugging Face "
+            "trainer; PPO's roles use AdamW and keep the last checkpoints: remove them from this job"
+        )
+    watched = [
+        (key, metric)
+        for key, metric in (
+            ("training.early_stopping", training.early_stopping and training.early_stopping.metric),
+            ("output.keep_best", output.keep_best),
+        )
+        if metric
+    ]
+    if not watched:
+        return
+    key = watched[0][0]
+    if len({metric.removeprefix("eval_") for _, metric in watched}) > 1:
+        raise UserError(
+            f"training.early_stopping.metric ({watched[0][1]}) and output.keep_best ({watched[1][1]}) differ; the "
+            "trainer tracks one best metric: give both the same"
+        )
+    has_eval = (bool(job.data.eval) or job.data.eval_fraction > 0) and job.stage != "grpo"
+    if not has_eval or not training.eval_steps:
+        raise UserError(
+            f"{key} reads evaluations: give held-out data (data.eval or data.eval_fraction; grpo has none) and "
+            "training.eval_steps"
+        )
+    if output.keep_best and (not output.save_steps or output.save_steps % training.eval_steps):
+        raise UserError(
+            f"output.keep_best keeps a checkpoint saved where an evaluation scored best, so output.save_steps "
+            f"({output.save_steps}) must be a multiple of training.eval_steps ({training.eval_steps})"
+        )
+
+
+def check_chat_template(job: JobConfig, tokenizer) -> None:
+    """A chat SFT needs a template to render turns; new template tokens need embeddings that train."""
+    source = job.model.tokenizer or job.model.name_or_path
+    if job.stage == "sft" and job.data.format in CHAT_FORMATS and not tokenizer.chat_template:
+        raise UserError(
+            f"the tokenizer of '{source}' has no chat template (a base model), and data.format "
+            f"'{job.data.format}' is rendered with one; set data.chat_template: chatml (or a template TRL ships "
+            "such as llama3 or qwen3, or a .jinja file)"
+        )
+    if job.data.chat_template and job.peft.method in ("lora", "qlora"):
+        base = load_tokenizer(job.model)
+        added = [t for t in tokenizer.get_vocab() if t not in base.get_vocab()]
+        if added:
+            raise UserError(
+                f"data.chat_template '{job.data.chat_template}' uses tokens the tokenizer of '{source}' lacks "
+                f"({', '.join(sorted(added))}); their new embedding rows would stay untrained under "
+                f"peft.method {job.peft.method}, so the model could not learn to end a turn. Use peft.method full "
+                "or freeze, or a template whose tokens the tokenizer has"
+            )
 
 
 def _first_sentence(text: str, limit: int = 200) -> str:
@@ -159,7 +229,7 @@ def check_disk(job: JobConfig, run_dir: Path) -> None:
 
     saves = job.output.save_steps or (job.stage == "ppo" and job.ppo.save_every)
     models = 2 if job.stage == "ppo" else 1  # the critic is saved beside the policy
-    vocab = len(load_tokenizer(job.model))
+    vocab = len(load_tokenizer(job.model, job.data.chat_template))
     check_free_space(job.train_spec(), run_dir, vocab, job.output.keep_last if saves else 0, models)
 
 
@@ -229,6 +299,7 @@ def run_on_ray(job: JobConfig, run_dir: Path) -> None:
             "spec": spec.model_dump(mode="json"),
             "preference": job.preference_spec().model_dump(mode="json"),
             "faults": forwarded_faults(),
+            "tracker_env": tracker_env(),  # for a Ray cluster this process did not start
         }
         trainer = TorchTrainer(
             entry,

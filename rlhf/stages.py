@@ -26,16 +26,16 @@ from training.finetune_method import (
     memory_footprint,
     quantization_config,
 )
-from training.metrics import MetricsCallback
 from training.model import check_model_source, load_model, load_tokenizer
 from training.nonfinite import NonFiniteGuard
 from training.preemption import PreemptionCallback
-from training.run_dir import CompleteCheckpointCallback, Heartbeat, set_status
+from training.run_dir import set_status
 from training.runner import (
     DEEPSPEED_STATUS,
     common_trainer_kwargs,
     guarded,
     materialize_scratch_base,
+    run_callbacks,
     start_ray_worker,
     train_and_publish,
 )
@@ -108,7 +108,7 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
     set_seed(training.seed)
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if distributed else 1
-    tokenizer = load_tokenizer(spec.model)
+    tokenizer = load_tokenizer(spec.model, spec.data.chat_template)
     has_eval = (bool(spec.data.eval) or spec.data.eval_fraction > 0) and spec.stage != "grpo"
     splits = rlhf_datasets(spec.stage, spec.data, tokenizer, training.seed)  # TRL tokenises them
     task = "sequence-classification" if spec.stage == "reward" else "causal-lm"
@@ -145,12 +145,7 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
     preemption = PreemptionCallback(run_dir)
     if rank == 0:
         set_status(run_dir, DEEPSPEED_STATUS)
-    callbacks = [
-        MetricsCallback(run_dir / "metrics.jsonl", training.batch_size * training.grad_accum * world),
-        CompleteCheckpointCallback(run_dir, spec.output.keep_last),
-        preemption,
-        Heartbeat(run_dir, rank),  # last: see its docstring
-    ]
+    callbacks = run_callbacks(spec, run_dir, rank, training.batch_size * training.grad_accum * world, preemption)
     common = dict(
         model=model,
         args=args,

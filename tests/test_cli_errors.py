@@ -57,7 +57,7 @@ def test_malformed_jsonl(tmp_path):
 def test_row_missing_a_field(tmp_path):
     data = write_jsonl(tmp_path / "alpaca.jsonl", [{"instruction": "hi", "output": "yo"}, {"instruction": "x"}])
     job = job_dict(SFT_JOB, tmp_path / "run", data={"format": "alpaca", "train": data, "eval": None})
-    assert_user_error(run_cli(tmp_path, job), f"{data}:2: row is missing field 'output' (format 'alpaca'")
+    assert_user_error(run_cli(tmp_path, job), f"{data}:2: row is missing field 'output'; its columns are 'instruction'")
 
 
 def test_empty_dataset(tmp_path):

@@ -38,7 +38,7 @@ def test_missing_field_names_field_and_format(tmp_path):
     path = jsonl(tmp_path, [{"instruction": "a", "output": "b"}, {"instruction": "only"}])
     with pytest.raises(UserError) as info:
         read_splits(DataConfig(format="alpaca", train=path), seed=0)
-    assert f"{path}:2: row is missing field 'output' (format 'alpaca' needs" in str(info.value)
+    assert f"{path}:2: row is missing field 'output'; its columns are 'instruction'. If one" in str(info.value)
 
 
 def test_empty_dataset_is_refused(tmp_path):

@@ -222,6 +222,20 @@ def test_ppo_raises_the_reward_with_bounded_kl(learning_run):
 
 
 @pytest.mark.integration
+def test_ppo_reports_its_figures_to_tensorboard(learning_run):
+    """The default tracker (training.report_to: [tensorboard]) gets each iteration's record from the controller."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    rows = iterations_of(learning_run.run_dir)
+    events = EventAccumulator(str(learning_run.run_dir / "tensorboard"))
+    events.Reload()
+    for key in ("loss", "reward", "kl"):
+        got = [(e.step, e.value) for e in events.Scalars(f"train/{key}")]
+        assert [step for step, _ in got] == [r["step"] for r in rows], key
+        assert [value for _, value in got] == pytest.approx([r[key] for r in rows], rel=1e-6, abs=1e-7), key
+
+
+@pytest.mark.integration
 def test_first_ppo_step_has_ratio_one(learning_run):
     """Old log-probs (rollout forward) and new ones (training forward) agree before the first update.
 

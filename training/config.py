@@ -7,7 +7,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
-DataFormat = Literal["text", "alpaca", "messages", "preference", "prompt"]
+DataFormat = Literal["text", "alpaca", "sharegpt", "messages", "preference", "prompt"]
+Tracker = Literal["tensorboard", "wandb", "mlflow"]
 
 
 class ModelConfig(BaseModel):
@@ -78,6 +79,15 @@ class DataConfig(BaseModel):
     num_proc: int = Field(default=1, ge=1)
     cache_dir: str | None = Field(default=None, description="defaults to <output.dir>/../.tokenized")
     eval_generations: int = Field(default=0, ge=0, description="held-out examples scored by greedy exact match")
+    columns: dict[str, str] | None = Field(
+        default=None, description="the format's field -> the file's column, e.g. {instruction: question}"
+    )
+    chat_template: str | None = Field(
+        default=None, description="chatml, a template TRL ships (llama3, qwen3, ...) or a .jinja file"
+    )
+    train_on: Literal["assistant", "all", "last_assistant"] = Field(
+        default="assistant", description="which tokens of a conversation carry loss"
+    )
 
     _sources = field_validator("train", "eval", mode="before")(lambda cls, v: _as_sources(v))
 
@@ -90,6 +100,17 @@ class DataConfig(BaseModel):
         if any(not source.path.strip() for source in sources or []):
             raise ValueError("a source has an empty path; give a data file, a dataset folder or a hub dataset name")
         return sources
+
+
+class EarlyStopping(BaseModel):
+    """Stop when an eval metric has not improved for `patience` evaluations."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    metric: str = "eval_loss"
+    mode: Literal["min", "max"] = "min"
+    patience: int = Field(default=3, ge=1, description="evaluations without improvement before stopping")
+    threshold: float = Field(default=0.0, ge=0.0, description="an improvement smaller than this does not count")
 
 
 class TrainingConfig(BaseModel):
@@ -118,6 +139,12 @@ class TrainingConfig(BaseModel):
     max_nonfinite_steps: int = Field(
         default=5, ge=0, description="NaN/inf steps skipped in a row before the run stops (0: stop at the first)"
     )
+    report_to: list[Tracker] = Field(
+        default_factory=lambda: ["tensorboard"], description="trackers fed the figures of metrics.jsonl ([]: none)"
+    )
+    optim: str = Field(default="adamw_torch", description="a transformers optimizer, e.g. adamw_bnb_8bit")
+    neftune_noise_alpha: float | None = Field(default=None, gt=0, description="NEFTune embedding noise (SFT)")
+    early_stopping: EarlyStopping | None = None
 
 
 class DeepSpeedSection(BaseModel):
@@ -147,6 +174,10 @@ class OutputConfig(BaseModel):
     dir: str
     save_steps: int = Field(default=0, ge=0, description="0: no intermediate checkpoints")
     keep_last: int = Field(default=2, ge=1)
+    keep_best: str | None = Field(
+        default=None, description="also keep the checkpoint with the best value of this eval metric (e.g. eval_loss)"
+    )
+    best_mode: Literal["min", "max"] = "min"
     resume: str = Field(default="auto", description="auto | never | PATH to a checkpoint folder")
     overwrite: bool = False
 

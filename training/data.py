@@ -80,8 +80,10 @@ def _raw_rows(source: DataSource, key: str = "data.train") -> list[tuple[object,
     """(row, where) pairs of one source; `where` is file:line for line-oriented files; `key` names the list."""
     path = Path(source.path).expanduser()
     suffix = path.suffix.lower()
-    if path.is_dir():  # a dataset folder (e.g. a clone of a hub dataset): `datasets` reads it
-        return _hub_rows(source, key)
+    if path.is_dir():
+        if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+            return _saved_rows(path, source.split, key)
+        return _hub_rows(source, key)  # a dataset folder (e.g. a clone of a hub dataset): `datasets` reads it
     if suffix in LOCAL_SUFFIXES or path.exists():
         if not path.is_file():
             raise UserError(
@@ -104,6 +106,28 @@ def _raw_rows(source: DataSource, key: str = "data.train") -> list[tuple[object,
 def rows_of_file(path: str, key: str) -> list[tuple[object, str]]:
     """(row, where) pairs of one data file or dataset folder, errors naming `key` (the option that gave it)."""
     return _raw_rows(DataSource(path=path), key)
+
+
+def _saved_rows(path: Path, split: str, key: str) -> list[tuple[object, str]]:
+    """Rows of a folder written by `datasets`' save_to_disk: one Dataset, or a DatasetDict's `split`."""
+    import datasets
+
+    try:
+        saved = datasets.load_from_disk(str(path))
+    except Exception as exc:  # a half-copied folder: missing arrow files, damaged state.json
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"{key}: '{path}' looks like a save_to_disk folder but cannot be read ({type(exc).__name__}: {first}); "
+            "copy it again or save it again with Dataset.save_to_disk"
+        ) from None
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise UserError(
+                f"{key}: '{path}' holds the splits {sorted(saved)}, not '{split}'; pick one with split: NAME on the "
+                "source"
+            )
+        saved = saved[split]
+    return [(row, f"{path} row {i}") for i, row in enumerate(saved)]
 
 
 def _hub_rows(source: DataSource, key: str) -> list[tuple[object, str]]:
@@ -161,7 +185,8 @@ def read_sources(sources: list[DataSource], cfg: DataConfig, seed: int, role: st
     rows = []
     for source in sources:
         normalized = [
-            normalize_row(row, cfg.format, where, cfg.text_field) for row, where in _raw_rows(source, f"data.{role}")
+            normalize_row(row, cfg.format, where, cfg.text_field, cfg.columns)
+            for row, where in _raw_rows(source, f"data.{role}")
         ]
         rows.extend(_mix(source, normalized, seed))
     if not rows:

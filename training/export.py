@@ -17,7 +17,7 @@ from training.model import check_model_source
 if TYPE_CHECKING:  # torch, transformers and bitsandbytes load only to merge: a wrong path answers at once
     import torch
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "generation_config.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
@@ -126,7 +126,12 @@ def load_adapter_model(run_dir: Path) -> torch.nn.Module:
     check_model_source(base_path, "the adapter's base model", allow_pickle=allow_pickle)
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(load_dequantized_base(base_path, peft, allow_pickle), final)
+    base = load_dequantized_base(base_path, peft, allow_pickle)
+    if (final / "generation_config.json").is_file():  # where the run's chat template ends a turn
+        from transformers import GenerationConfig
+
+        base.generation_config = GenerationConfig.from_pretrained(final)
+    return PeftModel.from_pretrained(base, final)
 
 
 def export_merged(run_dir: Path, out: Path) -> Path:

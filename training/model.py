@@ -149,8 +149,8 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, DTYPES[name])
 
 
-def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
-    """The tokenizer of `model.tokenizer` or `model.name_or_path`, with a pad token."""
+def load_tokenizer(cfg: ModelConfig, chat_template: str | None = None) -> PreTrainedTokenizerBase:
+    """The tokenizer of `model.tokenizer` or `model.name_or_path`, with a pad token and data.chat_template."""
     from transformers import AutoTokenizer
 
     name = cfg.tokenizer or cfg.name_or_path
@@ -169,6 +169,10 @@ def load_tokenizer(cfg: ModelConfig) -> PreTrainedTokenizerBase:
         ) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    if chat_template:
+        from training.chat_templates import use_chat_template
+
+        use_chat_template(tokenizer, chat_template)
     return tokenizer
 
 
@@ -221,6 +225,10 @@ def load_model(
                 else ""
             )
             raise UserError(f"cannot load model '{cfg.name_or_path}': {exc}{hint}") from None
+    rows = model.get_input_embeddings().weight.shape[0]
+    if len(tokenizer) > rows:  # data.chat_template added its marker tokens; new rows start at the mean embedding
+        log.info("embeddings grow from %d to %d rows for the chat template's tokens", rows, len(tokenizer))
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     if task != "causal-lm" and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # the classifier reads the last non-pad token
     log.info("model: %s parameters, dtype %s, attention %s", f"{model.num_parameters():,}", dtype, attn)

@@ -21,16 +21,17 @@ RUN_FILE = "run.json"
 LOW_SPACE_BYTES = 64 * 2**20  # a failed write with less free than this is taken for a full disk
 STATUS_FILE = "status"  # one line: what the run is doing before its first step (the progress line shows it)
 OUTCOME_FILE = "outcome.json"  # running (with the driver's pid and host), finished, preempted, interrupted, failed
+BEST_FILE = "best_checkpoint.json"  # output.keep_best: which checkpoint scored best, and its value
 HEARTBEATS = "ranks"  # RUN_DIR/ranks/rank-N (PPO: ROLE-N): the step rank N last began or finished, and when
 
 
 def job_identity(job_dump: dict) -> str:
     """A hash of everything that defines the run's results (not where it runs, lives or how it resumes)."""
     relevant = {k: v for k, v in job_dump.items() if k not in ("cluster", "output")}
-    # how often to retry, how many NaN steps to bear, and whether pickle weights may load, are not what
-    # the run computes (and a rerun that raises a bound must resume, not be refused as another job)
+    # how often to retry, how many NaN steps to bear, where figures are reported, and whether pickle weights
+    # may load, are not what the run computes (and a rerun that raises a bound must resume, not be refused)
     if isinstance(relevant.get("training"), dict):
-        tolerances = ("max_failures", "max_nonfinite_steps")
+        tolerances = ("max_failures", "max_nonfinite_steps", "report_to")
         relevant["training"] = {k: v for k, v in relevant["training"].items() if k not in tolerances}
     if isinstance(relevant.get("model"), dict):
         relevant["model"] = {k: v for k, v in relevant["model"].items() if k != "allow_pickle"}
@@ -82,8 +83,8 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
     return sorted(found, key=_step_of)
 
 
-def retire_old_checkpoints(run_dir: Path, keep_last: int) -> None:
-    """Delete all but the newest `keep_last` complete checkpoints, and unfinished ones older than those.
+def retire_old_checkpoints(run_dir: Path, keep_last: int, best: Path | None = None) -> None:
+    """Delete all but the newest `keep_last` complete checkpoints (and `best`), and unfinished ones older than those.
 
     Called only after the newest checkpoint is marked complete, so a crash at any moment of a save
     leaves at least one complete checkpoint (with keep_last 1 too).
@@ -92,7 +93,7 @@ def retire_old_checkpoints(run_dir: Path, keep_last: int) -> None:
     if not keep:
         return
     for folder in (Path(run_dir) / "checkpoints").glob("checkpoint-*"):
-        if _step_of(folder) < _step_of(keep[0]):
+        if _step_of(folder) < _step_of(keep[0]) and (best is None or folder.name != best.name):
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -103,8 +104,8 @@ class CompleteCheckpointCallback(TrainerCallback):
     new one is marked complete; the trainer is given no limit and this callback rotates instead.
     """
 
-    def __init__(self, run_dir: Path, keep_last: int):
-        self.run_dir, self.keep_last = Path(run_dir), keep_last
+    def __init__(self, run_dir: Path, keep_last: int, keep_best: bool = False):
+        self.run_dir, self.keep_last, self.keep_best = Path(run_dir), keep_last, keep_best
 
     def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
         import torch.distributed as dist
@@ -116,7 +117,13 @@ class CompleteCheckpointCallback(TrainerCallback):
             pause_in_save("written", state.global_step, self.run_dir, rank=0)
             (folder / COMPLETE_MARKER).write_text(str(state.global_step))
             pause_in_save("marked", state.global_step, self.run_dir, rank=0)
-            retire_old_checkpoints(self.run_dir, self.keep_last)
+            best = Path(state.best_model_checkpoint) if self.keep_best and state.best_model_checkpoint else None
+            if best is not None:  # output.keep_best: the trainer tracks it by args.metric_for_best_model
+                note = {"checkpoint": str(best), "metric": args.metric_for_best_model, "value": state.best_metric}
+                staging = self.run_dir / f"{BEST_FILE}.tmp"
+                staging.write_text(json.dumps(note) + "\n")
+                staging.replace(self.run_dir / BEST_FILE)
+            retire_old_checkpoints(self.run_dir, self.keep_last, best)
 
 
 def note_heartbeat(run_dir: Path, who: str, step: int, phase: str) -> None:

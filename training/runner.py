@@ -14,9 +14,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from transformers import TrainerCallback
 
+from training.chat_templates import stop_at_end_of_turn
 from training.config import DataConfig, ModelConfig, OutputConfig, TrainingConfig, TrainSpec
 from training.deepspeed_config import build_deepspeed_config
+from training.errors import UserError
 from training.faults import apply_faults
 from training.finetune_method import (
     apply_finetune_method,
@@ -42,6 +45,7 @@ from training.run_dir import (
     set_status,
 )
 from training.tokenize import prepare_datasets
+from training.tracking import TrackingCallback, apply_tracker_env, close_trackers
 
 log = logging.getLogger(__name__)
 DEEPSPEED_STATUS = "building the DeepSpeed engine (the first run on a machine also compiles DeepSpeed's CPU comm op)"
@@ -95,8 +99,45 @@ def common_trainer_kwargs(spec: TrainSpec, run_dir: Path, has_eval: bool) -> dic
         ddp_backend=("nccl" if cuda else "gloo") if dist.is_initialized() else None,
         deepspeed=build_deepspeed_config(spec.deepspeed, cuda=cuda) if spec.deepspeed is not None else None,
         dataloader_num_workers=0,
+        optim=training.optim,
+        neftune_noise_alpha=training.neftune_noise_alpha,
+        **best_metric_flags(spec),
         **_precision_flags(training),
     )
+
+
+def best_metric_flags(spec: TrainSpec) -> dict:
+    """The metric the trainer tracks as best: for training.early_stopping and output.keep_best."""
+    stopping, keep_best = spec.training.early_stopping, spec.output.keep_best
+    if stopping is not None:
+        return {"metric_for_best_model": stopping.metric, "greater_is_better": stopping.mode == "max"}
+    if keep_best is not None:
+        return {"metric_for_best_model": keep_best, "greater_is_better": spec.output.best_mode == "max"}
+    return {}
+
+
+class StartingModelIsNoCandidate(TrainerCallback):
+    """The step-0 evaluation is the "before" figure, not a best model: no checkpoint holds it to keep or return to."""
+
+    def on_step_begin(self, args, state, control, **kw) -> None:
+        if state.global_step == 0:
+            state.best_metric, state.best_global_step, state.best_model_checkpoint = None, None, None
+
+
+def run_callbacks(spec: TrainSpec, run_dir: Path, rank: int, samples_per_step: int, preemption) -> list:
+    """The callbacks every HF-trainer stage runs: metrics, checkpoints, preemption, early stopping, heartbeat."""
+    from transformers import EarlyStoppingCallback
+
+    stopping = spec.training.early_stopping
+    return [
+        MetricsCallback(run_dir / "metrics.jsonl", samples_per_step),
+        TrackingCallback(spec.training.report_to, run_dir, rank),  # after MetricsCallback: forwards what it wrote
+        CompleteCheckpointCallback(run_dir, spec.output.keep_last, keep_best=spec.output.keep_best is not None),
+        preemption,
+        *([EarlyStoppingCallback(stopping.patience, stopping.threshold)] if stopping else []),
+        StartingModelIsNoCandidate(),
+        Heartbeat(run_dir, rank),  # last: see its docstring
+    ]
 
 
 def build_trainer_args(spec: TrainSpec, run_dir: Path, has_eval: bool):
@@ -150,7 +191,7 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
     set_seed(training.seed)
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if distributed else 1
-    tokenizer = load_tokenizer(spec.model)
+    tokenizer = load_tokenizer(spec.model, spec.data.chat_template)
     has_eval = bool(data.eval) or data.eval_fraction > 0
     model_cfg = spec.model
     if rank == 0:
@@ -193,12 +234,7 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
         train_dataset=splits["train"],
         eval_dataset=splits.get("eval"),
         processing_class=tokenizer,
-        callbacks=[
-            MetricsCallback(run_dir / "metrics.jsonl", samples_per_step),
-            CompleteCheckpointCallback(run_dir, output.keep_last),
-            preemption,
-            Heartbeat(run_dir, rank),  # last: see its docstring
-        ],
+        callbacks=run_callbacks(spec, run_dir, rank, samples_per_step, preemption),
     )
     trainer.remove_callback(PrinterCallback)  # its dict-per-step print is metrics.jsonl's job
     if peft.method == "qlora" and not args.bf16:
@@ -213,14 +249,21 @@ def train_and_publish(
     """Train (resuming when asked), evaluate once more, and write `final/` atomically; every rank calls this."""
     distributed = dist.is_available() and dist.is_initialized()
     checkpoint = resume_checkpoint(run_dir, resume)
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    try:
+        trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    except KeyError as exc:  # the trainer's own message lists the metrics the evaluation has
+        if "metric_for_best_model" not in str(exc):
+            raise
+        raise UserError(f"training.early_stopping.metric / output.keep_best: {str(exc).strip(chr(34))}") from None
     if preemption.stopped:  # a checkpoint was written; final/ waits for the rerun that finishes the job
+        close_trackers(trainer)
         return {"global_step": trainer.state.global_step, "preempted": True}
     step = trainer.state.global_step
     evaluated_last = any(
         any(k.startswith("eval_") for k in h) and h.get("step") == step for h in trainer.state.log_history
     )
     metrics = trainer.evaluate() if has_eval and not evaluated_last else {}
+    close_trackers(trainer)  # only now: this last evaluation comes after training ends
 
     # Every rank takes part in the save (ZeRO-3 gathers shards); rank 0 publishes it atomically.
     # A LoRA run's final/ is the adapter (with its base's path); `tuneyard export --merge` folds it in.
@@ -235,6 +278,7 @@ def train_and_publish(
             dist.barrier()
         if rank == 0:
             tokenizer.save_pretrained(str(staging))
+            stop_at_end_of_turn(staging, trainer.model, tokenizer)
             (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle; final/ holds safetensors and JSON
             publish_final(staging, run_dir / "final")
     except Exception as exc:
@@ -287,6 +331,7 @@ def start_ray_worker(payload: dict) -> tuple[Path, int]:
     rank = ray.train.get_context().get_world_rank()
     run_dir = Path(payload["run_dir"])
     apply_faults(payload.get("faults", {}))
+    apply_tracker_env(payload.get("tracker_env", {}))
     redirect_output(run_dir / "logs" / f"worker-{rank}.log")
     watch_start_up(run_dir, f"rank {rank}")
     log.info("rank %d (pid %d) runs on Ray node %s", rank, os.getpid(), ray.get_runtime_context().get_node_id())

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -19,26 +21,88 @@ from training.errors import UserError
 from training.packing import IGNORE_INDEX, labels_from_spans, pack_into_blocks
 
 log = logging.getLogger(__name__)
+CHAT_FORMATS = ("messages", "alpaca", "sharegpt")
+GENERATION_MARK = re.compile(r"{%-?\s*generation\s*-?%}")
 CACHE_VERSION = "2"  # bump when the tokenised layout changes, so stale caches are not reused
 
 
-def tokenize_chat(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> dict:
-    """input_ids of the chat-template rendering, and labels that keep only assistant turns."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+def _assistant_spans(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list[dict] | None, train_on: str, text: str
+) -> list[tuple[int, int]]:
+    """Character spans of the rendered conversation that carry loss under data.train_on.
+
+    A turn's span runs from the end of the conversation before it (with the generation prompt) to the end
+    of the conversation up to it; both renderings must be prefixes of the whole one.
+    """
+    render = functools.partial(tokenizer.apply_chat_template, tools=tools, tokenize=False)
+    if train_on == "all":
+        return [(0, len(text))]
+    turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    if train_on == "last_assistant":
+        turns = turns[-1:]
     spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        start = len(tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True))
-        end = len(tokenizer.apply_chat_template(messages[: i + 1], tokenize=False))
-        spans.append((start, end))
+    for i in turns:
+        before, through = render(messages[:i], add_generation_prompt=True), render(messages[: i + 1])
+        if not (text.startswith(before) and text.startswith(through)):
+            raise UserError(
+                "data.chat_template: the template renders a turn differently once later turns follow (as qwen3 "
+                "does with its thinking blocks), so the assistant turns cannot be located in the text; use the "
+                "template's _training variant (e.g. qwen3_training, which marks them with {% generation %}) or "
+                "another template"
+            )
+        spans.append((len(before), len(through)))
+    return spans
+
+
+def _marked_labels(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list[dict] | None, train_on: str):
+    """(input_ids, labels) from a template that marks assistant text with {% generation %} (TRL's _training ones)."""
+    encoded = tokenizer.apply_chat_template(
+        messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
+    if train_on == "last_assistant":  # only the last run of marked tokens
+        end = max(i for i, m in enumerate(mask) if m) + 1
+        start = end
+        while start > 0 and mask[start - 1]:
+            start -= 1
+        mask = [int(start <= i < end) for i in range(len(mask))]
+    return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+
+
+def check_tool_calls_render(messages: list[dict], text: str) -> None:
+    """Refuse a template that drops a turn's tool calls, which would teach the model to answer without them."""
+    for message in messages:
+        for call in message.get("tool_calls") or []:
+            if call["function"]["name"] not in text:
+                raise UserError(
+                    f"data: a turn calls the tool '{call['function']['name']}', but the chat template does not "
+                    "render tool_calls, so the call would be silently left out of training. Choose a template "
+                    "that renders them (data.chat_template: llama3_1, qwen3, ... or your own .jinja), or remove "
+                    "the tool_calls from the data"
+                )
+
+
+def tokenize_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    train_on: str = "assistant",
+    tools: list[dict] | None = None,
+) -> dict:
+    """input_ids of the chat-template rendering, and labels that keep the tokens data.train_on names."""
+    text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
+    check_tool_calls_render(messages, text)
+    if train_on != "all" and GENERATION_MARK.search(tokenizer.chat_template or ""):
+        ids, labels = _marked_labels(tokenizer, messages, tools, train_on)
+        return {"input_ids": ids, "labels": labels}
     encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids = encoded["input_ids"]
+    spans = _assistant_spans(tokenizer, messages, tools, train_on, text)
     return {"input_ids": ids, "labels": labels_from_spans(ids, encoded["offset_mapping"], spans)}
 
 
-def _tokenize_chat_batch(batch: dict, tokenizer: PreTrainedTokenizerBase) -> dict:
-    out = [tokenize_chat(tokenizer, messages) for messages in batch["messages"]]
+def _tokenize_chat_batch(batch: dict, tokenizer: PreTrainedTokenizerBase, train_on: str) -> dict:
+    rows = [json.loads(conversation) for conversation in batch["conversation"]]
+    out = [tokenize_chat(tokenizer, row["messages"], train_on, row.get("tools")) for row in rows]
     return {"input_ids": [o["input_ids"] for o in out], "labels": [o["labels"] for o in out]}
 
 
@@ -66,6 +130,8 @@ def cache_key(stage: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, s
         stage,
         cfg.format,
         cfg.text_field,
+        json.dumps(cfg.columns, sort_keys=True),
+        cfg.train_on,
         str(cfg.max_length),
         cfg.overlength,
         f"packing={cfg.packing}",
@@ -102,6 +168,10 @@ def tokenize_rows(
     stage: str, rows: list[dict], cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, role: str, seed: int = 0
 ) -> datasets.Dataset:
     """Rows of one split -> fixed blocks (pretrain), or labelled examples (sft), packed when data.packing."""
+    if stage != "pretrain":
+        # one JSON string per conversation: Arrow would give every turn the union of all turns' keys and
+        # every tool call's arguments the union of all arguments' fields
+        rows = [{"conversation": json.dumps(row)} for row in rows]
     raw = datasets.Dataset.from_list(rows)
     num_proc = cfg.num_proc if cfg.num_proc > 1 and len(rows) >= 1000 else None
     if stage == "pretrain":
@@ -118,12 +188,12 @@ def tokenize_rows(
         if not blocks:
             raise UserError(f"data.{role}: fewer tokens than one block of data.max_length={cfg.max_length}")
         return datasets.Dataset.from_dict({"input_ids": blocks})
-    if cfg.format not in ("messages", "alpaca"):
-        raise UserError(f"stage {stage} reads data.format messages or alpaca, not '{cfg.format}'")
+    if cfg.format not in CHAT_FORMATS:
+        raise UserError(f"stage {stage} reads data.format {', '.join(CHAT_FORMATS)}, not '{cfg.format}'")
     examples = raw.map(
         _tokenize_chat_batch,
         batched=True,
-        fn_kwargs={"tokenizer": tokenizer},
+        fn_kwargs={"tokenizer": tokenizer, "train_on": cfg.train_on},
         remove_columns=raw.column_names,
         num_proc=num_proc,
     )

@@ -98,6 +98,51 @@ def make_last_word_prompts(rng: random.Random, count: int) -> list[dict]:
     ]
 
 
+def make_format_samples(rng: random.Random, count: int) -> dict[str, list[dict]]:
+    """The last-word task in the shapes users bring from other tools (see data.format and data.columns)."""
+    alpaca, sharegpt, tools, columns = [], [], [], []
+    for i in range(count):
+        words = rng.sample(WORDS, rng.randint(2, 6))
+        ask, answer = f"Say the last word: {' '.join(words)}", words[-1]
+        earlier = rng.sample(WORDS, 3)
+        row = {"instruction": "Say the last word:", "input": " ".join(words), "output": answer}
+        if i % 3 == 0:
+            row["system"] = "You answer with one word."
+        if i % 4 == 0:
+            row["history"] = [[f"Say the last word: {' '.join(earlier)}", earlier[-1]]]
+        alpaca.append(row)
+        turns = [{"from": "human", "value": ask}, {"from": "gpt", "value": answer}]
+        sharegpt.append({"conversations": turns, **({"system": "You answer with one word."} if i % 2 else {})})
+        call = {"id": f"call_{i}", "type": "function", "function": {"name": "last_word", "arguments": {"words": words}}}
+        tools.append(
+            {
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": ask}]},  # OpenAI content parts
+                    {"role": "assistant", "content": None, "tool_calls": [call]},
+                    {"role": "tool", "content": answer, "tool_call_id": f"call_{i}"},
+                    {"role": "assistant", "content": answer},
+                ],
+                "tools": [LAST_WORD_TOOL],
+            }
+        )
+        columns.append({"question": ask, "answer": answer, "id": i})
+    return {"alpaca": alpaca, "sharegpt": sharegpt, "tools": tools, "columns": columns}
+
+
+LAST_WORD_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "last_word",
+        "description": "The last word of a list of words.",
+        "parameters": {
+            "type": "object",
+            "properties": {"words": {"type": "array", "items": {"type": "string"}}},
+            "required": ["words"],
+        },
+    },
+}
+
+
 def write_jsonl(name: str, rows: list[dict]) -> None:
     """One JSON object per line."""
     with open(HERE / name, "w") as f:
@@ -118,6 +163,12 @@ def main() -> None:
     write_jsonl("last-word-pref-eval.jsonl", make_last_word_preferences(rng, 100))
     write_jsonl("last-word-prompts-train.jsonl", make_last_word_prompts(rng, 400))
     write_jsonl("last-word-prompts-eval.jsonl", make_last_word_prompts(rng, 50))
+    samples = make_format_samples(random.Random(2468), 64)
+    (HERE / "formats").mkdir(exist_ok=True)
+    (HERE / "formats" / "alpaca.json").write_text(json.dumps(samples["alpaca"], indent=1) + "\n")  # one JSON array
+    write_jsonl("formats/sharegpt.jsonl", samples["sharegpt"])
+    write_jsonl("formats/tools.jsonl", samples["tools"])
+    write_jsonl("formats/columns.jsonl", samples["columns"])
 
 
 if __name__ == "__main__":

@@ -51,6 +51,7 @@ from training.run_dir import (
     retire_old_checkpoints,
     set_status,
 )
+from training.tracking import Trackers, tracked
 
 log = logging.getLogger(__name__)
 ROLE_CLASSES = {"policy": PolicyWorker, "critic": CriticWorker, "reference": ReferenceWorker, "reward": RewardWorker}
@@ -214,7 +215,7 @@ def prepare_ppo(
         lookup(function.name)
     if reward.model:
         check_reward_model(reward.model, allow_pickle=spec.model.allow_pickle)
-    tokenizer = load_tokenizer(spec.model)
+    tokenizer = load_tokenizer(spec.model, spec.data.chat_template)
     train_rows, _ = read_splits(spec.data, spec.training.seed)
     prompts = tokenize_prompts(train_rows, tokenizer, ppo.max_prompt_length, "data.train")
     return tokenizer, prompts, critic_source(spec, ppo, reward, tokenizer.get_vocab())
@@ -251,8 +252,11 @@ def run_ppo(spec: TrainSpec, ppo: PpoSection, reward: RewardSection, run_dir: Pa
             run_dir, f"starting the PPO role actors ({actors})" + (f", attempt {attempt + 1}" if attempt else "")
         )
         try:
-            with start_role_groups(placement, classes, cluster, args, run_dir) as groups:
-                ppo_iterations(groups, spec, ppo, reward, run_dir, tokenizer, prompts, iterations, resume)
+            with (
+                start_role_groups(placement, classes, cluster, args, run_dir) as groups,
+                tracked(spec.training.report_to, run_dir) as trackers,
+            ):
+                ppo_iterations(groups, spec, ppo, reward, run_dir, tokenizer, prompts, iterations, resume, trackers)
             return
         except (ray.exceptions.RayActorError, RoleStalled) as exc:
             lost = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
@@ -278,6 +282,7 @@ def ppo_iterations(
     prompts: list[Prompt],
     iterations: int,
     resume: str,
+    trackers: Trackers | None = None,
 ) -> None:
     """The PPO loop over started role groups, from the checkpoint `resume` names (or the start) to final/."""
     samples_per_iteration = ppo.rollout_batch_size * ppo.samples_per_prompt
@@ -410,6 +415,8 @@ def ppo_iterations(
             kl_controller=kl_ctl.state_dict(),
         )
         append_metrics(metrics_path, record)
+        if trackers is not None:
+            trackers.log(record)
         stop_requested = (run_dir / REQUEST_FILE).exists()
         last = iteration + 1 == iterations
         if stop_requested or (save_every and (iteration + 1) % save_every == 0 and not last):

@@ -258,7 +258,7 @@ class PolicyWorker(RoleWorker):
 
     def build(self) -> None:
         spec, peft = self.spec, self.spec.peft
-        self.tokenizer = load_tokenizer(spec.model)
+        self.tokenizer = load_tokenizer(spec.model, spec.data.chat_template)
         quantization = quantization_config(peft) if peft.method == "qlora" else None
         model = load_model(spec.model, self.tokenizer, quantization)
         model.config.use_cache = False
@@ -348,7 +348,7 @@ class CriticWorker(RoleWorker):
 
     def build(self) -> None:
         spec = self.spec
-        self.tokenizer = load_tokenizer(spec.model)
+        self.tokenizer = load_tokenizer(spec.model, spec.data.chat_template)
         model_cfg = spec.model.model_copy(update={"name_or_path": self.critic_source})  # the policy's settings
         classifier = load_model(model_cfg, self.tokenizer, task="sequence-classification")
         if spec.training.gradient_checkpointing:
@@ -402,7 +402,7 @@ class ReferenceWorker(RoleWorker):
     role = "reference"
 
     def build(self) -> None:
-        self.tokenizer = load_tokenizer(self.spec.model)
+        self.tokenizer = load_tokenizer(self.spec.model, self.spec.data.chat_template)
         self.model = load_model(self.spec.model, self.tokenizer).eval()
         self.model.requires_grad_(False)
         self.engine = self._inference_engine(self.model)
