@@ -129,7 +129,8 @@ def check_training_options(job: JobConfig) -> None:
     names = sorted(o.value for o in OptimizerNames)
     if training.optim not in names:
         raise UserError(f"training.optim: '{training.optim}' is not an optimizer transformers has; names are {names}")
-    if job.stage == "ppo" and (training.optim != "adamw_torch" or training.early_stopping or output.keep_best):
+    ppo_optimizers = ("adamw_torch", "adamw_torch_fused")  # PPO's roles build torch's AdamW themselves
+    if job.stage == "ppo" and (training.optim not in ppo_optimizers or training.early_stopping or output.keep_best):
         raise UserError(
             "training.optim, training.early_stopping and output.keep_best apply to the stages that run a Hugging Face "
             "trainer; PPO's roles use AdamW and keep the last checkpoints: remove them from this job"

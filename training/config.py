@@ -142,7 +142,7 @@ class TrainingConfig(BaseModel):
     report_to: list[Tracker] = Field(
         default_factory=lambda: ["tensorboard"], description="trackers fed the figures of metrics.jsonl ([]: none)"
     )
-    optim: str = Field(default="adamw_torch", description="a transformers optimizer, e.g. adamw_bnb_8bit")
+    optim: str = Field(default="adamw_torch_fused", description="a transformers optimizer, e.g. adamw_bnb_8bit")
     neftune_noise_alpha: float | None = Field(default=None, gt=0, description="NEFTune embedding noise (SFT)")
     early_stopping: EarlyStopping | None = None
 
