@@ -17,8 +17,10 @@ from bench import (  # noqa: E402
     bench_packing,
     bench_ppo,
     bench_qlora_memory,
+    bench_startup,
     bench_tokenize,
 )
+from bench.summary import write_summary  # noqa: E402
 from cluster.config import ClusterConfig  # noqa: E402
 from cluster.ray_cluster import ray_cluster  # noqa: E402
 
@@ -34,15 +36,19 @@ def main() -> None:
         "orchestration": bench_orchestration,
         "dpo": bench_dpo,
         "ppo": bench_ppo,
+        "startup": bench_startup,
     }
     selected = sys.argv[1:] or list(benches)
+    results = {}
     with tempfile.TemporaryDirectory() as tmp, ray_cluster(ClusterConfig(workers=2)):
         for name in selected:
             result = benches[name].main(Path(tmp) / name)
+            results[name] = result
             (out / f"{name}.json").write_text(json.dumps(result, indent=2))
             print(
                 f"{name:14s} ratio {result['ratio']:.2f} (target {result['target']})  {json.dumps(result)}", flush=True
             )
+    print(f"summary: {write_summary(results, out)}")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9}
+SIZE_UNITS |= {"t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(text: str | int | float) -> int:
+    """Bytes of a memory size such as `80GiB`, `80GB`, `512G` or a plain number of bytes; ValueError otherwise."""
+    if isinstance(text, int | float) and not isinstance(text, bool):
+        return int(text)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(text))
+    if not match or match.group(2).lower() not in SIZE_UNITS:
+        raise ValueError(f"'{text}' is not a memory size; write it like 80GiB, 80GB or 512G")
+    return int(float(match.group(1)) * SIZE_UNITS[match.group(2).lower()])
 
 
 class ClusterConfig(BaseModel):
@@ -28,3 +42,15 @@ class ClusterConfig(BaseModel):
     collective_timeout_s: float = Field(
         default=1800.0, gt=0, description="how long a collective (all-reduce, barrier) waits for every rank"
     )
+    gpu_memory: str | None = Field(
+        default=None, description="memory of one GPU (80GiB) for the memory plan; none: the visible GPU's"
+    )
+    cpu_memory: str | None = Field(default=None, description="memory of one node (512GiB) for the memory plan")
+
+    @field_validator("gpu_memory", "cpu_memory", mode="before")
+    @classmethod
+    def _is_a_size(cls, value: object) -> object:
+        if value is not None:
+            parse_size(value)  # type: ignore[arg-type]
+            return str(value)
+        return value

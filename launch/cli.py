@@ -1,4 +1,4 @@
-"""The `tuneyard` command: train, validate, pipeline, runs, plot, chat, generate, export, and cluster submission."""
+"""The `tuneyard` command: train, validate, prepare, plan, pipeline, runs, plot, chat, generate, export, submit."""
 
 from __future__ import annotations
 
@@ -20,9 +20,21 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--single", action="store_true", help="one process, no Ray or DeepSpeed: one GPU or a laptop, breakpoints work"
     )
+    train.add_argument("--no-plan-check", action="store_true", help="start a GPU job the memory plan says won't fit")
     validate = commands.add_parser("validate", help="print the resolved job, or its errors")
     validate.add_argument("job")
     validate.add_argument("overrides", nargs="*")
+    prepare = commands.add_parser("prepare", help="tokenise and pack a job's data into its cache ahead of the run")
+    prepare.add_argument("job")
+    prepare.add_argument("overrides", nargs="*")
+    plan = commands.add_parser("plan", help="memory per GPU and per node for a job; changes that make it fit")
+    plan.add_argument("job")
+    plan.add_argument("overrides", nargs="*")
+    plan.add_argument("--nodes", type=int, help="nodes (default: cluster.workers ranks on one node)")
+    plan.add_argument("--gpus-per-node", type=int, help="GPUs per node: with --nodes, one rank per GPU")
+    plan.add_argument("--gpu-memory", help="memory of one GPU, e.g. 80GiB (default cluster.gpu_memory)")
+    plan.add_argument("--cpu-memory", help="memory of one node, e.g. 512GiB (default cluster.cpu_memory)")
+    plan.add_argument("--architecture", help="the model's config.json (or its folder) when it is not on this disk")
     runs = commands.add_parser("runs", help="one row per run directory: stage, status, step, loss, before -> after")
     runs.add_argument("root", nargs="?", default="runs", help="the folder holding run directories (default runs/)")
     plot = commands.add_parser("plot", help="draw runs' metrics (loss and each stage's own figures) into a PNG")
@@ -65,6 +77,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "validate":
         print(dump_job(load_job(args.job, args.overrides)), end="")
         return 0
+    if args.command == "prepare":
+        from launch.prepare import prepare_data
+
+        print(prepare_data(load_job(args.job, args.overrides)).summary())
+        return 0
+    if args.command == "plan":
+        from launch.plan import hardware_from_args, print_plan
+
+        job = load_job(args.job, args.overrides)
+        return print_plan(job, hardware_from_args(args, job), args.architecture)
     if args.command == "runs":
         from launch.runs import list_runs
 
@@ -107,6 +129,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         print((export_merged if args.merge else export_adapter)(run_dir, out))
         return 0
     job = load_job(args.job, args.overrides)  # before launch.run's imports (seconds), so a typo answers at once
+    if not args.single and not args.no_plan_check:
+        from launch.plan import check_job_memory
+
+        check_job_memory(job)  # a GPU job that cannot fit is refused before Ray starts
     from launch.run import run_job
 
     result = run_job(job, single=args.single)

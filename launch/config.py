@@ -52,11 +52,11 @@ class JobConfig(BaseModel):
     def _sections_agree(self) -> JobConfig:
         policy_zero = self.ppo.roles.policy.zero_stage if self.stage == "ppo" else None
         zero_stage = policy_zero if policy_zero is not None else self.deepspeed.zero_stage
-        if self.peft.method == "qlora" and zero_stage == 3 and not self.deepspeed.config:
+        if self.peft.method == "qlora" and zero_stage == 3 and self.stage == "ppo":
             raise ValueError(
-                "peft.method qlora cannot run under deepspeed.zero_stage 3: ZeRO-3 shards parameters but "
-                "4-bit bitsandbytes weights do not shard. Use zero_stage 0-2 (the 4-bit base is small; ZeRO-2 "
-                "still shards the LoRA gradients and optimizer state), or peft.method lora with ZeRO-3."
+                "peft.method qlora under ZeRO-3 (a 4-bit base sharded across ranks) runs in the stages on a Hugging "
+                "Face trainer; PPO's policy gathers its whole weights to generate, which 4-bit storage does not "
+                "support: use ppo.roles.policy.zero_stage 0-2 with qlora, or peft.method lora with ZeRO-3"
             )
         return self
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from launch.config import JobConfig
@@ -10,6 +11,11 @@ from training.model import load_tokenizer
 
 PERCENTAGES = {"task acc.", "greedy = chosen", "pair accuracy"}
 EVAL_ROWS = 100
+# The figures load the model whole, in fp32, on the driver's CPU: 3B parameters are 12 GB of the head node's
+# memory and minutes of its CPU, before the first step and after the last. Above this the driver skips them.
+DRIVER_FIGURES_MAX_PARAMS = 3_000_000_000
+
+log = logging.getLogger(__name__)
 
 
 def _load(job: JobConfig, model_path: str | None, task: str):
@@ -36,6 +42,8 @@ def stage_figures(job: JobConfig, model_path: str | None) -> dict[str, float]:
     if not rows:
         return {}
     tokenizer = load_tokenizer(job.model, job.data.chat_template)
+    if too_big_for_the_driver(job, len(tokenizer)):
+        return {}
     if job.stage == "sft" and job.data.eval_generations:
         from training.evaluate import exact_match_accuracy
 
@@ -57,6 +65,25 @@ def stage_figures(job: JobConfig, model_path: str | None) -> dict[str, float]:
         length = job.grpo.max_completion_length if job.stage == "grpo" else job.ppo.generation.max_new_tokens
         return {"greedy reward": reward_of_greedy_answers(model, tokenizer, rows, functions, length)}
     return {}
+
+
+def too_big_for_the_driver(job: JobConfig, vocab_size: int) -> bool:
+    """Whether the model is too big to score on the driver's CPU (counted on the meta device); says so if it is."""
+    from training.disk import parameter_count
+
+    count = parameter_count(job.train_spec(), vocab_size)
+    if count <= DRIVER_FIGURES_MAX_PARAMS:
+        return False
+    log.warning(
+        "before/after figures skipped: they are scored on this (the driver's) CPU with the model whole in fp32, "
+        "and %.1fB parameters would take %.0f GB of its memory (the bound is %.0fB). The trainer's own evaluation "
+        "(eval loss, and the stage's eval metrics in metrics.jsonl) still runs on the workers; score final/ on a "
+        "GPU machine with `tuneyard generate` if you need the answers",
+        count / 1e9,
+        count * 4 / 1e9,
+        DRIVER_FIGURES_MAX_PARAMS / 1e9,
+    )
+    return True
 
 
 def starting_point(job: JobConfig) -> str | None:

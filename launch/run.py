@@ -15,6 +15,7 @@ from cluster.ray_cluster import ClusterError, ray_cluster, torch_backend
 from cluster.resources import wait_for_resources
 from launch.config import PREFERENCE_STAGES, JobConfig, dump_job
 from launch.figures import final_folder, format_figures, stage_figures, starting_point
+from launch.prepare import TOKENISED_STAGES, prepare_data
 from launch.progress import ProgressFollower
 from training.data import read_splits
 from training.errors import TrainingFailed, UserError
@@ -407,20 +408,27 @@ def train_and_score(job: JobConfig, run_dir: Path, show_progress: bool, single: 
     check_disk(job, run_dir)
     before = stage_figures(job, starting_point(job))
     progress = ProgressFollower(run_dir / "metrics.jsonl", job.stage) if show_progress else contextlib.nullcontext()
-    set_status(run_dir, "loading" if single else "starting Ray")
-    # the progress line comes first, so it shows what start-up is doing while Ray comes up
-    if single:
-        with progress, preemption_watch(run_dir):
-            run_single(job, run_dir)
-    elif job.stage == "ppo":
-        from rlhf.ppo.groups import plan_placement, present_roles
+    # the driver tokenises before any process group exists, so no rank waits in a barrier while another does
+    tokenise = not single and job.stage in TOKENISED_STAGES
+    starting = "loading" if single else "starting Ray"
+    set_status(run_dir, "tokenising the data (cached for later runs)" if tokenise else starting)
+    # the progress line comes first, so it shows what start-up is doing while the data and Ray get ready
+    with progress:
+        if tokenise:  # outside the preemption watch: a stop now has nothing to save (the cache is published whole)
+            log.info("%s", prepare_data(job).summary())
+            set_status(run_dir, starting)
+        if single:
+            with preemption_watch(run_dir):
+                run_single(job, run_dir)
+        elif job.stage == "ppo":
+            from rlhf.ppo.groups import plan_placement, present_roles
 
-        cpus = plan_placement(job.ppo, present_roles(job.train_spec(), job.reward)).total("CPU")
-        with progress, ray_cluster(job.cluster, cpus_needed=cpus), preemption_watch(run_dir):
-            run_ppo_on_ray(job, run_dir)
-    else:
-        with progress, ray_cluster(job.cluster), preemption_watch(run_dir):
-            run_on_ray(job, run_dir)
+            cpus = plan_placement(job.ppo, present_roles(job.train_spec(), job.reward)).total("CPU")
+            with ray_cluster(job.cluster, cpus_needed=cpus), preemption_watch(run_dir):
+                run_ppo_on_ray(job, run_dir)
+        else:
+            with ray_cluster(job.cluster), preemption_watch(run_dir):
+                run_on_ray(job, run_dir)
     figures = eval_loss_figure(run_dir)
     after = stage_figures(job, final_folder(run_dir))
     figures.update({name: (before[name], after[name]) for name in before})

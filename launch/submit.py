@@ -39,6 +39,7 @@ def add_submit_commands(commands: argparse._SubParsersAction) -> None:
     submit.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. training.max_steps=20")
     _where(submit)
     submit.add_argument("--dry-run", action="store_true", help="print what would be submitted, submit nothing")
+    submit.add_argument("--no-plan-check", action="store_true", help="submit a GPU job the memory plan says won't fit")
     ray = submit.add_argument_group("Ray Jobs")
     ray.add_argument("--env", action="append", default=[], metavar="KEY=VALUE", help="an environment variable")
     ray.add_argument("--submission-id", help="the job id to use (default tuneyard-NAME-RANDOM)")
@@ -88,6 +89,11 @@ def _slug(name: str) -> str:
 
 def _submit(args: argparse.Namespace) -> int:
     job = load_job(args.job, args.overrides)
+    if not args.no_plan_check:
+        from launch.plan import check_job_memory
+
+        # before anything is queued or allocated; the cluster's `tuneyard train` checks again where it runs
+        check_job_memory(job, nodes=args.nodes if args.ray is None else None, gpus_per_node=args.gpus_per_node or 0)
     if args.ray is not None:
         return _submit_ray(args, job)
     return _submit_slurm(args, job)
@@ -103,7 +109,7 @@ def _submit_ray(args: argparse.Namespace, job: JobConfig) -> int:
     submission_id = args.submission_id or f"tuneyard-{_slug(Path(job.output.dir).name)}-{secrets.token_hex(4)}"
     # The driver runs inside the cluster: it joins the cluster the Jobs API started it in.
     job.cluster.address = "auto"
-    entrypoint = "tuneyard train job.yaml"
+    entrypoint = "tuneyard train job.yaml" + (" --no-plan-check" if args.no_plan_check else "")
     staging = Path(tempfile.mkdtemp(prefix="tuneyard-submit-"))
     try:
         (staging / "job.yaml").write_text(dump_job(job))
@@ -135,7 +141,8 @@ def _submit_slurm(args: argparse.Namespace, job: JobConfig) -> int:
         )
     request = slurm.SlurmRequest(
         job=str(Path(args.job).resolve()),
-        overrides=list(args.overrides),
+        # an option after the overrides reaches `tuneyard train` on the head node like one (launch/cli.py main)
+        overrides=list(args.overrides) + (["--no-plan-check"] if args.no_plan_check else []),
         nodes=args.nodes,
         job_name=args.job_name or f"tuneyard-{_slug(Path(job.output.dir).name)}",
         gpus_per_node=args.gpus_per_node,

@@ -18,6 +18,7 @@ from rlhf.data import rlhf_datasets
 from rlhf.losses import trl_loss_terms
 from rlhf.rewards import lookup
 from training.config import TrainSpec
+from training.deepspeed_config import zero_stage
 from training.errors import UserError
 from training.finetune_method import (
     apply_finetune_method,
@@ -130,7 +131,8 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
     model = load_model(model_cfg, tokenizer, task=task) if model_cfg.init == "scratch" else None
     args = _stage_config(spec, pref, run_dir, has_eval)
     if model is None:
-        quantization = quantization_config(peft) if peft.method == "qlora" else None
+        zero3 = zero_stage(spec.deepspeed) == 3
+        quantization = quantization_config(peft, zero3=zero3) if peft.method == "qlora" else None
         model = load_model(model_cfg, tokenizer, quantization, task=task)
     model.config.use_cache = False
     # DPO gets its adapter from TRL (peft_config), so the reference is the base with the adapter disabled;

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
@@ -141,11 +143,46 @@ def test_freeze_trains_only_the_top_blocks(base, tmp_path):
         export_merged(result.run_dir, tmp_path / "nothing")
 
 
-def test_qlora_under_zero3_is_refused_with_the_alternative():
+@pytest.mark.integration
+def test_qlora_under_zero3_shards_the_4bit_base_and_trains_as_under_zero2(ray_session, base, tmp_path):
+    """The 4-bit base stored in the compute dtype (bnb_4bit_quant_storage) is partitioned like any weight."""
+    curves = {}
+    for stage in (2, 3):
+        run_dir = tmp_path / f"zero{stage}"
+        job = job_dict(
+            SFT_JOB,
+            run_dir,
+            peft={"method": "qlora", "r": 16, "alpha": 32},
+            deepspeed={"zero_stage": stage},
+            training={"max_steps": 4, "learning_rate": 1e-2},
+        )
+        job["model"] = {"name_or_path": base}
+        run_job(job_from_dict(job), show_progress=False)
+        curves[stage] = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+        assert (run_dir / "final" / "adapter_model.safetensors").exists()
+    assert len(curves[3]) == 4 and curves[3] == pytest.approx(curves[2], rel=1e-5)
+    assert curves[3][-1] < curves[3][0]
+    for rank in (0, 1):
+        log = (tmp_path / "zero3" / "logs" / f"worker-{rank}.log").read_text()
+        share = re.search(r"of the 4-bit base ([\d,]+) of ([\d,]+) \(50\.0%\)", log)
+        assert share, log[-2000:]
+    zero2_log = (tmp_path / "zero2" / "logs" / "worker-0.log").read_text()
+    assert "ZeRO-3: this rank holds" not in zero2_log
+    # the same parameter count whether the packed 4-bit values sit in uint8 (ZeRO-2) or fp32 (ZeRO-3) elements
+    counts = [
+        re.search(r"parameters: ([\d,]+) total", (tmp_path / f"zero{s}" / "logs" / "worker-0.log").read_text())
+        for s in (2, 3)
+    ]
+    assert counts[0].group(1) == counts[1].group(1)
+
+
+def test_qlora_under_zero3_is_refused_for_ppo_with_the_alternative():
     job = job_dict(
         SFT_JOB, __import__("pathlib").Path("/tmp/unused"), peft={"method": "qlora"}, deepspeed={"zero_stage": 3}
     )
-    with pytest.raises(UserError, match="4-bit bitsandbytes weights do not shard. Use zero_stage 0-2"):
+    job_from_dict(job)  # SFT: accepted
+    job["stage"] = "ppo"
+    with pytest.raises(UserError, match="PPO's policy gathers its whole weights to generate"):
         job_from_dict(job)
 
 

@@ -188,6 +188,13 @@ def test_reward_model_reaches_high_pair_accuracy(ray_session, sft_base, tmp_path
     assert after >= 0.9 and after > before, result.figure()
     final_eval = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "eval_accuracy" in r][-1]
     assert final_eval["eval_accuracy"] >= 0.85  # TRL's own count agrees
+    # ZeRO-3 shards the weights as they load: no embedding "grows" from a shard's 0 rows, counts are whole
+    log = (result.run_dir / "logs" / "worker-0.log").read_text()
+    assert "embeddings grow" not in log
+    from transformers import AutoModelForSequenceClassification
+
+    whole = AutoModelForSequenceClassification.from_pretrained(result.run_dir / "final").num_parameters()
+    assert f"model: {whole:,} parameters" in log
 
 
 @pytest.mark.integration

@@ -109,13 +109,16 @@ def test_sft_on_two_workers_learns_the_assistant_turns(ray_session, tmp_path):
     assert result.eval_loss_after < result.eval_loss_before * 0.5, result.figure()
     model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
     assert model.config.num_hidden_layers == 2
+    # the driver tokenised into a fresh cache before the workers' process group existed: rank 0 only read it
+    assert "tokenised data: warm cache" in (run_dir / "logs" / "worker-0.log").read_text()
 
 
-def test_overlength_error_travels_back_from_the_workers(ray_session, tmp_path):
+def test_overlength_error_comes_before_any_worker_starts(ray_session, tmp_path):
     run_dir = tmp_path / "long"
     job = job_from_dict(job_dict(SFT_JOB, run_dir, data={"max_length": 16}))
     with pytest.raises(UserError, match=r"train examples are longer than data.max_length=16 tokens"):
         run_job(job, show_progress=False)
+    assert not list((run_dir / "logs").glob("worker-*"))  # found while the driver tokenised: no worker started
 
 
 def kill_worker_after_checkpoint(run_dir, rank: int, after_step: int) -> dict:

@@ -54,3 +54,10 @@ def build_deepspeed_config(section: DeepSpeedSection, cuda: bool = False) -> dic
             "params": {"lr": "auto", "betas": "auto", "eps": "auto", "weight_decay": "auto"},
         }
     return config
+
+
+def zero_stage(section: DeepSpeedSection | None) -> int:
+    """The ZeRO stage a job runs under: its switch, or its raw deepspeed.config's; 0 without DeepSpeed."""
+    if section is None:
+        return 0
+    return int(build_deepspeed_config(section).get("zero_optimization", {}).get("stage", 0))

@@ -10,19 +10,44 @@ from transformers import BitsAndBytesConfig, PreTrainedModel
 
 from training.config import PeftSection
 from training.errors import UserError
-from training.model import resolve_dtype
+from training.model import full_numel, resolve_dtype
 
 log = logging.getLogger(__name__)
 
 
-def quantization_config(cfg: PeftSection) -> BitsAndBytesConfig:
-    """bitsandbytes 4-bit settings for a QLoRA base (NF4 or FP4, optional double quantisation)."""
+def quantization_config(cfg: PeftSection, zero3: bool = False) -> BitsAndBytesConfig:
+    """bitsandbytes 4-bit settings for a QLoRA base (NF4 or FP4, optional double quantisation).
+
+    Under ZeRO-3 the packed 4-bit values are stored in the compute dtype's elements instead of uint8, so
+    DeepSpeed partitions them like every other weight of that dtype (a model too big for one GPU).
+    """
+    compute = resolve_dtype(cfg.compute_dtype)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=cfg.quant_type,
         bnb_4bit_use_double_quant=cfg.double_quant,
-        bnb_4bit_compute_dtype=resolve_dtype(cfg.compute_dtype),
+        bnb_4bit_compute_dtype=compute,
+        **({"bnb_4bit_quant_storage": compute} if zero3 else {}),
     )
+
+
+def zero3_shares(model: torch.nn.Module) -> str | None:
+    """What share of the weights' elements ZeRO-3 keeps on this rank, the 4-bit base's apart; None without ZeRO-3."""
+    held = whole = held_4bit = whole_4bit = 0
+    for param in model.parameters():
+        if not hasattr(param, "ds_numel"):
+            continue
+        held += param.ds_tensor.numel()
+        whole += param.ds_numel
+        if param.__class__.__name__ == "Params4bit":
+            held_4bit += param.ds_tensor.numel()
+            whole_4bit += param.ds_numel
+    if not whole:
+        return None
+    line = f"ZeRO-3: this rank holds {held:,} of {whole:,} weight elements ({100 * held / whole:.1f}%)"
+    if whole_4bit:
+        line += f"; of the 4-bit base {held_4bit:,} of {whole_4bit:,} ({100 * held_4bit / whole_4bit:.1f}%)"
+    return line
 
 
 def transformer_blocks(model: PreTrainedModel) -> torch.nn.ModuleList:
@@ -133,9 +158,9 @@ def parameter_counts(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total) parameters; a 4-bit packed weight counts its unpacked size."""
     trainable = total = 0
     for param in model.parameters():
-        count = param.numel()
+        count = full_numel(param)
         if getattr(param, "quant_state", None) is not None or param.__class__.__name__ == "Params4bit":
-            count *= 2  # two 4-bit values per stored byte
+            count *= 2 * param.element_size()  # two 4-bit values per stored byte (uint8, or bf16/fp32 under ZeRO-3)
         total += count
         if param.requires_grad:
             trainable += count

@@ -225,11 +225,17 @@ def load_model(
                 else ""
             )
             raise UserError(f"cannot load model '{cfg.name_or_path}': {exc}{hint}") from None
-    rows = model.get_input_embeddings().weight.shape[0]
+    rows = model.get_input_embeddings().num_embeddings  # not weight.shape: under ZeRO-3 a shard's is 0
     if len(tokenizer) > rows:  # data.chat_template added its marker tokens; new rows start at the mean embedding
         log.info("embeddings grow from %d to %d rows for the chat template's tokens", rows, len(tokenizer))
         model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
     if task != "causal-lm" and model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id  # the classifier reads the last non-pad token
-    log.info("model: %s parameters, dtype %s, attention %s", f"{model.num_parameters():,}", dtype, attn)
+    count = sum(full_numel(p) for p in model.parameters())
+    log.info("model: %s parameters, dtype %s, attention %s", f"{count:,}", dtype, attn)
     return model
+
+
+def full_numel(param: torch.nn.Parameter) -> int:
+    """A parameter's element count, whole even where ZeRO-3 keeps only this rank's shard of it."""
+    return getattr(param, "ds_numel", param.numel())

@@ -20,6 +20,7 @@ from training.metrics import COMPLETE_MARKER
 RUN_FILE = "run.json"
 LOW_SPACE_BYTES = 64 * 2**20  # a failed write with less free than this is taken for a full disk
 STATUS_FILE = "status"  # one line: what the run is doing before its first step (the progress line shows it)
+STATUS_HISTORY = "logs/status.jsonl"  # each status with its time
 OUTCOME_FILE = "outcome.json"  # running (with the driver's pid and host), finished, preempted, interrupted, failed
 BEST_FILE = "best_checkpoint.json"  # output.keep_best: which checkpoint scored best, and its value
 HEARTBEATS = "ranks"  # RUN_DIR/ranks/rank-N (PPO: ROLE-N): the step rank N last began or finished, and when
@@ -47,6 +48,18 @@ def set_status(run_dir: Path, text: str) -> None:
     staging = path.with_name(f"{STATUS_FILE}.{os.getpid()}")
     staging.write_text(text + "\n")
     staging.replace(path)  # atomic: the progress line never reads half a line
+    history_path = Path(run_dir) / STATUS_HISTORY
+    history_path.parent.mkdir(exist_ok=True)
+    with open(history_path, "a") as history:  # one short line per append: no interleaving
+        history.write(json.dumps({"time": time.time(), "status": text, "pid": os.getpid()}) + "\n")
+
+
+def status_history(run_dir: Path) -> list[dict]:
+    """Every status the run has said, in order, with its time: where start-up spends its seconds."""
+    path = Path(run_dir) / STATUS_HISTORY
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
 def record_outcome(run_dir: Path, status: str, **facts: object) -> None:

@@ -18,7 +18,7 @@ from transformers import TrainerCallback
 
 from training.chat_templates import stop_at_end_of_turn
 from training.config import DataConfig, ModelConfig, OutputConfig, TrainingConfig, TrainSpec
-from training.deepspeed_config import build_deepspeed_config
+from training.deepspeed_config import build_deepspeed_config, zero_stage
 from training.errors import UserError
 from training.faults import apply_faults
 from training.finetune_method import (
@@ -26,6 +26,7 @@ from training.finetune_method import (
     keep_adapters_in_fp32,
     memory_footprint,
     quantization_config,
+    zero3_shares,
 )
 from training.metrics import MetricsCallback
 from training.model import load_model, load_tokenizer, resolve_dtype
@@ -124,6 +125,15 @@ class StartingModelIsNoCandidate(TrainerCallback):
             state.best_metric, state.best_global_step, state.best_model_checkpoint = None, None, None
 
 
+class ZeroShareReport(TrainerCallback):
+    """Log, once DeepSpeed holds the model, the share of the weights ZeRO-3 keeps on this rank."""
+
+    def on_train_begin(self, args, state, control, model=None, **kw) -> None:
+        line = zero3_shares(model) if model is not None else None
+        if line:
+            log.info("%s", line)
+
+
 def run_callbacks(spec: TrainSpec, run_dir: Path, rank: int, samples_per_step: int, preemption) -> list:
     """The callbacks every HF-trainer stage runs: metrics, checkpoints, preemption, early stopping, heartbeat."""
     from transformers import EarlyStoppingCallback
@@ -136,6 +146,7 @@ def run_callbacks(spec: TrainSpec, run_dir: Path, rank: int, samples_per_step: i
         preemption,
         *([EarlyStoppingCallback(stopping.patience, stopping.threshold)] if stopping else []),
         StartingModelIsNoCandidate(),
+        ZeroShareReport(),
         Heartbeat(run_dir, rank),  # last: see its docstring
     ]
 
@@ -204,10 +215,11 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
     model = load_model(model_cfg, tokenizer) if model_cfg.init == "scratch" else None
     args = build_trainer_args(spec, run_dir, has_eval)
 
-    # Rank 0 tokenises into the cache; the others wait, then read what it wrote.
+    # On Ray the driver built the cache before any process group existed (launch/prepare.py), so rank 0
+    # finds it warm and the barrier is brief. Started otherwise (torchrun), rank 0 builds it while the others wait.
     cache_dir = default_cache_dir(data, output)
     if rank == 0:
-        set_status(run_dir, "tokenising the data (rank 0; cached for later runs)")
+        set_status(run_dir, "reading the tokenised data")
         splits, warm = prepare_datasets(spec.stage, data, tokenizer, training.seed, cache_dir)
         log.info("tokenised data: %s cache", "warm" if warm else "cold")
     if distributed:
@@ -216,7 +228,8 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
         splits, _ = prepare_datasets(spec.stage, data, tokenizer, training.seed, cache_dir)
 
     if model is None:
-        quantization = quantization_config(peft) if peft.method == "qlora" else None
+        zero3 = zero_stage(spec.deepspeed) == 3
+        quantization = quantization_config(peft, zero3=zero3) if peft.method == "qlora" else None
         model = load_model(model_cfg, tokenizer, quantization)
     model.config.use_cache = False  # no KV cache while training (and packed batches need it off)
     model = apply_finetune_method(model, peft, training.gradient_checkpointing)

@@ -1,0 +1,87 @@
+"""The memory plan of a PPO job: each role's rank, and the roles that share a GPU under `ppo.colocate` summed."""
+
+from __future__ import annotations
+
+from launch.config import JobConfig
+from launch.plan import (
+    Device,
+    Hardware,
+    JobPlan,
+    Shapes,
+    deepspeed_switches,
+    frozen_part,
+    model_text,
+    offload_text,
+    precision_of,
+    trainable_text,
+)
+from rlhf.ppo.groups import colocated_sets, present_roles
+from training.memory_plan import RankMemory, Setup, rank_memory
+
+# DeepSpeed's own defaults, which PPO's role engines get (their dict has no "auto" for a trainer to fill)
+DEEPSPEED_REDUCE_BUCKET = 5e8
+DEEPSPEED_PREFETCH_BUCKET = 5e7
+
+
+def plan_ppo(job: JobConfig, hardware: Hardware, shapes: Shapes) -> JobPlan:
+    """PPO: each role's rank, and the roles that share a GPU under ppo.colocate summed on it."""
+    ppo = job.ppo
+    stage, offload_optimizer, offload_params = deepspeed_switches(job)
+    roles = present_roles(job.train_spec(), job.reward)
+    seq = ppo.max_prompt_length + ppo.generation.max_new_tokens
+    common = Setup(
+        offload_optimizer=offload_optimizer,
+        offload_params=offload_params,
+        precision=precision_of(job),
+        optim=job.training.optim,
+        seq=seq,
+        gradient_checkpointing=job.training.gradient_checkpointing,
+        eager_attention=job.model.attn_implementation == "eager",
+        reduce_bucket=DEEPSPEED_REDUCE_BUCKET,
+        prefetch_bucket=DEEPSPEED_PREFETCH_BUCKET,
+    )
+    samples = ppo.rollout_batch_size * ppo.samples_per_prompt
+    memories: dict[str, RankMemory] = {}
+    for role in roles:
+        section = getattr(ppo.roles, role)
+        trains = role in ("policy", "critic")
+        zero = section.zero_stage if section.zero_stage is not None else (stage if trains else 0)
+        world = section.workers
+        micro = min(ppo.micro_batch_size, ppo.mini_batch_size // world) if trains else ppo.micro_batch_size
+        setup = common.changed(zero_stage=zero, world=world, micro_batch=micro, trains=trains)
+        if role == "policy":
+            setup = setup.changed(peft=job.peft, generation_batch=samples // world)
+            shape = shapes.of(job.model)
+        elif role == "critic":
+            # auto starts from the reward model when it shares the policy's tokenizer; counted as it when present
+            from_reward = job.reward.model and section.init in ("auto", "reward_model")
+            source = job.reward.model if from_reward else None
+            shape = shapes.of(job.model, source, "sequence-classification")
+        elif role == "reference":
+            shape = shapes.of(job.model)
+        else:
+            shape = shapes.of(job.model, job.reward.model, "sequence-classification")
+        memories[role] = rank_memory(shape, setup)
+    devices = []
+    for together in colocated_sets(ppo.colocate, roles):
+        parts = [(role, memories[role] if i == 0 else frozen_part(memories[role])) for i, role in enumerate(together)]
+        per_node = hardware.gpus_per_node or max(getattr(ppo.roles, r).workers for r in together)
+        devices.append(Device(" + ".join(together), parts, per_node))
+    policy_shape = shapes.of(job.model)
+    summary = [
+        model_text(policy_shape, job.model.name_or_path)
+        + f"; policy trainable {trainable_text(policy_shape, job.peft)}",
+        "roles: "
+        + ", ".join(f"{r} {getattr(ppo.roles, r).workers} rank(s) ZeRO-{_role_stage(job, r, stage)}" for r in memories)
+        + f"; colocate: {ppo.colocate}; offload: {offload_text(offload_optimizer, offload_params)}; "
+        + common.precision,
+        f"micro-batch {ppo.micro_batch_size} x {seq} tokens (prompt + new tokens); "
+        f"policy generates {samples} sample(s) over its ranks; gradient checkpointing "
+        + ("on" if common.gradient_checkpointing else "off"),
+    ]
+    return JobPlan(devices, hardware, summary)
+
+
+def _role_stage(job: JobConfig, role: str, stage: int) -> int:
+    own = getattr(job.ppo.roles, role).zero_stage
+    return own if own is not None else (stage if role in ("policy", "critic") else 0)
