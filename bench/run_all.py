@@ -19,6 +19,7 @@ from bench import (  # noqa: E402
     bench_qlora_memory,
     bench_startup,
     bench_tokenize,
+    bench_zero_memory,
 )
 from bench.summary import write_summary  # noqa: E402
 from cluster.config import ClusterConfig  # noqa: E402
@@ -37,6 +38,7 @@ def main() -> None:
         "dpo": bench_dpo,
         "ppo": bench_ppo,
         "startup": bench_startup,
+        "zero_memory": bench_zero_memory,
     }
     selected = sys.argv[1:] or list(benches)
     results = {}
