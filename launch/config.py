@@ -52,6 +52,11 @@ class JobConfig(BaseModel):
     def _sections_agree(self) -> JobConfig:
         policy_zero = self.ppo.roles.policy.zero_stage if self.stage == "ppo" else None
         zero_stage = policy_zero if policy_zero is not None else self.deepspeed.zero_stage
+        if self.peft.method in ("adalora", "ia3") and self.stage not in ("pretrain", "sft"):
+            raise ValueError(
+                f"peft.method {self.peft.method} trains in stages pretrain and sft; for stage {self.stage} use "
+                "peft.method lora or qlora"
+            )
         if self.peft.method == "qlora" and zero_stage == 3 and self.stage == "ppo":
             raise ValueError(
                 "peft.method qlora under ZeRO-3 (a 4-bit base sharded across ranks) runs in the stages on a Hugging "

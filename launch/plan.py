@@ -22,7 +22,7 @@ from pydantic import ValidationError
 
 from cluster.config import parse_size
 from launch.config import JobConfig, apply_override
-from training.config import ModelConfig, PeftSection
+from training.config import ADAPTER_METHODS, ModelConfig, PeftSection
 from training.errors import UserError
 from training.memory_plan import ModelShape, RankMemory, Setup, gib, model_config_of, rank_memory, shape_of_config
 
@@ -187,7 +187,7 @@ def plan_job(job: JobConfig, hardware: Hardware, shapes: Shapes | None = None) -
         generation_batch=job.training.batch_size if job.stage == "grpo" else 0,
     )
     parts = [("rank", rank_memory(shape, setup))]
-    adapter = job.peft.method in ("lora", "qlora")  # the reference is the base with the adapter off: no copy
+    adapter = job.peft.method in ADAPTER_METHODS  # the reference is the base with the adapter off: no copy
     reference = (job.stage == "dpo" and not job.dpo.precompute_ref_log_probs) or (
         job.stage == "grpo" and job.grpo.beta > 0
     )

@@ -17,6 +17,7 @@ from launch.config import PREFERENCE_STAGES, JobConfig, dump_job
 from launch.figures import final_folder, format_figures, stage_figures, starting_point
 from launch.prepare import TOKENISED_STAGES, prepare_data
 from launch.progress import ProgressFollower
+from training.config import ADAPTER_METHODS
 from training.data import read_splits
 from training.errors import TrainingFailed, UserError
 from training.faults import forwarded_faults
@@ -174,7 +175,7 @@ def check_chat_template(job: JobConfig, tokenizer) -> None:
             f"'{job.data.format}' is rendered with one; set data.chat_template: chatml (or a template TRL ships "
             "such as llama3 or qwen3, or a .jinja file)"
         )
-    if job.data.chat_template and job.peft.method in ("lora", "qlora"):
+    if job.data.chat_template and job.peft.method in ADAPTER_METHODS:
         base = load_tokenizer(job.model)
         added = [t for t in tokenizer.get_vocab() if t not in base.get_vocab()]
         if added:
@@ -384,6 +385,12 @@ def run_job(job: JobConfig, show_progress: bool = True, single: bool = False) ->
     RUN_DIR/outcome.json says where the run stands throughout: running (this process), then finished,
     preempted, interrupted or failed.
     """
+    if job.peft.method == "adalora" and not single:
+        raise UserError(
+            "peft.method adalora scores its ranks from the gradients after each optimizer step, which DeepSpeed "
+            "clears inside its own step, so it runs in one process: `tuneyard train JOB.yaml --single` (or use "
+            "peft.method lora on Ray)"
+        )
     if single and job.stage == "ppo":
         raise UserError("stage ppo runs its roles as Ray actors; --single is not supported for it (drop --single)")
     started = time.time()

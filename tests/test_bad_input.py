@@ -210,10 +210,11 @@ def _(tmp, models):
     return ["train", str(tmp / "jobs")], ["jobs is a folder"]
 
 
-@case("qlora under zero-3")
+@case("ia3 in a preference stage")
 def _(tmp, models):
-    job = sft(tmp, peft={"method": "qlora"}, deepspeed={"zero_stage": 3})
-    return ["validate", write_job(tmp, job)], ["qlora cannot run under deepspeed.zero_stage 3"]
+    job = sft(tmp, peft={"method": "ia3"})
+    job["stage"], job["data"]["format"] = "dpo", "preference"
+    return ["validate", write_job(tmp, job)], ["peft.method ia3 trains in stages pretrain and sft; for stage dpo"]
 
 
 @case("deepspeed.config is malformed JSON")

@@ -42,7 +42,7 @@ def single_run(base: str, run_dir, peft: dict, **training) -> object:
     return run_job(job_from_dict(job), show_progress=False, single=True)
 
 
-@pytest.fixture(scope="module", params=["qlora", "lora"])
+@pytest.fixture(scope="module", params=["qlora", "lora", "adalora", "ia3"])
 def adapter_run(request, base, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp(request.param) / "run"
     return request.param, single_run(base, run_dir, {"method": request.param, "r": 16, "alpha": 32})
@@ -65,7 +65,9 @@ def test_qlora_base_is_4bit_and_only_lora_trains(base):
 
 def test_adapter_training_lowers_eval_loss(adapter_run):
     method, result = adapter_run
-    assert result.eval_loss_after < result.eval_loss_before - 1.5, (method, result.figure())
+    # IA3 learns one scaling vector per targeted layer, a few hundred parameters here: it moves the loss less
+    gain = 0.3 if method == "ia3" else 1.5
+    assert result.eval_loss_after < result.eval_loss_before - gain, (method, result.figure())
     final = result.run_dir / "final"
     assert (final / "adapter_model.safetensors").exists() and not (final / "model.safetensors").exists()
 
@@ -125,6 +127,39 @@ def test_adapter_export_loads_with_peft(adapter_run, tmp_path, base):
     ids = torch.randint(0, 400, (1, 24), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, adapter_model_logits(method, result.run_dir, ids))
+
+
+@pytest.mark.parametrize("adapter_run", ["adalora", "ia3"], indirect=True)
+def test_adalora_prunes_to_its_rank_budget_and_ia3_trains_only_its_vectors(adapter_run):
+    import json
+
+    method, result = adapter_run
+    config = json.loads((result.run_dir / "final" / "adapter_config.json").read_text())
+    if method == "adalora":
+        # init_r 24 (1.5 r) per matrix at the start; after the last pruning the kept ranks average r = 16
+        masks = config["rank_pattern"]
+        assert config["init_r"] == 24 and masks and all(len(mask) == 24 for mask in masks.values())
+        assert sum(sum(mask) for mask in masks.values()) == 16 * len(masks)
+        assert len({sum(mask) for mask in masks.values()}) > 1  # ranks went where importance was, not evenly
+    else:
+        from safetensors.torch import load_file
+
+        weights = load_file(result.run_dir / "final" / "adapter_model.safetensors")
+        assert weights and all("ia3_l" in name and 1 in tensor.shape for name, tensor in weights.items())
+        assert config["peft_type"] == "IA3" and sorted(config["target_modules"]) == ["down_proj", "k_proj", "v_proj"]
+
+
+def test_adalora_on_ray_and_new_adapters_in_preference_stages_are_refused(base, tmp_path):
+    job = job_dict(SFT_JOB, tmp_path / "run", peft={"method": "adalora"})
+    job["model"] = {"name_or_path": base}
+    with pytest.raises(
+        UserError, match=r"peft.method adalora .* runs in one process: `tuneyard train JOB.yaml --single`"
+    ):
+        run_job(job_from_dict(job), show_progress=False)
+    job["stage"], job["data"]["format"] = "dpo", "preference"
+    job["peft"] = {"method": "ia3"}
+    with pytest.raises(UserError, match="peft.method ia3 trains in stages pretrain and sft; for stage dpo use"):
+        job_from_dict(job)
 
 
 def test_freeze_trains_only_the_top_blocks(base, tmp_path):

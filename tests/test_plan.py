@@ -21,7 +21,7 @@ from training.memory_plan import (
     GPU_MARGIN,
     GiB,
     Setup,
-    lora_parameters,
+    adapter_parameters,
     optimizer_state_bytes,
     rank_memory,
     shape_of_config,
@@ -103,11 +103,11 @@ def test_7b_llama_weights_16_bit_and_4_bit(llama_7b):
     sixteen = weight_bytes(llama_7b, PeftSection(method="full"), 2)
     assert abs(sixteen / 1e9 - 13.48) < 0.01 and abs(sixteen / GiB - 12.55) < 0.01
     qlora = PeftSection(method="qlora")
-    four = weight_bytes(llama_7b, qlora, 2) - 2 * lora_parameters(llama_7b, qlora)  # the base without the adapter
+    four = weight_bytes(llama_7b, qlora, 2) - 2 * adapter_parameters(llama_7b, qlora)  # the base without the adapter
     assert abs(four / 1e9 - 3.9) < 0.1, four / 1e9
     # without double quantisation the fp32 block constants cost 0.5 bit a weight more
     plain = weight_bytes(llama_7b, qlora.model_copy(update={"double_quant": False}), 2)
-    assert plain - four - 2 * lora_parameters(llama_7b, qlora) == pytest.approx(
+    assert plain - four - 2 * adapter_parameters(llama_7b, qlora) == pytest.approx(
         sum(x.in_features * x.out_features for x in llama_7b.linears) * (4 / 64 - 1 / 64 - 4 / (64 * 256))
     )
 
@@ -120,7 +120,7 @@ def test_8_bit_optimizer_and_lora_shrink_the_optimizer_state(llama_7b):
     assert optimizer_state_bytes("adamw_bnb_8bit", True, True) == 12  # offloaded: DeepSpeed's CPU AdamW
     full = rank_memory(llama_7b, Setup(zero_stage=0))
     lora = rank_memory(llama_7b, Setup(zero_stage=0, peft=PeftSection(method="lora", r=8)))
-    assert lora_parameters(llama_7b, PeftSection(method="lora", r=8)) == 32 * 8 * (3 * 8192 + 8192 + 3 * 15104)
+    assert adapter_parameters(llama_7b, PeftSection(method="lora", r=8)) == 32 * 8 * (3 * 8192 + 8192 + 3 * 15104)
     assert lora.optimizer == 12 * 19_988_480 and full.optimizer == 12 * llama_7b.total
     assert lora.activations_checkpointed < lora.activations_full
 

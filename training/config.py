@@ -9,6 +9,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 DataFormat = Literal["text", "alpaca", "sharegpt", "messages", "preference", "prompt"]
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
+# a PEFT adapter on a frozen base: the run's final/ is the adapter, `tuneyard export --merge` folds it in
+ADAPTER_METHODS = ("lora", "qlora", "adalora", "ia3")
 
 
 class ModelConfig(BaseModel):
@@ -183,13 +185,14 @@ class OutputConfig(BaseModel):
 
 
 class PeftSection(BaseModel):
-    """How much of the model trains: all of it, its top blocks, a LoRA adapter, or LoRA on a 4-bit base."""
+    """How much of the model trains: all of it, its top blocks, or an adapter (LoRA, on a 4-bit base, AdaLoRA, IA3)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["full", "freeze", "lora", "qlora"] = "full"
+    method: Literal["full", "freeze", "lora", "qlora", "adalora", "ia3"] = "full"
     trainable_layers: int = Field(default=2, ge=1, description="freeze: the last N blocks (plus the head) train")
-    r: int = Field(default=8, ge=1)
+    r: int = Field(default=8, ge=1, description="LoRA's rank; adalora: the average rank it prunes down to")
+    init_r: int | None = Field(default=None, ge=1, description="adalora: each layer's starting rank (default 1.5 r)")
     alpha: int = Field(default=16, ge=1)
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
     target_modules: list[str] | Literal["all-linear"] = "all-linear"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from training.config import TrainSpec
+from training.config import ADAPTER_METHODS, TrainSpec
 from training.errors import UserError
 
 # fp32 weights in the checkpoint's model file + DeepSpeed's model states (fp32)
@@ -54,7 +54,7 @@ def check_free_space(spec: TrainSpec, run_dir: Path, vocab_size: int, checkpoint
         parameters = parameter_count(spec, vocab_size)
     except (OSError, ValueError, KeyError):  # the config cannot be read here (a hub id offline): loading will say
         return
-    need = run_bytes(parameters, spec.peft.method in ("lora", "qlora"), checkpoints, models)
+    need = run_bytes(parameters, spec.peft.method in ADAPTER_METHODS, checkpoints, models)
     free = shutil.disk_usage(run_dir).free
     if need > free:
         raise UserError(

@@ -6,13 +6,17 @@ import logging
 from collections import defaultdict
 
 import torch
-from transformers import BitsAndBytesConfig, PreTrainedModel
+from transformers import BitsAndBytesConfig, PreTrainedModel, TrainerCallback
 
 from training.config import PeftSection
 from training.errors import UserError
 from training.model import full_numel, resolve_dtype
 
 log = logging.getLogger(__name__)
+
+
+# IA3 scales the input of these (an MLP's last projection) instead of the output
+FEEDFORWARD_NAMES = ("down_proj", "fc2", "c_proj", "dense_4h_to_h", "w2")
 
 
 def quantization_config(cfg: PeftSection, zero3: bool = False) -> BitsAndBytesConfig:
@@ -102,17 +106,60 @@ def lora_config(cfg: PeftSection, task: str = "causal-lm"):
     )
 
 
+def adapter_config(cfg: PeftSection, task: str = "causal-lm", total_steps: int = 0):
+    """The PEFT config of the section's adapter: LoRA (QLoRA's too), AdaLoRA or IA3.
+
+    AdaLoRA starts every targeted layer at rank init_r and prunes to an average of r by importance, from
+    10 % of `total_steps` until the last 20 %, which it trains at the final ranks. IA3 learns one scaling
+    vector per targeted layer (PEFT's per-architecture defaults, or `target_modules`; those named like an
+    MLP's down projection scale their input).
+    """
+    classifier = task != "causal-lm"
+    task_type = "SEQ_CLS" if classifier else "CAUSAL_LM"
+    modules_to_save = cfg.modules_to_save or (["score"] if classifier else None)
+    if cfg.method == "ia3":
+        from peft import IA3Config
+
+        targets = None if cfg.target_modules == "all-linear" else list(cfg.target_modules)
+        feedforward = None if targets is None else [t for t in targets if t.split(".")[-1] in FEEDFORWARD_NAMES]
+        return IA3Config(
+            target_modules=targets,
+            feedforward_modules=feedforward,
+            modules_to_save=modules_to_save,
+            task_type=task_type,
+        )
+    if cfg.method == "adalora":
+        from peft import AdaLoraConfig
+
+        return AdaLoraConfig(
+            init_r=cfg.init_r or cfg.r + cfg.r // 2,
+            target_r=cfg.r,
+            lora_alpha=cfg.alpha,
+            lora_dropout=cfg.dropout,
+            target_modules=cfg.target_modules,
+            total_step=total_steps,
+            tinit=total_steps // 10,
+            tfinal=total_steps // 5,
+            deltaT=max(1, total_steps // 50),
+            modules_to_save=modules_to_save,
+            task_type=task_type,
+        )
+    return lora_config(cfg, task)
+
+
 def apply_finetune_method(
     model: PreTrainedModel,
     cfg: PeftSection,
     gradient_checkpointing: bool = False,
     task: str = "causal-lm",
     wrap_adapter: bool = True,
+    total_steps: int = 0,
 ):
-    """Freeze or wrap `model` as the section asks; returns the model to train (a PeftModel for LoRA).
+    """Freeze or wrap `model` as the section asks; returns the model to train (a PeftModel for an adapter).
 
     With `wrap_adapter=False` a LoRA/QLoRA base is only prepared, for a trainer that adds the adapter
     itself from `lora_config` (TRL's DPO then uses the base with the adapter disabled as reference).
+    `total_steps` is AdaLoRA's schedule of rank pruning.
     """
     if cfg.method == "full":
         return model
@@ -125,7 +172,15 @@ def apply_finetune_method(
         # casts norms to fp32, freezes the 4-bit base and enables input grads for checkpointing
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         disable_cpu_inference_repacking(model)
-    return get_peft_model(model, lora_config(cfg, task)) if wrap_adapter else model
+    return get_peft_model(model, adapter_config(cfg, task, total_steps)) if wrap_adapter else model
+
+
+class AdaLoraRankBudget(TrainerCallback):
+    """AdaLoRA scores each rank's importance from the gradients and prunes: PEFT's update_and_allocate must run
+    after every optimizer step, before the gradients are cleared, which the trainer does not call by itself."""
+
+    def on_optimizer_step(self, args, state, control, model=None, **kw) -> None:
+        model.base_model.update_and_allocate(state.global_step)
 
 
 def disable_cpu_inference_repacking(model: torch.nn.Module) -> None:

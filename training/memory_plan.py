@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from training.config import ModelConfig, PeftSection
+from training.config import ADAPTER_METHODS, ModelConfig, PeftSection
 from training.errors import UserError
 
 GiB = 2**30
@@ -159,14 +159,22 @@ def _no_type(file: Path):
 # ------------------------------------------------------------------------------------------------ parameters
 
 
-def lora_parameters(shape: ModelShape, peft: PeftSection) -> int:
-    """Trainable parameters of a LoRA adapter (r x (in + out) per targeted linear; DoRA adds a magnitude per output)."""
+def adapter_parameters(shape: ModelShape, peft: PeftSection) -> int:
+    """Trainable parameters of the adapter: LoRA r x (in + out) per targeted linear (DoRA adds a magnitude per
+    output), AdaLoRA init_r x (in + out + 1) (it prunes ranks by masking, not by freeing them), IA3 one vector
+    per targeted linear (counted over every linear: an upper bound, and tiny)."""
     if peft.target_modules == "all-linear":
         targets = shape.linears  # PEFT's all-linear: every linear layer but the output head
     else:
         keys = tuple(peft.target_modules)
         targets = tuple(x for x in shape.linears if any(x.name == k or x.name.endswith("." + k) for k in keys))
-    count = sum(peft.r * (x.in_features + x.out_features) + (x.out_features if peft.dora else 0) for x in targets)
+    if peft.method == "ia3":
+        count = sum(x.out_features for x in shape.linears if peft.target_modules == "all-linear" or x in targets)
+    elif peft.method == "adalora":
+        init_r = peft.init_r or peft.r + peft.r // 2
+        count = sum(init_r * (x.in_features + x.out_features + 1) for x in targets)
+    else:
+        count = sum(peft.r * (x.in_features + x.out_features) + (x.out_features if peft.dora else 0) for x in targets)
     for key in peft.modules_to_save or []:  # a trainable copy beside the frozen original
         count += sum(n for name, n in shape.modules.items() if name == key or name.endswith("." + key))
     return count
@@ -178,12 +186,12 @@ def trainable_parameters(shape: ModelShape, peft: PeftSection) -> int:
         return shape.total
     if peft.method == "freeze":  # the top blocks, the final norm and the head (training/finetune_method.py)
         return min(shape.layers, peft.trainable_layers) * shape.block + shape.head + shape.final_norm
-    return lora_parameters(shape, peft)
+    return adapter_parameters(shape, peft)
 
 
 def weight_bytes(shape: ModelShape, peft: PeftSection, bytes_per_param: int) -> float:
     """Bytes of every weight held for the forward pass: 16/32-bit, or a 4-bit base plus its constants (QLoRA)."""
-    extra = lora_parameters(shape, peft) if peft.method in ("lora", "qlora") else 0
+    extra = adapter_parameters(shape, peft) if peft.method in ADAPTER_METHODS else 0
     if peft.method != "qlora":
         return (shape.total + extra) * bytes_per_param
     quantised = sum(x.in_features * x.out_features for x in shape.linears)

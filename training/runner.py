@@ -7,6 +7,7 @@ entry point that wraps it.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import sys
@@ -17,11 +18,12 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from training.chat_templates import stop_at_end_of_turn
-from training.config import DataConfig, ModelConfig, OutputConfig, TrainingConfig, TrainSpec
+from training.config import ADAPTER_METHODS, DataConfig, ModelConfig, OutputConfig, TrainingConfig, TrainSpec
 from training.deepspeed_config import build_deepspeed_config, zero_stage
 from training.errors import UserError
 from training.faults import apply_faults
 from training.finetune_method import (
+    AdaLoraRankBudget,
     apply_finetune_method,
     keep_adapters_in_fp32,
     memory_footprint,
@@ -147,6 +149,7 @@ def run_callbacks(spec: TrainSpec, run_dir: Path, rank: int, samples_per_step: i
         *([EarlyStoppingCallback(stopping.patience, stopping.threshold)] if stopping else []),
         StartingModelIsNoCandidate(),
         ZeroShareReport(),
+        *([AdaLoraRankBudget()] if spec.peft.method == "adalora" else []),
         Heartbeat(run_dir, rank),  # last: see its docstring
     ]
 
@@ -207,7 +210,7 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
     model_cfg = spec.model
     if rank == 0:
         set_status(run_dir, "loading the model")
-    if peft.method in ("lora", "qlora") and model_cfg.init == "scratch":
+    if peft.method in ADAPTER_METHODS and model_cfg.init == "scratch":
         model_cfg = materialize_scratch_base(spec, tokenizer, run_dir, rank, distributed)
     # A from-scratch model is built before the trainer args register DeepSpeed: under ZeRO-3's
     # zero.Init each rank would draw the random weights per partition, so the same seed would give
@@ -232,10 +235,13 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
         quantization = quantization_config(peft, zero3=zero3) if peft.method == "qlora" else None
         model = load_model(model_cfg, tokenizer, quantization)
     model.config.use_cache = False  # no KV cache while training (and packed batches need it off)
-    model = apply_finetune_method(model, peft, training.gradient_checkpointing)
+    samples_per_step = training.batch_size * training.grad_accum * world
+    steps = training.max_steps
+    if steps <= 0:
+        steps = math.ceil(training.epochs * math.ceil(len(splits["train"]) / samples_per_step))
+    model = apply_finetune_method(model, peft, training.gradient_checkpointing, total_steps=steps)
     if rank == 0:
         print(memory_footprint(model), flush=True)
-    samples_per_step = training.batch_size * training.grad_accum * world
     preemption = PreemptionCallback(run_dir)
     if rank == 0:
         set_status(run_dir, DEEPSPEED_STATUS)
