@@ -140,6 +140,7 @@ class Shapes:
 
 
 def precision_of(job: JobConfig) -> str:
+    """The precision the plan assumes for the job."""
     # "auto" means bf16 on a GPU that has it: the plan is for GPUs (training/model.py resolve_dtype)
     return "bf16" if job.training.precision == "auto" else job.training.precision
 
@@ -156,6 +157,7 @@ def _layout(job: JobConfig, hardware: Hardware) -> tuple[int, int, int]:
 
 
 def frozen_part(memory: RankMemory) -> RankMemory:
+    """A model that shares a GPU with the trained one: without a second margin."""
     return replace(memory, margin=0.0)  # one margin per GPU, carried by its first part
 
 
@@ -223,6 +225,7 @@ def _scaled(memory: RankMemory, ranks: int) -> RankMemory:
 
 
 def offload_text(optimizer: bool, params: bool) -> str:
+    """What is offloaded, in words."""
     return ", ".join(n for n, on in (("optimizer", optimizer), ("params", params)) if on) or "none"
 
 
@@ -231,12 +234,14 @@ def _count(n: float) -> str:
 
 
 def model_text(shape: ModelShape, name: str | None) -> str:
+    """The model's line of the plan: name, parameters, layers, width, head."""
     head = f"vocab {shape.vocab}" if shape.vocab > 1 else "a one-output head"
     sizes = f"{shape.layers} layers, hidden {shape.hidden}, {head}"
     return f"model: {name or 'scratch'}, {_count(shape.total)} parameters ({sizes})"
 
 
 def trainable_text(shape: ModelShape, peft: PeftSection) -> str:
+    """The trainable parameters and the method, in words."""
     from training.memory_plan import trainable_parameters
 
     method = {"qlora": f"qlora r={peft.r}, 4-bit {peft.quant_type} base", "lora": f"lora r={peft.r}"}
