@@ -228,3 +228,24 @@ def test_default_tensorboard_without_a_package_is_skipped_with_a_line(monkeypatc
         trackers.finish()
     assert trackers.names == [] and not (tmp_path / "tensorboard").exists()
     assert "tensorboard skipped" in caplog.text
+
+
+def test_a_failed_run_ends_its_tracker_runs_marked_failed(monkeypatch, tmp_path):
+    """Training stops on NaN losses (a TrainingFailed raised inside the trainer): MLflow's run ends FAILED, not open."""
+    from mlflow.tracking import MlflowClient
+
+    from launch.run import run_job
+    from training.errors import TrainingFailed
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("TUNEYARD_FAULT_NAN_LOSS", "1,2,3,4,5,6")
+    run_dir = tmp_path / "run"
+    job = job_dict(
+        PRETRAIN_JOB, run_dir, training={"report_to": ["mlflow"], "max_nonfinite_steps": 2}, cluster={"workers": 1}
+    )
+    with pytest.raises(TrainingFailed):
+        run_job(job_from_dict(job), show_progress=False, single=True)
+    client = MlflowClient(f"sqlite:///{run_dir / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("tuneyard").experiment_id])
+    assert run.info.status == "FAILED"

@@ -270,10 +270,12 @@ def train_and_publish(
     checkpoint = resume_checkpoint(run_dir, resume)
     try:
         trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    except KeyError as exc:  # the trainer's own message lists the metrics the evaluation has
-        if "metric_for_best_model" not in str(exc):
-            raise
-        raise UserError(f"training.early_stopping.metric / output.keep_best: {str(exc).strip(chr(34))}") from None
+    except BaseException as exc:
+        close_trackers(trainer, failed=True)  # W&B and MLflow runs end marked failed, not left running
+        if isinstance(exc, KeyError) and "metric_for_best_model" in str(exc):
+            # the trainer's own message lists the metrics the evaluation has
+            raise UserError(f"training.early_stopping.metric / output.keep_best: {str(exc).strip(chr(34))}") from None
+        raise
     if preemption.stopped:  # a checkpoint was written; final/ waits for the rerun that finishes the job
         close_trackers(trainer)
         return {"global_step": trainer.state.global_step, "preempted": True}

@@ -347,14 +347,20 @@ class TrackingCallback(TrainerCallback):
         self._forward()
         self._report_to_ray(state.global_step)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         """Close the trackers' runs: after the last evaluation, which may come after training ends."""
         if self.trackers is not None:
-            self.trackers.finish()
+            self.trackers.finish(failed)
 
 
-def close_trackers(trainer) -> None:
-    """Close the runs of the trainer's TrackingCallback, if it has one."""
+def close_trackers(trainer, failed: bool = False) -> None:
+    """Close the runs of the trainer's TrackingCallback, if it has one; `failed` marks them so.
+
+    A tracker that cannot close is logged, never raised: on a failed run it would hide the real error.
+    """
     for callback in trainer.callback_handler.callbacks:
         if isinstance(callback, TrackingCallback):
-            callback.close()
+            try:
+                callback.close(failed)
+            except Exception as exc:  # a tracker's own failure must not mask the run's
+                log.warning("closing the experiment trackers failed: %s", exc)
