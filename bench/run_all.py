@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 from bench import (  # noqa: E402
+    bench_data_prep,
     bench_dpo,
     bench_orchestration,
     bench_packing,
@@ -39,6 +40,7 @@ def main() -> None:
         "ppo": bench_ppo,
         "startup": bench_startup,
         "zero_memory": bench_zero_memory,
+        "data_prep": bench_data_prep,
     }
     selected = sys.argv[1:] or list(benches)
     results = {}

@@ -19,6 +19,15 @@ def verdict(ratio: float, target: str) -> str:
     return "pass" if COMPARISONS[match.group(1)](ratio, float(match.group(2))) else "FAIL"
 
 
+def rows_of(results: dict[str, dict]) -> list[tuple[str, dict]]:
+    """(name, result) per ratio: a benchmark's own, then each of its further `checks` as `name: check`."""
+    rows = []
+    for name, result in results.items():
+        rows.append((name, result))
+        rows += [(f"{name}: {check['name']}", check) for check in result.get("checks", [])]
+    return rows
+
+
 def summary_markdown(results: dict[str, dict]) -> str:
     """A Markdown table: benchmark, ratio, target, verdict, and the benchmark's own note when it has one."""
     lines = [
@@ -30,7 +39,7 @@ def summary_markdown(results: dict[str, dict]) -> str:
         "| benchmark | ratio | target | verdict | note |",
         "|---|---|---|---|---|",
     ]
-    for name, result in results.items():
+    for name, result in rows_of(results):
         ratio = result.get("ratio", math.nan)
         shown = "n/a" if ratio is None or math.isnan(ratio) else f"{ratio:.2f}"
         note = str(result.get("note", "")).replace("|", "/").replace("\n", " ")
@@ -45,7 +54,7 @@ def summary_chart(results: dict[str, dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [(name, r["ratio"], r["target"]) for name, r in results.items() if not math.isnan(r.get("ratio", math.nan))]
+    rows = [(name, r["ratio"], r["target"]) for name, r in rows_of(results) if not math.isnan(r.get("ratio", math.nan))]
     fig, ax = plt.subplots(figsize=(7, 0.6 * len(rows) + 1.2))
     for y, (_, ratio, target) in enumerate(rows):
         ax.barh(y, ratio, color="tab:green" if verdict(ratio, target) == "pass" else "tab:red")

@@ -80,7 +80,16 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "prepare":
         from launch.prepare import prepare_data
 
-        print(prepare_data(load_job(args.job, args.overrides)).summary())
+        job = load_job(args.job, args.overrides)
+        if not job.data.streaming:
+            print(prepare_data(job).summary())
+            return 0
+        from cluster.ray_cluster import ray_cluster
+
+        with ray_cluster(job.cluster):  # a streamed corpus is tokenised by tasks spread over the cluster
+            print(
+                prepare_data(job, on_ray=True, report=lambda line: print(line, file=sys.stderr, flush=True)).summary()
+            )
         return 0
     if args.command == "plan":
         from launch.plan import hardware_from_args, print_plan

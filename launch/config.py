@@ -11,8 +11,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cluster.config import ClusterConfig
-from rlhf.config import DpoSection, GrpoSection, PpoSection, PreferenceSpec, RewardSection
+from rlhf.config import DpoSection, GrpoSection, KtoSection, PpoSection, PreferenceSpec, RewardSection
 from training.config import (
+    PROMPT_METHODS,
     DataConfig,
     DeepSpeedSection,
     ModelConfig,
@@ -23,11 +24,11 @@ from training.config import (
 )
 from training.errors import UserError
 
-Stage = Literal["pretrain", "sft", "reward", "dpo", "grpo", "ppo"]
-PREFERENCE_STAGES = ("reward", "dpo", "grpo")
+Stage = Literal["pretrain", "sft", "reward", "dpo", "kto", "grpo", "ppo"]
+PREFERENCE_STAGES = ("reward", "dpo", "kto", "grpo")
 # the sections only some stages read; a job's identity leaves out those its stage does not read
-STAGE_SECTIONS = {"dpo": ("dpo",), "grpo": ("grpo", "reward"), "ppo": ("ppo", "reward")}
-OPTIONAL_SECTIONS = ("dpo", "grpo", "ppo", "reward")
+STAGE_SECTIONS = {"dpo": ("dpo",), "kto": ("kto",), "grpo": ("grpo", "reward"), "ppo": ("ppo", "reward")}
+OPTIONAL_SECTIONS = ("dpo", "kto", "grpo", "ppo", "reward")
 
 
 class JobConfig(BaseModel):
@@ -44,6 +45,7 @@ class JobConfig(BaseModel):
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     output: OutputConfig
     dpo: DpoSection = Field(default_factory=DpoSection)
+    kto: KtoSection = Field(default_factory=KtoSection)
     grpo: GrpoSection = Field(default_factory=GrpoSection)
     ppo: PpoSection = Field(default_factory=PpoSection)
     reward: RewardSection = Field(default_factory=RewardSection)
@@ -52,16 +54,29 @@ class JobConfig(BaseModel):
     def _sections_agree(self) -> JobConfig:
         policy_zero = self.ppo.roles.policy.zero_stage if self.stage == "ppo" else None
         zero_stage = policy_zero if policy_zero is not None else self.deepspeed.zero_stage
-        if self.peft.method in ("adalora", "ia3") and self.stage not in ("pretrain", "sft"):
+        if self.peft.method in ("adalora", "ia3", *PROMPT_METHODS) and self.stage not in ("pretrain", "sft"):
             raise ValueError(
                 f"peft.method {self.peft.method} trains in stages pretrain and sft; for stage {self.stage} use "
                 "peft.method lora or qlora"
+            )
+        if self.peft.method in PROMPT_METHODS:
+            prompt_methods_fit(self)
+        if self.stage == "kto" and self.kto.loss_type == "kto" and self.training.batch_size < 2:
+            # TRL estimates KTO's KL term from each row's completion paired with another row's prompt in the batch
+            raise ValueError(
+                "stage kto estimates its KL term from the other rows of a worker's batch, so training.batch_size "
+                "must be at least 2 (or use kto.loss_type apo_zero_unpaired, which has no KL term)"
             )
         if self.peft.method == "qlora" and zero_stage == 3 and self.stage == "ppo":
             raise ValueError(
                 "peft.method qlora under ZeRO-3 (a 4-bit base sharded across ranks) runs in the stages on a Hugging "
                 "Face trainer; PPO's policy gathers its whole weights to generate, which 4-bit storage does not "
                 "support: use ppo.roles.policy.zero_stage 0-2 with qlora, or peft.method lora with ZeRO-3"
+            )
+        if self.data.streaming and (self.stage != "pretrain" or self.data.format != "text"):
+            raise ValueError(
+                "data.streaming tokenises plain-text corpora for stage pretrain (data.format: text); for stage "
+                f"{self.stage} with data.format {self.data.format} remove it: those rows are read into memory"
             )
         return self
 
@@ -82,8 +97,29 @@ class JobConfig(BaseModel):
         return spec if use_deepspeed else spec.model_copy(update={"deepspeed": None})
 
     def preference_spec(self) -> PreferenceSpec:
-        """The dpo, grpo and reward sections, for the preference stages' workers."""
-        return PreferenceSpec(dpo=self.dpo, grpo=self.grpo, reward=self.reward)
+        """The dpo, kto, grpo and reward sections, for the preference stages' workers."""
+        return PreferenceSpec(dpo=self.dpo, kto=self.kto, grpo=self.grpo, reward=self.reward)
+
+
+def prompt_methods_fit(job: JobConfig) -> None:
+    """Refuse what prompt and prefix tuning cannot train on: packed SFT rows, and a prefix under checkpointing."""
+    method, tokens = job.peft.method, job.peft.num_virtual_tokens
+    if job.stage == "sft" and job.data.packing:
+        # PEFT puts the virtual tokens once before the row and drops (prompt) or shifts (prefix) the position ids
+        # that restart at each packed example and keep it from attending to the one before
+        raise ValueError(
+            f"peft.method {method} puts its {tokens} virtual tokens before each row, and data.packing (on by "
+            "default) packs several examples into a row whose later examples would then attend to the earlier "
+            "ones rather than see the virtual tokens first (PEFT does not apply the position ids that keep them "
+            "apart): set data.packing: false"
+        )
+    if method == "prefix_tuning" and job.training.gradient_checkpointing:
+        # the prefix is a key/value cache; recomputing a layer appends to it a second time
+        raise ValueError(
+            "peft.method prefix_tuning hands the model its prefix as a key/value cache, which "
+            "training.gradient_checkpointing's recomputation extends a second time (the shapes then disagree): set "
+            "training.gradient_checkpointing: false, or use peft.method prompt_tuning"
+        )
 
 
 def apply_override(tree: dict, override: str) -> None:

@@ -9,7 +9,7 @@ from launch.config import JobConfig
 from training.data import read_sources
 from training.model import load_tokenizer
 
-PERCENTAGES = {"task acc.", "greedy = chosen", "pair accuracy"}
+PERCENTAGES = {"task acc.", "greedy = chosen", "greedy desirable", "pair accuracy"}
 EVAL_ROWS = 100
 # The figures load the model whole, in fp32, on the driver's CPU: 3B parameters are 12 GB of the head node's
 # memory and minutes of its CPU, before the first step and after the last. Above this the driver skips them.
@@ -27,8 +27,20 @@ def _load(job: JobConfig, model_path: str | None, task: str):
     if model_path is None:
         set_seed(job.training.seed)
         return load_model(job.model, load_tokenizer(job.model, job.data.chat_template), task=task)
+    if _is_prompt_adapter(model_path):  # transformers applies weight adapters (LoRA...) itself, not virtual tokens
+        from peft import AutoPeftModelForCausalLM
+
+        return AutoPeftModelForCausalLM.from_pretrained(model_path)
     auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
     return auto.from_pretrained(model_path)
+
+
+def _is_prompt_adapter(model_path: str) -> bool:
+    """Whether a model folder holds a prompt or prefix tuning adapter (PEFT's prompt learning)."""
+    import json
+
+    config = Path(model_path) / "adapter_config.json"
+    return config.is_file() and json.loads(config.read_text()).get("peft_type") in ("PROMPT_TUNING", "PREFIX_TUNING")
 
 
 def _eval_rows(job: JobConfig) -> list[dict]:
@@ -56,6 +68,10 @@ def stage_figures(job: JobConfig, model_path: str | None) -> dict[str, float]:
         from rlhf.evaluate import preference_figures
 
         return preference_figures(_load(job, model_path, "causal-lm"), tokenizer, rows)
+    if job.stage == "kto":
+        from rlhf.evaluate import feedback_figures
+
+        return feedback_figures(_load(job, model_path, "causal-lm"), tokenizer, rows)
     if job.stage in ("grpo", "ppo") and job.reward.functions:
         from rlhf.evaluate import reward_of_greedy_answers
         from rlhf.rewards import lookup

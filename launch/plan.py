@@ -174,6 +174,8 @@ def plan_job(job: JobConfig, hardware: Hardware, shapes: Shapes | None = None) -
     shape = shapes.of(job.model, task="sequence-classification" if classifier else "causal-lm")
     pairs = 2 if job.stage in ("reward", "dpo") else 1  # chosen and rejected run in one batch
     seq = job.data.max_length + (job.grpo.max_completion_length if job.stage == "grpo" else 0)
+    if job.peft.method == "prompt_tuning":
+        seq += job.peft.num_virtual_tokens  # its virtual tokens go through every layer with the row
     setup = Setup(
         zero_stage=stage,
         world=world,
@@ -190,8 +192,10 @@ def plan_job(job: JobConfig, hardware: Hardware, shapes: Shapes | None = None) -
     )
     parts = [("rank", rank_memory(shape, setup))]
     adapter = job.peft.method in ADAPTER_METHODS  # the reference is the base with the adapter off: no copy
-    reference = (job.stage == "dpo" and not job.dpo.precompute_ref_log_probs) or (
-        job.stage == "grpo" and job.grpo.beta > 0
+    reference = (
+        (job.stage == "dpo" and not job.dpo.precompute_ref_log_probs)
+        or (job.stage == "kto" and not job.kto.precompute_ref_log_probs)
+        or (job.stage == "grpo" and job.grpo.beta > 0)
     )
     if reference and not adapter:
         frozen = setup.changed(trains=False, peft=PeftSection())
@@ -244,7 +248,13 @@ def trainable_text(shape: ModelShape, peft: PeftSection) -> str:
     """The trainable parameters and the method, in words."""
     from training.memory_plan import trainable_parameters
 
-    method = {"qlora": f"qlora r={peft.r}, 4-bit {peft.quant_type} base", "lora": f"lora r={peft.r}"}
+    tokens = f"{peft.num_virtual_tokens} virtual tokens"
+    method = {
+        "qlora": f"qlora r={peft.r}, 4-bit {peft.quant_type} base",
+        "lora": f"lora r={peft.r}",
+        "prompt_tuning": f"prompt_tuning, {tokens}",
+        "prefix_tuning": f"prefix_tuning, {tokens}{', projected' if peft.prefix_projection else ''}",
+    }
     return f"{_count(trainable_parameters(shape, peft))} ({method.get(peft.method, peft.method)})"
 
 

@@ -2,15 +2,18 @@
 
 Workers used to build the cache on rank 0 while the other ranks waited in a process-group barrier,
 which a big corpus turns into a collective timeout (30 min by default). Built here, in the driver,
-before any process group exists, every rank only reads it.
+before any process group exists, every rank only reads it. A corpus larger than memory (data.streaming)
+is split into shards that Ray tasks tokenise in parallel across the cluster's nodes (training/shards.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from launch.config import JobConfig
+from training.config import TrainSpec
 from training.errors import UserError
 
 TOKENISED_STAGES = ("pretrain", "sft")  # the others hand raw rows to TRL, which tokenises in its trainer
@@ -30,8 +33,55 @@ class PreparedData:
         return f"{'already prepared' if self.warm else 'prepared'}: {rows} in {self.folder}"
 
 
-def prepare_data(job: JobConfig) -> PreparedData:
-    """Build the job's tokenised-data cache in this process (a no-op when it is warm)."""
+def ray_task_runner(spec: TrainSpec, workers: int):
+    """Run shard tasks as Ray tasks spread over the cluster's nodes, at most `workers` at once (0: one per CPU).
+
+    Each task tokenises on one thread (no tokenizers parallelism), so N tasks use N CPUs, as Ray reserved them.
+    """
+    import ray
+    from ray.exceptions import RayTaskError
+
+    @ray.remote(
+        num_cpus=1,
+        scheduling_strategy="SPREAD",
+        runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
+    )
+    def prepare_shard(task, spec_dump: dict, folder: str) -> dict:
+        from training.config import TrainSpec
+        from training.model import load_tokenizer
+        from training.shards import tokenize_shard
+
+        spec = TrainSpec.model_validate(spec_dump)
+        tokenizer = load_tokenizer(spec.model, spec.data.chat_template)
+        return {
+            **tokenize_shard(task, spec.data, tokenizer, Path(folder)),
+            "node": ray.get_runtime_context().get_node_id(),
+        }
+
+    at_once = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    spec_dump = spec.model_dump(mode="json")
+
+    def run(tasks: list, folder: Path) -> Iterator[dict]:
+        waiting, running = list(tasks), []
+        try:
+            while waiting or running:
+                while waiting and len(running) < at_once:
+                    running.append(prepare_shard.remote(waiting.pop(0), spec_dump, str(folder)))
+                done, running = ray.wait(running, num_returns=1)
+                yield ray.get(done[0])
+        except RayTaskError as exc:
+            if isinstance(exc.cause, UserError):  # a bad row: its file:line, without Ray's traceback
+                raise UserError(str(exc.cause)) from None
+            raise
+        finally:
+            for ref in running:
+                ray.cancel(ref)
+
+    return run
+
+
+def prepare_data(job: JobConfig, on_ray: bool = False, report: Callable[[str], None] | None = None) -> PreparedData:
+    """Build the job's tokenised-data cache (a no-op when it is warm); a streamed corpus by Ray tasks if `on_ray`."""
     if job.stage not in TOKENISED_STAGES:
         raise UserError(
             f"stage {job.stage}: TRL tokenises this stage's rows inside its trainer, so there is nothing to "
@@ -39,11 +89,12 @@ def prepare_data(job: JobConfig) -> PreparedData:
         )
     from training.model import load_tokenizer
     from training.runner import default_cache_dir
-    from training.tokenize import cache_key, prepare_datasets
+    from training.tokenize import prepare_datasets, prepared_folder
 
     spec = job.train_spec()
     tokenizer = load_tokenizer(spec.model, spec.data.chat_template)  # as the workers load it: the same cache key
     cache_dir = default_cache_dir(spec.data, spec.output)
-    splits, warm = prepare_datasets(spec.stage, spec.data, tokenizer, spec.training.seed, cache_dir)
-    folder = cache_dir / cache_key(spec.stage, spec.data, tokenizer, spec.training.seed)
+    runner = ray_task_runner(spec, spec.data.prepare_workers) if on_ray and spec.data.streaming else None
+    splits, warm = prepare_datasets(spec.stage, spec.data, tokenizer, spec.training.seed, cache_dir, runner, report)
+    folder = prepared_folder(spec.stage, spec.data, tokenizer, spec.training.seed, cache_dir)
     return PreparedData(folder=folder, rows={name: len(split) for name, split in splits.items()}, warm=warm)

@@ -44,8 +44,9 @@ def progress_line(records: list[dict], started: float, now: float, status: str =
         f"step {last['step']}/{total} [{100 * last['step'] / max(total, 1):3.0f}%]",
         f"loss {last['loss']:.3f}",
         *([f"eval {evals[-1]['eval_loss']:.3f}"] if evals else []),
-        # PPO's iteration figures: what it is optimising and how far it strayed from the reference
-        *([f"reward {last['reward']:.3f}", f"kl {last['kl']:.3f}"] if "kl" in last else []),
+        # PPO's iteration figures: what it is optimising and how far it strayed from the reference (KTO logs a kl
+        # without a reward)
+        *([f"reward {last['reward']:.3f}", f"kl {last['kl']:.3f}"] if "kl" in last and "reward" in last else []),
         f"{last['tokens_per_s']:,.0f} tok/s"
         if "tokens_per_s" in last
         else f"{last.get('samples_per_s', 0):,.1f} samples/s",

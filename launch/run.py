@@ -35,6 +35,7 @@ from training.run_dir import (
     set_status,
 )
 from training.runner import default_cache_dir, ray_train_worker
+from training.shards import plan_tasks
 from training.tokenize import CHAT_FORMATS, cache_key, tokenize_chat
 from training.tracking import check_trackers, tracker_env
 
@@ -114,6 +115,9 @@ def preflight(job: JobConfig) -> None:
             lookup(function.name)
         if job.stage == "grpo" and job.reward.model:
             check_reward_model(job.reward.model, allow_pickle=job.model.allow_pickle)
+        return
+    if job.data.streaming:  # rows are checked as the shards are tokenised: reading them all here is what it avoids
+        plan_tasks(job.data)  # the sources exist and are files it reads
         return
     cache = default_cache_dir(job.data, job.output) / cache_key(job.stage, job.data, tokenizer, job.training.seed)
     if not (cache / "ready").exists():
@@ -417,11 +421,12 @@ def train_and_score(job: JobConfig, run_dir: Path, show_progress: bool, single: 
     progress = ProgressFollower(run_dir / "metrics.jsonl", job.stage) if show_progress else contextlib.nullcontext()
     # the driver tokenises before any process group exists, so no rank waits in a barrier while another does
     tokenise = not single and job.stage in TOKENISED_STAGES
+    streamed = tokenise and job.data.streaming  # tokenised by Ray tasks, so once Ray is up
     starting = "loading" if single else "starting Ray"
-    set_status(run_dir, "tokenising the data (cached for later runs)" if tokenise else starting)
+    set_status(run_dir, "tokenising the data (cached for later runs)" if tokenise and not streamed else starting)
     # the progress line comes first, so it shows what start-up is doing while the data and Ray get ready
     with progress:
-        if tokenise:  # outside the preemption watch: a stop now has nothing to save (the cache is published whole)
+        if tokenise and not streamed:  # outside the preemption watch: a stop now has nothing to save
             log.info("%s", prepare_data(job).summary())
             set_status(run_dir, starting)
         if single:
@@ -434,8 +439,13 @@ def train_and_score(job: JobConfig, run_dir: Path, show_progress: bool, single: 
             with ray_cluster(job.cluster, cpus_needed=cpus), preemption_watch(run_dir):
                 run_ppo_on_ray(job, run_dir)
         else:
-            with ray_cluster(job.cluster), preemption_watch(run_dir):
-                run_on_ray(job, run_dir)
+            with ray_cluster(job.cluster):
+                if streamed:  # an interrupted preparation keeps its finished shards for the rerun
+                    log.info(
+                        "%s", prepare_data(job, on_ray=True, report=lambda line: set_status(run_dir, line)).summary()
+                    )
+                with preemption_watch(run_dir):
+                    run_on_ray(job, run_dir)
     figures = eval_loss_figure(run_dir)
     after = stage_figures(job, final_folder(run_dir))
     figures.update({name: (before[name], after[name]) for name in before})

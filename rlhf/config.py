@@ -1,4 +1,4 @@
-"""The job sections of the preference and RL stages: `dpo`, `grpo`, `ppo` and `reward`."""
+"""The job sections of the preference and RL stages: `dpo`, `kto`, `grpo`, `ppo` and `reward`."""
 
 from __future__ import annotations
 
@@ -36,6 +36,23 @@ class DpoSection(BaseModel):
     precompute_ref_log_probs: bool = False
 
 
+class KtoSection(BaseModel):
+    """Kahneman-Tversky optimisation on unpaired feedback: beta, the loss (TRL's), the weights of the two kinds."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    beta: float = Field(default=0.1, gt=0, description="higher: stay closer to the reference")
+    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
+    desirable_weight: float = Field(default=1.0, gt=0, description="scales the loss of the desirable rows")
+    undesirable_weight: float = Field(
+        default=1.0,
+        gt=0,
+        description="scales the loss of the undesirable rows; KTO's paper keeps "
+        "desirable_weight x desirable rows / (undesirable_weight x undesirable rows) in [1, 4/3]",
+    )
+    precompute_ref_log_probs: bool = False
+
+
 class RewardFunction(BaseModel):
     """One named reward function of the registry (rlhf/rewards.py) and its weight."""
 
@@ -69,11 +86,12 @@ class GrpoSection(BaseModel):
 
 
 class PreferenceSpec(BaseModel):
-    """The preference sections a reward/dpo/grpo worker needs besides the training spec."""
+    """The preference sections a reward/dpo/kto/grpo worker needs besides the training spec."""
 
     model_config = ConfigDict(extra="forbid")
 
     dpo: DpoSection = Field(default_factory=DpoSection)
+    kto: KtoSection = Field(default_factory=KtoSection)
     grpo: GrpoSection = Field(default_factory=GrpoSection)
     reward: RewardSection = Field(default_factory=RewardSection)
 

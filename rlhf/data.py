@@ -3,6 +3,8 @@ tokenizer has a chat template, so TRL renders the prompt and answers with it).""
 
 from __future__ import annotations
 
+import random
+
 import datasets
 from transformers import PreTrainedTokenizerBase
 
@@ -10,7 +12,12 @@ from training.config import DataConfig
 from training.data import read_splits
 from training.errors import UserError
 
-NEEDS = {"reward": ("preference",), "dpo": ("preference",), "grpo": ("prompt", "preference")}
+NEEDS = {
+    "reward": ("preference",),
+    "dpo": ("preference",),
+    "kto": ("unpaired_preference", "preference"),
+    "grpo": ("prompt", "preference"),
+}
 
 
 def as_messages(value: str | list[dict], role: str) -> list[dict]:
@@ -23,11 +30,34 @@ def as_text(value: str | list[dict]) -> str:
     return value if isinstance(value, str) else "\n".join(m["content"] for m in value)
 
 
+def unpair(rows: list[dict]) -> list[dict]:
+    """Unpaired feedback rows: a preference pair becomes its desirable and its undesirable completion."""
+    out = []
+    for row in rows:
+        if "completion" in row:
+            out.append(row)
+        else:
+            out += [
+                {"prompt": row["prompt"], "completion": row["chosen"], "label": True},
+                {"prompt": row["prompt"], "completion": row["rejected"], "label": False},
+            ]
+    return out
+
+
 def to_trl_rows(stage: str, rows: list[dict], conversational: bool) -> list[dict]:
-    """Rows in the shape TRL expects for the stage: prompt/chosen/rejected, or prompt alone."""
+    """Rows in the shape TRL expects for the stage: prompt/chosen/rejected, prompt/completion/label, or prompt."""
     convert = (lambda v, role: as_messages(v, role)) if conversational else (lambda v, role: as_text(v))
     if stage == "grpo":
         return [{"prompt": convert(row["prompt"], "user")} for row in rows]
+    if stage == "kto":
+        return [
+            {
+                "prompt": convert(row["prompt"], "user"),
+                "completion": convert(row["completion"], "assistant"),
+                "label": row["label"],
+            }
+            for row in unpair(rows)
+        ]
     return [
         {
             "prompt": convert(row["prompt"], "user"),
@@ -39,10 +69,16 @@ def to_trl_rows(stage: str, rows: list[dict], conversational: bool) -> list[dict
 
 
 def rlhf_datasets(stage: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> dict:
-    """Train (and eval) datasets of a reward, dpo or grpo job, read and validated from data.train/eval."""
+    """Train (and eval) datasets of a reward, dpo, kto or grpo job, read and validated from data.train/eval."""
     if cfg.format not in NEEDS[stage]:
         raise UserError(f"stage {stage} reads data.format {' or '.join(NEEDS[stage])}, not '{cfg.format}'")
     train, held = read_splits(cfg, seed)
+    if stage == "kto":
+        # TRL's KTO reads its train set in order (the KL term pairs each completion with a neighbour's prompt,
+        # fixed before training), so a file sorted by label, or a pair's two halves side by side, would give
+        # one-sided batches and KL pairs that share their prompt: shuffle once, the same on every rank
+        train = unpair(train)
+        random.Random(seed).shuffle(train)
     conversational = tokenizer.chat_template is not None
     splits = {"train": datasets.Dataset.from_list(to_trl_rows(stage, train, conversational))}
     if held is not None:

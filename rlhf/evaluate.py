@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from rlhf.data import as_messages
+from rlhf.data import as_messages, unpair
 from rlhf.rewards import RewardFn, text_of
 from training.evaluate import greedy_answer
 
@@ -38,6 +38,28 @@ def preference_figures(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBas
         )
         correct += greedy_answer(model, tokenizer, prompt) == text_of(chosen).strip()
     return {"logp margin": sum(margins) / len(margins), "greedy = chosen": correct / len(rows)}
+
+
+def feedback_figures(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> dict:
+    """Mean log-prob of the desirable completions minus the undesirable ones', and how often greedy is desirable."""
+    # the gap's change from the starting model to final/, times kto.beta, is KTO's implicit reward gap on these
+    # rows: its reward is beta x the log-prob ratio to the reference, which is the starting model
+    model.eval()
+    rows = unpair(rows)
+    logps: dict[bool, list[float]] = {True: [], False: []}
+    desirable: dict[str, tuple[list[dict], set[str]]] = {}  # prompt -> (its messages, its desirable answers)
+    for row in rows:
+        prompt, completion = as_messages(row["prompt"], "user"), as_messages(row["completion"], "assistant")
+        logps[row["label"]].append(completion_logprob(model, tokenizer, prompt, completion))
+        if row["label"]:
+            desirable.setdefault(repr(prompt), (prompt, set()))[1].add(text_of(completion).strip())
+    if not logps[True] or not logps[False]:
+        return {}  # no gap to measure with only one kind of feedback
+    hits = [greedy_answer(model, tokenizer, prompt) in answers for prompt, answers in desirable.values()]
+    return {
+        "logp gap": sum(logps[True]) / len(logps[True]) - sum(logps[False]) / len(logps[False]),
+        "greedy desirable": sum(hits) / len(hits),
+    }
 
 
 def reward_of_greedy_answers(

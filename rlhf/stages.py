@@ -1,4 +1,4 @@
-"""The preference stages as recipes for one SPMD worker: reward model, DPO and GRPO through TRL.
+"""The preference stages as recipes for one SPMD worker: reward model, DPO, KTO and GRPO through TRL.
 
 Each reads top to bottom like `training.runner.run_training`: data, model (and reference or reward
 models), the TRL config built on the shared trainer arguments, the trainer, then the shared
@@ -10,14 +10,15 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import datasets
 import torch.distributed as dist
-from transformers import AutoConfig, PrinterCallback, set_seed
+from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, set_seed
 
 from rlhf.config import PreferenceSpec
 from rlhf.data import rlhf_datasets
 from rlhf.losses import trl_loss_terms
 from rlhf.rewards import lookup
-from training.config import TrainSpec
+from training.config import ModelConfig, TrainSpec
 from training.deepspeed_config import zero_stage
 from training.errors import UserError
 from training.finetune_method import (
@@ -42,6 +43,8 @@ from training.runner import (
 )
 
 log = logging.getLogger(__name__)
+# the stages that train against a frozen reference: the starting policy, or the base with the adapter disabled
+REFERENCE_STAGES = ("dpo", "kto")
 
 
 def check_reward_model(path: str, allow_pickle: bool | None = None) -> None:
@@ -86,6 +89,19 @@ def _stage_config(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, has_eval
             precompute_ref_log_probs=pref.dpo.precompute_ref_log_probs,
             max_length=spec.data.max_length,
         )
+    if spec.stage == "kto":
+        from trl import KTOConfig
+
+        kto = pref.kto
+        return KTOConfig(
+            **common,
+            beta=kto.beta,
+            loss_type=kto.loss_type,
+            desirable_weight=kto.desirable_weight,
+            undesirable_weight=kto.undesirable_weight,
+            precompute_ref_log_probs=kto.precompute_ref_log_probs,
+            max_length=spec.data.max_length,
+        )
     from trl import GRPOConfig
 
     grpo = pref.grpo
@@ -103,8 +119,38 @@ def _stage_config(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, has_eval
     )
 
 
+def _precomputes_reference(spec: TrainSpec, pref: PreferenceSpec) -> bool:
+    """Whether TRL computes the reference log-probs once before training (dpo/kto precompute_ref_log_probs)."""
+    return (spec.stage == "dpo" and pref.dpo.precompute_ref_log_probs) or (
+        spec.stage == "kto" and pref.kto.precompute_ref_log_probs
+    )
+
+
+def _reference_copy(
+    spec: TrainSpec, pref: PreferenceSpec, model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase
+) -> PreTrainedModel | None:
+    """DPO's or KTO's frozen reference when it must be a second model: full or freeze training, computed live."""
+    # with an adapter the reference is the base with the adapter disabled (TRL does that when ref_model is None);
+    # precomputed log-probs need none at all
+    if spec.peft.method in ("full", "freeze") and not _precomputes_reference(spec, pref):
+        return load_model(model_cfg, tokenizer)
+    return None
+
+
+def on_shared_disk(splits: dict, run_dir: Path, rank: int) -> dict:
+    """The datasets as files in the run directory, written by rank 0 and read by every rank."""
+    # TRL caches the precomputed reference log-probs next to a dataset's files and the other ranks read rank 0's
+    # cache; an in-memory dataset's cache goes to each process's own temporary folder, where they cannot find it
+    folder = run_dir / "datasets"
+    if rank == 0:
+        for name, split in splits.items():
+            split.save_to_disk(str(folder / name))
+    dist.barrier()
+    return {name: datasets.load_from_disk(str(folder / name)) for name in splits}
+
+
 def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, rank: int) -> dict:
-    """Train one worker's share of a reward, dpo or grpo job and, with the other ranks, write `final/`."""
+    """Train one worker's share of a reward, dpo, kto or grpo job and, with the other ranks, write `final/`."""
     training, peft = spec.training, spec.peft
     set_seed(training.seed)
     distributed = dist.is_available() and dist.is_initialized()
@@ -112,6 +158,8 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
     tokenizer = load_tokenizer(spec.model, spec.data.chat_template)
     has_eval = (bool(spec.data.eval) or spec.data.eval_fraction > 0) and spec.stage != "grpo"
     splits = rlhf_datasets(spec.stage, spec.data, tokenizer, training.seed)  # TRL tokenises them
+    if distributed and world > 1 and _precomputes_reference(spec, pref):
+        splits = on_shared_disk(splits, run_dir, rank)
     task = "sequence-classification" if spec.stage == "reward" else "causal-lm"
     if spec.stage == "grpo":
         if not pref.reward.functions and not pref.reward.model:
@@ -124,8 +172,8 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
     model_cfg = spec.model
     if rank == 0:
         set_status(run_dir, "loading the model")
-    if model_cfg.init == "scratch" and (peft.method in ("lora", "qlora") or spec.stage == "dpo"):
-        # an adapter needs its base on disk, and DPO's reference must be the very weights the policy starts from
+    if model_cfg.init == "scratch" and (peft.method in ("lora", "qlora") or spec.stage in REFERENCE_STAGES):
+        # an adapter needs its base on disk, and the reference must be the very weights the policy starts from
         model_cfg = materialize_scratch_base(spec, tokenizer, run_dir, rank, distributed)
     # scratch weights before the DeepSpeed-aware arguments exist, as in training.runner.run_training
     model = load_model(model_cfg, tokenizer, task=task) if model_cfg.init == "scratch" else None
@@ -135,9 +183,9 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
         quantization = quantization_config(peft, zero3=zero3) if peft.method == "qlora" else None
         model = load_model(model_cfg, tokenizer, quantization, task=task)
     model.config.use_cache = False
-    # DPO gets its adapter from TRL (peft_config), so the reference is the base with the adapter disabled;
-    # handed a PeftModel, TRL would keep a cloned "ref" adapter instead
-    adapter_by_trl = spec.stage == "dpo" and peft.method in ("lora", "qlora")
+    # DPO and KTO get their adapter from TRL (peft_config), so the reference is the base with the adapter
+    # disabled; handed a PeftModel, TRL would keep a cloned "ref" adapter instead
+    adapter_by_trl = spec.stage in REFERENCE_STAGES and peft.method in ("lora", "qlora")
     model = apply_finetune_method(
         model, peft, training.gradient_checkpointing, task=task, wrap_adapter=not adapter_by_trl
     )
@@ -161,15 +209,13 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
         from trl import RewardTrainer
 
         trainer = guarded(RewardTrainer)(**common)
-    elif spec.stage == "dpo":
-        from trl import DPOTrainer
+    elif spec.stage in REFERENCE_STAGES:
+        from trl import DPOTrainer, KTOTrainer
 
-        # The reference is the frozen starting policy: with an adapter, the same base with the adapter
-        # disabled (TRL does that when ref_model is None); precomputed log-probs need none at all.
-        needs_copy = peft.method in ("full", "freeze") and not pref.dpo.precompute_ref_log_probs
-        ref_model = load_model(model_cfg, tokenizer) if needs_copy else None
-        trainer = guarded(DPOTrainer)(
-            ref_model=ref_model, peft_config=lora_config(peft) if adapter_by_trl else None, **common
+        trainer = guarded(DPOTrainer if spec.stage == "dpo" else KTOTrainer)(
+            ref_model=_reference_copy(spec, pref, model_cfg, tokenizer),
+            peft_config=lora_config(peft) if adapter_by_trl else None,
+            **common,
         )
     else:
         from trl import GRPOTrainer
@@ -182,7 +228,7 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
 
 
 def ray_train_worker(payload: dict) -> None:
-    """Ray Train entry point of reward/dpo/grpo: rebuild the specs from `payload` and run this worker."""
+    """Ray Train entry point of reward/dpo/kto/grpo: rebuild the specs from `payload` and run this worker."""
     run_dir, rank = start_ray_worker(payload)
     run_preference_stage(
         TrainSpec.model_validate(payload["spec"]), PreferenceSpec.model_validate(payload["preference"]), run_dir, rank

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import SFT_JOB, job_dict
+from tests.conftest import PRETRAIN_JOB, SFT_JOB, job_dict
 from tests.test_loopback import LOOPBACK, needs_private_network
 
 pytestmark = pytest.mark.integration
@@ -258,6 +258,18 @@ def test_submit_runs_to_success_one_worker_per_node(two_node_ray, tmp_path):
         timeout=60,
     )
     assert details.returncode == 0 and two_node_ray.token not in details.stdout + details.stderr
+
+
+def test_prepare_spreads_a_streamed_corpus_over_both_nodes(two_node_ray, tmp_path):
+    """data.streaming: `tuneyard prepare` against the cluster runs its shard tasks on both raylets."""
+    data = {"streaming": True, "shard_mb": 0.2, "eval": None}
+    job = job_dict(PRETRAIN_JOB, tmp_path / "run", data=data, cluster={"workers": 2, "address": two_node_ray.gcs})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
+    proc = cli("prepare", str(tmp_path / "job.yaml"), env={**client_env(two_node_ray), "RAY_AUTH_MODE": "token"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    folder = Path(proc.stdout.strip().rsplit(" in ", 1)[1])
+    shards = json.loads((folder / "manifest.json").read_text())["shards"]
+    assert len(shards) == 4 and len({shard["node"] for shard in shards}) == 2, shards
 
 
 def test_stop_ends_a_long_job_and_frees_its_workers(two_node_ray, tmp_path):

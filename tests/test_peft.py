@@ -1,4 +1,5 @@
-"""Fine-tuning methods in single-process mode: QLoRA on CPU, LoRA, freeze; adapter and merged export."""
+"""Fine-tuning methods in single-process mode: QLoRA on CPU, LoRA, AdaLoRA, IA3, prompt and prefix tuning,
+freeze; adapter and merged export."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from transformers import AutoModelForCausalLM
 from launch.config import job_from_dict
 from launch.run import run_job
 from tests.conftest import PRETRAIN_JOB, SFT_JOB, job_dict
-from training.config import ModelConfig, PeftSection
+from training.config import PROMPT_METHODS, ModelConfig, PeftSection
 from training.errors import UserError
 from training.export import export_adapter, export_merged
 from training.finetune_method import (
@@ -35,17 +36,34 @@ def base(tmp_path_factory) -> str:
     return str(run_dir / "final")
 
 
-def single_run(base: str, run_dir, peft: dict, **training) -> object:
+def single_run(base: str, run_dir, peft: dict, data: dict | None = None, output: dict | None = None, **training):
     job = job_dict(SFT_JOB, run_dir, peft=peft, training={"max_steps": 40, "learning_rate": 1e-2, **training})
     job["model"] = {"name_or_path": base}
     job["cluster"] = {"workers": 1}
+    job["data"].update(data or {})
+    job["output"].update(output or {})
     return run_job(job_from_dict(job), show_progress=False, single=True)
 
 
-@pytest.fixture(scope="module", params=["qlora", "lora", "adalora", "ia3"])
+PROMPT_INIT = "Answer with the last word of the sentence."
+ADAPTERS = {
+    "qlora": {"method": "qlora", "r": 16, "alpha": 32},
+    "lora": {"method": "lora", "r": 16, "alpha": 32},
+    "adalora": {"method": "adalora", "r": 16, "alpha": 32},
+    "ia3": {"method": "ia3"},
+    "prompt_tuning": {"method": "prompt_tuning", "prompt_init_text": PROMPT_INIT},
+    "prefix_tuning": {"method": "prefix_tuning", "prefix_projection": True},
+}
+MERGEABLE = [m for m in ADAPTERS if m not in PROMPT_METHODS]
+# the prefix run checkpoints halfway, for the resume test
+PROMPT_RUN = {"data": {"packing": False}, "output": {"save_steps": 20}}  # packed rows are refused for them
+
+
+@pytest.fixture(scope="module", params=list(ADAPTERS))
 def adapter_run(request, base, tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp(request.param) / "run"
-    return request.param, single_run(base, run_dir, {"method": request.param, "r": 16, "alpha": 32})
+    method = request.param
+    run_dir = tmp_path_factory.mktemp(method) / "run"
+    return method, single_run(base, run_dir, ADAPTERS[method], **(PROMPT_RUN if method in PROMPT_METHODS else {}))
 
 
 def test_qlora_base_is_4bit_and_only_lora_trains(base):
@@ -65,8 +83,9 @@ def test_qlora_base_is_4bit_and_only_lora_trains(base):
 
 def test_adapter_training_lowers_eval_loss(adapter_run):
     method, result = adapter_run
-    # IA3 learns one scaling vector per targeted layer, a few hundred parameters here: it moves the loss less
-    gain = 0.3 if method == "ia3" else 1.5
+    # IA3 learns one scaling vector per targeted layer, a few hundred parameters here, prompt tuning 16 input
+    # embeddings (1,024) and prefix tuning 16 keys and values per layer: they move the loss less than LoRA
+    gain = {"ia3": 0.3, "prompt_tuning": 0.5, "prefix_tuning": 1.0}.get(method, 1.5)
     assert result.eval_loss_after < result.eval_loss_before - gain, (method, result.figure())
     final = result.run_dir / "final"
     assert (final / "adapter_model.safetensors").exists() and not (final / "model.safetensors").exists()
@@ -87,6 +106,7 @@ def adapter_model_logits(method: str, run_dir, ids: torch.Tensor) -> torch.Tenso
         return model(ids).logits
 
 
+@pytest.mark.parametrize("adapter_run", MERGEABLE, indirect=True)
 def test_merged_export_gives_the_adapter_models_logits(adapter_run, tmp_path):
     method, result = adapter_run
     out = export_merged(result.run_dir, tmp_path / "merged")
@@ -99,7 +119,7 @@ def test_merged_export_gives_the_adapter_models_logits(adapter_run, tmp_path):
 
 
 def test_chat_and_generate_load_the_adapter_as_it_trained(adapter_run):
-    """`tuneyard chat`/`generate` load a LoRA/QLoRA run as the merge does: the adapter on its dequantised base."""
+    """`tuneyard chat`/`generate` load an adapter run as the merge does: the adapter on its (dequantised) base."""
     from launch.inference import load_run_model
 
     method, result = adapter_run
@@ -160,6 +180,104 @@ def test_adalora_on_ray_and_new_adapters_in_preference_stages_are_refused(base, 
     job["peft"] = {"method": "ia3"}
     with pytest.raises(UserError, match="peft.method ia3 trains in stages pretrain and sft; for stage dpo use"):
         job_from_dict(job)
+
+
+def trainer_eval_loss(run_dir, model, tmp_path) -> float:
+    """The run's eval split scored by TRL's SFT evaluation, as the run's own trainer scored it, in this process."""
+    from trl import SFTTrainer
+
+    from launch.config import load_job
+    from training.runner import build_trainer_args, default_cache_dir
+    from training.tokenize import prepare_datasets
+
+    spec = load_job(run_dir / "job.yaml").train_spec(use_deepspeed=False)
+    tokenizer = load_tokenizer(spec.model)
+    cache = default_cache_dir(spec.data, spec.output)
+    splits, _ = prepare_datasets(spec.stage, spec.data, tokenizer, spec.training.seed, cache)
+    args = build_trainer_args(spec, tmp_path, has_eval=True)
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["eval"], processing_class=tokenizer
+    )
+    return trainer.evaluate()["eval_loss"]
+
+
+@pytest.mark.parametrize("adapter_run", PROMPT_METHODS, indirect=True)
+def test_prompt_adapters_reload_to_the_model_they_trained_and_cannot_merge(adapter_run, tmp_path):
+    """final/ reloaded (PEFT on its base) scores the eval split exactly as the trained model did at the end."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from training.export import load_adapter_model
+
+    method, result = adapter_run
+    got = trainer_eval_loss(result.run_dir, load_adapter_model(result.run_dir), tmp_path)
+    assert got == pytest.approx(result.eval_loss_after, rel=1e-5)
+    config = json.loads((result.run_dir / "final" / "adapter_config.json").read_text())
+    (prompt,) = load_file(result.run_dir / "final" / "adapter_model.safetensors").values()
+    if method == "prompt_tuning":  # 16 embeddings of the hidden width, started from the text's tokens
+        assert config["prompt_tuning_init"] == "TEXT" and config["prompt_tuning_init_text"] == PROMPT_INIT
+        assert prompt.shape == (16, 64)
+    else:  # the MLP's output is kept: a key and a value per layer of the KV width (2 heads of 16 under GQA)
+        assert config["prefix_projection"] and prompt.shape == (16, 2 * 2 * 32)
+    with pytest.raises(UserError, match=f"trained peft.method {method}: .* nothing to merge .* --adapter"):
+        export_merged(result.run_dir, tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.parametrize("adapter_run", ["prefix_tuning"], indirect=True)
+def test_projected_prefix_resumes_in_one_process(adapter_run, base, tmp_path):
+    """PEFT saves a projected prefix as the MLP's output; the checkpoint also keeps the MLP, so training goes on."""
+    _, result = adapter_run
+    checkpoint = result.run_dir / "checkpoints" / "checkpoint-20"
+    resumed = single_run(
+        base, tmp_path / "resumed", ADAPTERS["prefix_tuning"], PROMPT_RUN["data"], {"resume": str(checkpoint)}
+    )
+    assert resumed.eval_loss_after == pytest.approx(result.eval_loss_after, rel=1e-5)
+
+
+def test_prompt_methods_refuse_packed_rows_checkpointed_prefixes_and_other_stages(tmp_path):
+    job = job_dict(SFT_JOB, tmp_path / "run", peft={"method": "prompt_tuning"})
+    with pytest.raises(UserError, match="prompt_tuning puts its 16 virtual tokens .* data.packing: false"):
+        job_from_dict(job)
+    job["data"]["packing"] = False
+    job_from_dict(job)  # unpacked rows: accepted
+    job["peft"], job["training"]["gradient_checkpointing"] = {"method": "prefix_tuning"}, True
+    with pytest.raises(UserError, match="set training.gradient_checkpointing: false, or use peft.method prompt_tuning"):
+        job_from_dict(job)
+    job["peft"], job["training"]["gradient_checkpointing"] = {"method": "lora", "prompt_init_text": "hi"}, False
+    with pytest.raises(UserError, match="peft.prompt_init_text is for peft.method prompt_tuning, not lora"):
+        job_from_dict(job)
+    job["stage"], job["data"]["format"], job["peft"] = "dpo", "preference", {"method": "prefix_tuning"}
+    with pytest.raises(UserError, match="peft.method prefix_tuning trains in stages pretrain and sft; for stage dpo"):
+        job_from_dict(job)
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("peft", [ADAPTERS["prompt_tuning"], ADAPTERS["prefix_tuning"]], ids=PROMPT_METHODS)
+def test_prompt_adapters_train_under_zero3_as_under_zero2(ray_session, base, tmp_path, peft):
+    """PEFT saves them from rank 0 alone by running the ZeRO-3-partitioned encoder: every rank computes it first."""
+    from safetensors.torch import load_file
+
+    curves, saved = {}, {}
+    for stage in (2, 3):
+        run_dir = tmp_path / f"zero{stage}"
+        job = job_dict(
+            SFT_JOB,
+            run_dir,
+            peft=peft,
+            deepspeed={"zero_stage": stage},
+            training={"max_steps": 4, "learning_rate": 1e-2},
+            output={"dir": str(run_dir), "save_steps": 2},  # a checkpoint midway saves the adapter too
+        )
+        job["model"], job["data"]["packing"] = {"name_or_path": base}, False
+        run_job(job_from_dict(job), show_progress=False)
+        curves[stage] = [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+        saved[stage] = load_file(run_dir / "final" / "adapter_model.safetensors")["prompt_embeddings"]
+    assert len(curves[3]) == 4 and curves[3] == pytest.approx(curves[2], rel=1e-5)
+    assert curves[3][-1] < curves[3][0]
+    torch.testing.assert_close(saved[3], saved[2])
+    assert (tmp_path / "zero3" / "checkpoints" / "checkpoint-2" / "adapter_model.safetensors").exists()
 
 
 def test_freeze_trains_only_the_top_blocks(base, tmp_path):

@@ -7,10 +7,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
-DataFormat = Literal["text", "alpaca", "sharegpt", "messages", "preference", "prompt"]
+DataFormat = Literal["text", "alpaca", "sharegpt", "messages", "preference", "unpaired_preference", "prompt"]
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
 # a PEFT adapter on a frozen base: the run's final/ is the adapter, `tuneyard export --merge` folds it in
-ADAPTER_METHODS = ("lora", "qlora", "adalora", "ia3")
+ADAPTER_METHODS = ("lora", "qlora", "adalora", "ia3", "prompt_tuning", "prefix_tuning")
+# adapters that add virtual tokens before each sequence instead of changing weights: nothing to merge
+PROMPT_METHODS = ("prompt_tuning", "prefix_tuning")
 
 
 class ModelConfig(BaseModel):
@@ -79,6 +81,14 @@ class DataConfig(BaseModel):
     overlength: Literal["error", "drop", "truncate"] = "error"
     packing: bool = True
     num_proc: int = Field(default=1, ge=1)
+    streaming: bool = Field(
+        default=False,
+        description="pretrain on corpora larger than memory: tokenise into memory-mapped shards by parallel tasks",
+    )
+    shard_mb: float = Field(default=64.0, gt=0, description="streaming: megabytes of text per preparation task")
+    prepare_workers: int = Field(
+        default=0, ge=0, description="streaming: preparation tasks at once (0: one per CPU of the Ray cluster)"
+    )
     cache_dir: str | None = Field(default=None, description="defaults to <output.dir>/../.tokenized")
     eval_generations: int = Field(default=0, ge=0, description="held-out examples scored by greedy exact match")
     columns: dict[str, str] | None = Field(
@@ -185,11 +195,12 @@ class OutputConfig(BaseModel):
 
 
 class PeftSection(BaseModel):
-    """How much of the model trains: all of it, its top blocks, or an adapter (LoRA, on a 4-bit base, AdaLoRA, IA3)."""
+    """How much of the model trains: all of it, its top blocks, or an adapter (LoRA, on a 4-bit base, AdaLoRA, IA3,
+    prompt or prefix tuning)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["full", "freeze", "lora", "qlora", "adalora", "ia3"] = "full"
+    method: Literal["full", "freeze", "lora", "qlora", "adalora", "ia3", "prompt_tuning", "prefix_tuning"] = "full"
     trainable_layers: int = Field(default=2, ge=1, description="freeze: the last N blocks (plus the head) train")
     r: int = Field(default=8, ge=1, description="LoRA's rank; adalora: the average rank it prunes down to")
     init_r: int | None = Field(default=None, ge=1, description="adalora: each layer's starting rank (default 1.5 r)")
@@ -202,6 +213,31 @@ class PeftSection(BaseModel):
     quant_type: Literal["nf4", "fp4"] = "nf4"
     double_quant: bool = True
     compute_dtype: Precision = "auto"
+    num_virtual_tokens: int = Field(
+        default=16,
+        ge=1,
+        description="prompt_tuning: learned input embeddings put before every sequence; prefix_tuning: learned keys "
+        "and values per layer, attended to before every sequence",
+    )
+    prompt_init_text: str | None = Field(
+        default=None,
+        description="prompt_tuning: start the virtual tokens from this text's token embeddings (repeated or cut to "
+        "num_virtual_tokens); default: random",
+    )
+    prefix_projection: bool = Field(
+        default=False,
+        description="prefix_tuning: learn the prefix through a two-layer MLP (the paper's reparameterisation, "
+        "steadier training, more trainable parameters); final/ keeps the prefix it computes",
+    )
+
+    @model_validator(mode="after")
+    def _options_of_the_method(self) -> PeftSection:
+        # an option another method reads would be silently ignored
+        if self.prompt_init_text is not None and self.method != "prompt_tuning":
+            raise ValueError(f"peft.prompt_init_text is for peft.method prompt_tuning, not {self.method}: remove it")
+        if self.prefix_projection and self.method != "prefix_tuning":
+            raise ValueError(f"peft.prefix_projection is for peft.method prefix_tuning, not {self.method}: remove it")
+        return self
 
 
 class TrainSpec(BaseModel):

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from training.config import PeftSection
+from training.config import PROMPT_METHODS, PeftSection
 from training.errors import UserError
 from training.model import check_model_source
 
@@ -134,10 +134,24 @@ def load_adapter_model(run_dir: Path) -> torch.nn.Module:
     return PeftModel.from_pretrained(base, final)
 
 
+def refuse_unmergeable(run_dir: Path) -> None:
+    """Refuse to merge a prompt or prefix adapter: its virtual tokens change no weight of the base."""
+    _adapter_folder(run_dir)
+    method = _run_peft_section(read_run_job(run_dir)).method
+    if method in PROMPT_METHODS:
+        raise UserError(
+            f"{run_dir} trained peft.method {method}: its learned virtual tokens go before every sequence and "
+            "change no weight of the base, so there is nothing to merge into it; export the adapter with "
+            f"`tuneyard export {run_dir} --adapter` (it loads with PEFT's PeftModel.from_pretrained on the base), "
+            "or train with peft.method lora for a merged model"
+        )
+
+
 def export_merged(run_dir: Path, out: Path) -> Path:
     """Fold the adapter into its (dequantised) base and write a plain Hugging Face folder in safetensors."""
     from transformers import AutoTokenizer
 
+    refuse_unmergeable(run_dir)
     merged = load_adapter_model(run_dir).merge_and_unload()
     final = Path(run_dir) / "final"
 

@@ -1,19 +1,25 @@
-"""The `peft` section applied to a model: full, freeze (top blocks only), LoRA, or QLoRA (4-bit base)."""
+"""The `peft` section applied to a model: full, freeze (top blocks only), or a PEFT adapter (LoRA, QLoRA, ...)."""
 
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from transformers import BitsAndBytesConfig, PreTrainedModel, TrainerCallback
 
-from training.config import PeftSection
+from training.config import PROMPT_METHODS, PeftSection
 from training.errors import UserError
 from training.model import full_numel, resolve_dtype
 
 log = logging.getLogger(__name__)
 
+
+# a projected prefix's whole encoder (embedding and MLP) in a one-process checkpoint, to resume from
+PROMPT_ENCODER_FILE = "prompt_encoder.safetensors"
 
 # IA3 scales the input of these (an MLP's last projection) instead of the output
 FEEDFORWARD_NAMES = ("down_proj", "fc2", "c_proj", "dense_4h_to_h", "w2")
@@ -106,17 +112,43 @@ def lora_config(cfg: PeftSection, task: str = "causal-lm"):
     )
 
 
-def adapter_config(cfg: PeftSection, task: str = "causal-lm", total_steps: int = 0):
-    """The PEFT config of the section's adapter: LoRA (QLoRA's too), AdaLoRA or IA3.
+def prompt_learning_config(cfg: PeftSection, task_type: str, tokenizer_path: str | None = None):
+    """PEFT's PromptTuningConfig or PrefixTuningConfig of the section: `num_virtual_tokens` learned tokens.
+
+    Prompt tuning learns input embeddings (random, or the embeddings of `prompt_init_text` read with the
+    tokenizer at `tokenizer_path`); prefix tuning learns every layer's keys and values, optionally through
+    PEFT's two-layer MLP (`prefix_projection`).
+    """
+    from peft import PrefixTuningConfig, PromptTuningConfig, PromptTuningInit
+
+    if cfg.method == "prefix_tuning":
+        return PrefixTuningConfig(
+            num_virtual_tokens=cfg.num_virtual_tokens, prefix_projection=cfg.prefix_projection, task_type=task_type
+        )
+    if cfg.prompt_init_text is None:
+        return PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, task_type=task_type)
+    return PromptTuningConfig(
+        num_virtual_tokens=cfg.num_virtual_tokens,
+        prompt_tuning_init=PromptTuningInit.TEXT,
+        prompt_tuning_init_text=cfg.prompt_init_text,
+        tokenizer_name_or_path=tokenizer_path,
+        task_type=task_type,
+    )
+
+
+def adapter_config(cfg: PeftSection, task: str = "causal-lm", total_steps: int = 0, tokenizer_path: str | None = None):
+    """The PEFT config of the section's adapter: LoRA (QLoRA's too), AdaLoRA, IA3, prompt or prefix tuning.
 
     AdaLoRA starts every targeted layer at rank init_r and prunes to an average of r by importance, from
     10 % of `total_steps` until the last 20 %, which it trains at the final ranks. IA3 learns one scaling
     vector per targeted layer (PEFT's per-architecture defaults, or `target_modules`; those named like an
-    MLP's down projection scale their input).
+    MLP's down projection scale their input). Prompt and prefix tuning: see `prompt_learning_config`.
     """
     classifier = task != "causal-lm"
     task_type = "SEQ_CLS" if classifier else "CAUSAL_LM"
     modules_to_save = cfg.modules_to_save or (["score"] if classifier else None)
+    if cfg.method in PROMPT_METHODS:
+        return prompt_learning_config(cfg, task_type, tokenizer_path)
     if cfg.method == "ia3":
         from peft import IA3Config
 
@@ -154,12 +186,14 @@ def apply_finetune_method(
     task: str = "causal-lm",
     wrap_adapter: bool = True,
     total_steps: int = 0,
+    tokenizer_path: str | None = None,
 ):
     """Freeze or wrap `model` as the section asks; returns the model to train (a PeftModel for an adapter).
 
     With `wrap_adapter=False` a LoRA/QLoRA base is only prepared, for a trainer that adds the adapter
     itself from `lora_config` (TRL's DPO then uses the base with the adapter disabled as reference).
-    `total_steps` is AdaLoRA's schedule of rank pruning.
+    `total_steps` is AdaLoRA's schedule of rank pruning; `tokenizer_path` reads prompt tuning's `prompt_init_text`
+    (default: the model's own folder).
     """
     if cfg.method == "full":
         return model
@@ -172,7 +206,68 @@ def apply_finetune_method(
         # casts norms to fp32, freezes the 4-bit base and enables input grads for checkpointing
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
         disable_cpu_inference_repacking(model)
-    return get_peft_model(model, adapter_config(cfg, task, total_steps)) if wrap_adapter else model
+    if not wrap_adapter:
+        return model
+    return get_peft_model(model, adapter_config(cfg, task, total_steps, tokenizer_path or model.name_or_path))
+
+
+class SavesPromptAdapters:
+    """Trainer mixin: prompt and prefix adapters save under ZeRO-3, and a projected prefix resumes in one process.
+
+    PEFT saves prompt and prefix tuning by running the prompt encoder inside `save_pretrained`, which the trainer
+    calls on rank 0 alone; ZeRO-3 has partitioned the encoder, so rank 0's all-gather would wait forever for
+    the other ranks. Every rank reaches `save_model` (checkpoints and final/ alike): the tokens are computed
+    there, all ranks joining the gather, and PEFT on rank 0 is handed the result.
+
+    With `prefix_projection` PEFT saves only the prefix the MLP computes, which cannot be trained on from:
+    without DeepSpeed (whose own checkpoint holds every weight) a checkpoint also keeps the whole encoder.
+    """
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        with prompts_computed_on_every_rank(self.model):
+            super().save_model(output_dir, _internal_call)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        encoder = projected_prefix_encoder(self.model)
+        if encoder is not None and not self.is_deepspeed_enabled and self.args.should_save:
+            from safetensors.torch import save_file
+
+            folder = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, folder / PROMPT_ENCODER_FILE)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        encoder = projected_prefix_encoder(model or self.model)
+        saved = Path(resume_from_checkpoint) / PROMPT_ENCODER_FILE
+        if encoder is None or not saved.is_file():
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        from safetensors.torch import load_file
+
+        encoder.load_state_dict(load_file(saved))
+
+
+def projected_prefix_encoder(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The prefix encoder of a PeftModel trained with prefix_projection (embedding and MLP), else None."""
+    config = getattr(model, "active_peft_config", None)
+    if config is None or not getattr(config, "prefix_projection", False):
+        return None
+    return model.prompt_encoder[model.active_adapter]
+
+
+@contextmanager
+def prompts_computed_on_every_rank(model: torch.nn.Module) -> Iterator[None]:
+    """While open, a ZeRO-3-partitioned prompt-learning PeftModel saves the virtual tokens computed on entry."""
+    config = getattr(model, "active_peft_config", None)
+    encoder = model.prompt_encoder[model.active_adapter] if config is not None and config.is_prompt_learning else None
+    if encoder is None or not any(hasattr(p, "ds_numel") for p in encoder.parameters()):
+        yield
+        return
+    saved = model.get_prompt_embedding_to_save(model.active_adapter)  # a collective: every rank runs it
+    model.get_prompt_embedding_to_save = lambda adapter_name: saved  # shadows the method for PEFT's save
+    try:
+        yield
+    finally:
+        del model.get_prompt_embedding_to_save
 
 
 class AdaLoraRankBudget(TrainerCallback):

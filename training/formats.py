@@ -15,6 +15,8 @@ FORMAT_FIELDS = {
     "messages": "'messages': a list of {role, content} with at least one assistant turn, optional 'tools'",
     "preference": "'prompt', 'chosen' and 'rejected' (strings or message lists), or 'chosen' and 'rejected' "
     "as whole conversations that share their prompt turns",
+    "unpaired_preference": "'prompt' and 'completion' (strings or message lists) and 'label': true for a "
+    "desirable completion, false for an undesirable one",
     "prompt": "a 'prompt' string or message list",
 }
 ROLES = {"system", "user", "assistant", "tool"}
@@ -242,6 +244,22 @@ def _side(row: dict, key: str, where: str, fmt: str) -> str | list[dict]:
     return _messages(value, key, where, fmt)
 
 
+def _unpaired(row: dict, where: str, fmt: str) -> dict:
+    """One completion judged on its own: desirable (label true) or undesirable (label false), as KTO reads it."""
+    sides = {key: _side(row, key, where, fmt) for key in ("prompt", "completion")}
+    label = row.get("label")
+    if label is None:
+        raise _missing(row, "label", where, fmt)
+    if not isinstance(label, bool):  # 0/1 or "yes" could mean either way round: ask, do not guess
+        raise _fail(
+            where,
+            fmt,
+            f"field 'label' must be true or false (a JSON boolean), got {type(label).__name__} {label!r}; write "
+            "true for a desirable completion and false for an undesirable one",
+        )
+    return {**sides, "label": label}
+
+
 def _split_implicit_prompt(row: dict, where: str, fmt: str) -> dict:
     """Whole chosen/rejected conversations -> the shared prompt turns and the two final answers."""
     chosen = _messages(row["chosen"], "chosen", where, fmt)
@@ -261,8 +279,9 @@ def normalize_row(
     """Check a raw row against its format and return it in the canonical shape for that format.
 
     text -> {"text"}; alpaca, sharegpt and messages -> {"messages"} (and "tools" when the row defines them);
-    preference -> {"prompt", "chosen", "rejected"}; prompt -> {"prompt"}. `columns` first renames the file's
-    columns to the format's fields. Raises UserError naming `where` (file:line), the field and the format.
+    preference -> {"prompt", "chosen", "rejected"}; unpaired_preference -> {"prompt", "completion", "label"};
+    prompt -> {"prompt"}. `columns` first renames the file's columns to the format's fields. Raises UserError
+    naming `where` (file:line), the field and the format.
     """
     if not isinstance(row, dict):
         raise UserError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
@@ -285,6 +304,8 @@ def normalize_row(
         if sides["chosen"] == sides["rejected"]:
             raise _fail(where, fmt, "'chosen' and 'rejected' are identical, so the pair teaches nothing")
         return sides
+    if fmt == "unpaired_preference":
+        return _unpaired(row, where, fmt)
     if fmt == "prompt":
         return {"prompt": _side(row, "prompt", where, fmt)}
     raise UserError(f"unknown data format '{fmt}'; formats are {sorted(FORMAT_FIELDS)}")

@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from training.config import ADAPTER_METHODS, ModelConfig, PeftSection
+from training.config import ADAPTER_METHODS, PROMPT_METHODS, ModelConfig, PeftSection
 from training.errors import UserError
 
 GiB = 2**30
@@ -162,7 +162,10 @@ def _no_type(file: Path):
 def adapter_parameters(shape: ModelShape, peft: PeftSection) -> int:
     """Trainable parameters of the adapter: LoRA r x (in + out) per targeted linear (DoRA adds a magnitude per
     output), AdaLoRA init_r x (in + out + 1) (it prunes ranks by masking, not by freeing them), IA3 one vector
-    per targeted linear (counted over every linear: an upper bound, and tiny)."""
+    per targeted linear (counted over every linear: an upper bound, and tiny); prompt and prefix tuning their
+    virtual tokens (`prompt_parameters`)."""
+    if peft.method in PROMPT_METHODS:
+        return prompt_parameters(shape, peft)
     if peft.target_modules == "all-linear":
         targets = shape.linears  # PEFT's all-linear: every linear layer but the output head
     else:
@@ -178,6 +181,19 @@ def adapter_parameters(shape: ModelShape, peft: PeftSection) -> int:
     for key in peft.modules_to_save or []:  # a trainable copy beside the frozen original
         count += sum(n for name, n in shape.modules.items() if name == key or name.endswith("." + key))
     return count
+
+
+def prompt_parameters(shape: ModelShape, peft: PeftSection) -> int:
+    """Prompt tuning: one embedding per virtual token. Prefix tuning: a key and a value per token and layer, of the
+    key/value width (PEFT sizes them by the KV heads under GQA); with `prefix_projection` a token embedding of that
+    width and PEFT's MLP (width -> width -> layers x 2 x width, biases included) instead."""
+    tokens = peft.num_virtual_tokens
+    if peft.method == "prompt_tuning":
+        return tokens * shape.hidden
+    width, out = shape.kv_dim, shape.layers * 2 * shape.kv_dim
+    if not peft.prefix_projection:
+        return tokens * out
+    return tokens * width + (width * width + width) + (width * out + out)
 
 
 def trainable_parameters(shape: ModelShape, peft: PeftSection) -> int:

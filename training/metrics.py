@@ -83,8 +83,8 @@ class MetricsCallback(TrainerCallback):
 # each stage's own figures, drawn in a panel of their own when any plotted run logged them (eval_ too)
 STAGE_FIGURES = (
     ("reward", "mean reward (GRPO, PPO)"),
-    ("kl", "KL to reference (GRPO, PPO)"),
-    ("rewards/margins", "reward margin (DPO)"),
+    ("kl", "KL to reference (GRPO, PPO, KTO)"),
+    ("rewards/margins", "reward margin (DPO, KTO)"),
     ("rewards/accuracies", "reward accuracy (DPO)"),
     ("margin", "reward margin (reward model)"),
     ("accuracy", "pair accuracy (reward model)"),

@@ -24,6 +24,7 @@ from training.errors import UserError
 from training.faults import apply_faults
 from training.finetune_method import (
     AdaLoraRankBudget,
+    SavesPromptAdapters,
     apply_finetune_method,
     keep_adapters_in_fp32,
     memory_footprint,
@@ -167,8 +168,10 @@ def build_trainer_args(spec: TrainSpec, run_dir: Path, has_eval: bool):
 
 
 def guarded(trainer_class: type) -> type:
-    """`trainer_class` that skips NaN/inf steps (training.nonfinite) and reports a disk filled by a save."""
-    return type(trainer_class.__name__, (SkipsNonFiniteSteps, ReportsFullDisk, trainer_class), {})
+    """`trainer_class` that skips NaN/inf steps (training.nonfinite), reports a disk filled by a save, and saves
+    and resumes prompt/prefix adapters (training.finetune_method.SavesPromptAdapters)."""
+    bases = (SkipsNonFiniteSteps, ReportsFullDisk, SavesPromptAdapters, trainer_class)
+    return type(trainer_class.__name__, bases, {})
 
 
 def choose_collator(spec: TrainSpec, model: torch.nn.Module, pad_token_id: int):
@@ -239,7 +242,10 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
     steps = training.max_steps
     if steps <= 0:
         steps = math.ceil(training.epochs * math.ceil(len(splits["train"]) / samples_per_step))
-    model = apply_finetune_method(model, peft, training.gradient_checkpointing, total_steps=steps)
+    tokenizer_path = model_cfg.tokenizer or model_cfg.name_or_path  # prompt tuning reads prompt_init_text with it
+    model = apply_finetune_method(
+        model, peft, training.gradient_checkpointing, total_steps=steps, tokenizer_path=tokenizer_path
+    )
     if rank == 0:
         print(memory_footprint(model), flush=True)
     preemption = PreemptionCallback(run_dir)

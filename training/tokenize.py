@@ -10,6 +10,7 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import datasets
@@ -19,6 +20,7 @@ from training.config import DataConfig
 from training.data import read_splits, source_fingerprint
 from training.errors import UserError
 from training.packing import IGNORE_INDEX, labels_from_spans, pack_into_blocks
+from training.shards import TaskRunner, build_streamed, load_streamed, plan_tasks, run_tasks_here, streamed_cache_key
 
 log = logging.getLogger(__name__)
 CHAT_FORMATS = ("messages", "alpaca", "sharegpt")
@@ -218,23 +220,57 @@ def build_datasets(stage: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBa
     return datasets.DatasetDict(splits)
 
 
-def prepare_datasets(
+def prepared_folder(
     stage: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int, cache_dir: Path
+) -> Path:
+    """The cache folder of a job's tokenised splits."""
+    if cfg.streaming:
+        return Path(cache_dir) / streamed_cache_key(stage, cfg, tokenizer_fingerprint(tokenizer))
+    return Path(cache_dir) / cache_key(stage, cfg, tokenizer, seed)
+
+
+def _make_cache_dir(folder: Path) -> None:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder should be, a read-only place
+        raise UserError(
+            f"data.cache_dir: cannot create the tokenised-data cache folder '{folder}' ({exc.strerror}: "
+            f"'{exc.filename}'); set data.cache_dir to a writable folder (default: beside output.dir)"
+        ) from None
+
+
+def prepare_datasets(
+    stage: str,
+    cfg: DataConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
+    cache_dir: Path,
+    run_tasks: TaskRunner | None = None,
+    report: Callable[[str], None] | None = None,
 ) -> tuple[datasets.DatasetDict, bool]:
     """Load the tokenised splits from the cache, building and storing them atomically when missing.
 
-    Returns the datasets and whether the cache was already warm.
+    Returns the datasets and whether the cache was already warm. A streamed corpus (data.streaming) is
+    prepared by `run_tasks` (default: one task after another in this process), progress told to `report`.
     """
-    final = Path(cache_dir) / cache_key(stage, cfg, tokenizer, seed)
+    final = prepared_folder(stage, cfg, tokenizer, seed, cache_dir)
+    if cfg.streaming:
+        warm = (final / "ready").exists()
+        if not warm:
+            _make_cache_dir(final.parent)
+            runner = run_tasks or functools.partial(run_tasks_here, cfg=cfg, tokenizer=tokenizer)
+            manifest = build_streamed(plan_tasks(cfg), final, runner, report or log.info)
+            log.info(
+                "tokenised %s tokens into %s blocks in %.1fs (%s tokens after the shards' last blocks dropped)",
+                f"{manifest['tokens']:,}",
+                f"{manifest['blocks']:,}",
+                manifest["seconds"],
+                f"{manifest['dropped_tokens']:,}",
+            )
+        return load_streamed(final, cfg, seed), warm
     if (final / "ready").exists():
         return datasets.load_from_disk(str(final / "splits")), True
-    try:
-        final.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a file where a folder should be, a read-only place
-        raise UserError(
-            f"data.cache_dir: cannot create the tokenised-data cache folder '{final.parent}' ({exc.strerror}: "
-            f"'{exc.filename}'); set data.cache_dir to a writable folder (default: beside output.dir)"
-        ) from None
+    _make_cache_dir(final.parent)
     started = time.perf_counter()
     built = build_datasets(stage, cfg, tokenizer, seed)
     staging = final.with_name(f"{final.name}.tmp-{os.getpid()}")

@@ -1,5 +1,8 @@
 """Regenerate the shipped synthetic data: a small English-like corpus and an instruction task.
 
+Everything here is generated: the corpus, the last-word task, its preference pairs, its unpaired feedback
+(last-word-feedback-*.jsonl: the pairs taken apart into desirable and undesirable rows, for KTO) and its prompts.
+
 The instruction task ("name the last word of a list") is checkable by a program, so the demo and
 tests can measure learning without humans. Run `python examples/data/generate.py` to rebuild;
 the output is deterministic for a given seed.
@@ -86,6 +89,16 @@ def make_last_word_preferences(rng: random.Random, count: int) -> list[dict]:
     return rows
 
 
+def make_last_word_feedback(pairs: list[dict], rng: random.Random) -> list[dict]:
+    """Unpaired feedback for KTO from preference pairs: chosen -> a desirable row, rejected -> an undesirable one."""
+    rows = []
+    for pair in pairs:
+        rows.append({"prompt": pair["prompt"], "completion": pair["chosen"], "label": True})
+        rows.append({"prompt": pair["prompt"], "completion": pair["rejected"], "label": False})
+    rng.shuffle(rows)  # feedback arrives unpaired: a pair's two halves rarely side by side, labels mixed
+    return rows
+
+
 def make_last_word_prompts(rng: random.Random, count: int) -> list[dict]:
     """Prompts alone, for online RL: a reward function checks the answer (rlhf/rewards.py)."""
     return [
@@ -159,10 +172,15 @@ def main() -> None:
         write_jsonl(name, make_last_word_task(rng, count))
     # a second generator, so the files above stay byte-identical to the first release
     rng = random.Random(4321)
-    write_jsonl("last-word-pref-train.jsonl", make_last_word_preferences(rng, 1000))
-    write_jsonl("last-word-pref-eval.jsonl", make_last_word_preferences(rng, 100))
+    pref_train, pref_eval = make_last_word_preferences(rng, 1000), make_last_word_preferences(rng, 100)
+    write_jsonl("last-word-pref-train.jsonl", pref_train)
+    write_jsonl("last-word-pref-eval.jsonl", pref_eval)
     write_jsonl("last-word-prompts-train.jsonl", make_last_word_prompts(rng, 400))
     write_jsonl("last-word-prompts-eval.jsonl", make_last_word_prompts(rng, 50))
+    # KTO's feedback is the pairs above taken apart, with a generator of its own, so no file above changes
+    feedback_rng = random.Random(8642)
+    write_jsonl("last-word-feedback-train.jsonl", make_last_word_feedback(pref_train, feedback_rng))
+    write_jsonl("last-word-feedback-eval.jsonl", make_last_word_feedback(pref_eval, feedback_rng))
     samples = make_format_samples(random.Random(2468), 64)
     (HERE / "formats").mkdir(exist_ok=True)
     (HERE / "formats" / "alpaca.json").write_text(json.dumps(samples["alpaca"], indent=1) + "\n")  # one JSON array
