@@ -11,24 +11,22 @@ from launch.config import job_from_dict
 from launch.run import preflight, run_job
 from rlhf.data import to_trl_rows
 from tests.conftest import EXAMPLES, TINY_ARCH, TOKENIZER, job_dict
+from tests.test_rlhf import PREFERENCE_JOB
 from training.errors import UserError
 from training.formats import normalize_row
 from training.metrics import figure_panels, read_metrics
 
 DATA = EXAMPLES / "data"
+# the DPO test's job on the same prompts, the pairs taken apart into feedback rows
 KTO_JOB = {
+    **PREFERENCE_JOB,
     "stage": "kto",
-    "model": {"name_or_path": "set-by-test"},
     "data": {
+        **PREFERENCE_JOB["data"],
         "format": "unpaired_preference",
         "train": str(DATA / "last-word-feedback-train.jsonl"),
         "eval": str(DATA / "last-word-feedback-eval.jsonl"),
-        "max_length": 128,
     },
-    "training": {"batch_size": 8, "seed": 7, "precision": "fp32"},
-    "deepspeed": {"zero_stage": 3},
-    "cluster": {"workers": 2},
-    "output": {"dir": "set-by-test"},
 }
 PROMPT = [{"role": "user", "content": "Say the last word: red fox"}]
 
