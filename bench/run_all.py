@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 from bench import (  # noqa: E402
+    bench_classic,
     bench_data_prep,
     bench_dpo,
     bench_orchestration,
@@ -41,6 +42,7 @@ def main() -> None:
         "startup": bench_startup,
         "zero_memory": bench_zero_memory,
         "data_prep": bench_data_prep,
+        "classic": bench_classic,
     }
     selected = sys.argv[1:] or list(benches)
     results = {}

@@ -106,7 +106,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         for run_dir in run_dirs:
             if not (run_dir / "metrics.jsonl").is_file():
                 raise UserError(f"{run_dir} has no metrics.jsonl; give a run directory (output.dir of a job)")
-        from training.metrics import plot_runs  # torch and transformers: after the cheap checks
+        from training.metrics import plot_runs  # matplotlib: after the cheap checks
 
         out = Path(args.out) if args.out else (run_dirs[0] / "metrics.png" if len(run_dirs) == 1 else Path("runs.png"))
         labels = [d.name for d in run_dirs] if len({d.name for d in run_dirs}) == len(run_dirs) else args.run_dirs

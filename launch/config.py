@@ -12,6 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from cluster.config import ClusterConfig
 from rlhf.config import DpoSection, GrpoSection, KtoSection, PpoSection, PreferenceSpec, RewardSection
+from training.classify_data import TASK_HEAD_STAGES as TASK_HEADS
+from training.classify_data import task_head_problem
 from training.config import (
     PROMPT_METHODS,
     DataConfig,
@@ -24,7 +26,7 @@ from training.config import (
 )
 from training.errors import UserError
 
-Stage = Literal["pretrain", "sft", "reward", "dpo", "kto", "grpo", "ppo"]
+Stage = Literal["pretrain", "sft", "reward", "dpo", "kto", "grpo", "ppo", "classify", "token-classify"]
 PREFERENCE_STAGES = ("reward", "dpo", "kto", "grpo")
 # the sections only some stages read; a job's identity leaves out those its stage does not read
 STAGE_SECTIONS = {"dpo": ("dpo",), "kto": ("kto",), "grpo": ("grpo", "reward"), "ppo": ("ppo", "reward")}
@@ -54,10 +56,16 @@ class JobConfig(BaseModel):
     def _sections_agree(self) -> JobConfig:
         policy_zero = self.ppo.roles.policy.zero_stage if self.stage == "ppo" else None
         zero_stage = policy_zero if policy_zero is not None else self.deepspeed.zero_stage
-        if self.peft.method in ("adalora", "ia3", *PROMPT_METHODS) and self.stage not in ("pretrain", "sft"):
+        problem = task_head_problem(self.stage, self.data.format, self.peft.method)
+        if problem:
+            raise ValueError(problem)
+        heads_too = self.peft.method in ("adalora", "ia3")  # PEFT has them for SEQ_CLS and TOKEN_CLS too
+        adapter_stages = ("pretrain", "sft", *(TASK_HEADS if heads_too else ()))
+        if self.peft.method in ("adalora", "ia3", *PROMPT_METHODS) and self.stage not in adapter_stages:
             raise ValueError(
                 f"peft.method {self.peft.method} trains in stages pretrain and sft; for stage {self.stage} use "
                 "peft.method lora or qlora"
+                + (" (it also trains in stages classify and token-classify)" if heads_too else "")
             )
         if self.peft.method in PROMPT_METHODS:
             prompt_methods_fit(self)

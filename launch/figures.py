@@ -9,7 +9,7 @@ from launch.config import JobConfig
 from training.data import read_sources
 from training.model import load_tokenizer
 
-PERCENTAGES = {"task acc.", "greedy = chosen", "greedy desirable", "pair accuracy"}
+PERCENTAGES = {"task acc.", "greedy = chosen", "greedy desirable", "pair accuracy", "eval accuracy"}
 EVAL_ROWS = 100
 # The figures load the model whole, in fp32, on the driver's CPU: 3B parameters are 12 GB of the head node's
 # memory and minutes of its CPU, before the first step and after the last. Above this the driver skips them.
@@ -20,12 +20,15 @@ log = logging.getLogger(__name__)
 
 def _load(job: JobConfig, model_path: str | None, task: str):
     """The job's starting model (seeded, for a scratch start) or a finished model folder, for inference."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, set_seed
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from training.model import load_model
 
     if model_path is None:
-        set_seed(job.training.seed)
+        # a scratch model's weights come from torch's generator alone; transformers' set_seed would import its
+        # Trainer's modules (PEFT, bitsandbytes: a second of the driver's CPU while the workers start)
+        torch.manual_seed(job.training.seed)
         return load_model(job.model, load_tokenizer(job.model, job.data.chat_template), task=task)
     if _is_prompt_adapter(model_path):  # transformers applies weight adapters (LoRA...) itself, not virtual tokens
         from peft import AutoPeftModelForCausalLM

@@ -88,8 +88,7 @@ def prepare_data(job: JobConfig, on_ray: bool = False, report: Callable[[str], N
             f"prepare ahead; `tuneyard prepare` applies to stages {' and '.join(TOKENISED_STAGES)}"
         )
     from training.model import load_tokenizer
-    from training.runner import default_cache_dir
-    from training.tokenize import prepare_datasets, prepared_folder
+    from training.tokenize import default_cache_dir, prepare_datasets, prepared_folder
 
     spec = job.train_spec()
     tokenizer = load_tokenizer(spec.model, spec.data.chat_template)  # as the workers load it: the same cache key

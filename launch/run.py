@@ -17,6 +17,7 @@ from launch.config import PREFERENCE_STAGES, JobConfig, dump_job
 from launch.figures import final_folder, format_figures, stage_figures, starting_point
 from launch.prepare import TOKENISED_STAGES, prepare_data
 from launch.progress import ProgressFollower
+from training.classify_data import TASK_HEAD_STAGES
 from training.config import ADAPTER_METHODS
 from training.data import read_splits
 from training.errors import TrainingFailed, UserError
@@ -24,6 +25,7 @@ from training.faults import forwarded_faults
 from training.metrics import append_metrics, read_metrics
 from training.model import check_model_source, load_tokenizer
 from training.preemption import preemption_watch
+from training.ray_entry import preference_worker, task_head_worker, train_worker
 from training.run_dir import (
     check_resume_world_size,
     clear_heartbeats,
@@ -34,9 +36,8 @@ from training.run_dir import (
     resume_checkpoint,
     set_status,
 )
-from training.runner import default_cache_dir, ray_train_worker
 from training.shards import plan_tasks
-from training.tokenize import CHAT_FORMATS, cache_key, tokenize_chat
+from training.tokenize import CHAT_FORMATS, cache_key, default_cache_dir, tokenize_chat
 from training.tracking import check_trackers, tracker_env
 
 log = logging.getLogger(__name__)
@@ -116,6 +117,11 @@ def preflight(job: JobConfig) -> None:
         if job.stage == "grpo" and job.reward.model:
             check_reward_model(job.reward.model, allow_pickle=job.model.allow_pickle)
         return
+    if job.stage in TASK_HEAD_STAGES:  # fields, BIO tags, label sets, each refused at its file:line
+        from training.classify_data import task_datasets
+
+        task_datasets(job.stage, job.data, tokenizer, job.training.seed)
+        return
     if job.data.streaming:  # rows are checked as the shards are tokenised: reading them all here is what it avoids
         plan_tasks(job.data)  # the sources exist and are files it reads
         return
@@ -129,14 +135,17 @@ def preflight(job: JobConfig) -> None:
 
 def check_training_options(job: JobConfig) -> None:
     """training.optim names an optimizer transformers has; early stopping and keep_best have evaluations to read."""
-    from transformers.training_args import OptimizerNames
-
     training, output = job.training, job.output
-    names = sorted(o.value for o in OptimizerNames)
-    if training.optim not in names:
-        raise UserError(f"training.optim: '{training.optim}' is not an optimizer transformers has; names are {names}")
-    ppo_optimizers = ("adamw_torch", "adamw_torch_fused")  # PPO's roles build torch's AdamW themselves
-    if job.stage == "ppo" and (training.optim not in ppo_optimizers or training.early_stopping or output.keep_best):
+    torch_adamw = ("adamw_torch", "adamw_torch_fused")  # the default; PPO's roles build torch's AdamW themselves
+    if training.optim not in torch_adamw:  # transformers has these: its Trainer's modules cost the driver 1 s
+        from transformers.training_args import OptimizerNames
+
+        names = sorted(o.value for o in OptimizerNames)
+        if training.optim not in names:
+            raise UserError(
+                f"training.optim: '{training.optim}' is not an optimizer transformers has; names are {names}"
+            )
+    if job.stage == "ppo" and (training.optim not in torch_adamw or training.early_stopping or output.keep_best):
         raise UserError(
             "training.optim, training.early_stopping and output.keep_best apply to the stages that run a Hugging Face "
             "trainer; PPO's roles use AdamW and keep the last checkpoints: remove them from this job"
@@ -292,10 +301,8 @@ def run_on_ray(job: JobConfig, run_dir: Path) -> None:
     set_status(run_dir, "checking the Ray cluster's resources")
     wait_for_resources(cluster)  # Ray Train would wait forever, silently, for workers that cannot fit
     spec = job.train_spec()
-    if job.stage in PREFERENCE_STAGES:
-        from rlhf.stages import ray_train_worker as entry
-    else:
-        entry = ray_train_worker
+    entry = preference_worker if job.stage in PREFERENCE_STAGES else train_worker
+    entry = task_head_worker if job.stage in TASK_HEAD_STAGES else entry
     resources = {
         "CPU": cluster.cpus_per_worker,
         **({"GPU": cluster.gpus_per_worker} if cluster.gpus_per_worker else {}),
@@ -371,10 +378,25 @@ def run_single(job: JobConfig, run_dir: Path) -> None:
         from rlhf.stages import run_preference_stage
 
         run_preference_stage(job.train_spec(use_deepspeed=False), job.preference_spec(), run_dir, rank=0)
+    elif job.stage in TASK_HEAD_STAGES:
+        from training.classify import run_task_head
+
+        run_task_head(job.train_spec(use_deepspeed=False), run_dir, rank=0)
     else:
         from training.runner import run_training
 
         run_training(job.train_spec(use_deepspeed=False), run_dir, rank=0)
+
+
+def task_head_figures(run_dir: Path) -> dict[str, tuple[float, float]]:
+    """Eval accuracy (classify) and F1 (macro, or entity-level for token-classify), first and last evaluation."""
+    records = read_metrics(Path(run_dir) / "metrics.jsonl")
+    figures = {}
+    for key, name in (("eval_accuracy", "eval accuracy"), ("eval_f1", "eval F1")):
+        values = [r[key] for r in records if key in r]
+        if values:
+            figures[name] = (values[0], values[-1])
+    return figures
 
 
 def eval_loss_figure(run_dir: Path) -> dict[str, tuple[float, float]]:
@@ -447,6 +469,8 @@ def train_and_score(job: JobConfig, run_dir: Path, show_progress: bool, single: 
                 with preemption_watch(run_dir):
                     run_on_ray(job, run_dir)
     figures = eval_loss_figure(run_dir)
+    if job.stage in TASK_HEAD_STAGES:
+        figures.update(task_head_figures(run_dir))
     after = stage_figures(job, final_folder(run_dir))
     figures.update({name: (before[name], after[name]) for name in before})
     return figures

@@ -18,6 +18,7 @@ from rlhf.config import PreferenceSpec
 from rlhf.data import rlhf_datasets
 from rlhf.losses import trl_loss_terms
 from rlhf.rewards import lookup
+from training.callbacks import PreemptionCallback
 from training.config import ModelConfig, TrainSpec
 from training.deepspeed_config import zero_stage
 from training.errors import UserError
@@ -30,7 +31,6 @@ from training.finetune_method import (
 )
 from training.model import check_model_source, load_model, load_tokenizer
 from training.nonfinite import NonFiniteGuard
-from training.preemption import PreemptionCallback
 from training.run_dir import set_status
 from training.runner import (
     DEEPSPEED_STATUS,

@@ -120,8 +120,8 @@ def test_previous_checkpoint_survives_every_moment_of_a_save(tmp_path):
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
     from tests.conftest import SFT_JOB, TINY_ARCH, job_dict
+    from training.callbacks import CompleteCheckpointCallback
     from training.config import TrainSpec
-    from training.run_dir import CompleteCheckpointCallback
     from training.runner import common_trainer_kwargs
 
     job = job_dict(

@@ -187,8 +187,8 @@ def trainer_eval_loss(run_dir, model, tmp_path) -> float:
     from trl import SFTTrainer
 
     from launch.config import load_job
-    from training.runner import build_trainer_args, default_cache_dir
-    from training.tokenize import prepare_datasets
+    from training.runner import build_trainer_args
+    from training.tokenize import default_cache_dir, prepare_datasets
 
     spec = load_job(run_dir / "job.yaml").train_spec(use_deepspeed=False)
     tokenizer = load_tokenizer(spec.model)

@@ -10,8 +10,7 @@ from launch.cli import main
 from launch.config import job_from_dict
 from tests.conftest import EXAMPLES, SFT_JOB, job_dict
 from training.model import load_tokenizer
-from training.runner import default_cache_dir
-from training.tokenize import prepare_datasets
+from training.tokenize import default_cache_dir, prepare_datasets
 
 
 def test_prepare_builds_the_cache_a_worker_then_reads(tmp_path, capsys):

@@ -7,7 +7,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
-DataFormat = Literal["text", "alpaca", "sharegpt", "messages", "preference", "unpaired_preference", "prompt"]
+DataFormat = Literal[
+    "text", "alpaca", "sharegpt", "messages", "preference", "unpaired_preference", "prompt", "classification", "bio"
+]
 Tracker = Literal["tensorboard", "wandb", "mlflow"]
 # a PEFT adapter on a frozen base: the run's final/ is the adapter, `tuneyard export --merge` folds it in
 ADAPTER_METHODS = ("lora", "qlora", "adalora", "ia3", "prompt_tuning", "prefix_tuning")
@@ -200,8 +202,12 @@ class PeftSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    method: Literal["full", "freeze", "lora", "qlora", "adalora", "ia3", "prompt_tuning", "prefix_tuning"] = "full"
-    trainable_layers: int = Field(default=2, ge=1, description="freeze: the last N blocks (plus the head) train")
+    method: Literal[
+        "full", "freeze", "lora", "qlora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "feature-based"
+    ] = "full"
+    trainable_layers: int = Field(
+        default=2, ge=0, description="freeze: the last N blocks (plus the head) train; 0: the head alone"
+    )
     r: int = Field(default=8, ge=1, description="LoRA's rank; adalora: the average rank it prunes down to")
     init_r: int | None = Field(default=None, ge=1, description="adalora: each layer's starting rank (default 1.5 r)")
     alpha: int = Field(default=16, ge=1)

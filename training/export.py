@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
+from training.classify_data import HEAD_MODULES, STAGE_TASK
 from training.config import PROMPT_METHODS, PeftSection
 from training.errors import UserError
 from training.model import check_model_source
@@ -17,7 +18,8 @@ from training.model import check_model_source
 if TYPE_CHECKING:  # torch, transformers and bitsandbytes load only to merge: a wrong path answers at once
     import torch
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "generation_config.json")
+# labels.json: a task head's label names (training.classify), which an adapter folder has no model config to hold
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "generation_config.json", "labels.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
 
@@ -82,26 +84,32 @@ def export_adapter(run_dir: Path, out: Path) -> Path:
     return out
 
 
-def load_dequantized_base(base_path: str, peft: PeftSection, allow_pickle: bool = False) -> torch.nn.Module:
+def load_dequantized_base(
+    base_path: str, peft: PeftSection, allow_pickle: bool = False, task: str = "causal-lm", labels: list | None = None
+) -> torch.nn.Module:
     """The base the adapter was trained on: for QLoRA the 4-bit weights, dequantised to the compute dtype.
+
+    A task head's base (`task` other than causal-lm) is built with one output per name of `labels`.
 
     Merging into the original full-precision weights would give other logits than the trained QLoRA
     model (it never saw them), and merging into 4-bit weights would re-quantise the sum: both are wrong.
     """
     import torch
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM
 
     from training.finetune_method import disable_cpu_inference_repacking, quantization_config
+    from training.model import auto_model_class, label_maps
 
+    auto = auto_model_class(task)
+    head = {} if task == "causal-lm" else label_maps(labels)
     use_safetensors = None if allow_pickle else True  # as training.model.load_model loads it
     try:
         if peft.method != "qlora":
-            return AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, use_safetensors=use_safetensors)
+            return auto.from_pretrained(base_path, dtype=torch.float32, use_safetensors=use_safetensors, **head)
         quant = quantization_config(peft)
-        quantized = AutoModelForCausalLM.from_pretrained(
-            base_path, quantization_config=quant, use_safetensors=use_safetensors
-        )
+        if task != "causal-lm":  # the head trained in full, as training.classify loaded it
+            quant.llm_int8_skip_modules = list(HEAD_MODULES)
+        quantized = auto.from_pretrained(base_path, quantization_config=quant, use_safetensors=use_safetensors, **head)
     except (OSError, SafetensorError) as exc:
         raise UserError(f"cannot load the adapter's base model '{base_path}': {exc}") from None
     disable_cpu_inference_repacking(quantized)
@@ -126,7 +134,13 @@ def load_adapter_model(run_dir: Path) -> torch.nn.Module:
     check_model_source(base_path, "the adapter's base model", allow_pickle=allow_pickle)
     from peft import PeftModel
 
-    base = load_dequantized_base(base_path, peft, allow_pickle)
+    task = STAGE_TASK.get(job.get("stage"), "causal-lm")
+    labels = None
+    if task != "causal-lm":
+        if not (final / "labels.json").is_file():
+            raise UserError(f"{final} lacks labels.json (the label names of its head); restore it from the run")
+        labels = json.loads((final / "labels.json").read_text())
+    base = load_dequantized_base(base_path, peft, allow_pickle, task, labels)
     if (final / "generation_config.json").is_file():  # where the run's chat template ends a turn
         from transformers import GenerationConfig
 

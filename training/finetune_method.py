@@ -21,6 +21,9 @@ log = logging.getLogger(__name__)
 # a projected prefix's whole encoder (embedding and MLP) in a one-process checkpoint, to resume from
 PROMPT_ENCODER_FILE = "prompt_encoder.safetensors"
 
+# PEFT's task type of each model task (training.model.load_model's `task`)
+TASK_TYPES = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS", "token-classification": "TOKEN_CLS"}
+
 # IA3 scales the input of these (an MLP's last projection) instead of the output
 FEEDFORWARD_NAMES = ("down_proj", "fc2", "c_proj", "dense_4h_to_h", "w2")
 
@@ -62,7 +65,9 @@ def zero3_shares(model: torch.nn.Module) -> str | None:
 
 def transformer_blocks(model: PreTrainedModel) -> torch.nn.ModuleList:
     """The model's list of decoder blocks (model.layers, transformer.h, ...)."""
-    for path in ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "layers"):
+    paths = ("model.layers", "model.decoder.layers", "transformer.h", "gpt_neox.layers", "layers")
+    encoders = ("bert.encoder.layer", "roberta.encoder.layer", "distilbert.transformer.layer", "encoder.layer")
+    for path in paths + encoders:
         node = model
         for part in path.split("."):
             node = getattr(node, part, None)
@@ -76,19 +81,29 @@ def transformer_blocks(model: PreTrainedModel) -> torch.nn.ModuleList:
 
 
 def freeze_all_but_top(model: PreTrainedModel, trainable_layers: int) -> None:
-    """Train only the last `trainable_layers` blocks, the final norm and the output head."""
+    """Train only the last `trainable_layers` blocks, the final norm and the output head (0: the head alone)."""
     blocks = transformer_blocks(model)
     if trainable_layers > len(blocks):
         raise UserError(f"peft.trainable_layers is {trainable_layers} but the model has {len(blocks)} blocks")
     for param in model.parameters():
         param.requires_grad_(False)
-    top = list(blocks)[-trainable_layers:]
-    head = model.get_output_embeddings() or getattr(model, "score", None)  # LM head, or a reward model's
-    norm = getattr(getattr(model, "model", model), "norm", None)
-    for module in [*top, head, norm]:
+    top = list(blocks)[len(blocks) - trainable_layers :]
+    # the LM head, or a classifier's: `score` (decoders, reward models) or `classifier` (BERT family)
+    head = model.get_output_embeddings() or getattr(model, "score", None) or getattr(model, "classifier", None)
+    # with no block training, the final norm stays as pretrained too: "head only" means the head alone
+    norm = getattr(getattr(model, "model", model), "norm", None) if trainable_layers else None
+    for module in [*top, head, norm, classifier_pooler(model)]:
         if module is not None:
             for param in module.parameters():
                 param.requires_grad_(True)
+
+
+def classifier_pooler(model: torch.nn.Module) -> torch.nn.Module | None:
+    """BERT's pooler (dense + tanh over [CLS]), which feeds only its sequence classifier: part of the head, as
+    RoBERTa's classification head holds its own dense layer. None for a model without one (decoders, taggers)."""
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    pooler = getattr(base, "pooler", None)
+    return pooler if isinstance(pooler, torch.nn.Module) else None
 
 
 def lora_config(cfg: PeftSection, task: str = "causal-lm"):
@@ -108,7 +123,7 @@ def lora_config(cfg: PeftSection, task: str = "causal-lm"):
         use_rslora=cfg.rslora,
         use_dora=cfg.dora,
         modules_to_save=modules_to_save,
-        task_type="SEQ_CLS" if classifier else "CAUSAL_LM",
+        task_type=TASK_TYPES[task],
     )
 
 
@@ -145,7 +160,7 @@ def adapter_config(cfg: PeftSection, task: str = "causal-lm", total_steps: int =
     MLP's down projection scale their input). Prompt and prefix tuning: see `prompt_learning_config`.
     """
     classifier = task != "causal-lm"
-    task_type = "SEQ_CLS" if classifier else "CAUSAL_LM"
+    task_type = TASK_TYPES[task]
     modules_to_save = cfg.modules_to_save or (["score"] if classifier else None)
     if cfg.method in PROMPT_METHODS:
         return prompt_learning_config(cfg, task_type, tokenizer_path)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from training.errors import UserError
@@ -18,7 +19,11 @@ FORMAT_FIELDS = {
     "unpaired_preference": "'prompt' and 'completion' (strings or message lists) and 'label': true for a "
     "desirable completion, false for an undesirable one",
     "prompt": "a 'prompt' string or message list",
+    "classification": "a 'text' string (or data.text_field) and a 'label': a class name or an integer class id",
+    "bio": "'tokens' (a list of words) and 'tags' (one BIO tag per word: O, B-TYPE or I-TYPE, e.g. B-PER)",
 }
+# one word's tag in BIO notation: outside, or the beginning / inside of an entity of a named type
+BIO_TAG = re.compile(r"^(O|[BI]-[^\s-][^\s]*)$")
 ROLES = {"system", "user", "assistant", "tool"}
 # ShareGPT speakers as Axolotl, LLaMA-Factory and FastChat write them
 SHAREGPT_ROLES = {
@@ -260,6 +265,44 @@ def _unpaired(row: dict, where: str, fmt: str) -> dict:
     return {**sides, "label": label}
 
 
+def _classified(row: dict, where: str, fmt: str, text_field: str) -> dict:
+    """A text and its class: a name (string) or a class id (a non-negative integer)."""
+    text = _string(row, text_field, where, fmt)
+    label = row.get("label")
+    if label is None:
+        raise _missing(row, "label", where, fmt)
+    if isinstance(label, bool) or not isinstance(label, str | int) or (isinstance(label, int) and label < 0):
+        raise _fail(where, fmt, f"field 'label' must be a class name or a class id >= 0, got {label!r}")
+    if isinstance(label, str) and not label.strip():
+        raise _fail(where, fmt, "field 'label' is empty; give the class name")
+    return {"text": text, "label": label}
+
+
+def _bio_tagged(row: dict, where: str, fmt: str) -> dict:
+    """Words and one BIO tag per word; a tag outside the scheme, or a count that differs, is refused."""
+    tokens, tags = row.get("tokens"), row.get("tags")
+    for key, value in (("tokens", tokens), ("tags", tags)):
+        if value is None:
+            raise _missing(row, key, where, fmt)
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise _fail(where, fmt, f"field '{key}' must be a non-empty list of non-empty strings")
+    if len(tokens) != len(tags):
+        raise _fail(
+            where,
+            fmt,
+            f"'tokens' has {len(tokens)} words but 'tags' has {len(tags)} tags; give exactly one tag per word",
+        )
+    for i, tag in enumerate(tags):
+        if not BIO_TAG.match(tag):
+            raise _fail(
+                where,
+                fmt,
+                f"tags[{i}] '{tag}' (for word '{tokens[i]}') is not a BIO tag; write O outside entities, B-TYPE "
+                "on an entity's first word and I-TYPE on the words after it (e.g. B-PER I-PER)",
+            )
+    return {"tokens": tokens, "tags": tags}
+
+
 def _split_implicit_prompt(row: dict, where: str, fmt: str) -> dict:
     """Whole chosen/rejected conversations -> the shared prompt turns and the two final answers."""
     chosen = _messages(row["chosen"], "chosen", where, fmt)
@@ -280,8 +323,8 @@ def normalize_row(
 
     text -> {"text"}; alpaca, sharegpt and messages -> {"messages"} (and "tools" when the row defines them);
     preference -> {"prompt", "chosen", "rejected"}; unpaired_preference -> {"prompt", "completion", "label"};
-    prompt -> {"prompt"}. `columns` first renames the file's columns to the format's fields. Raises UserError
-    naming `where` (file:line), the field and the format.
+    prompt -> {"prompt"}; classification -> {"text", "label"}; bio -> {"tokens", "tags"}. `columns` first renames
+    the file's columns to the format's fields. Raises UserError naming `where` (file:line), the field and the format.
     """
     if not isinstance(row, dict):
         raise UserError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
@@ -308,4 +351,8 @@ def normalize_row(
         return _unpaired(row, where, fmt)
     if fmt == "prompt":
         return {"prompt": _side(row, "prompt", where, fmt)}
+    if fmt == "classification":
+        return _classified(row, where, fmt, text_field)
+    if fmt == "bio":
+        return _bio_tagged(row, where, fmt)
     raise UserError(f"unknown data format '{fmt}'; formats are {sorted(FORMAT_FIELDS)}")

@@ -1,13 +1,13 @@
-"""metrics.jsonl: one JSON object per logged step or evaluation, written by rank 0; and its plot."""
+"""metrics.jsonl: one JSON object per logged step or evaluation, written by rank 0; and its plot.
+
+No transformers import here: the driver reads and writes metrics.jsonl, and importing the Trainer's modules
+(peft, bitsandbytes with them) would add seconds to every `tuneyard` command. The writer is `metrics_callback`.
+"""
 
 from __future__ import annotations
 
 import json
-import math
-import time
 from pathlib import Path
-
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 COMPLETE_MARKER = "tuneyard-complete"
 
@@ -29,55 +29,6 @@ def read_metrics(path: Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
     return records
-
-
-class MetricsCallback(TrainerCallback):
-    """Writes step metrics (loss, lr, grad_norm, tokens/s, samples/s) and eval loss to metrics.jsonl."""
-
-    def __init__(self, path: Path, samples_per_step: int):
-        self.path = Path(path)
-        self.samples_per_step = samples_per_step
-        self._last: tuple[float, int, float] | None = None  # (time, step, tokens seen)
-
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
-        if state.is_world_process_zero:
-            append_metrics(
-                self.path,
-                {"event": "start", "step": state.global_step, "total_steps": state.max_steps, "time": time.time()},
-            )
-        self._last = (time.perf_counter(), state.global_step, float(state.num_input_tokens_seen or 0))
-
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kw) -> None:
-        if not state.is_world_process_zero or not logs or "loss" not in logs:
-            return
-        now, tokens = time.perf_counter(), float(state.num_input_tokens_seen or 0)
-        # the stage's own figures too (DPO reward margins, GRPO rewards, ...), under TRL's names
-        extra = {k: v for k, v in logs.items() if isinstance(v, int | float) and k not in ("learning_rate",)}
-        record = {
-            **extra,
-            "step": state.global_step,
-            "loss": logs["loss"],
-            "lr": logs.get("learning_rate"),
-            "grad_norm": logs.get("grad_norm"),
-            "epoch": state.epoch,
-            "time": time.time(),
-        }
-        if self._last is not None and state.global_step > self._last[1]:
-            elapsed = max(now - self._last[0], 1e-9)
-            record["tokens_per_s"] = (tokens - self._last[2]) / elapsed
-            record["samples_per_s"] = (state.global_step - self._last[1]) * self.samples_per_step / elapsed
-        record = {k: v for k, v in record.items() if v is None or not isinstance(v, float) or math.isfinite(v)}
-        append_metrics(self.path, record)
-        self._last = (now, state.global_step, tokens)
-
-    def on_evaluate(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics=None, **kw
-    ) -> None:
-        if state.is_world_process_zero and metrics and "eval_loss" in metrics:
-            figures = {k: v for k, v in metrics.items() if k.startswith("eval_") and isinstance(v, int | float)}
-            append_metrics(self.path, {**figures, "step": state.global_step, "time": time.time()})
-        # evaluation time is not training time: restart the rate window
-        self._last = (time.perf_counter(), state.global_step, float(state.num_input_tokens_seen or 0))
 
 
 # each stage's own figures, drawn in a panel of their own when any plotted run logged them (eval_ too)

@@ -181,16 +181,20 @@ def load_model(
     tokenizer: PreTrainedTokenizerBase,
     quantization: BitsAndBytesConfig | None = None,
     task: str = "causal-lm",
+    labels: list[str] | None = None,
 ) -> PreTrainedModel:
     """Build (scratch) or load (pretrained, optionally 4-bit) a causal LM, or a one-output sequence
-    classifier (`task="sequence-classification"`, a reward model), with the chosen attention and dtype."""
+    classifier (`task="sequence-classification"`, a reward model), with the chosen attention and dtype.
+
+    With `labels` a sequence or token classifier ("token-classification") gets one output per label, named.
+    """
     from safetensors import SafetensorError
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig
 
     from training.attention import resolve_attn_implementation
 
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    head = {} if task == "causal-lm" else {"num_labels": 1}
+    auto = auto_model_class(task)
+    head = {} if task == "causal-lm" else label_maps(labels)
     attn = resolve_attn_implementation(cfg.attn_implementation, strict=cfg.strict_attention)
     dtype = resolve_dtype(cfg.dtype)
     if cfg.init == "scratch":
@@ -234,6 +238,28 @@ def load_model(
     count = sum(full_numel(p) for p in model.parameters())
     log.info("model: %s parameters, dtype %s, attention %s", f"{count:,}", dtype, attn)
     return model
+
+
+def auto_model_class(task: str) -> type:
+    """The transformers Auto class of a model task: causal-lm, sequence-classification or token-classification."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoModelForTokenClassification
+
+    return {
+        "causal-lm": AutoModelForCausalLM,
+        "sequence-classification": AutoModelForSequenceClassification,
+        "token-classification": AutoModelForTokenClassification,
+    }[task]
+
+
+def label_maps(labels: list[str] | None) -> dict:
+    """A classifier head's config fields: one output per named label (id2label, label2id), or one unnamed output."""
+    if labels is None:
+        return {"num_labels": 1}  # a reward model's score
+    return {
+        "num_labels": len(labels),
+        "id2label": dict(enumerate(labels)),
+        "label2id": {name: i for i, name in enumerate(labels)},
+    }
 
 
 def full_numel(param: torch.nn.Parameter) -> int:

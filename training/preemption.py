@@ -20,8 +20,6 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-
 log = logging.getLogger(__name__)
 
 REQUEST_FILE = "preempt-request"
@@ -75,39 +73,3 @@ def preemption_watch(run_dir: Path) -> Iterator[None]:
             f"preempted: training stopped after step {info['step']} of {info['max_steps']} with a checkpoint in "
             f"{info['checkpoint']}; run the same job again (output.resume: auto) to continue from it"
         )
-
-
-class PreemptionCallback(TrainerCallback):
-    """Checkpoints and stops training on all ranks after the step in which a stop was requested."""
-
-    def __init__(self, run_dir: Path):
-        self.run_dir = Path(run_dir)
-        self.stopped = False
-
-    def _requested_anywhere(self) -> bool:
-        """True when any rank saw the request; every rank must call this at the same step (a collective)."""
-        import torch
-        import torch.distributed as dist
-
-        seen = (self.run_dir / REQUEST_FILE).exists()
-        if not (dist.is_available() and dist.is_initialized()):
-            return seen
-        # the file reaches the ranks' filesystems at different moments: agree, or ranks would part ways
-        device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        flag = torch.tensor([1.0 if seen else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
-        if self.stopped or state.global_step >= state.max_steps or not self._requested_anywhere():
-            return
-        self.stopped = True
-        control.should_save = True
-        control.should_training_stop = True
-        log.warning("preemption requested: saving a checkpoint at step %d and stopping", state.global_step)
-
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
-        if self.stopped and state.is_world_process_zero:
-            checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            record = {"step": state.global_step, "max_steps": state.max_steps, "checkpoint": str(checkpoint)}
-            (self.run_dir / RECORD_FILE).write_text(json.dumps(record))

@@ -10,11 +10,9 @@ import shutil
 import time
 from pathlib import Path
 
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-
 from training.config import OutputConfig
 from training.errors import TrainingFailed, UserError
-from training.faults import hold_rank, pause_in_save
+from training.faults import pause_in_save
 from training.metrics import COMPLETE_MARKER
 
 RUN_FILE = "run.json"
@@ -110,35 +108,6 @@ def retire_old_checkpoints(run_dir: Path, keep_last: int, best: Path | None = No
             shutil.rmtree(folder, ignore_errors=True)
 
 
-class CompleteCheckpointCallback(TrainerCallback):
-    """Marks a checkpoint complete once every rank has written its part, then retires older ones.
-
-    The HF trainer's own rotation (save_total_limit) would delete the previous checkpoint before the
-    new one is marked complete; the trainer is given no limit and this callback rotates instead.
-    """
-
-    def __init__(self, run_dir: Path, keep_last: int, keep_best: bool = False):
-        self.run_dir, self.keep_last, self.keep_best = Path(run_dir), keep_last, keep_best
-
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # each rank writes its own shards and RNG state
-        folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-        if state.is_world_process_zero and folder.is_dir():
-            pause_in_save("written", state.global_step, self.run_dir, rank=0)
-            (folder / COMPLETE_MARKER).write_text(str(state.global_step))
-            pause_in_save("marked", state.global_step, self.run_dir, rank=0)
-            best = Path(state.best_model_checkpoint) if self.keep_best and state.best_model_checkpoint else None
-            if best is not None:  # output.keep_best: the trainer tracks it by args.metric_for_best_model
-                note = {"checkpoint": str(best), "metric": args.metric_for_best_model, "value": state.best_metric}
-                staging = self.run_dir / f"{BEST_FILE}.tmp"
-                staging.write_text(json.dumps(note) + "\n")
-                staging.replace(self.run_dir / BEST_FILE)
-            retire_old_checkpoints(self.run_dir, self.keep_last, best)
-
-
 def note_heartbeat(run_dir: Path, who: str, step: int, phase: str) -> None:
     """Note in RUN_DIR/ranks/`who` that this rank `phase` ("began", "finished") step `step`, and when."""
     folder = Path(run_dir) / HEARTBEATS
@@ -146,23 +115,6 @@ def note_heartbeat(run_dir: Path, who: str, step: int, phase: str) -> None:
     staging = folder / f"{who}.tmp"
     staging.write_text(json.dumps({"step": step, "phase": phase, "time": time.time()}))
     staging.replace(folder / who)
-
-
-class Heartbeat(TrainerCallback):
-    """Each rank notes the step it began and the step it finished, so a timed-out collective can name who lagged.
-
-    Put it last among the callbacks: "finished" then means past every collective of the step.
-    """
-
-    def __init__(self, run_dir: Path, rank: int):
-        self.run_dir, self.rank = Path(run_dir), rank
-
-    def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
-        note_heartbeat(self.run_dir, f"rank-{self.rank}", state.global_step + 1, "began")
-
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
-        note_heartbeat(self.run_dir, f"rank-{self.rank}", state.global_step, "finished")
-        hold_rank(state.global_step, self.rank)
 
 
 def clear_heartbeats(run_dir: Path) -> None:

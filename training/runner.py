@@ -17,8 +17,16 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from training.callbacks import (
+    CompleteCheckpointCallback,
+    Heartbeat,
+    MetricsCallback,
+    PreemptionCallback,
+    TrackingCallback,
+    close_trackers,
+)
 from training.chat_templates import stop_at_end_of_turn
-from training.config import ADAPTER_METHODS, DataConfig, ModelConfig, OutputConfig, TrainingConfig, TrainSpec
+from training.config import ADAPTER_METHODS, ModelConfig, TrainingConfig, TrainSpec
 from training.deepspeed_config import build_deepspeed_config, zero_stage
 from training.errors import UserError
 from training.faults import apply_faults
@@ -31,15 +39,11 @@ from training.finetune_method import (
     quantization_config,
     zero3_shares,
 )
-from training.metrics import MetricsCallback
 from training.model import load_model, load_tokenizer, resolve_dtype
 from training.nonfinite import NonFiniteGuard, SkipsNonFiniteSteps
 from training.packing import PackedRowsCollator
-from training.preemption import PreemptionCallback
 from training.run_dir import (
-    CompleteCheckpointCallback,
     DiskFull,
-    Heartbeat,
     ReportsFullDisk,
     disk_full_message,
     out_of_space,
@@ -48,16 +52,11 @@ from training.run_dir import (
     resume_checkpoint,
     set_status,
 )
-from training.tokenize import prepare_datasets
-from training.tracking import TrackingCallback, apply_tracker_env, close_trackers
+from training.tokenize import default_cache_dir, prepare_datasets
+from training.tracking import apply_tracker_env
 
 log = logging.getLogger(__name__)
 DEEPSPEED_STATUS = "building the DeepSpeed engine (the first run on a machine also compiles DeepSpeed's CPU comm op)"
-
-
-def default_cache_dir(data: DataConfig, output: OutputConfig) -> Path:
-    """Tokenised data lives beside the run directories, so sibling jobs share it."""
-    return Path(data.cache_dir) if data.cache_dir else Path(output.dir).resolve().parent / ".tokenized"
 
 
 def _precision_flags(training: TrainingConfig) -> dict:

@@ -16,7 +16,7 @@ from pathlib import Path
 import datasets
 from transformers import PreTrainedTokenizerBase
 
-from training.config import DataConfig
+from training.config import DataConfig, OutputConfig
 from training.data import read_splits, source_fingerprint
 from training.errors import UserError
 from training.packing import IGNORE_INDEX, labels_from_spans, pack_into_blocks
@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 CHAT_FORMATS = ("messages", "alpaca", "sharegpt")
 GENERATION_MARK = re.compile(r"{%-?\s*generation\s*-?%}")
 CACHE_VERSION = "2"  # bump when the tokenised layout changes, so stale caches are not reused
+
+
+def default_cache_dir(data: DataConfig, output: OutputConfig) -> Path:
+    """Tokenised data lives beside the run directories, so sibling jobs share it."""
+    return Path(data.cache_dir) if data.cache_dir else Path(output.dir).resolve().parent / ".tokenized"
 
 
 def _assistant_spans(

@@ -19,13 +19,16 @@ import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import yaml
-from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from training.config import TrainingConfig
 from training.errors import UserError
+
+if TYPE_CHECKING:
+    from transformers import TrainerCallback
 
 log = logging.getLogger(__name__)
 
@@ -166,6 +169,8 @@ class Trackers:
                 raise UserError(missing_tracker_message(tracker, missing))
             else:
                 self.names.append(tracker)
+        from transformers import TrainerControl, TrainerState  # here: the driver imports this module too
+
         self.callbacks: list[TrainerCallback] = []
         self.args: JobArguments | None = None
         self.state = TrainerState(is_world_process_zero=True, is_local_process_zero=True)
@@ -285,82 +290,3 @@ def in_ray_train_worker() -> bool:
     except RuntimeError:  # "cannot be used outside of a Ray Train training function"
         return False
     return True
-
-
-class TrackingCallback(TrainerCallback):
-    """Rank 0 feeds its new metrics.jsonl records to the trackers; under Ray Train every rank reports to Ray.
-
-    Ray Train V2's report() hands its result to a queue of one that the controller empties every 2 s
-    (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so reporting at every logging step made a 0.1-s step wait ~2 s.
-    Reports go at evaluations, checkpoint saves and the end of training instead, which every rank sees
-    alike (report() is also a barrier that every rank must reach equally often); rank 0 carries the
-    latest figure of each key since its last report (Ray keeps rank 0's).
-    """
-
-    def __init__(self, report_to: list[str], run_dir: Path, rank: int):
-        self.rank = rank
-        self.trackers = Trackers(report_to, run_dir) if rank == 0 else None
-        self.tail = MetricsTail(Path(run_dir) / "metrics.jsonl")
-        self.ray_train = in_ray_train_worker()
-        self.unreported: dict = {}
-        self.reported_step: int | None = None
-
-    def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
-        if self.trackers is not None and not self.trackers.callbacks:
-            self.trackers.start()
-
-    def _forward(self) -> None:
-        """Hand rank 0's new records to the trackers and keep their figures for the next Ray report."""
-        records = self.tail.new_records() if self.rank == 0 else []
-        for record in records:
-            if self.trackers is not None:
-                self.trackers.log(record)
-            if "event" not in record and "step" in record:
-                self.unreported.update({"step": record["step"], **tracker_figures(record)})
-
-    def _report_to_ray(self, step: int, again_at_same_step: bool = False) -> None:
-        # the decision uses only what every rank sees alike (the step), never rank 0's figures
-        if not self.ray_train or (self.reported_step == step and not again_at_same_step):
-            return
-        import ray.train
-
-        ray.train.report(self.unreported)
-        self.unreported = {}
-        self.reported_step = step
-
-    def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kw) -> None:
-        if logs and "loss" in logs:
-            self._forward()
-
-    def on_evaluate(
-        self, args: TrainingArguments, state: TrainerState, control: TrainerControl, metrics=None, **kw
-    ) -> None:
-        if metrics and "eval_loss" in metrics:
-            self._forward()
-            # an evaluation after training ends comes at the step on_train_end reported: its figures still go
-            self._report_to_ray(state.global_step, again_at_same_step=True)
-
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
-        self._report_to_ray(state.global_step)
-
-    def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
-        self._forward()
-        self._report_to_ray(state.global_step)
-
-    def close(self, failed: bool = False) -> None:
-        """Close the trackers' runs: after the last evaluation, which may come after training ends."""
-        if self.trackers is not None:
-            self.trackers.finish(failed)
-
-
-def close_trackers(trainer, failed: bool = False) -> None:
-    """Close the runs of the trainer's TrackingCallback, if it has one; `failed` marks them so.
-
-    A tracker that cannot close is logged, never raised: on a failed run it would hide the real error.
-    """
-    for callback in trainer.callback_handler.callbacks:
-        if isinstance(callback, TrackingCallback):
-            try:
-                callback.close(failed)
-            except Exception as exc:  # a tracker's own failure must not mask the run's
-                log.warning("closing the experiment trackers failed: %s", exc)
