@@ -11,7 +11,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cluster.config import ClusterConfig
-from rlhf.config import DpoSection, GrpoSection, KtoSection, PpoSection, PreferenceSpec, RewardSection
+from rlhf.config import (
+    DistillSection,
+    DpoSection,
+    GrpoSection,
+    KtoSection,
+    PpoSection,
+    PreferenceSpec,
+    RewardSection,
+    RlooSection,
+)
 from training.classify_data import TASK_HEAD_STAGES as TASK_HEADS
 from training.classify_data import task_head_problem
 from training.config import (
@@ -26,11 +35,20 @@ from training.config import (
 )
 from training.errors import UserError
 
-Stage = Literal["pretrain", "sft", "reward", "dpo", "kto", "grpo", "ppo", "classify", "token-classify"]
-PREFERENCE_STAGES = ("reward", "dpo", "kto", "grpo")
+Stage = Literal[
+    "pretrain", "sft", "reward", "dpo", "kto", "grpo", "rloo", "ppo", "distill", "classify", "token-classify"
+]
+PREFERENCE_STAGES = ("reward", "dpo", "kto", "grpo", "rloo", "distill")
 # the sections only some stages read; a job's identity leaves out those its stage does not read
-STAGE_SECTIONS = {"dpo": ("dpo",), "kto": ("kto",), "grpo": ("grpo", "reward"), "ppo": ("ppo", "reward")}
-OPTIONAL_SECTIONS = ("dpo", "kto", "grpo", "ppo", "reward")
+STAGE_SECTIONS = {
+    "dpo": ("dpo",),
+    "kto": ("kto",),
+    "grpo": ("grpo", "reward"),
+    "rloo": ("rloo", "reward"),
+    "ppo": ("ppo", "reward"),
+    "distill": ("distill",),
+}
+OPTIONAL_SECTIONS = ("dpo", "kto", "grpo", "rloo", "ppo", "reward", "distill")
 
 
 class JobConfig(BaseModel):
@@ -49,8 +67,10 @@ class JobConfig(BaseModel):
     dpo: DpoSection = Field(default_factory=DpoSection)
     kto: KtoSection = Field(default_factory=KtoSection)
     grpo: GrpoSection = Field(default_factory=GrpoSection)
+    rloo: RlooSection = Field(default_factory=RlooSection)
     ppo: PpoSection = Field(default_factory=PpoSection)
     reward: RewardSection = Field(default_factory=RewardSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
 
     @model_validator(mode="after")
     def _sections_agree(self) -> JobConfig:
@@ -59,13 +79,14 @@ class JobConfig(BaseModel):
         problem = task_head_problem(self.stage, self.data.format, self.peft.method)
         if problem:
             raise ValueError(problem)
-        heads_too = self.peft.method in ("adalora", "ia3")  # PEFT has them for SEQ_CLS and TOKEN_CLS too
+        # PEFT has these for SEQ_CLS too, and all but prompt learning for TOKEN_CLS (task_head_problem says why)
+        heads_too = self.peft.method in ("adalora", "ia3", "prefix_tuning")
         adapter_stages = ("pretrain", "sft", *(TASK_HEADS if heads_too else ()))
         if self.peft.method in ("adalora", "ia3", *PROMPT_METHODS) and self.stage not in adapter_stages:
+            also = "classify" if self.peft.method == "prefix_tuning" else "classify and token-classify"
             raise ValueError(
                 f"peft.method {self.peft.method} trains in stages pretrain and sft; for stage {self.stage} use "
-                "peft.method lora or qlora"
-                + (" (it also trains in stages classify and token-classify)" if heads_too else "")
+                "peft.method lora or qlora" + (f" (it also trains in stages {also})" if heads_too else "")
             )
         if self.peft.method in PROMPT_METHODS:
             prompt_methods_fit(self)
@@ -80,6 +101,11 @@ class JobConfig(BaseModel):
                 "peft.method qlora under ZeRO-3 (a 4-bit base sharded across ranks) runs in the stages on a Hugging "
                 "Face trainer; PPO's policy gathers its whole weights to generate, which 4-bit storage does not "
                 "support: use ppo.roles.policy.zero_stage 0-2 with qlora, or peft.method lora with ZeRO-3"
+            )
+        if self.stage == "distill" and not self.distill.teacher:
+            raise ValueError(
+                "stage distill needs a teacher: set distill.teacher to the teacher's model folder (e.g. "
+                "runs/sft-tiny/final) or a hub id; it must share the student's tokenizer"
             )
         if self.data.streaming and (self.stage != "pretrain" or self.data.format != "text"):
             raise ValueError(
@@ -105,8 +131,10 @@ class JobConfig(BaseModel):
         return spec if use_deepspeed else spec.model_copy(update={"deepspeed": None})
 
     def preference_spec(self) -> PreferenceSpec:
-        """The dpo, kto, grpo and reward sections, for the preference stages' workers."""
-        return PreferenceSpec(dpo=self.dpo, kto=self.kto, grpo=self.grpo, reward=self.reward)
+        """The dpo, kto, grpo, rloo, reward and distill sections, for the preference stages' workers."""
+        return PreferenceSpec(
+            dpo=self.dpo, kto=self.kto, grpo=self.grpo, rloo=self.rloo, reward=self.reward, distill=self.distill
+        )
 
 
 def prompt_methods_fit(job: JobConfig) -> None:
@@ -307,6 +335,7 @@ def resolve_paths(job: JobConfig) -> JobConfig:
     job.deepspeed.config = _absolute(job.deepspeed.config)
     job.output.dir = _absolute(job.output.dir)
     job.reward.model = _absolute(job.reward.model, must_exist_to_count=True)
+    job.distill.teacher = _absolute(job.distill.teacher, must_exist_to_count=True)
     if job.output.resume not in ("auto", "never"):
         job.output.resume = _absolute(job.output.resume)
     return job

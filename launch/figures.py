@@ -75,14 +75,26 @@ def stage_figures(job: JobConfig, model_path: str | None) -> dict[str, float]:
         from rlhf.evaluate import feedback_figures
 
         return feedback_figures(_load(job, model_path, "causal-lm"), tokenizer, rows)
-    if job.stage in ("grpo", "ppo") and job.reward.functions:
+    if job.stage in ("grpo", "rloo", "ppo") and job.reward.functions:
         from rlhf.evaluate import reward_of_greedy_answers
         from rlhf.rewards import lookup
 
         functions = [(lookup(f.name), f.weight) for f in job.reward.functions]
         model = _load(job, model_path, "causal-lm")
-        length = job.grpo.max_completion_length if job.stage == "grpo" else job.ppo.generation.max_new_tokens
+        length = {
+            "grpo": job.grpo.max_completion_length,
+            "rloo": job.rloo.max_completion_length,
+            "ppo": job.ppo.generation.max_new_tokens,
+        }[job.stage]
         return {"greedy reward": reward_of_greedy_answers(model, tokenizer, rows, functions, length)}
+    if job.stage == "distill" and job.distill.teacher:
+        from transformers import AutoModelForCausalLM
+
+        from rlhf.evaluate import teacher_kl
+
+        teacher = AutoModelForCausalLM.from_pretrained(job.distill.teacher)
+        student = _load(job, model_path, "causal-lm")
+        return {"KL to teacher": teacher_kl(student, teacher, tokenizer, rows, job.distill.max_completion_length)}
     return {}
 
 
@@ -90,7 +102,13 @@ def too_big_for_the_driver(job: JobConfig, vocab_size: int) -> bool:
     """Whether the model is too big to score on the driver's CPU (counted on the meta device); says so if it is."""
     from training.disk import parameter_count
 
-    count = parameter_count(job.train_spec(), vocab_size)
+    spec = job.train_spec()
+    count = parameter_count(spec, vocab_size)
+    if job.stage == "distill" and job.distill.teacher:  # the teacher is scored beside the student
+        teacher = spec.model.model_copy(
+            update={"init": "pretrained", "name_or_path": job.distill.teacher, "architecture": None}
+        )
+        count += parameter_count(spec.model_copy(update={"model": teacher}), vocab_size)
     if count <= DRIVER_FIGURES_MAX_PARAMS:
         return False
     log.warning(

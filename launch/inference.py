@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from training.errors import UserError
 
-GENERATING_STAGES = ("pretrain", "sft", "dpo", "kto", "grpo", "ppo")
+GENERATING_STAGES = ("pretrain", "sft", "dpo", "kto", "grpo", "rloo", "ppo", "distill")
 
 
 def checked_run(run_dir: Path) -> dict:

@@ -173,7 +173,12 @@ def plan_job(job: JobConfig, hardware: Hardware, shapes: Shapes | None = None) -
     classifier = job.stage == "reward"
     shape = shapes.of(job.model, task="sequence-classification" if classifier else "causal-lm")
     pairs = 2 if job.stage in ("reward", "dpo") else 1  # chosen and rejected run in one batch
-    seq = job.data.max_length + (job.grpo.max_completion_length if job.stage == "grpo" else 0)
+    completion = {
+        "grpo": job.grpo.max_completion_length,
+        "rloo": job.rloo.max_completion_length,
+        "distill": job.distill.max_completion_length,
+    }
+    seq = job.data.max_length + completion.get(job.stage, 0)  # the sampling stages append their completions
     if job.peft.method == "prompt_tuning":
         seq += job.peft.num_virtual_tokens  # its virtual tokens go through every layer with the row
     setup = Setup(
@@ -188,7 +193,7 @@ def plan_job(job: JobConfig, hardware: Hardware, shapes: Shapes | None = None) -
         seq=seq,
         gradient_checkpointing=job.training.gradient_checkpointing,
         eager_attention=job.model.attn_implementation == "eager",
-        generation_batch=job.training.batch_size if job.stage == "grpo" else 0,
+        generation_batch=job.training.batch_size if job.stage in completion else 0,
     )
     parts = [("rank", rank_memory(shape, setup))]
     adapter = job.peft.method in ADAPTER_METHODS  # the reference is the base with the adapter off: no copy
@@ -196,11 +201,19 @@ def plan_job(job: JobConfig, hardware: Hardware, shapes: Shapes | None = None) -
         (job.stage == "dpo" and not job.dpo.precompute_ref_log_probs)
         or (job.stage == "kto" and not job.kto.precompute_ref_log_probs)
         or (job.stage == "grpo" and job.grpo.beta > 0)
+        or (job.stage == "rloo" and job.rloo.beta > 0)
     )
     if reference and not adapter:
         frozen = setup.changed(trains=False, peft=PeftSection())
         parts.append(("reference", frozen_part(rank_memory(shape, frozen))))
-    if job.stage == "grpo" and job.reward.model:
+    if job.stage == "distill" and job.distill.teacher:  # frozen beside the student, sharded like a reference
+        teacher = job.model.model_copy(
+            update={"init": "pretrained", "name_or_path": job.distill.teacher, "architecture": None}
+        )
+        teacher_shape = shapes.of(teacher, job.distill.teacher)  # the teacher's own config, not the student's
+        frozen = setup.changed(trains=False, peft=PeftSection(), generation_batch=0)
+        parts.append(("teacher", frozen_part(rank_memory(teacher_shape, frozen))))
+    if job.stage in ("grpo", "rloo") and job.reward.model:
         reward_shape = shapes.of(job.model, job.reward.model, "sequence-classification")
         frozen = setup.changed(trains=False, peft=PeftSection(), generation_batch=0)
         parts.append(("reward", frozen_part(rank_memory(reward_shape, frozen))))

@@ -16,7 +16,13 @@ from launch.config import JobConfig
 from training.config import TrainSpec
 from training.errors import UserError
 
-TOKENISED_STAGES = ("pretrain", "sft")  # the others hand raw rows to TRL, which tokenises in its trainer
+TOKENISED_STAGES = ("pretrain", "sft")  # the others tokenise their rows on the workers, each for a reason below
+# why a stage has nothing to prepare ahead of its run
+TOKENISED_ON_THE_WORKERS = {
+    "classify": "its labelled rows are small and every worker tokenises them in seconds",
+    "token-classify": "its labelled rows are small and every worker tokenises them in seconds",
+    "ppo": "its controller tokenises the prompts it samples from",
+}
 
 
 @dataclass
@@ -83,9 +89,10 @@ def ray_task_runner(spec: TrainSpec, workers: int):
 def prepare_data(job: JobConfig, on_ray: bool = False, report: Callable[[str], None] | None = None) -> PreparedData:
     """Build the job's tokenised-data cache (a no-op when it is warm); a streamed corpus by Ray tasks if `on_ray`."""
     if job.stage not in TOKENISED_STAGES:
+        reason = TOKENISED_ON_THE_WORKERS.get(job.stage, "TRL tokenises its rows inside its trainer")
         raise UserError(
-            f"stage {job.stage}: TRL tokenises this stage's rows inside its trainer, so there is nothing to "
-            f"prepare ahead; `tuneyard prepare` applies to stages {' and '.join(TOKENISED_STAGES)}"
+            f"stage {job.stage}: {reason}, so there is nothing to prepare ahead; `tuneyard prepare` applies to "
+            f"stages {' and '.join(TOKENISED_STAGES)}"
         )
     from training.model import load_tokenizer
     from training.tokenize import default_cache_dir, prepare_datasets, prepared_folder

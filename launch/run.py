@@ -108,14 +108,13 @@ def preflight(job: JobConfig) -> None:
     check_chat_template(job, tokenizer)
     if job.stage in PREFERENCE_STAGES:
         from rlhf.data import rlhf_datasets
-        from rlhf.rewards import lookup
-        from rlhf.stages import check_reward_model
+        from rlhf.stages import RL_STAGES, check_teacher, reward_functions
 
         rlhf_datasets(job.stage, job.data, tokenizer, job.training.seed)  # format, fields, pairs, empty data
-        for function in job.reward.functions if job.stage == "grpo" else []:
-            lookup(function.name)
-        if job.stage == "grpo" and job.reward.model:
-            check_reward_model(job.reward.model, allow_pickle=job.model.allow_pickle)
+        if job.stage in RL_STAGES:  # named functions registered, the reward model a one-output classifier
+            reward_functions(job.stage, job.preference_spec(), allow_pickle=job.model.allow_pickle)
+        if job.stage == "distill" and job.distill.teacher:  # a model folder of the student's vocabulary
+            check_teacher(job.distill.teacher, tokenizer, allow_pickle=job.model.allow_pickle)
         return
     if job.stage in TASK_HEAD_STAGES:  # fields, BIO tags, label sets, each refused at its file:line
         from training.classify_data import task_datasets
@@ -166,11 +165,11 @@ def check_training_options(job: JobConfig) -> None:
             f"training.early_stopping.metric ({watched[0][1]}) and output.keep_best ({watched[1][1]}) differ; the "
             "trainer tracks one best metric: give both the same"
         )
-    has_eval = (bool(job.data.eval) or job.data.eval_fraction > 0) and job.stage != "grpo"
+    has_eval = (bool(job.data.eval) or job.data.eval_fraction > 0) and job.stage not in ("grpo", "rloo")
     if not has_eval or not training.eval_steps:
         raise UserError(
-            f"{key} reads evaluations: give held-out data (data.eval or data.eval_fraction; grpo has none) and "
-            "training.eval_steps"
+            f"{key} reads evaluations: give held-out data (data.eval or data.eval_fraction; grpo and rloo have "
+            "none) and training.eval_steps"
         )
     if output.keep_best and (not output.save_steps or output.save_steps % training.eval_steps):
         raise UserError(

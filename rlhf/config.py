@@ -1,4 +1,5 @@
-"""The job sections of the preference and RL stages: `dpo`, `kto`, `grpo`, `ppo` and `reward`."""
+"""The job sections of the preference, RL and distillation stages: `dpo`, `kto`, `grpo`, `rloo`, `ppo`, `reward`
+and `distill`."""
 
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ class RewardFunction(BaseModel):
 
 
 class RewardSection(BaseModel):
-    """Where GRPO's rewards come from: a reward-model folder, and/or weighted named functions."""
+    """Where GRPO's and RLOO's rewards come from: a reward-model folder, and/or weighted named functions."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -85,15 +86,46 @@ class GrpoSection(BaseModel):
     epsilon: float = Field(default=0.2, gt=0, description="clipping range")
 
 
+class RlooSection(BaseModel):
+    """REINFORCE leave-one-out: k samples per prompt, each baselined by the mean reward of the other k-1 (TRL's
+    defaults, but a short completion as in `grpo`: the shipped tasks answer in a word)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_generations: int = Field(default=2, ge=2, description="k: samples per prompt (the baseline is the others')")
+    max_completion_length: int = Field(default=16, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    beta: float = Field(default=0.05, ge=0, description="KL weight against the reference; 0 loads no reference")
+    epsilon: float = Field(default=0.2, gt=0, description="clipping range")
+    num_iterations: int = Field(default=1, ge=1, description="updates per generated batch")
+    normalize_advantages: bool = Field(default=False, description="scale each generation batch's advantages to std 1")
+
+
+class DistillSection(BaseModel):
+    """On-policy distillation (TRL's DistillationTrainer, GKD with lmbda 1): the student samples completions of the
+    prompts and learns the teacher's next-token distribution on them under a generalised Jensen-Shannon divergence."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    teacher: str | None = Field(default=None, description="the teacher: a local model folder or a hub id")
+    beta: float = Field(default=1.0, ge=0, le=1, description="0: forward KL, 0.5: JSD, 1: reverse KL (TRL's default)")
+    temperature: float = Field(default=1.0, gt=0, description="for the student's sampling and both distributions")
+    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_completion_length: int = Field(default=16, ge=1, description="tokens the student samples per prompt")
+
+
 class PreferenceSpec(BaseModel):
-    """The preference sections a reward/dpo/kto/grpo worker needs besides the training spec."""
+    """The sections a reward/dpo/kto/grpo/rloo/distill worker needs besides the training spec."""
 
     model_config = ConfigDict(extra="forbid")
 
     dpo: DpoSection = Field(default_factory=DpoSection)
     kto: KtoSection = Field(default_factory=KtoSection)
     grpo: GrpoSection = Field(default_factory=GrpoSection)
+    rloo: RlooSection = Field(default_factory=RlooSection)
     reward: RewardSection = Field(default_factory=RewardSection)
+    distill: DistillSection = Field(default_factory=DistillSection)
 
 
 class KlSection(BaseModel):

@@ -17,7 +17,11 @@ NEEDS = {
     "dpo": ("preference",),
     "kto": ("unpaired_preference", "preference"),
     "grpo": ("prompt", "preference"),
+    "rloo": ("prompt", "preference"),
+    "distill": ("prompt", "messages"),
 }
+# the stages whose trainer samples its own completions: they read only a prompt from each row
+PROMPT_ONLY = ("grpo", "rloo", "distill")
 
 
 def as_messages(value: str | list[dict], role: str) -> list[dict]:
@@ -44,11 +48,20 @@ def unpair(rows: list[dict]) -> list[dict]:
     return out
 
 
+def prompt_of(row: dict) -> str | list[dict]:
+    """A row's prompt: its `prompt`, or a `messages` row's turns before its last assistant turn."""
+    if "prompt" in row:
+        return row["prompt"]
+    messages = row["messages"]
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=len(messages))
+    return messages[:last]
+
+
 def to_trl_rows(stage: str, rows: list[dict], conversational: bool) -> list[dict]:
     """Rows in the shape TRL expects for the stage: prompt/chosen/rejected, prompt/completion/label, or prompt."""
     convert = (lambda v, role: as_messages(v, role)) if conversational else (lambda v, role: as_text(v))
-    if stage == "grpo":
-        return [{"prompt": convert(row["prompt"], "user")} for row in rows]
+    if stage in PROMPT_ONLY:
+        return [{"prompt": convert(prompt_of(row), "user")} for row in rows]
     if stage == "kto":
         return [
             {
@@ -69,7 +82,7 @@ def to_trl_rows(stage: str, rows: list[dict], conversational: bool) -> list[dict
 
 
 def rlhf_datasets(stage: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> dict:
-    """Train (and eval) datasets of a reward, dpo, kto or grpo job, read and validated from data.train/eval."""
+    """Train (and eval) datasets of a reward, dpo, kto, grpo, rloo or distill job, read and validated from data."""
     if cfg.format not in NEEDS[stage]:
         raise UserError(f"stage {stage} reads data.format {' or '.join(NEEDS[stage])}, not '{cfg.format}'")
     train, held = read_splits(cfg, seed)

@@ -95,3 +95,48 @@ def reward_model_figures(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
         wins += scores[0] > scores[1]
         margins.append(scores[0] - scores[1])
     return {"pair accuracy": wins / len(rows), "score margin": sum(margins) / len(margins)}
+
+
+def _answer_ids(tokenizer: PreTrainedTokenizerBase, prompt: list[dict], answer: str) -> tuple[torch.Tensor, int]:
+    """The ids of prompt plus answer (chat-rendered when the tokenizer has a template), and the prompt's length."""
+    if tokenizer.chat_template:
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=False)
+    else:
+        prompt_text = "\n".join(m["content"] for m in prompt)
+        full_text = prompt_text + answer
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    return torch.tensor([tokenizer(full_text, add_special_tokens=False)["input_ids"]]), len(prompt_ids)
+
+
+@torch.no_grad()
+def teacher_kl(
+    student: PreTrainedModel,
+    teacher: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: list[dict],
+    max_new_tokens: int = 16,
+) -> float:
+    """Mean per-token KL(teacher || student) over the answers to the rows' prompts, in nats.
+
+    The answer is a `messages` row's last assistant turn, or for a prompt-only row the teacher's greedy answer: a
+    fixed text, so the figures of the starting student and of final/ are measured on the same tokens.
+    """
+    from rlhf.data import prompt_of
+
+    student.eval()
+    teacher.eval()
+    total, tokens = 0.0, 0
+    for row in rows:
+        prompt = as_messages(prompt_of(row), "user")
+        if "messages" in row:
+            answer = row["messages"][len(prompt)]["content"]
+        else:
+            answer = greedy_answer(teacher, tokenizer, prompt, max_new_tokens)
+        ids, start = _answer_ids(tokenizer, prompt, answer)
+        # the positions that predict the answer's tokens (and the turn's end marker the template adds)
+        teacher_logps = torch.log_softmax(teacher(ids).logits[0, start - 1 : -1].float(), dim=-1)
+        student_logps = torch.log_softmax(student(ids).logits[0, start - 1 : -1].float(), dim=-1)
+        total += float((teacher_logps.exp() * (teacher_logps - student_logps)).sum())
+        tokens += teacher_logps.shape[0]
+    return total / max(tokens, 1)

@@ -1,6 +1,7 @@
-"""The preference stages as recipes for one SPMD worker: reward model, DPO, KTO and GRPO through TRL.
+"""The preference stages as recipes for one SPMD worker: reward model, DPO, KTO, GRPO, RLOO and distillation
+through TRL.
 
-Each reads top to bottom like `training.runner.run_training`: data, model (and reference or reward
+Each reads top to bottom like `training.runner.run_training`: data, model (and reference, reward or teacher
 models), the TRL config built on the shared trainer arguments, the trainer, then the shared
 train-and-publish step. `ray_train_worker` is the Ray Train entry point.
 """
@@ -45,6 +46,8 @@ from training.runner import (
 log = logging.getLogger(__name__)
 # the stages that train against a frozen reference: the starting policy, or the base with the adapter disabled
 REFERENCE_STAGES = ("dpo", "kto")
+# the online RL stages: the policy samples completions of the prompts and reward functions or a model score them
+RL_STAGES = ("grpo", "rloo")
 
 
 def check_reward_model(path: str, allow_pickle: bool | None = None) -> None:
@@ -66,6 +69,51 @@ def check_reward_model(path: str, allow_pickle: bool | None = None) -> None:
         raise UserError(
             f"reward.model: '{path}' is not a reward model (architectures {architectures}, "
             f"num_labels {config.num_labels}); give the final/ folder of a `stage: reward` run"
+        )
+
+
+def reward_functions(stage: str, pref: PreferenceSpec, allow_pickle: bool | None = None) -> list:
+    """GRPO's or RLOO's rewards: the named functions, then the reward-model folder (TRL loads it)."""
+    if not pref.reward.functions and not pref.reward.model:
+        raise UserError(f"stage {stage} needs rewards: set reward.functions (named functions) and/or reward.model")
+    functions: list = [lookup(f.name) for f in pref.reward.functions]
+    if pref.reward.model:
+        check_reward_model(pref.reward.model, allow_pickle=allow_pickle)
+        functions.append(pref.reward.model)  # TRL loads it as a sequence-classification model
+    return functions
+
+
+def check_teacher(teacher: str, tokenizer: PreTrainedTokenizerBase, allow_pickle: bool | None = None) -> None:
+    """Refuse a teacher that is not a model folder (or hub id), or whose vocabulary differs from the student's."""
+    from transformers import AutoTokenizer
+
+    check_model_source(teacher, "distill.teacher", allow_pickle=allow_pickle)
+    try:
+        teacher_vocab = AutoTokenizer.from_pretrained(teacher).get_vocab()
+    except (OSError, ValueError, TypeError) as exc:  # no tokenizer files: compare the vocabulary sizes below
+        log.info("distill.teacher: no tokenizer in '%s' (%s); comparing vocabulary sizes only", teacher, exc)
+        return
+    student_vocab = tokenizer.get_vocab()
+    if teacher_vocab != student_vocab:
+        differing = sorted(set(teacher_vocab.items()) ^ set(student_vocab.items()))
+        example = ", ".join(repr(token) for token, _ in differing[:3])
+        raise UserError(
+            f"distill.teacher: the tokenizer of '{teacher}' differs from the student's ({len(teacher_vocab)} vs "
+            f"{len(student_vocab)} tokens, {len(differing)} token-id pairs differ, e.g. {example}). Distillation "
+            "(TRL's DistillationTrainer) matches the teacher's next-token distribution id by id, so both models must "
+            "share one vocabulary: give a student with the teacher's tokenizer (model.tokenizer: the teacher's "
+            "folder for a scratch student), or a teacher from the student's family; cross-tokenizer distillation "
+            "is not supported"
+        )
+
+
+def _check_vocab_sizes(student: PreTrainedModel, teacher: PreTrainedModel, where: str) -> None:
+    """The two output layers must score the same token ids (TRL checks this too, with a bare ValueError)."""
+    sizes = (student.config.get_text_config().vocab_size, teacher.config.get_text_config().vocab_size)
+    if sizes[0] != sizes[1]:
+        raise UserError(
+            f"distill.teacher: '{where}' scores {sizes[1]} token ids and the student {sizes[0]}; distillation "
+            "compares the two next-token distributions id by id, so give a teacher and student of one vocabulary"
         )
 
 
@@ -102,11 +150,39 @@ def _stage_config(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, has_eval
             precompute_ref_log_probs=kto.precompute_ref_log_probs,
             max_length=spec.data.max_length,
         )
+    if spec.stage == "distill":
+        from trl import DistillationConfig
+
+        distill = pref.distill
+        common["include_num_input_tokens_seen"] = "no"  # the batches are prompts; the student samples the rest
+        return DistillationConfig(
+            **common,
+            beta=distill.beta,
+            temperature=distill.temperature,
+            top_p=distill.top_p,
+            max_completion_length=distill.max_completion_length,
+        )
+    weights = [f.weight for f in pref.reward.functions] + ([pref.reward.model_weight] if pref.reward.model else [])
+    common["include_num_input_tokens_seen"] = "no"  # the batches are prompts; tokens are counted by TRL
+    if spec.stage == "rloo":
+        from trl import RLOOConfig
+
+        rloo = pref.rloo
+        return RLOOConfig(
+            **common,
+            num_generations=rloo.num_generations,
+            max_completion_length=rloo.max_completion_length,
+            temperature=rloo.temperature,
+            top_p=rloo.top_p,
+            beta=rloo.beta,
+            epsilon=rloo.epsilon,
+            num_iterations=rloo.num_iterations,
+            normalize_advantages=rloo.normalize_advantages,
+            reward_weights=weights,
+        )
     from trl import GRPOConfig
 
     grpo = pref.grpo
-    weights = [f.weight for f in pref.reward.functions] + ([pref.reward.model_weight] if pref.reward.model else [])
-    common["include_num_input_tokens_seen"] = "no"  # GRPO batches are prompts; tokens are counted by TRL
     return GRPOConfig(
         **common,
         num_generations=grpo.num_generations,
@@ -150,29 +226,31 @@ def on_shared_disk(splits: dict, run_dir: Path, rank: int) -> dict:
 
 
 def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, rank: int) -> dict:
-    """Train one worker's share of a reward, dpo, kto or grpo job and, with the other ranks, write `final/`."""
+    """Train one worker's share of a reward, dpo, kto, grpo, rloo or distill job and, with the other ranks, write
+    `final/`."""
     training, peft = spec.training, spec.peft
     set_seed(training.seed)
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if distributed else 1
     tokenizer = load_tokenizer(spec.model, spec.data.chat_template)
-    has_eval = (bool(spec.data.eval) or spec.data.eval_fraction > 0) and spec.stage != "grpo"
+    # RL stages score their held-out prompts on the driver (greedy reward), not in a trainer's evaluation
+    has_eval = (bool(spec.data.eval) or spec.data.eval_fraction > 0) and spec.stage not in RL_STAGES
     splits = rlhf_datasets(spec.stage, spec.data, tokenizer, training.seed)  # TRL tokenises them
     if distributed and world > 1 and _precomputes_reference(spec, pref):
         splits = on_shared_disk(splits, run_dir, rank)
     task = "sequence-classification" if spec.stage == "reward" else "causal-lm"
-    if spec.stage == "grpo":
-        if not pref.reward.functions and not pref.reward.model:
-            raise UserError("stage grpo needs rewards: set reward.functions (named functions) and/or reward.model")
-        reward_funcs = [lookup(f.name) for f in pref.reward.functions]
-        if pref.reward.model:
-            check_reward_model(pref.reward.model, allow_pickle=spec.model.allow_pickle)
-            reward_funcs.append(pref.reward.model)  # TRL loads it as a sequence-classification model
+    if spec.stage in RL_STAGES:
+        reward_funcs = reward_functions(spec.stage, pref, allow_pickle=spec.model.allow_pickle)
+    if spec.stage == "distill":
+        assert pref.distill.teacher is not None  # JobConfig requires it
+        check_teacher(pref.distill.teacher, tokenizer, allow_pickle=spec.model.allow_pickle)
 
     model_cfg = spec.model
     if rank == 0:
         set_status(run_dir, "loading the model")
-    if model_cfg.init == "scratch" and (peft.method in ("lora", "qlora") or spec.stage in REFERENCE_STAGES):
+    # RLOO with a KL term loads its reference from the policy's folder (TRL's create_model_from_path)
+    live_reference = spec.stage in REFERENCE_STAGES or (spec.stage == "rloo" and pref.rloo.beta > 0)
+    if model_cfg.init == "scratch" and (peft.method in ("lora", "qlora") or live_reference):
         # an adapter needs its base on disk, and the reference must be the very weights the policy starts from
         model_cfg = materialize_scratch_base(spec, tokenizer, run_dir, rank, distributed)
     # scratch weights before the DeepSpeed-aware arguments exist, as in training.runner.run_training
@@ -217,18 +295,30 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
             peft_config=lora_config(peft) if adapter_by_trl else None,
             **common,
         )
-    else:
-        from trl import GRPOTrainer
+    elif spec.stage == "distill":
+        from trl import DistillationTrainer
 
-        trainer = guarded(GRPOTrainer)(reward_funcs=reward_funcs, **common)
+        # loaded like the student (dtype, attention), after the DeepSpeed-aware arguments, so ZeRO-3 shards it too
+        teacher = load_model(spec.model.model_copy(update=_teacher_source(pref)), tokenizer)
+        _check_vocab_sizes(model, teacher, pref.distill.teacher or "")
+        trainer = guarded(DistillationTrainer)(teacher_model=teacher, **common)
+    else:
+        from trl import GRPOTrainer, RLOOTrainer
+
+        trainer = guarded(GRPOTrainer if spec.stage == "grpo" else RLOOTrainer)(reward_funcs=reward_funcs, **common)
     trainer.remove_callback(PrinterCallback)
     if peft.method == "qlora" and not args.bf16:
         keep_adapters_in_fp32(trainer.model)
     return train_and_publish(trainer, tokenizer, run_dir, spec.output.resume, has_eval, rank, preemption)
 
 
+def _teacher_source(pref: PreferenceSpec) -> dict:
+    """The model-section fields that point the student's loading options at the teacher's folder."""
+    return {"init": "pretrained", "name_or_path": pref.distill.teacher, "architecture": None, "tokenizer": None}
+
+
 def ray_train_worker(payload: dict) -> None:
-    """Ray Train entry point of reward/dpo/kto/grpo: rebuild the specs from `payload` and run this worker."""
+    """Ray Train entry point of the preference stages: rebuild the specs from `payload` and run this worker."""
     run_dir, rank = start_ray_worker(payload)
     run_preference_stage(
         TrainSpec.model_validate(payload["spec"]), PreferenceSpec.model_validate(payload["preference"]), run_dir, rank

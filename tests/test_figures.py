@@ -26,3 +26,19 @@ def test_a_70b_model_is_not_loaded_on_the_driver(tmp_path, caplog):
         "before/after figures skipped: they are scored on this (the driver's) CPU with the model whole in fp32, "
         "and 69.0B parameters would take 276 GB of its memory (the bound is 3B)."
     ), message
+
+
+def test_a_big_teacher_keeps_a_small_students_figures_off_the_driver(tmp_path, caplog):
+    """distill scores the teacher beside the student: a 70B teacher (a config.json alone) counts toward the bound."""
+    import json
+
+    from tests.test_rloo_distill import DISTILL_JOB
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "config.json").write_text(json.dumps(LLAMA_70B))
+    job = job_dict(DISTILL_JOB, tmp_path / "run", distill={"teacher": str(teacher)})
+    with caplog.at_level(logging.WARNING, logger="launch.figures"):
+        assert stage_figures(job_from_dict(job), None) == {}
+    (message,) = [r.getMessage() for r in caplog.records if r.name == "launch.figures"]
+    assert "69.0B parameters" in message, message

@@ -42,6 +42,14 @@ def test_prepare_refuses_the_stages_trl_tokenises(tmp_path, capsys):
     path.write_text(yaml.safe_dump(job))
     assert main(["prepare", str(path)]) == 2
     assert capsys.readouterr().err.strip() == (
-        "error: stage dpo: TRL tokenises this stage's rows inside its trainer, so there is nothing to prepare "
-        "ahead; `tuneyard prepare` applies to stages pretrain and sft"
+        "error: stage dpo: TRL tokenises its rows inside its trainer, so there is nothing to prepare ahead; "
+        "`tuneyard prepare` applies to stages pretrain and sft"
+    )
+    job["stage"] = "classify"
+    job["data"] = {"format": "classification", "train": str(EXAMPLES / "data" / "sentiment-generated-train.jsonl")}
+    path.write_text(yaml.safe_dump(job))
+    assert main(["prepare", str(path)]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: stage classify: its labelled rows are small and every worker tokenises them in seconds, so there is "
+        "nothing to prepare ahead"
     )

@@ -40,10 +40,18 @@ def task_head_problem(stage: str, data_format: str, method: str) -> str | None:
             f"peft.method feature-based fits a logistic regression on sentence embeddings: it is for stage classify, "
             f"not {stage}"
         )
-    if stage in TASK_HEAD_STAGES and method in ("prompt_tuning", "prefix_tuning"):
+    if stage == "token-classify" and method in ("prompt_tuning", "prefix_tuning"):
         return (
-            f"peft.method {method} is not supported with stage {stage} (its virtual tokens shift the positions a "
-            "token tagger labels); use lora, adalora, ia3, freeze or full"
+            f"peft.method {method} is not supported with stage token-classify (PEFT's prompt learning for token "
+            "tagging puts virtual tokens where the tagger's per-token labels are read); use lora, adalora, ia3, "
+            "freeze or full"
+        )
+    if stage == "classify" and method == "prompt_tuning":
+        return (
+            "peft.method prompt_tuning is not supported with stage classify: PEFT hands the model each row as "
+            "embeddings with the virtual tokens first, in which a decoder's classification head cannot find the "
+            "row's last token; use prefix_tuning (its prefix is a key/value cache, the row's tokens stay as they "
+            "are), lora, adalora, ia3, freeze or full"
         )
     return None
 

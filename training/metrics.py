@@ -33,8 +33,8 @@ def read_metrics(path: Path) -> list[dict]:
 
 # each stage's own figures, drawn in a panel of their own when any plotted run logged them (eval_ too)
 STAGE_FIGURES = (
-    ("reward", "mean reward (GRPO, PPO)"),
-    ("kl", "KL to reference (GRPO, PPO, KTO)"),
+    ("reward", "mean reward (GRPO, RLOO, PPO)"),
+    ("kl", "KL to reference (GRPO, RLOO, PPO, KTO)"),
     ("rewards/margins", "reward margin (DPO, KTO)"),
     ("rewards/accuracies", "reward accuracy (DPO)"),
     ("margin", "reward margin (reward model)"),
