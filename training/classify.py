@@ -214,7 +214,8 @@ def fit_on_features(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
     from sklearn.metrics import accuracy_score, f1_score
     from transformers import AutoModel
 
-    from training.classify_data import check_known_labels, label_names, read_task_rows
+    from training.classify_data import check_known_labels, label_names
+    from training.data import read_splits
 
     distributed = dist.is_available() and dist.is_initialized()
     if rank == 0:
@@ -222,7 +223,7 @@ def fit_on_features(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
         set_status(run_dir, "embedding the data with the frozen model")
         if spec.model.init == "scratch":
             raise UserError("peft.method feature-based embeds with a pretrained model: set model.name_or_path")
-        train, held = read_task_rows(spec.data, spec.training.seed)
+        train, held = read_splits(spec.data, spec.training.seed, keep_where=True)
         names = label_names(spec.stage, train)
         if held is not None:
             check_known_labels(spec.stage, held, names)

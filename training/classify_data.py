@@ -8,13 +8,11 @@ the rest (and special tokens) -100, which the loss and the metrics skip.
 
 from __future__ import annotations
 
-import random
 from typing import TYPE_CHECKING
 
 from training.config import DataConfig
-from training.data import _mix, _raw_rows
+from training.data import read_splits
 from training.errors import UserError
-from training.formats import normalize_row
 
 if TYPE_CHECKING:
     import datasets
@@ -54,35 +52,6 @@ def task_head_problem(stage: str, data_format: str, method: str) -> str | None:
             "are), lora, adalora, ia3, freeze or full"
         )
     return None
-
-
-def _read(sources, cfg: DataConfig, seed: int, role: str) -> list[dict]:
-    """Rows of one split, checked against the format, each with its `where` (file:line)."""
-    rows = []
-    for source in sources:
-        checked = [
-            {**normalize_row(row, cfg.format, where, cfg.text_field, cfg.columns), "where": where}
-            for row, where in _raw_rows(source, f"data.{role}")
-        ]
-        rows.extend(_mix(source, checked, seed))
-    if not rows:
-        raise UserError(f"data.{role}: no rows left after reading {', '.join(s.path for s in sources)}")
-    return rows
-
-
-def read_task_rows(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict] | None]:
-    """Train rows and eval rows (data.eval, or data.eval_fraction of train), each with its file:line."""
-    train = _read(cfg.train, cfg, seed, "train")
-    if cfg.eval:
-        return train, _read(cfg.eval, cfg, seed, "eval")
-    if cfg.eval_fraction <= 0:
-        return train, None
-    order = list(range(len(train)))
-    random.Random(seed).shuffle(order)
-    cut = max(1, int(len(order) * cfg.eval_fraction))
-    if cut >= len(order):
-        raise UserError("data.eval_fraction leaves no training rows; lower it")
-    return [train[i] for i in sorted(order[cut:])], [train[i] for i in sorted(order[:cut])]
 
 
 def _tag_order(tag: str) -> tuple:
@@ -190,7 +159,7 @@ def task_datasets(
     stage: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int
 ) -> tuple[dict[str, datasets.Dataset], list[str]]:
     """The tokenised train (and eval) datasets of a classify or token-classify job, and the label names."""
-    train, held = read_task_rows(cfg, seed)
+    train, held = read_splits(cfg, seed, keep_where=True)  # file:line for the label checks
     names = label_names(stage, train)
     if held is not None:
         check_known_labels(stage, held, names)

@@ -180,12 +180,15 @@ def _mix(source: DataSource, rows: list[dict], seed: int) -> list[dict]:
     return mixed
 
 
-def read_sources(sources: list[DataSource], cfg: DataConfig, seed: int, role: str) -> list[dict]:
-    """Read, validate and mix the sources of one split; refuse an empty result."""
+def read_sources(
+    sources: list[DataSource], cfg: DataConfig, seed: int, role: str, keep_where: bool = False
+) -> list[dict]:
+    """Read, validate and mix the sources of one split (each row with its file:line as `where` if `keep_where`)."""
     rows = []
     for source in sources:
         normalized = [
             normalize_row(row, cfg.format, where, cfg.text_field, cfg.columns)
+            | ({"where": where} if keep_where else {})
             for row, where in _raw_rows(source, f"data.{role}")
         ]
         rows.extend(_mix(source, normalized, seed))
@@ -195,11 +198,11 @@ def read_sources(sources: list[DataSource], cfg: DataConfig, seed: int, role: st
     return rows
 
 
-def read_splits(cfg: DataConfig, seed: int) -> tuple[list[dict], list[dict] | None]:
-    """The train rows and the eval rows (from data.eval, or split off by data.eval_fraction)."""
-    train = read_sources(cfg.train, cfg, seed, "train")
+def read_splits(cfg: DataConfig, seed: int, keep_where: bool = False) -> tuple[list[dict], list[dict] | None]:
+    """The train rows and the eval rows (from data.eval, or split off by data.eval_fraction); see `read_sources`."""
+    train = read_sources(cfg.train, cfg, seed, "train", keep_where)
     if cfg.eval:
-        return train, read_sources(cfg.eval, cfg, seed, "eval")
+        return train, read_sources(cfg.eval, cfg, seed, "eval", keep_where)
     if cfg.eval_fraction > 0:
         order = list(range(len(train)))
         random.Random(seed).shuffle(order)
