@@ -10,19 +10,31 @@ from rlhf.rewards import RewardFn, text_of
 from training.evaluate import greedy_answer
 
 
+def answer_ids(
+    tokenizer: PreTrainedTokenizerBase, prompt: list[dict], completion: list[dict]
+) -> tuple[torch.Tensor, int]:
+    """The ids of prompt plus completion (chat-rendered when the tokenizer has a template), and the prompt's length."""
+    if tokenizer.chat_template:
+        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    else:
+        prompt_text = "\n".join(m["content"] for m in prompt)
+        full_text = prompt_text + text_of(completion)
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    return torch.tensor([tokenizer(full_text, add_special_tokens=False)["input_ids"]]), len(prompt_ids)
+
+
 @torch.no_grad()
 def completion_logprob(
     model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: list[dict], completion: list[dict]
 ) -> float:
     """Summed log-probability of the completion's tokens after the chat-rendered prompt."""
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-    full_text = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    ids = torch.tensor([tokenizer(full_text, add_special_tokens=False)["input_ids"]], device=model.device)
+    ids, start = answer_ids(tokenizer, prompt, completion)
+    ids = ids.to(model.device)
     logps = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
     targets = ids[0, 1:]
     token_logps = logps.gather(-1, targets[:, None])[:, 0]
-    return float(token_logps[len(prompt_ids) - 1 :].sum())
+    return float(token_logps[start - 1 :].sum())
 
 
 def preference_figures(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, rows: list[dict]) -> dict:
@@ -97,18 +109,6 @@ def reward_model_figures(model: PreTrainedModel, tokenizer: PreTrainedTokenizerB
     return {"pair accuracy": wins / len(rows), "score margin": sum(margins) / len(margins)}
 
 
-def _answer_ids(tokenizer: PreTrainedTokenizerBase, prompt: list[dict], answer: str) -> tuple[torch.Tensor, int]:
-    """The ids of prompt plus answer (chat-rendered when the tokenizer has a template), and the prompt's length."""
-    if tokenizer.chat_template:
-        prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-        full_text = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=False)
-    else:
-        prompt_text = "\n".join(m["content"] for m in prompt)
-        full_text = prompt_text + answer
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-    return torch.tensor([tokenizer(full_text, add_special_tokens=False)["input_ids"]]), len(prompt_ids)
-
-
 @torch.no_grad()
 def teacher_kl(
     student: PreTrainedModel,
@@ -133,7 +133,7 @@ def teacher_kl(
             answer = row["messages"][len(prompt)]["content"]
         else:
             answer = greedy_answer(teacher, tokenizer, prompt, max_new_tokens)
-        ids, start = _answer_ids(tokenizer, prompt, answer)
+        ids, start = answer_ids(tokenizer, prompt, [{"role": "assistant", "content": answer}])
         # the positions that predict the answer's tokens (and the turn's end marker the template adds)
         teacher_logps = torch.log_softmax(teacher(ids).logits[0, start - 1 : -1].float(), dim=-1)
         student_logps = torch.log_softmax(student(ids).logits[0, start - 1 : -1].float(), dim=-1)
