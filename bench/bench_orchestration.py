@@ -1,4 +1,4 @@
-"""Orchestration overhead: tuneyard SFT on Ray Train (2 workers, ZeRO-2) vs the same trainer under torchrun.
+"""Orchestration overhead: tuneyard SFT on Ray (2 workers, ZeRO-2) vs the same trainer under torchrun.
 
 Both sides run `training.runner.run_training` with the same job, so the only difference is who
 starts and connects the processes. Rounds alternate the two sides to spread machine noise.

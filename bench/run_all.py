@@ -27,6 +27,8 @@ from bench.summary import write_summary  # noqa: E402
 from cluster.config import ClusterConfig  # noqa: E402
 from cluster.ray_cluster import ray_cluster  # noqa: E402
 
+OWN_RAY = {"startup"}  # benchmarks whose runs start their own local Ray, as a user's `tuneyard train` does
+
 
 def main() -> None:
     """Every benchmark (or those named on the command line); each prints its ratio when done."""
@@ -46,14 +48,21 @@ def main() -> None:
     }
     selected = sys.argv[1:] or list(benches)
     results = {}
-    with tempfile.TemporaryDirectory() as tmp, ray_cluster(ClusterConfig(workers=2)):
-        for name in selected:
-            result = benches[name].main(Path(tmp) / name)
-            results[name] = result
-            (out / f"{name}.json").write_text(json.dumps(result, indent=2))
-            print(
-                f"{name:14s} ratio {result['ratio']:.2f} (target {result['target']})  {json.dumps(result)}", flush=True
-            )
+
+    def run(name: str, tmp: str) -> None:
+        result = benches[name].main(Path(tmp) / name)
+        results[name] = result
+        (out / f"{name}.json").write_text(json.dumps(result, indent=2))
+        print(f"{name:14s} ratio {result['ratio']:.2f} (target {result['target']})  {json.dumps(result)}", flush=True)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        # start-up first, before the shared Ray: a second local Ray on the machine makes ray.init 2.5 -> 6.5 s,
+        # which a user's machine does not have
+        for name in [n for n in selected if n in OWN_RAY]:
+            run(name, tmp)
+        with ray_cluster(ClusterConfig(workers=2)):
+            for name in [n for n in selected if n not in OWN_RAY]:
+                run(name, tmp)
     print(f"summary: {write_summary(results, out)}")
 
 

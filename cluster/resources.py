@@ -1,6 +1,6 @@
-"""Whether the Ray cluster can host the SPMD workers a job asks for, checked before Ray Train waits on them.
+"""Whether the Ray cluster can host the SPMD workers a job asks for, checked before their placement group waits on them.
 
-Ray Train places `cluster.workers` bundles of {CPU: cpus_per_worker, GPU: gpus_per_worker} and waits, without
+The worker group places `cluster.workers` bundles of {CPU: cpus_per_worker, GPU: gpus_per_worker} and waits, without
 end or message, until they fit. A request that can never fit is refused here with the arithmetic instead.
 """
 

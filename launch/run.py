@@ -1,4 +1,4 @@
-"""Running one job: run directory, preflight checks, Ray Train workers, live progress, before/after."""
+"""Running one job: run directory, preflight checks, the Ray workers, live progress, before/after."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.config import ClusterConfig
-from cluster.ray_cluster import ClusterError, ray_cluster, torch_backend
+from cluster.ray_cluster import ClusterError, ray_cluster
 from cluster.resources import wait_for_resources
 from launch.config import PREFERENCE_STAGES, JobConfig, dump_job
 from launch.figures import final_folder, format_figures, stage_figures, starting_point
@@ -25,7 +25,6 @@ from training.faults import forwarded_faults
 from training.metrics import append_metrics, read_metrics
 from training.model import check_model_source, load_tokenizer
 from training.preemption import preemption_watch
-from training.ray_entry import preference_worker, task_head_worker, train_worker
 from training.run_dir import (
     check_resume_world_size,
     clear_heartbeats,
@@ -208,7 +207,7 @@ def _first_sentence(text: str, limit: int = 200) -> str:
 
 
 def worker_failures(exc: BaseException, run_dir: Path, workers: int) -> str:
-    """The failed workers of a Ray Train error: rank, node, the failure's last line, its log; dead ones first.
+    """The failed workers of a run (WorkersFailed): rank, node, the failure's last line, its log; dead ones first.
 
     When one worker dies its peers fail too (a collective loses its partner): the dead one is the cause.
     """
@@ -261,51 +260,28 @@ def check_world_size_of_resume(job: JobConfig, run_dir: Path, single: bool) -> N
         check_resume_world_size(checkpoint, 1 if single else job.cluster.workers, "cluster.workers")
 
 
-def fit_interruptibly(trainer) -> None:
-    """`trainer.fit()` in a helper thread, so Ctrl-C reaches this (main) thread as KeyboardInterrupt.
-
-    In the main thread Ray Train installs its own SIGINT handler, which aborts the run and exits the
-    process with status 1 and no word; here the interrupt unwinds `ray_cluster`, whose shutdown ends
-    every worker, and the CLI says how to resume.
-    """
-    import threading
-
-    outcome: dict[str, BaseException] = {}
-
-    def fit() -> None:
-        try:
-            trainer.fit()
-        except BaseException as exc:  # handed to the main thread as it is
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=fit, name="ray-train-fit", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(timeout=0.5)
-    if "error" in outcome:
-        raise outcome["error"]
+ENTRY_POINTS = {  # each stage family's worker function, imported in the worker: the driver stays light
+    "preference": "rlhf.stages:ray_worker",
+    "task head": "training.classify:ray_worker",
+    "training": "training.runner:ray_worker",
+}
 
 
 def run_on_ray(job: JobConfig, run_dir: Path) -> None:
-    """Run the job's workers as a Ray Train TorchTrainer on the current Ray cluster.
+    """Run the job's workers as a group of Ray actors (`cluster.worker_group`) on the current Ray cluster.
 
     A worker that dies (or fails for any reason but the user's input) ends the attempt; the next one
-    resumes from the newest complete checkpoint, up to `training.max_failures` times. The retries are
-    ours, not Ray Train's, so a user's mistake raised in a worker is reported at once, not retried.
+    resumes from the newest complete checkpoint, up to `training.max_failures` times. A user's mistake
+    raised in a worker is reported at once, not retried.
     """
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from cluster.worker_group import run_spmd_workers
 
     cluster: ClusterConfig = job.cluster
     set_status(run_dir, "checking the Ray cluster's resources")
-    wait_for_resources(cluster)  # Ray Train would wait forever, silently, for workers that cannot fit
+    wait_for_resources(cluster)  # a placement group would wait forever, silently, for workers that cannot fit
     spec = job.train_spec()
-    entry = preference_worker if job.stage in PREFERENCE_STAGES else train_worker
-    entry = task_head_worker if job.stage in TASK_HEAD_STAGES else entry
-    resources = {
-        "CPU": cluster.cpus_per_worker,
-        **({"GPU": cluster.gpus_per_worker} if cluster.gpus_per_worker else {}),
-    }
+    family = "preference" if job.stage in PREFERENCE_STAGES else "training"
+    family = "task head" if job.stage in TASK_HEAD_STAGES else family
     for attempt in range(job.training.max_failures + 1):
         payload = {
             "run_dir": str(run_dir),
@@ -314,28 +290,12 @@ def run_on_ray(job: JobConfig, run_dir: Path) -> None:
             "faults": forwarded_faults(),
             "tracker_env": tracker_env(),  # for a Ray cluster this process did not start
         }
-        trainer = TorchTrainer(
-            entry,
-            train_loop_config=payload,
-            torch_config=TorchConfig(backend=torch_backend(cluster), timeout_s=int(cluster.collective_timeout_s)),
-            scaling_config=ScalingConfig(
-                num_workers=cluster.workers,
-                use_gpu=cluster.gpus_per_worker > 0,
-                resources_per_worker=resources,
-                placement_strategy=cluster.placement.upper(),
-            ),
-            run_config=RunConfig(
-                storage_path=str(run_dir / "ray"),
-                name=f"train-{attempt}",
-                failure_config=FailureConfig(max_failures=0),
-            ),
-        )
         clear_heartbeats(run_dir)
         set_status(
-            run_dir, f"starting {cluster.workers} Ray Train worker(s)" + (f", attempt {attempt + 1}" if attempt else "")
+            run_dir, f"starting {cluster.workers} Ray worker(s)" + (f", attempt {attempt + 1}" if attempt else "")
         )
         try:
-            fit_interruptibly(trainer)
+            run_spmd_workers(ENTRY_POINTS[family], payload, cluster)
             return
         except Exception as exc:
             reported = find_reported_error(exc)
@@ -438,7 +398,12 @@ def train_and_score(job: JobConfig, run_dir: Path, show_progress: bool, single: 
     preflight(job)
     check_world_size_of_resume(job, run_dir, single)
     check_disk(job, run_dir)
-    before = stage_figures(job, starting_point(job))
+    start = starting_point(job)
+    # The starting model does not change while the workers train, so it is scored after them: the first
+    # step comes ~1.5 s sooner and the driver holds no model while the workers load theirs. A start inside
+    # this run's folder (a final/ that this run replaces) is scored first.
+    scored_first = start is not None and Path(start).resolve().is_relative_to(run_dir)
+    before = stage_figures(job, start) if scored_first else None
     progress = ProgressFollower(run_dir / "metrics.jsonl", job.stage) if show_progress else contextlib.nullcontext()
     # the driver tokenises before any process group exists, so no rank waits in a barrier while another does
     tokenise = not single and job.stage in TOKENISED_STAGES
@@ -471,5 +436,6 @@ def train_and_score(job: JobConfig, run_dir: Path, show_progress: bool, single: 
     if job.stage in TASK_HEAD_STAGES:
         figures.update(task_head_figures(run_dir))
     after = stage_figures(job, final_folder(run_dir))
+    before = stage_figures(job, start) if before is None else before
     figures.update({name: (before[name], after[name]) for name in before})
     return figures

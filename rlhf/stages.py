@@ -3,7 +3,7 @@ through TRL.
 
 Each reads top to bottom like `training.runner.run_training`: data, model (and reference, reward or teacher
 models), the TRL config built on the shared trainer arguments, the trainer, then the shared
-train-and-publish step. `ray_train_worker` is the Ray Train entry point.
+train-and-publish step. `ray_worker` is the Ray entry point.
 """
 
 from __future__ import annotations
@@ -317,9 +317,9 @@ def _teacher_source(pref: PreferenceSpec) -> dict:
     return {"init": "pretrained", "name_or_path": pref.distill.teacher, "architecture": None, "tokenizer": None}
 
 
-def ray_train_worker(payload: dict) -> None:
-    """Ray Train entry point of the preference stages: rebuild the specs from `payload` and run this worker."""
-    run_dir, rank = start_ray_worker(payload)
+def ray_worker(payload: dict, rank: int) -> None:
+    """Ray entry point of the preference stages: rebuild the specs from `payload` and run this worker."""
+    run_dir = start_ray_worker(payload, rank)
     run_preference_stage(
         TrainSpec.model_validate(payload["spec"]), PreferenceSpec.model_validate(payload["preference"]), run_dir, rank
     )

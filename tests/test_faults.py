@@ -1,4 +1,4 @@
-"""Faults injected into real runs (Ray Train, DeepSpeed, gloo): NaN losses, kills inside a save, a full disk.
+"""Faults injected into real runs (Ray workers, DeepSpeed, gloo): NaN losses, kills inside a save, a full disk.
 
 The faults are switched on by TUNEYARD_FAULT_* variables (training/faults.py), which the driver
 forwards to its workers.

@@ -1,4 +1,4 @@
-"""Real Ray Train + DeepSpeed ZeRO + TRL on tiny models, 2 CPU workers over gloo, one shared Ray."""
+"""Real Ray workers + DeepSpeed ZeRO + TRL on tiny models, 2 CPU workers over gloo, one shared Ray."""
 
 from __future__ import annotations
 

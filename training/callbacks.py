@@ -20,7 +20,7 @@ from training.faults import hold_rank, pause_in_save
 from training.metrics import COMPLETE_MARKER, append_metrics
 from training.preemption import RECORD_FILE, REQUEST_FILE
 from training.run_dir import BEST_FILE, note_heartbeat, retire_old_checkpoints
-from training.tracking import MetricsTail, Trackers, in_ray_train_worker, tracker_figures
+from training.tracking import MetricsTail, Trackers
 
 log = logging.getLogger(__name__)
 
@@ -157,45 +157,21 @@ class PreemptionCallback(TrainerCallback):
 
 
 class TrackingCallback(TrainerCallback):
-    """Rank 0 feeds its new metrics.jsonl records to the trackers; under Ray Train every rank reports to Ray.
-
-    Ray Train V2's report() hands its result to a queue of one that the controller empties every 2 s
-    (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), so reporting at every logging step made a 0.1-s step wait ~2 s.
-    Reports go at evaluations, checkpoint saves and the end of training instead, which every rank sees
-    alike (report() is also a barrier that every rank must reach equally often); rank 0 carries the
-    latest figure of each key since its last report (Ray keeps rank 0's).
-    """
+    """Rank 0 feeds its new metrics.jsonl records to the trackers (TensorBoard, W&B, MLflow)."""
 
     def __init__(self, report_to: list[str], run_dir: Path, rank: int):
-        self.rank = rank
         self.trackers = Trackers(report_to, run_dir) if rank == 0 else None
         self.tail = MetricsTail(Path(run_dir) / "metrics.jsonl")
-        self.ray_train = in_ray_train_worker()
-        self.unreported: dict = {}
-        self.reported_step: int | None = None
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
         if self.trackers is not None and not self.trackers.callbacks:
             self.trackers.start()
 
     def _forward(self) -> None:
-        """Hand rank 0's new records to the trackers and keep their figures for the next Ray report."""
-        records = self.tail.new_records() if self.rank == 0 else []
-        for record in records:
-            if self.trackers is not None:
+        """Hand rank 0's new records to the trackers."""
+        if self.trackers is not None:
+            for record in self.tail.new_records():
                 self.trackers.log(record)
-            if "event" not in record and "step" in record:
-                self.unreported.update({"step": record["step"], **tracker_figures(record)})
-
-    def _report_to_ray(self, step: int, again_at_same_step: bool = False) -> None:
-        # the decision uses only what every rank sees alike (the step), never rank 0's figures
-        if not self.ray_train or (self.reported_step == step and not again_at_same_step):
-            return
-        import ray.train
-
-        ray.train.report(self.unreported)
-        self.unreported = {}
-        self.reported_step = step
 
     def on_log(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, logs=None, **kw) -> None:
         if logs and "loss" in logs:
@@ -206,15 +182,9 @@ class TrackingCallback(TrainerCallback):
     ) -> None:
         if metrics and "eval_loss" in metrics:
             self._forward()
-            # an evaluation after training ends comes at the step on_train_end reported: its figures still go
-            self._report_to_ray(state.global_step, again_at_same_step=True)
-
-    def on_save(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
-        self._report_to_ray(state.global_step)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
         self._forward()
-        self._report_to_ray(state.global_step)
 
     def close(self, failed: bool = False) -> None:
         """Close the trackers' runs: after the last evaluation, which may come after training ends."""

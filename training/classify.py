@@ -4,7 +4,7 @@ Read `run_task_head` top to bottom, like `training.runner.run_training`: data an
 its head, the peft method, the trainer, then the shared train-and-publish step. The eval metrics are
 scikit-learn's accuracy and macro-F1 (classify) and seqeval's entity-level precision, recall and F1
 (token-classify). `peft.method: feature-based` instead fits a logistic regression on the frozen model's
-mean-pooled embeddings (`fit_on_features`). `ray_train_worker` is the Ray Train entry point.
+mean-pooled embeddings (`fit_on_features`). `ray_worker` is the Ray entry point.
 """
 
 from __future__ import annotations
@@ -260,7 +260,7 @@ def fit_on_features(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
     return metrics if rank == 0 else {}
 
 
-def ray_train_worker(payload: dict) -> None:
-    """Ray Train entry point of classify/token-classify: rebuild the worker's spec from `payload` and run it."""
-    run_dir, rank = start_ray_worker(payload)
+def ray_worker(payload: dict, rank: int) -> None:
+    """Ray entry point of classify/token-classify: rebuild the worker's spec from `payload` and run it."""
+    run_dir = start_ray_worker(payload, rank)
     run_task_head(TrainSpec.model_validate(payload["spec"]), run_dir, rank)

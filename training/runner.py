@@ -1,7 +1,7 @@
 """One SPMD worker of a `pretrain` or `sft` job: data, model, DeepSpeed, TRL SFTTrainer, final save.
 
-Read `run_training` top to bottom: it is the whole recipe. `ray_train_worker` is the Ray Train
-entry point that wraps it.
+Read `run_training` top to bottom: it is the whole recipe. `ray_worker` is the entry point a Ray worker
+of the job's group (`cluster.worker_group`) runs.
 """
 
 from __future__ import annotations
@@ -349,12 +349,11 @@ def watch_start_up(run_dir: Path, who: str) -> None:
     watch_extension_locks(os.environ["TORCH_EXTENSIONS_DIR"], report)
 
 
-def start_ray_worker(payload: dict) -> tuple[Path, int]:
-    """In a Ray Train worker: this rank and its run directory; the worker's output goes to RUN_DIR/logs."""
+def start_ray_worker(payload: dict, rank: int) -> Path:
+    """In a Ray worker of the job's group: its run directory; the worker's output goes to RUN_DIR/logs."""
     import datasets
-    import ray.train
+    import ray
 
-    rank = ray.train.get_context().get_world_rank()
     run_dir = Path(payload["run_dir"])
     apply_faults(payload.get("faults", {}))
     apply_tracker_env(payload.get("tracker_env", {}))
@@ -362,10 +361,10 @@ def start_ray_worker(payload: dict) -> tuple[Path, int]:
     watch_start_up(run_dir, f"rank {rank}")
     log.info("rank %d (pid %d) runs on Ray node %s", rank, os.getpid(), ray.get_runtime_context().get_node_id())
     datasets.disable_progress_bars()
-    return run_dir, rank
+    return run_dir
 
 
-def ray_train_worker(payload: dict) -> None:
-    """Ray Train entry point of pretrain/sft: rebuild the worker's spec from `payload` and run it."""
-    run_dir, rank = start_ray_worker(payload)
+def ray_worker(payload: dict, rank: int) -> None:
+    """Ray entry point of pretrain/sft: rebuild the worker's spec from `payload` and run it."""
+    run_dir = start_ray_worker(payload, rank)
     run_training(TrainSpec.model_validate(payload["spec"]), run_dir, rank)

@@ -1,10 +1,8 @@
 """Experiment trackers (`training.report_to`): TensorBoard, W&B and MLflow through transformers' own callbacks.
 
 Rank 0 feeds them the very records it writes to metrics.jsonl (read back from the file), so a tracker's
-curve is metrics.jsonl's; the resolved job (RUN_DIR/job.yaml) is each tracker run's config. In a Ray
-Train worker every rank also calls `ray.train.report` at each evaluation, checkpoint save and the end of
-training, rank 0 with the latest figures. PPO's controller, which has no Trainer, drives the same
-`Trackers` from its own records.
+curve is metrics.jsonl's; the resolved job (RUN_DIR/job.yaml) is each tracker run's config. PPO's controller,
+which has no Trainer, drives the same `Trackers` from its own records.
 """
 
 from __future__ import annotations
@@ -81,7 +79,7 @@ def check_trackers(training: TrainingConfig) -> None:
 def tracker_env() -> dict[str, str]:
     """The user's tracker settings in this (driver) environment, for workers on a Ray cluster started elsewhere.
 
-    They travel in the Ray Train config, which Ray's dashboard shows: credentials (API keys, passwords,
+    They travel as Ray task arguments, which Ray's dashboard can show: credentials (API keys, passwords,
     tokens, a URI with a password) do not travel; a worker reads those from its own node's environment.
     """
     forwarded = {}
@@ -277,16 +275,3 @@ class MetricsTail:
             with contextlib.suppress(json.JSONDecodeError):
                 records.append(json.loads(line))
         return records
-
-
-def in_ray_train_worker() -> bool:
-    """Whether this process runs a Ray Train training function (where `ray.train.report` works)."""
-    if "ray" not in sys.modules:  # --single: no Ray at all
-        return False
-    import ray.train
-
-    try:
-        ray.train.get_context()
-    except RuntimeError:  # "cannot be used outside of a Ray Train training function"
-        return False
-    return True

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from cluster.config import ClusterConfig
 from cluster.ray_cluster import ClusterError
+from cluster.worker_group import end_actors_and_group, wait_for_placement
 from rlhf.config import PpoSection, RewardSection, RoleSection
 from rlhf.ppo.batches import split_rows
 from training.config import TrainSpec
@@ -207,22 +208,18 @@ def start_role_groups(
     `cluster.collective_timeout_s` for a rank.
     """
     import ray
-    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+    from ray.util.placement_group import placement_group
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     group = placement_group(placement.bundles, strategy=cluster.placement.upper())
     groups: dict[str, RoleGroup] = {}
     try:
-        wait_s = max(60.0, cluster.start_timeout_s)
-        try:
-            ray.get(group.ready(), timeout=wait_s)
-        except ray.exceptions.GetTimeoutError:
-            raise ClusterError(
-                f"the PPO placement group ({len(placement.bundles)} bundles: {placement.bundles}) found no room on the "
-                f"Ray cluster's nodes within {wait_s:.0f}s although the cluster has the resources in total; a bundle "
-                "must fit on one node: lower ppo.roles.*.cpus_per_worker/gpus_per_worker, or set "
-                "cluster.start_timeout_s for an autoscaling cluster"
-            ) from None
+        wait_for_placement(
+            group,
+            cluster,
+            f"the PPO placement group ({len(placement.bundles)} bundles: {placement.bundles})",
+            "a bundle must fit on one node: lower ppo.roles.*.cpus_per_worker/gpus_per_worker",
+        )
         for role, seats in placement.seats.items():
             remote = ray.remote(classes[role])
             actors = [
@@ -241,11 +238,4 @@ def start_role_groups(
         ray.get([ref for role, g in groups.items() for ref in g.broadcast("setup", addresses[role], timeout)])
         yield groups
     finally:
-        for g in groups.values():
-            for actor in g.actors:
-                ray.kill(actor)
-        remove_placement_group(group)
-        # removal is asynchronous: a job that starts next on this Ray would find the CPUs still held
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and placement_group_table(group).get("state") != "REMOVED":
-            time.sleep(0.1)
+        end_actors_and_group([actor for g in groups.values() for actor in g.actors], group)

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
+from cluster.worker_group import rendezvous_address
 from rlhf.config import PpoSection, RewardSection
 from rlhf.ppo import algorithms as algo
 from rlhf.ppo.batches import response_logits, select_rows
@@ -31,13 +31,6 @@ from training.nonfinite import any_rank_true, drop_nonfinite_gradients, innermos
 from training.run_dir import note_heartbeat, set_status
 
 log = logging.getLogger(__name__)
-
-
-def free_port(host: str) -> int:
-    """A TCP port free on `host` now (for the role group's rendezvous)."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def micro_batches(batch: dict[str, torch.Tensor], size: int) -> list[dict[str, torch.Tensor]]:
@@ -86,10 +79,7 @@ class RoleWorker:
 
     def rendezvous_address(self) -> str:
         """tcp://ip:port of this (rank 0) actor, where the group's ranks meet."""
-        import ray
-
-        ip = ray.util.get_node_ip_address()
-        return f"tcp://{ip}:{free_port(ip)}"
+        return rendezvous_address()
 
     def setup(self, address: str, timeout_s: float = 1800) -> None:
         """Join the role's process group and build the model (a collective over the role's ranks)."""

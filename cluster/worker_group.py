@@ -1,0 +1,232 @@
+"""A job's SPMD workers as plain Ray actors: one placement group, one torch process group, one entry function.
+
+Ray Train did this until issue 12. On 2 CPU cores its controller, coordinator and cleaner actors, and workers
+given their own runtime_env (so never the processes Ray prestarts), took about 9 of the 26 s before sft-tiny's
+first step. Here the workers are Ray's prestarted processes, so they are up about 0.6 s after Ray is.
+
+The group does what the job needs of Ray Train, no more: bundles of {CPU, GPU} placed PACK or SPREAD, ranks
+ordered so one node's ranks are consecutive, the torchrun variables (RANK, LOCAL_RANK, WORLD_SIZE, ...), the
+node's GPUs visible to each of its workers (as Ray Train and torchrun do, so `cuda:LOCAL_RANK` is the worker's
+own GPU and NCCL sees its peers), a process group with the job's backend and collective timeout, and every
+failed rank's error when a run fails.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+
+from cluster.config import ClusterConfig
+from cluster.ray_cluster import ClusterError, torch_backend
+
+FAILURE_GRACE_S = 3.0  # after one rank fails, how long its peers get to fail too (a lost partner ends a collective)
+
+
+class WorkersFailed(RuntimeError):
+    """Some ranks of the group failed; `worker_failures` maps each failed rank to its error."""
+
+    def __init__(self, worker_failures: dict[int, BaseException]):
+        self.worker_failures = worker_failures
+        ranks = ", ".join(str(rank) for rank in sorted(worker_failures))
+        super().__init__(f"worker rank(s) {ranks} failed")
+
+
+def free_port(host: str) -> int:
+    """A TCP port free on `host` now (for a process group's rendezvous)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def rendezvous_address() -> str:
+    """tcp://ip:port on this Ray worker's node, where a process group's ranks meet (asked of its rank 0)."""
+    import ray
+
+    ip = ray.util.get_node_ip_address()
+    return f"tcp://{ip}:{free_port(ip)}"
+
+
+class SpmdWorker:
+    """One rank of the group: says where Ray placed it, then joins the process group and runs the entry function."""
+
+    def where(self) -> tuple[str, str, list[str]]:
+        """(node id, node IP, the GPU ids Ray gave this worker)."""
+        import ray
+
+        context = ray.get_runtime_context()
+        return (
+            context.get_node_id(),
+            ray.util.get_node_ip_address(),
+            [str(g) for g in context.get_accelerator_ids()["GPU"]],
+        )
+
+    def rendezvous_address(self) -> str:
+        """tcp://ip:port on this worker's node (asked of rank 0), where the ranks meet."""
+        return rendezvous_address()
+
+    def run(self, entry: str, payload: dict, env: dict[str, str], address: str, backend: str, timeout_s: float) -> None:
+        """Set the torchrun variables, join the process group, run `entry` ("module:function") with payload and rank.
+
+        The entry's module is imported here, after CUDA_VISIBLE_DEVICES is set: torch reads it once, at its
+        first CUDA call.
+        """
+        os.environ.update(env)
+        module, _, name = entry.partition(":")
+        function: Callable[[dict, int], None] = getattr(importlib.import_module(module), name)
+        import torch.distributed as dist
+
+        rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
+        dist.init_process_group(
+            backend, init_method=address, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+        )
+        try:
+            function(payload, rank)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class Seat:
+    """Where one rank runs: its actor, node and the GPU ids Ray gave it."""
+
+    actor: object
+    node_id: str
+    node_ip: str
+    gpus: list[str]
+
+
+def rank_environments(seats: list[Seat]) -> list[dict[str, str]]:
+    """The torchrun variables of each rank (seats in rank order): one node's ranks share its GPUs."""
+    nodes = list(dict.fromkeys(seat.node_id for seat in seats))
+    environments = []
+    for rank, seat in enumerate(seats):
+        local = [s for s in seats if s.node_id == seat.node_id]
+        env = {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(len(seats)),
+            "LOCAL_RANK": str(local.index(seat)),
+            "LOCAL_WORLD_SIZE": str(len(local)),
+            "NODE_RANK": str(nodes.index(seat.node_id)),
+        }
+        node_gpus = sorted({g for s in local for g in s.gpus}, key=gpu_order)
+        if node_gpus:
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(node_gpus)
+        environments.append(env)
+    return environments
+
+
+def gpu_order(gpu: str) -> tuple[int, str]:
+    """Sort key of a GPU id: "10" after "9"."""
+    return (len(gpu), gpu)
+
+
+def order_ranks(seats: list[Seat], driver_ip: str) -> list[Seat]:
+    """Ranks in node order (the driver's node first), one node's ranks consecutive and in the order of their GPUs.
+
+    With one GPU per worker, `cuda:LOCAL_RANK` among the node's visible GPUs is then the worker's own.
+    """
+    nodes = sorted({(s.node_ip != driver_ip, s.node_ip, s.node_id) for s in seats})
+    node_of = {node_id: index for index, (_, _, node_id) in enumerate(nodes)}
+    return sorted(seats, key=lambda s: (node_of[s.node_id], [gpu_order(g) for g in s.gpus]))
+
+
+def run_spmd_workers(
+    entry: str, payload: dict, cluster: ClusterConfig, on_started: Callable[[], None] = lambda: None
+) -> None:
+    """Run `entry(payload, rank)` on `cluster.workers` Ray actors in one process group; WorkersFailed if any fails.
+
+    `on_started` is called once every worker is placed, before they run. When a rank fails, its peers get
+    FAILURE_GRACE_S to fail as well, then every worker is ended and the failures are raised together.
+    """
+    import ray
+    from ray.util.placement_group import placement_group
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    bundle = {"CPU": cluster.cpus_per_worker, **({"GPU": cluster.gpus_per_worker} if cluster.gpus_per_worker else {})}
+    group = placement_group([bundle] * cluster.workers, strategy=cluster.placement.upper())
+    actors: list = []
+    try:
+        wait_for_placement(
+            group,
+            cluster,
+            f"the workers' placement group ({cluster.workers} x {bundle}, {cluster.placement})",
+            "a bundle must fit on one node: lower cluster.cpus_per_worker/gpus_per_worker",
+        )
+        remote = ray.remote(SpmdWorker)
+        actors = [
+            remote.options(
+                num_cpus=cluster.cpus_per_worker,
+                num_gpus=cluster.gpus_per_worker,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    placement_group=group, placement_group_bundle_index=index
+                ),
+            ).remote()
+            for index in range(cluster.workers)
+        ]
+        places = ray.get([actor.where.remote() for actor in actors])
+        seats = [Seat(actor, *place) for actor, place in zip(actors, places, strict=True)]
+        seats = order_ranks(seats, ray.util.get_node_ip_address())
+        address = ray.get(seats[0].actor.rendezvous_address.remote())
+        on_started()
+        refs = [
+            seat.actor.run.remote(entry, payload, env, address, torch_backend(cluster), cluster.collective_timeout_s)
+            for seat, env in zip(seats, rank_environments(seats), strict=True)
+        ]
+        wait_for_ranks(refs)
+    finally:
+        end_actors_and_group(actors, group)
+
+
+def wait_for_placement(group, cluster: ClusterConfig, description: str, fix: str) -> None:
+    """Wait until Ray has placed `group`; ClusterError after `cluster.start_timeout_s` (at least 60 s)."""
+    import ray
+
+    wait_s = max(60.0, cluster.start_timeout_s)
+    try:
+        ray.get(group.ready(), timeout=wait_s)
+    except ray.exceptions.GetTimeoutError:
+        raise ClusterError(
+            f"{description} found no room on the Ray cluster's nodes within {wait_s:.0f}s although the cluster has "
+            f"the resources in total; {fix}, or set cluster.start_timeout_s for an autoscaling cluster"
+        ) from None
+
+
+def end_actors_and_group(actors: list, group) -> None:
+    """Kill the actors and remove their placement group, waiting (up to 30 s) until its resources are free."""
+    import ray
+    from ray.util.placement_group import placement_group_table, remove_placement_group
+
+    for actor in actors:
+        ray.kill(actor)
+    remove_placement_group(group)
+    # removal is asynchronous: a job that starts next on this Ray would find the CPUs still held
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and placement_group_table(group).get("state") != "REMOVED":
+        time.sleep(0.1)
+
+
+def wait_for_ranks(refs: list) -> None:
+    """Wait for every rank's run; on a failure, give the others FAILURE_GRACE_S and raise WorkersFailed."""
+    import ray
+
+    pending, failures, failed_at = list(refs), {}, None
+    while pending:
+        # short waits keep Ctrl-C (KeyboardInterrupt in this, the main thread) prompt
+        done, pending = ray.wait(pending, num_returns=1, timeout=0.5)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except Exception as exc:  # a raised error (RayTaskError) or a dead worker (ActorDiedError)
+                cause = getattr(exc, "cause", None)  # the worker's own exception, as it raised it
+                failures[refs.index(ref)] = cause if isinstance(cause, BaseException) else exc
+                failed_at = failed_at or time.monotonic()
+        if failed_at is not None and time.monotonic() - failed_at > FAILURE_GRACE_S:
+            break
+    if failures:
+        raise WorkersFailed(failures)

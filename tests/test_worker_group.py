@@ -1,0 +1,53 @@
+"""The SPMD worker group's rank layout: node order, one node's ranks consecutive, the torchrun variables."""
+
+from __future__ import annotations
+
+from cluster.worker_group import Seat, order_ranks, rank_environments
+
+
+def seat(name: str, node_id: str, node_ip: str, gpus: list[str] | None = None) -> Seat:
+    return Seat(actor=name, node_id=node_id, node_ip=node_ip, gpus=gpus or [])
+
+
+def test_ranks_start_on_the_driver_node_and_keep_each_node_together():
+    seats = [
+        seat("a", "n2", "10.0.0.2"),
+        seat("b", "n1", "10.0.0.1"),
+        seat("c", "n2", "10.0.0.2"),
+        seat("d", "n3", "10.0.0.3"),
+    ]
+    ordered = order_ranks(seats, driver_ip="10.0.0.3")
+    assert [s.actor for s in ordered] == ["d", "b", "a", "c"]
+    envs = rank_environments(ordered)
+    assert [e["RANK"] for e in envs] == ["0", "1", "2", "3"]
+    assert [e["NODE_RANK"] for e in envs] == ["0", "1", "2", "2"]
+    assert [e["LOCAL_RANK"] for e in envs] == ["0", "0", "0", "1"]
+    assert [e["LOCAL_WORLD_SIZE"] for e in envs] == ["1", "1", "2", "2"]
+    assert all(e["WORLD_SIZE"] == "4" for e in envs)
+    assert not any("CUDA_VISIBLE_DEVICES" in e for e in envs)
+
+
+def test_two_ray_nodes_on_one_host_are_two_nodes():
+    """The tests' two-node Ray runs both nodes on 127.0.0.1: ranks group by node id, not by address."""
+    seats = [seat("a", "n1", "127.0.0.1"), seat("b", "n2", "127.0.0.1"), seat("c", "n1", "127.0.0.1")]
+    ordered = order_ranks(seats, driver_ip="127.0.0.1")
+    envs = rank_environments(ordered)
+    by_node = [(s.node_id, e["LOCAL_RANK"], e["NODE_RANK"]) for s, e in zip(ordered, envs, strict=True)]
+    assert by_node == [("n1", "0", "0"), ("n1", "1", "0"), ("n2", "0", "1")]
+
+
+def test_a_node_s_workers_see_its_gpus_and_local_rank_is_the_own_gpu():
+    """cuda:LOCAL_RANK among the node's visible GPUs is the GPU Ray gave the worker (ids sort as numbers)."""
+    seats = [
+        seat("on-10", "n1", "10.0.0.1", ["10"]),
+        seat("on-2", "n1", "10.0.0.1", ["2"]),
+        seat("on-9", "n1", "10.0.0.1", ["9"]),
+        seat("other", "n2", "10.0.0.2", ["0"]),
+    ]
+    ordered = order_ranks(seats, driver_ip="10.0.0.1")
+    envs = rank_environments(ordered)
+    assert [s.actor for s in ordered] == ["on-2", "on-9", "on-10", "other"]
+    for s, env in zip(ordered, envs, strict=True):
+        visible = env["CUDA_VISIBLE_DEVICES"].split(",")
+        assert visible[int(env["LOCAL_RANK"])] == s.gpus[0]
+    assert envs[0]["CUDA_VISIBLE_DEVICES"] == "2,9,10" and envs[3]["CUDA_VISIBLE_DEVICES"] == "0"
