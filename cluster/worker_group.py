@@ -75,7 +75,8 @@ class SpmdWorker:
         The entry's module is imported here, after CUDA_VISIBLE_DEVICES is set: torch reads it once, at its
         first CUDA call.
         """
-        os.environ.update(env)
+        host, _, port = address.removeprefix("tcp://").rpartition(":")
+        os.environ.update(env, MASTER_ADDR=host, MASTER_PORT=port)  # accelerate asks for them on several nodes
         module, _, name = entry.partition(":")
         function: Callable[[dict, int], None] = getattr(importlib.import_module(module), name)
         import torch.distributed as dist
@@ -136,13 +137,11 @@ def order_ranks(seats: list[Seat], driver_ip: str) -> list[Seat]:
     return sorted(seats, key=lambda s: (node_of[s.node_id], [gpu_order(g) for g in s.gpus]))
 
 
-def run_spmd_workers(
-    entry: str, payload: dict, cluster: ClusterConfig, on_started: Callable[[], None] = lambda: None
-) -> None:
+def run_spmd_workers(entry: str, payload: dict, cluster: ClusterConfig) -> None:
     """Run `entry(payload, rank)` on `cluster.workers` Ray actors in one process group; WorkersFailed if any fails.
 
-    `on_started` is called once every worker is placed, before they run. When a rank fails, its peers get
-    FAILURE_GRACE_S to fail as well, then every worker is ended and the failures are raised together.
+    When a rank fails, its peers get FAILURE_GRACE_S to fail as well, then every worker is ended and the
+    failures are raised together.
     """
     import ray
     from ray.util.placement_group import placement_group
@@ -173,7 +172,6 @@ def run_spmd_workers(
         seats = [Seat(actor, *place) for actor, place in zip(actors, places, strict=True)]
         seats = order_ranks(seats, ray.util.get_node_ip_address())
         address = ray.get(seats[0].actor.rendezvous_address.remote())
-        on_started()
         refs = [
             seat.actor.run.remote(entry, payload, env, address, torch_backend(cluster), cluster.collective_timeout_s)
             for seat, env in zip(seats, rank_environments(seats), strict=True)
