@@ -5,8 +5,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import socket
-from collections.abc import Iterator
+import sys
+import threading
+from collections.abc import Callable, Iterator
 
 from cluster.config import ClusterConfig
 from cluster.extensions import clear_stale_locks, extensions_dir
@@ -35,7 +38,11 @@ def torch_backend(cfg: ClusterConfig) -> str:
 
 
 def worker_env(cfg: ClusterConfig) -> dict[str, str]:
-    """Environment for each worker: one BLAS thread pool per granted CPU, an extension cache per torch build."""
+    """Environment for each worker: one BLAS thread pool per granted CPU, an extension cache per torch build.
+
+    Each actor sets it itself (the SPMD workers before importing their entry, PPO's roles in their runtime_env):
+    as the job's runtime_env it would keep every actor out of the worker processes Ray prestarts (~0.7 s each).
+    """
     threads = str(max(1, int(cfg.cpus_per_worker)))
     env = {
         "OMP_NUM_THREADS": threads,
@@ -55,44 +62,125 @@ def ray_cluster(cfg: ClusterConfig, cpus_needed: float | None = None) -> Iterato
     A local Ray listens on 127.0.0.1 only and is stopped when the block ends; it offers at least
     `cpus_needed` CPUs (default: the workers' share), so a job sized for a laptop fits on it.
     """
+    with ray_starting(cfg, cpus_needed) as wait_until_up:
+        wait_until_up()
+        yield
+
+
+@contextlib.contextmanager
+def ray_starting(cfg: ClusterConfig, cpus_needed: float | None = None) -> Iterator[Callable[[], None]]:
+    """`ray_cluster` that starts a local Ray in the background at once and yields a function waiting until it is up.
+
+    The driver imports and checks the job meanwhile: a local Ray takes about 2.5 s to start on 2 cores. A remote
+    cluster is connected to only when waited for, after the checks; nothing is placed on either before then.
+    """
     import ray
 
-    if ray.is_initialized():
-        yield
+    global _local_ray
+    if _local_ray is not None:  # an outer block (the CLI's, before its imports) is starting it
+        yield _local_ray.wait_until_up
         return
-    env = {"env_vars": worker_env(cfg)}
+    if ray.is_initialized():
+        yield lambda: None
+        return
     # a build that died on this machine left a lock the workers would wait on forever; remote nodes keep
     # their own caches (or share this one over a network filesystem, where only the lock's age counts)
-    clear_stale_locks(env["env_vars"]["TORCH_EXTENSIONS_DIR"])
+    clear_stale_locks(worker_env(cfg)["TORCH_EXTENSIONS_DIR"])
     if cfg.address:
-        # ray.init retries a silent address for minutes; a bad address should fail in seconds
-        host, _, port = cfg.address.removeprefix("ray://").rpartition(":")
-        why = unreachable(host, int(port)) if host and port.isdigit() else None
-        if why:
-            raise ClusterError(
-                f"cannot reach the Ray cluster at cluster.address={cfg.address} ({why}); check the address "
-                "(the head's GCS, host:6379 by default) and that the cluster is up"
-            )
+
+        def connect() -> None:
+            if not ray.is_initialized():
+                connect_to_cluster(cfg.address)
+
         try:
-            ray.init(address=cfg.address, log_to_driver=False, runtime_env=env)
-        except Exception as exc:  # ray raises ConnectionError, TimeoutError or RuntimeError here
-            raise ClusterError(
-                f"cannot connect to the Ray cluster at cluster.address={cfg.address} ({type(exc).__name__}: "
-                f"{str(exc).splitlines()[0] if str(exc) else ''}); check the address, that the cluster is up, "
-                "and the auth token (RAY_AUTH_TOKEN or ~/.ray/auth_token)"
-            ) from None
-    else:
-        needed = cpus_needed if cpus_needed is not None else cfg.workers * cfg.cpus_per_worker
-        ray.init(
-            num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
-            _node_ip_address="127.0.0.1",
-            include_dashboard=cfg.dashboard,
-            dashboard_host="127.0.0.1",
-            log_to_driver=False,
-            runtime_env=env,
-        )
-        log.info("started a local Ray on 127.0.0.1")
+            yield connect
+        finally:
+            ray.shutdown()
+        return
+    needed = cpus_needed if cpus_needed is not None else cfg.workers * cfg.cpus_per_worker
+    local = LocalRay(
+        num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+        _node_ip_address="127.0.0.1",
+        include_dashboard=cfg.dashboard,
+        dashboard_host="127.0.0.1",
+        log_to_driver=False,
+    )
+    if threading.current_thread() is threading.main_thread():  # what ray.init does when called from it
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
+    local.start()
+    _local_ray = local
     try:
-        yield
+        yield local.wait_until_up
     finally:
+        _local_ray = None
+        local.stop()
+
+
+def connect_to_cluster(address: str) -> None:
+    """ray.init on a running cluster, failing in seconds with what to check when it does not answer."""
+    import ray
+
+    # ray.init retries a silent address for minutes; a bad address should fail in seconds
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    why = unreachable(host, int(port)) if host and port.isdigit() else None
+    if why:
+        raise ClusterError(
+            f"cannot reach the Ray cluster at cluster.address={address} ({why}); check the address "
+            "(the head's GCS, host:6379 by default) and that the cluster is up"
+        )
+    try:
+        ray.init(address=address, log_to_driver=False)
+    except Exception as exc:  # ray raises ConnectionError, TimeoutError or RuntimeError here
+        raise ClusterError(
+            f"cannot connect to the Ray cluster at cluster.address={address} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''}); check the address, that the cluster is up, "
+            "and the auth token (RAY_AUTH_TOKEN or ~/.ray/auth_token)"
+        ) from None
+
+
+_local_ray: LocalRay | None = None  # the local Ray a `ray_starting` block of this process is starting or running
+
+
+class LocalRay(threading.Thread):
+    """A thread that starts a local Ray (`ray.init(**init_args)`), keeps it until `stop()`, then shuts it down.
+
+    The thread lives as long as the Ray: Ray's processes die with the thread that started them (Ray sets
+    PR_SET_PDEATHSIG on them, which Linux fires when that thread ends, not the process).
+    """
+
+    def __init__(self, **init_args) -> None:
+        super().__init__(name="local-ray", daemon=True)
+        self.init_args = init_args
+        self.up = threading.Event()
+        self.stopping = threading.Event()
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        """Start Ray, say so, wait to be stopped, shut Ray down."""
+        import ray
+
+        # ray.init sets its SIGTERM handler from the main thread only, and warns here; `ray_starting` sets it
+        ray_log = logging.getLogger("ray._private.worker")
+        ray_log.addFilter(sigterm_warning := lambda record: "SIGTERM handler is not set" not in record.getMessage())
+        try:
+            ray.init(**self.init_args)
+            log.info("started a local Ray on 127.0.0.1")
+        except BaseException as exc:  # handed to the driver's thread by wait_until_up
+            self.error = exc
+            return
+        finally:
+            ray_log.removeFilter(sigterm_warning)
+            self.up.set()
+        self.stopping.wait()
         ray.shutdown()
+
+    def wait_until_up(self) -> None:
+        """Block until Ray is up; raise what ray.init raised."""
+        self.up.wait()
+        if self.error is not None:
+            raise self.error
+
+    def stop(self) -> None:
+        """Shut Ray down (after it finished starting) and wait for it."""
+        self.stopping.set()
+        self.join()

@@ -2,7 +2,9 @@
 
 Ray Train did this until issue 12. On 2 CPU cores its controller, coordinator and cleaner actors, and workers
 given their own runtime_env (so never the processes Ray prestarts), took about 9 of the 26 s before sft-tiny's
-first step. Here the workers are Ray's prestarted processes, so they are up about 0.6 s after Ray is.
+first step. Here the workers are Ray's prestarted processes, so they are up about 0.3 s after Ray is: no
+runtime_env is set for them or for the job (any would send them to fresh processes, 0.7 s later); each
+worker sets its environment (`worker_env`, the torchrun variables) itself, before importing its entry.
 
 The group does what the job needs of Ray Train, no more: bundles of {CPU, GPU} placed PACK or SPREAD, ranks
 ordered so one node's ranks are consecutive, the torchrun variables (RANK, LOCAL_RANK, WORLD_SIZE, ...), the
@@ -16,13 +18,14 @@ from __future__ import annotations
 import importlib
 import os
 import socket
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
 from cluster.config import ClusterConfig
-from cluster.ray_cluster import ClusterError, torch_backend
+from cluster.ray_cluster import ClusterError, torch_backend, worker_env
 
 FAILURE_GRACE_S = 3.0  # after one rank fails, how long its peers get to fail too (a lost partner ends a collective)
 
@@ -69,14 +72,25 @@ class SpmdWorker:
         """tcp://ip:port on this worker's node (asked of rank 0), where the ranks meet."""
         return rendezvous_address()
 
-    def run(self, entry: str, payload: dict, env: dict[str, str], address: str, backend: str, timeout_s: float) -> None:
+    def run(
+        self,
+        entry: str,
+        payload: dict,
+        env: dict[str, str],
+        address: str,
+        backend: str,
+        timeout_s: float,
+        absent: tuple[str, ...] = (),
+    ) -> None:
         """Set the torchrun variables, join the process group, run `entry` ("module:function") with payload and rank.
 
         The entry's module is imported here, after CUDA_VISIBLE_DEVICES is set: torch reads it once, at its
-        first CUDA call.
+        first CUDA call. The packages in `absent` cannot be imported in this process, as if not installed.
         """
         host, _, port = address.removeprefix("tcp://").rpartition(":")
         os.environ.update(env, MASTER_ADDR=host, MASTER_PORT=port)  # accelerate asks for them on several nodes
+        for package in absent:
+            sys.modules.setdefault(package, None)  # None in sys.modules is how Python refuses an import
         module, _, name = entry.partition(":")
         function: Callable[[dict, int], None] = getattr(importlib.import_module(module), name)
         import torch.distributed as dist
@@ -102,13 +116,14 @@ class Seat:
     gpus: list[str]
 
 
-def rank_environments(seats: list[Seat]) -> list[dict[str, str]]:
-    """The torchrun variables of each rank (seats in rank order): one node's ranks share its GPUs."""
+def rank_environments(seats: list[Seat], common: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """The torchrun variables of each rank (seats in rank order) on top of `common`: one node's ranks share its GPUs."""
     nodes = list(dict.fromkeys(seat.node_id for seat in seats))
     environments = []
     for rank, seat in enumerate(seats):
         local = [s for s in seats if s.node_id == seat.node_id]
         env = {
+            **(common or {}),
             "RANK": str(rank),
             "WORLD_SIZE": str(len(seats)),
             "LOCAL_RANK": str(local.index(seat)),
@@ -137,8 +152,10 @@ def order_ranks(seats: list[Seat], driver_ip: str) -> list[Seat]:
     return sorted(seats, key=lambda s: (node_of[s.node_id], [gpu_order(g) for g in s.gpus]))
 
 
-def run_spmd_workers(entry: str, payload: dict, cluster: ClusterConfig) -> None:
+def run_spmd_workers(entry: str, payload: dict, cluster: ClusterConfig, absent: tuple[str, ...] = ()) -> None:
     """Run `entry(payload, rank)` on `cluster.workers` Ray actors in one process group; WorkersFailed if any fails.
+
+    The packages in `absent` are kept out of the workers: ones their imports would load but the job never calls.
 
     When a rank fails, its peers get FAILURE_GRACE_S to fail as well, then every worker is ended and the
     failures are raised together.
@@ -173,8 +190,10 @@ def run_spmd_workers(entry: str, payload: dict, cluster: ClusterConfig) -> None:
         seats = order_ranks(seats, ray.util.get_node_ip_address())
         address = ray.get(seats[0].actor.rendezvous_address.remote())
         refs = [
-            seat.actor.run.remote(entry, payload, env, address, torch_backend(cluster), cluster.collective_timeout_s)
-            for seat, env in zip(seats, rank_environments(seats), strict=True)
+            seat.actor.run.remote(
+                entry, payload, env, address, torch_backend(cluster), cluster.collective_timeout_s, absent
+            )
+            for seat, env in zip(seats, rank_environments(seats, worker_env(cluster)), strict=True)
         ]
         wait_for_ranks(refs)
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -69,6 +70,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    from cluster.ray_cluster import ray_starting
     from launch.config import dump_job, load_job
     from launch.submit import COMMANDS, run_submit_command
 
@@ -142,9 +144,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         from launch.plan import check_job_memory
 
         check_job_memory(job)  # a GPU job that cannot fit is refused before Ray starts
-    from launch.run import run_job
+    # A local Ray starts now, beside launch.run's imports (1.7 s), not after them: 0.3 s sooner to the first
+    # step. PPO's CPU count needs its planner's imports, so its Ray starts in run_job, beside the checks.
+    early = not args.single and job.stage != "ppo"
+    with ray_starting(job.cluster) if early else contextlib.nullcontext():
+        from launch.run import run_job
 
-    result = run_job(job, single=args.single)
+        result = run_job(job, single=args.single)
     print(result.figure())
     return 0
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import socket
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.config import ClusterConfig
-from cluster.ray_cluster import ClusterError, ray_cluster
+from cluster.ray_cluster import ClusterError, ray_starting
 from cluster.resources import wait_for_resources
 from launch.config import PREFERENCE_STAGES, JobConfig, dump_job
 from launch.figures import final_folder, format_figures, stage_figures, starting_point
@@ -40,6 +41,8 @@ from training.tokenize import CHAT_FORMATS, cache_key, default_cache_dir, tokeni
 from training.tracking import check_trackers, tracker_env
 
 log = logging.getLogger(__name__)
+
+TORCH_ADAMW = ("adamw_torch", "adamw_torch_fused")  # the default; PPO's roles build torch's AdamW themselves
 
 
 @dataclass
@@ -134,8 +137,7 @@ def preflight(job: JobConfig) -> None:
 def check_training_options(job: JobConfig) -> None:
     """training.optim names an optimizer transformers has; early stopping and keep_best have evaluations to read."""
     training, output = job.training, job.output
-    torch_adamw = ("adamw_torch", "adamw_torch_fused")  # the default; PPO's roles build torch's AdamW themselves
-    if training.optim not in torch_adamw:  # transformers has these: its Trainer's modules cost the driver 1 s
+    if training.optim not in TORCH_ADAMW:  # transformers has these: its Trainer's modules cost the driver 1 s
         from transformers.training_args import OptimizerNames
 
         names = sorted(o.value for o in OptimizerNames)
@@ -143,7 +145,7 @@ def check_training_options(job: JobConfig) -> None:
             raise UserError(
                 f"training.optim: '{training.optim}' is not an optimizer transformers has; names are {names}"
             )
-    if job.stage == "ppo" and (training.optim not in torch_adamw or training.early_stopping or output.keep_best):
+    if job.stage == "ppo" and (training.optim not in TORCH_ADAMW or training.early_stopping or output.keep_best):
         raise UserError(
             "training.optim, training.early_stopping and output.keep_best apply to the stages that run a Hugging Face "
             "trainer; PPO's roles use AdamW and keep the last checkpoints: remove them from this job"
@@ -243,7 +245,8 @@ def check_disk(job: JobConfig, run_dir: Path) -> None:
 
     saves = job.output.save_steps or (job.stage == "ppo" and job.ppo.save_every)
     models = 2 if job.stage == "ppo" else 1  # the critic is saved beside the policy
-    vocab = len(load_tokenizer(job.model, job.data.chat_template))
+    # a scratch model's embeddings are as many as the tokenizer's tokens; a pretrained one has its own
+    vocab = len(load_tokenizer(job.model, job.data.chat_template)) if job.model.init == "scratch" else 0
     check_free_space(job.train_spec(), run_dir, vocab, job.output.keep_last if saves else 0, models)
 
 
@@ -265,6 +268,27 @@ ENTRY_POINTS = {  # each stage family's worker function, imported in the worker:
     "task head": "training.classify:ray_worker",
     "training": "training.runner:ray_worker",
 }
+
+
+def unused_packages(job: JobConfig) -> tuple[str, ...]:
+    """Packages the workers' imports would load but this job never calls, so they are kept out of the workers.
+
+    PEFT imports bitsandbytes, and bitsandbytes torch's compiler: about 0.9 s of CPU in each worker's start-up.
+    Only QLoRA, bitsandbytes' optimizers and a quantised model use it; a hub id may name a quantised model.
+    """
+    start = job.model.name_or_path if job.model.init == "pretrained" else None
+    sources = [start, job.reward.model, job.distill.teacher]
+
+    def maybe_quantised(source: str) -> bool:
+        config = Path(source) / "config.json"
+        return not config.is_file() or "quantization_config" in json.loads(config.read_text())
+
+    uses_bitsandbytes = (
+        job.peft.method == "qlora"
+        or job.training.optim not in TORCH_ADAMW
+        or any(maybe_quantised(source) for source in sources if source)
+    )
+    return () if uses_bitsandbytes else ("bitsandbytes",)
 
 
 def run_on_ray(job: JobConfig, run_dir: Path) -> None:
@@ -295,7 +319,7 @@ def run_on_ray(job: JobConfig, run_dir: Path) -> None:
             run_dir, f"starting {cluster.workers} Ray worker(s)" + (f", attempt {attempt + 1}" if attempt else "")
         )
         try:
-            run_spmd_workers(ENTRY_POINTS[family], payload, cluster)
+            run_spmd_workers(ENTRY_POINTS[family], payload, cluster, unused_packages(job))
             return
         except Exception as exc:
             reported = find_reported_error(exc)
@@ -395,37 +419,38 @@ def run_job(job: JobConfig, show_progress: bool = True, single: bool = False) ->
 
 def train_and_score(job: JobConfig, run_dir: Path, show_progress: bool, single: bool) -> dict[str, tuple]:
     """Check, train and publish final/ in `run_dir`; the before/after figures of the job's stage."""
-    preflight(job)
-    check_world_size_of_resume(job, run_dir, single)
-    check_disk(job, run_dir)
-    start = starting_point(job)
-    # The starting model does not change while the workers train, so it is scored after them: the first
-    # step comes ~1.5 s sooner and the driver holds no model while the workers load theirs. A start inside
-    # this run's folder (a final/ that this run replaces) is scored first.
-    scored_first = start is not None and Path(start).resolve().is_relative_to(run_dir)
-    before = stage_figures(job, start) if scored_first else None
-    progress = ProgressFollower(run_dir / "metrics.jsonl", job.stage) if show_progress else contextlib.nullcontext()
-    # the driver tokenises before any process group exists, so no rank waits in a barrier while another does
-    tokenise = not single and job.stage in TOKENISED_STAGES
-    streamed = tokenise and job.data.streaming  # tokenised by Ray tasks, so once Ray is up
-    starting = "loading" if single else "starting Ray"
-    set_status(run_dir, "tokenising the data (cached for later runs)" if tokenise and not streamed else starting)
-    # the progress line comes first, so it shows what start-up is doing while the data and Ray get ready
-    with progress:
-        if tokenise and not streamed:  # outside the preemption watch: a stop now has nothing to save
-            log.info("%s", prepare_data(job).summary())
-            set_status(run_dir, starting)
-        if single:
-            with preemption_watch(run_dir):
-                run_single(job, run_dir)
-        elif job.stage == "ppo":
-            from rlhf.ppo.groups import plan_placement, present_roles
-
-            cpus = plan_placement(job.ppo, present_roles(job.train_spec(), job.reward)).total("CPU")
-            with ray_cluster(job.cluster, cpus_needed=cpus), preemption_watch(run_dir):
-                run_ppo_on_ray(job, run_dir)
-        else:
-            with ray_cluster(job.cluster):
+    # A local Ray starts in the background while the driver checks the job (the CLI starts it sooner still);
+    # the workers start only once the checks pass.
+    ray_session = contextlib.nullcontext(lambda: None) if single else ray_starting(job.cluster, ray_cpus(job))
+    with ray_session as wait_for_ray:
+        preflight(job)
+        check_world_size_of_resume(job, run_dir, single)
+        check_disk(job, run_dir)
+        start = starting_point(job)
+        # The starting model does not change while the workers train, so it is scored after them: the first
+        # step comes ~1.5 s sooner and the driver holds no model while the workers load theirs. A start inside
+        # this run's folder (a final/ that this run replaces) is scored first.
+        scored_first = start is not None and Path(start).resolve().is_relative_to(run_dir)
+        before = stage_figures(job, start) if scored_first else None
+        follow = ProgressFollower(run_dir / "metrics.jsonl", job.stage) if show_progress else contextlib.nullcontext()
+        # the driver tokenises before any process group exists, so no rank waits in a barrier while another does
+        tokenise = not single and job.stage in TOKENISED_STAGES
+        streamed = tokenise and job.data.streaming  # tokenised by Ray tasks, so once Ray is up
+        starting = "loading" if single else "starting Ray"
+        set_status(run_dir, "tokenising the data (cached for later runs)" if tokenise and not streamed else starting)
+        # the progress line comes first, so it shows what start-up is doing while the data and Ray get ready
+        with follow:
+            if tokenise and not streamed:  # outside the preemption watch: a stop now has nothing to save
+                log.info("%s", prepare_data(job).summary())
+                set_status(run_dir, starting)
+            wait_for_ray()
+            if single:
+                with preemption_watch(run_dir):
+                    run_single(job, run_dir)
+            elif job.stage == "ppo":
+                with preemption_watch(run_dir):
+                    run_ppo_on_ray(job, run_dir)
+            else:
                 if streamed:  # an interrupted preparation keeps its finished shards for the rerun
                     log.info(
                         "%s", prepare_data(job, on_ray=True, report=lambda line: set_status(run_dir, line)).summary()
@@ -439,3 +464,12 @@ def train_and_score(job: JobConfig, run_dir: Path, show_progress: bool, single: 
     before = stage_figures(job, start) if before is None else before
     figures.update({name: (before[name], after[name]) for name in before})
     return figures
+
+
+def ray_cpus(job: JobConfig) -> float | None:
+    """The CPUs a local Ray must offer for the job: PPO's role bundles; None (the workers' share) otherwise."""
+    if job.stage != "ppo":
+        return None
+    from rlhf.ppo.groups import plan_placement, present_roles
+
+    return plan_placement(job.ppo, present_roles(job.train_spec(), job.reward)).total("CPU")

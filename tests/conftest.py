@@ -89,9 +89,7 @@ def ray_session(tmp_path_factory):
     """One local Ray on 127.0.0.1 for every integration test; jobs see it and reuse it."""
     import ray
 
-    from cluster.config import ClusterConfig
     from cluster.extensions import clear_stale_locks, default_extensions_dir
-    from cluster.ray_cluster import worker_env
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
     clear_stale_locks(os.environ["TORCH_EXTENSIONS_DIR"])  # this fixture starts Ray itself, not via ray_cluster
@@ -101,7 +99,6 @@ def ray_session(tmp_path_factory):
         include_dashboard=False,
         log_to_driver=False,
         _temp_dir=str(tmp_path_factory.mktemp("ray")),
-        runtime_env={"env_vars": worker_env(ClusterConfig(workers=2))},
     )
     yield
     ray.shutdown()

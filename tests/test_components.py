@@ -169,6 +169,27 @@ def test_a_run_whose_checkpoints_cannot_fit_is_refused_before_it_starts(tmp_path
     assert run_bytes(10, adapter=False, checkpoints=2) == 2 * 10 * 20 + 10 * 4
 
 
+@pytest.mark.parametrize("shard", [None, "200KB"])
+def test_the_disk_check_counts_a_folders_parameters_from_its_safetensors_headers_as_the_model_does(tmp_path, shard):
+    """One file or sharded with an index, tied embeddings stored once: the meta device's count, without its imports."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from tests.conftest import TINY_ARCH
+    from training.disk import stored_parameter_count
+
+    config = LlamaConfig(**{k: v for k, v in TINY_ARCH.items() if k != "model_type"}, vocab_size=300)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
+    assert (tmp_path / "model.safetensors.index.json").is_file() == bool(shard)
+    with torch.device("meta"):
+        expected = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    assert stored_parameter_count(tmp_path) == expected
+    config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True}
+    config.save_pretrained(tmp_path)  # packed 4-bit elements say nothing about the count: the meta device counts
+    assert stored_parameter_count(tmp_path) is None
+
+
 def test_progress_line_says_what_start_up_is_doing_and_when_a_run_restarted(tmp_path):
     from launch.progress import progress_line
     from training.run_dir import read_status, set_status

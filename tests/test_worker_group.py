@@ -1,6 +1,13 @@
-"""The SPMD worker group's rank layout: node order, one node's ranks consecutive, the torchrun variables."""
+"""The SPMD worker group: rank layout (node order, one node's ranks consecutive, the torchrun variables), and a real
+run of two workers on the session's Ray."""
 
 from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
 
 from cluster.worker_group import Seat, order_ranks, rank_environments
 
@@ -51,3 +58,37 @@ def test_a_node_s_workers_see_its_gpus_and_local_rank_is_the_own_gpu():
         visible = env["CUDA_VISIBLE_DEVICES"].split(",")
         assert visible[int(env["LOCAL_RANK"])] == s.gpus[0]
     assert envs[0]["CUDA_VISIBLE_DEVICES"] == "2,9,10" and envs[3]["CUDA_VISIBLE_DEVICES"] == "0"
+
+
+def record_worker(payload: dict, rank: int) -> None:
+    """A worker entry: what this rank sees (its environment, the process group, a refused import) into a file."""
+    import torch.distributed as dist
+
+    try:
+        import bitsandbytes  # noqa: F401
+
+        refused = False
+    except ImportError:
+        refused = True
+    seen = {name: os.environ.get(name) for name in ("RANK", "LOCAL_RANK", "OMP_NUM_THREADS", "TORCH_EXTENSIONS_DIR")}
+    seen.update(world=dist.get_world_size(), bitsandbytes_refused=refused)
+    (Path(payload["out"]) / f"rank-{rank}.json").write_text(json.dumps(seen))
+
+
+@pytest.mark.integration
+def test_the_workers_set_their_own_environment_join_one_group_and_keep_absent_packages_out(
+    ray_session, tmp_path, monkeypatch
+):
+    """run() sets worker_env: no runtime_env carries it (one keeps the workers out of Ray's prestarted processes)."""
+    from cluster.config import ClusterConfig
+    from cluster.worker_group import run_spmd_workers
+
+    # set after the session's Ray started, so a worker sees it only if run() sets it
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))
+    cluster = ClusterConfig(workers=2)
+    run_spmd_workers("tests.test_worker_group:record_worker", {"out": str(tmp_path)}, cluster, absent=("bitsandbytes",))
+    seen = [json.loads((tmp_path / f"rank-{rank}.json").read_text()) for rank in (0, 1)]
+    for rank, ranked in enumerate(seen):
+        assert ranked["RANK"] == ranked["LOCAL_RANK"] == str(rank)
+        assert ranked["OMP_NUM_THREADS"] == "1" and ranked["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "extensions")
+        assert ranked["world"] == 2 and ranked["bitsandbytes_refused"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from training.config import DeepSpeedSection
@@ -61,3 +62,18 @@ def zero_stage(section: DeepSpeedSection | None) -> int:
     if section is None:
         return 0
     return int(build_deepspeed_config(section).get("zero_optimization", {}).get("stage", 0))
+
+
+def import_deepspeed_without_mlflow() -> None:
+    """Import DeepSpeed with MLflow hidden from it, as if MLflow were not installed.
+
+    DeepSpeed's autotuner imports MLflow whenever DeepSpeed is imported, though only autotuning (which we do
+    not run) uses it: 0.4 s of CPU in each worker's start-up. MLflow stays importable afterwards.
+    """
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        return
+    sys.modules["mlflow"] = None  # None in sys.modules is how Python refuses an import
+    try:
+        import deepspeed  # noqa: F401
+    finally:
+        del sys.modules["mlflow"]

@@ -27,7 +27,7 @@ from training.callbacks import (
 )
 from training.chat_templates import stop_at_end_of_turn
 from training.config import ADAPTER_METHODS, ModelConfig, TrainingConfig, TrainSpec
-from training.deepspeed_config import build_deepspeed_config, zero_stage
+from training.deepspeed_config import build_deepspeed_config, import_deepspeed_without_mlflow, zero_stage
 from training.errors import UserError
 from training.faults import apply_faults
 from training.finetune_method import (
@@ -357,6 +357,8 @@ def start_ray_worker(payload: dict, rank: int) -> Path:
     run_dir = Path(payload["run_dir"])
     apply_faults(payload.get("faults", {}))
     apply_tracker_env(payload.get("tracker_env", {}))
+    if payload["spec"].get("deepspeed"):
+        import_deepspeed_without_mlflow()
     redirect_output(run_dir / "logs" / f"worker-{rank}.log")
     watch_start_up(run_dir, f"rank {rank}")
     log.info("rank %d (pid %d) runs on Ray node %s", rank, os.getpid(), ray.get_runtime_context().get_node_id())

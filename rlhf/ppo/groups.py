@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cluster.config import ClusterConfig
-from cluster.ray_cluster import ClusterError
+from cluster.ray_cluster import ClusterError, worker_env
 from cluster.worker_group import end_actors_and_group, wait_for_placement
 from rlhf.config import PpoSection, RewardSection, RoleSection
 from rlhf.ppo.batches import split_rows
@@ -226,6 +226,7 @@ def start_role_groups(
                 remote.options(
                     num_cpus=seat.cpus,
                     num_gpus=seat.gpus,
+                    runtime_env={"env_vars": worker_env(cluster)},  # before the role's module imports torch
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         placement_group=group, placement_group_bundle_index=seat.bundle
                     ),

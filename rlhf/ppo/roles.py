@@ -23,7 +23,7 @@ from rlhf.ppo import algorithms as algo
 from rlhf.ppo.batches import response_logits, select_rows
 from rlhf.ppo.generation import HFGenerator, whole_weights
 from training.config import ModelConfig, TrainSpec
-from training.deepspeed_config import build_deepspeed_config
+from training.deepspeed_config import build_deepspeed_config, import_deepspeed_without_mlflow
 from training.faults import apply_faults, hold_rank, nan_loss_steps
 from training.finetune_method import apply_finetune_method, keep_adapters_in_fp32, quantization_config
 from training.model import load_model, load_tokenizer, resolve_dtype
@@ -100,6 +100,7 @@ class RoleWorker:
                 world_size=self.world_size,
                 timeout=timedelta(seconds=timeout_s),
             )
+        import_deepspeed_without_mlflow()
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
