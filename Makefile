@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m launch.demo
+	$(BIN)/python -m tuneyard.launch.demo
 
 # Where the machine allows (root: unshare), the suite runs in a private network namespace with only
 # loopback up, so the test clusters (Ray, SLURM) cannot take or listen on any other address. SLURM's

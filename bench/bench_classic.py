@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from launch.config import job_from_dict  # noqa: E402
-from launch.run import run_job  # noqa: E402
-from training.metrics import read_metrics  # noqa: E402
+from tuneyard.launch.config import job_from_dict  # noqa: E402
+from tuneyard.launch.run_job import run_job  # noqa: E402
+from tuneyard.training.metrics import read_metrics  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent / "examples" / "data"
 STEPS, BATCH = 150, 16  # about one epoch of the 2,400 training reviews

@@ -57,7 +57,7 @@ def run_single(job: dict) -> int:
     path.write_text(yaml.safe_dump(job))
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     child = subprocess.Popen(
-        [sys.executable, "-m", "launch.cli", "train", str(path), "--single"],
+        [sys.executable, "-m", "tuneyard.launch.cli", "train", str(path), "--single"],
         cwd=ROOT,
         env=env,
         stdout=subprocess.DEVNULL,

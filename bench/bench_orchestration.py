@@ -1,6 +1,6 @@
 """Orchestration overhead: tuneyard SFT on Ray (2 workers, ZeRO-2) vs the same trainer under torchrun.
 
-Both sides run `training.runner.run_training` with the same job, so the only difference is who
+Both sides run `tuneyard.training.causal_lm_recipe.run_training` with the same job, so the only difference is who
 starts and connects the processes. Rounds alternate the two sides to spread machine noise.
 """
 
@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import yaml
+from tuneyard.launch.config import job_from_dict
+from tuneyard.launch.run_job import run_job
+from tuneyard.training.run_dir import job_identity, prepare_run_dir
 
 from bench.common import ROOT, sft_job, steady_rate
-from launch.config import job_from_dict
-from launch.run import run_job
-from training.run_dir import job_identity, prepare_run_dir
 
 
 def run_torchrun(job: dict) -> None:

@@ -6,9 +6,10 @@ import json
 import random
 from pathlib import Path
 
+from tuneyard.launch.config import job_from_dict
+from tuneyard.launch.run_job import run_job
+
 from bench.common import sft_job, steady_rate
-from launch.config import job_from_dict
-from launch.run import run_job
 
 WORDS = ["red", "fox", "owl", "river", "stone", "bread", "hill", "cloud", "lamp", "road"]
 

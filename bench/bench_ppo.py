@@ -38,10 +38,11 @@ import subprocess
 import time
 from pathlib import Path
 
+from tuneyard.launch.config import job_from_dict
+from tuneyard.launch.run_job import run_job
+from tuneyard.training.metrics import read_metrics
+
 from bench.common import ARCH, ROOT, TOKENIZER
-from launch.config import job_from_dict
-from launch.run import run_job
-from training.metrics import read_metrics
 
 DATA = ROOT / "examples" / "data"
 PROMPTS = DATA / "last-word-prompts-train.jsonl"

@@ -9,9 +9,8 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
-
-from training.config import PeftSection
-from training.finetune_method import apply_finetune_method, parameter_counts, quantization_config
+from tuneyard.training.config import PeftSection
+from tuneyard.training.finetune_method import apply_finetune_method, parameter_counts, quantization_config
 
 # A 0.3B-parameter Llama shape: big enough that the linear layers dominate, small enough for CPU.
 ARCH = {

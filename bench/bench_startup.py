@@ -21,11 +21,12 @@ import sys
 import time
 from pathlib import Path
 
+from tuneyard.launch.config import load_job
+from tuneyard.launch.run_job import run_job
+from tuneyard.training.metrics import read_metrics
+from tuneyard.training.run_dir import read_outcome, status_history
+
 from bench.common import ROOT
-from launch.config import load_job
-from launch.run import run_job
-from training.metrics import read_metrics
-from training.run_dir import read_outcome, status_history
 
 BEFORE_COMMIT = "4f85327"
 ROUNDS = 3
@@ -48,7 +49,12 @@ def cli(tree: Path, *args: str) -> tuple[float, subprocess.CompletedProcess]:
     env["PYTHONPATH"] = str(tree)
     started = time.time()
     done = subprocess.run(
-        [sys.executable, "-m", "launch.cli", *args], cwd=tree, env=env, capture_output=True, text=True, timeout=600
+        [sys.executable, "-m", "tuneyard.launch.cli", *args],
+        cwd=tree,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     if done.returncode != 0:
         raise RuntimeError(f"tuneyard {' '.join(args)} in {tree} failed:\n{done.stderr[-3000:]}")

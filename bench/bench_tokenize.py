@@ -6,10 +6,11 @@ import shutil
 import time
 from pathlib import Path
 
+from tuneyard.training.config import DataConfig, ModelConfig
+from tuneyard.training.data.tokenize import prepare_datasets
+from tuneyard.training.model import load_tokenizer
+
 from bench.common import TOKENIZER
-from training.config import DataConfig, ModelConfig
-from training.model import load_tokenizer
-from training.tokenize import prepare_datasets
 
 DATA = TOKENIZER.parent.parent / "data"
 

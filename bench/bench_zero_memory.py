@@ -16,10 +16,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tuneyard.launch.plan.memory import Setup, rank_memory, shape_of_config
+from tuneyard.training.config import PeftSection
+
 from bench.common import ROOT
 from bench.zero_memory_worker import ARCH
-from training.config import PeftSection
-from training.memory_plan import Setup, rank_memory, shape_of_config
 
 
 def free_port() -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from training.metrics import read_metrics
+from tuneyard.training.metrics import read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKENIZER = ROOT / "examples" / "tiny" / "tokenizer"

@@ -11,6 +11,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
+from tuneyard.cluster.config import ClusterConfig  # noqa: E402
+from tuneyard.cluster.ray_cluster import ray_cluster  # noqa: E402
+
 from bench import (  # noqa: E402
     bench_classic,
     bench_data_prep,
@@ -24,8 +27,6 @@ from bench import (  # noqa: E402
     bench_zero_memory,
 )
 from bench.summary import write_summary  # noqa: E402
-from cluster.config import ClusterConfig  # noqa: E402
-from cluster.ray_cluster import ray_cluster  # noqa: E402
 
 OWN_RAY = {"startup"}  # benchmarks whose runs start their own local Ray, as a user's `tuneyard train` does
 

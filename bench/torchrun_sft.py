@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 
 import torch.distributed as dist
-
-from launch.config import load_job
-from training.runner import redirect_output, run_training
+from tuneyard.launch.config import load_job
+from tuneyard.training.causal_lm_recipe import run_training
+from tuneyard.training.worker_start import redirect_output
 
 
 def main() -> None:

@@ -11,8 +11,8 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 
-from cluster.config import ClusterConfig
-from cluster.extensions import clear_stale_locks, extensions_dir
+from tuneyard.cluster.config import ClusterConfig
+from tuneyard.cluster.extensions import clear_stale_locks, extensions_dir
 
 log = logging.getLogger(__name__)
 

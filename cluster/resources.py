@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from cluster.config import ClusterConfig
-from cluster.ray_cluster import ClusterError
+from tuneyard.cluster.config import ClusterConfig
+from tuneyard.cluster.ray_cluster import ClusterError
 
 KEYS = {"CPU": "cluster.cpus_per_worker", "GPU": "cluster.gpus_per_worker"}
 EPS = 1e-9  # Ray keeps fractional resources to 1e-4; sums of floats must not miss an exact fit

@@ -4,7 +4,7 @@ Values reach the job two ways, neither through a shell: sbatch options are eleme
 argv, and the template's variables are assignments whose values are `shlex.quote`d. A value with
 shell metacharacters is therefore data, never code.
 
-`python -m cluster.slurm wait-nodes ADDRESS N SECONDS` is what the template runs to wait for
+`python -m tuneyard.cluster.slurm wait-nodes ADDRESS N SECONDS` is what the template runs to wait for
 every node to join Ray.
 """
 
@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.ray_cluster import ClusterError
+from tuneyard.cluster.ray_cluster import ClusterError
 
 TEMPLATE = Path(__file__).resolve().parent.parent / "slurm" / "tuneyard.sbatch"
 BLOCK_START = "# >>> tuneyard variables"
@@ -257,10 +257,10 @@ def wait_for_nodes(address: str, count: int, timeout_s: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m cluster.slurm wait-nodes ADDRESS N SECONDS`: exit 0 once N Ray nodes are alive, 1 on timeout."""
+    """`python -m tuneyard.cluster.slurm wait-nodes ADDRESS N SECONDS`: exit 0 once N Ray nodes are alive, 1 after."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 4 or args[0] != "wait-nodes":
-        print("usage: python -m cluster.slurm wait-nodes ADDRESS NODES SECONDS", file=sys.stderr)
+        print("usage: python -m tuneyard.cluster.slurm wait-nodes ADDRESS NODES SECONDS", file=sys.stderr)
         return 2
     address, count, timeout_s = args[1], int(args[2]), float(args[3])
     alive = wait_for_nodes(address, count, max(timeout_s, 1.0))

@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
-from cluster.config import ClusterConfig
-from cluster.ray_cluster import ClusterError, torch_backend, worker_env
+from tuneyard.cluster.config import ClusterConfig
+from tuneyard.cluster.ray_cluster import ClusterError, torch_backend, worker_env
 
 FAILURE_GRACE_S = 3.0  # after one rank fails, how long its peers get to fail too (a lost partner ends a collective)
 

@@ -9,7 +9,7 @@ import os
 import sys
 from pathlib import Path
 
-from training.errors import UserError
+from tuneyard.training.errors import UserError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,16 +63,16 @@ def _parser() -> argparse.ArgumentParser:
     pipeline.add_argument("pipeline", help="pipeline YAML: stages: [{job: FILE, overrides: [...]}, ...]")
     pipeline.add_argument("--single", action="store_true", help="every stage in this process, without Ray")
     pipeline.add_argument("--force", action="store_true", help="run finished stages again too")
-    from launch.submit import add_submit_commands
+    from tuneyard.launch.submit import add_submit_commands
 
     add_submit_commands(commands)
     return parser
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    from cluster.ray_cluster import ray_starting
-    from launch.config import dump_job, load_job
-    from launch.submit import COMMANDS, run_submit_command
+    from tuneyard.cluster.ray_cluster import ray_starting
+    from tuneyard.launch.config import dump_job, load_job
+    from tuneyard.launch.submit import COMMANDS, run_submit_command
 
     if args.command in COMMANDS:
         return run_submit_command(args)
@@ -80,13 +80,13 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(dump_job(load_job(args.job, args.overrides)), end="")
         return 0
     if args.command == "prepare":
-        from launch.prepare import prepare_data
+        from tuneyard.launch.prepare import prepare_data
 
         job = load_job(args.job, args.overrides)
         if not job.data.streaming:
             print(prepare_data(job).summary())
             return 0
-        from cluster.ray_cluster import ray_cluster
+        from tuneyard.cluster.ray_cluster import ray_cluster
 
         with ray_cluster(job.cluster):  # a streamed corpus is tokenised by tasks spread over the cluster
             print(
@@ -94,12 +94,12 @@ def _dispatch(args: argparse.Namespace) -> int:
             )
         return 0
     if args.command == "plan":
-        from launch.plan import hardware_from_args, print_plan
+        from tuneyard.launch.plan.spmd import hardware_from_args, print_plan
 
         job = load_job(args.job, args.overrides)
         return print_plan(job, hardware_from_args(args, job), args.architecture)
     if args.command == "runs":
-        from launch.runs import list_runs
+        from tuneyard.launch.run_list import list_runs
 
         print(list_runs(Path(args.root)))
         return 0
@@ -108,7 +108,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         for run_dir in run_dirs:
             if not (run_dir / "metrics.jsonl").is_file():
                 raise UserError(f"{run_dir} has no metrics.jsonl; give a run directory (output.dir of a job)")
-        from training.metrics import plot_runs  # matplotlib: after the cheap checks
+        from tuneyard.training.metrics import plot_runs  # matplotlib: after the cheap checks
 
         out = Path(args.out) if args.out else (run_dirs[0] / "metrics.png" if len(run_dirs) == 1 else Path("runs.png"))
         labels = [d.name for d in run_dirs] if len({d.name for d in run_dirs}) == len(run_dirs) else args.run_dirs
@@ -117,7 +117,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command in ("chat", "generate"):
         if args.max_new_tokens < 1 or args.temperature < 0:
             raise UserError("--max-new-tokens must be at least 1 and --temperature at least 0 (0 answers greedily)")
-        from launch.inference import chat, generate_file
+        from tuneyard.launch.inference import chat, generate_file
 
         if args.command == "chat":
             chat(Path(args.run_dir), args.max_new_tokens, args.temperature, args.system)
@@ -128,27 +128,29 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(f"{count} responses in {args.out}")
         return 0
     if args.command == "pipeline":
-        from launch.pipeline import run_pipeline
+        from tuneyard.launch.pipeline import run_pipeline
 
         run_pipeline(Path(args.pipeline), single=args.single, force=args.force)
         return 0
     if args.command == "export":
-        from training.export import export_adapter, export_merged
+        from tuneyard.launch.export import export_adapter, export_merged
 
         run_dir = Path(args.run_dir)
         out = Path(args.out) if args.out else run_dir / ("export-merged" if args.merge else "export-adapter")
         print((export_merged if args.merge else export_adapter)(run_dir, out))
         return 0
-    job = load_job(args.job, args.overrides)  # before launch.run's imports (seconds), so a typo answers at once
+    job = load_job(
+        args.job, args.overrides
+    )  # before tuneyard.launch.run_job's imports (seconds), so a typo answers at once
     if not args.single and not args.no_plan_check:
-        from launch.plan import check_job_memory
+        from tuneyard.launch.plan.spmd import check_job_memory
 
         check_job_memory(job)  # a GPU job that cannot fit is refused before Ray starts
-    # A local Ray starts now, beside launch.run's imports (1.7 s), not after them: 0.3 s sooner to the first
+    # A local Ray starts now, beside run_job's imports, not after them: 0.3 s sooner to the first
     # step. PPO's CPU count needs its planner's imports, so its Ray starts in run_job, beside the checks.
     early = not args.single and job.stage != "ppo"
     with ray_starting(job.cluster) if early else contextlib.nullcontext():
-        from launch.run import run_job
+        from tuneyard.launch.run_job import run_job
 
         result = run_job(job, single=args.single)
     print(result.figure())
@@ -173,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # the "Loading weights" bars; our own progress line says enough
-    from cluster.ray_cluster import ClusterError
+    from tuneyard.cluster.ray_cluster import ClusterError
 
     try:
         return _dispatch(args)
@@ -188,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 130
     except Exception as exc:
-        # an outcome that is not a failure but has its own exit code (training.preemption.Preempted: 75)
+        # an outcome that is not a failure but has its own exit code (tuneyard.training.preemption.Preempted: 75)
         if getattr(exc, "exit_code", None) is None:
             raise
         print(str(exc), file=sys.stderr)

@@ -9,9 +9,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from cluster.config import ClusterConfig
-from rlhf.config import (
+from tuneyard.cluster.config import ClusterConfig
+from tuneyard.rlhf.config import (
     DistillSection,
     DpoSection,
     GrpoSection,
@@ -21,9 +20,7 @@ from rlhf.config import (
     RewardSection,
     RlooSection,
 )
-from training.classify_data import TASK_HEAD_STAGES as TASK_HEADS
-from training.classify_data import task_head_problem
-from training.config import (
+from tuneyard.training.config import (
     PROMPT_METHODS,
     DataConfig,
     DeepSpeedSection,
@@ -33,7 +30,9 @@ from training.config import (
     TrainingConfig,
     TrainSpec,
 )
-from training.errors import UserError
+from tuneyard.training.data.labels import TASK_HEAD_STAGES as TASK_HEADS
+from tuneyard.training.data.labels import task_head_problem
+from tuneyard.training.errors import UserError
 
 Stage = Literal[
     "pretrain", "sft", "reward", "dpo", "kto", "grpo", "rloo", "ppo", "distill", "classify", "token-classify"
@@ -316,7 +315,7 @@ def _absolute(path: str | None, must_exist_to_count: bool = False) -> str | None
     """An absolute form of a local path; hub-style names (no such file, not path-like) stay as they are."""
     if path is None:
         return None
-    from training.model import looks_like_local_path
+    from tuneyard.training.model import looks_like_local_path
 
     candidate = Path(path).expanduser()
     if must_exist_to_count and not (candidate.exists() or looks_like_local_path(path)):

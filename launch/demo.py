@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from training.errors import UserError
+from tuneyard.training.errors import UserError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "examples" / "configs"
 
@@ -20,9 +20,9 @@ def main() -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress line says enough
-    from cluster.ray_cluster import ray_cluster
-    from launch.config import load_job
-    from launch.run import run_job
+    from tuneyard.cluster.ray_cluster import ray_cluster
+    from tuneyard.launch.config import load_job
+    from tuneyard.launch.run_job import run_job
 
     try:
         pretrain = load_job(CONFIGS / "pretrain-tiny.yaml", ["output.overwrite=true"])

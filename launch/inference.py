@@ -13,15 +13,14 @@ from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from training.errors import UserError
+from tuneyard.training.errors import UserError
 
 GENERATING_STAGES = ("pretrain", "sft", "dpo", "kto", "grpo", "rloo", "ppo", "distill")
 
 
 def checked_run(run_dir: Path) -> dict:
     """The job of a finished run whose final/ generates text (refused in one paragraph otherwise)."""
-    from training.export import read_run_job
+    from tuneyard.launch.export import read_run_job
 
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -44,8 +43,7 @@ def checked_run(run_dir: Path) -> dict:
 def load_run_model(run_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model in RUN_DIR/final/ for generation (a LoRA/QLoRA adapter on its base) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from training.export import load_adapter_model
+    from tuneyard.launch.export import load_adapter_model
 
     job = checked_run(run_dir)
     final = Path(run_dir) / "final"
@@ -127,8 +125,7 @@ def generate_file(
     `out` appears whole or not at all (written beside it, then renamed). Returns the number of rows.
     """
     from transformers import set_seed
-
-    from training.data import rows_of_file
+    from tuneyard.training.data.sources import rows_of_file
 
     checked_run(run_dir)  # a wrong folder answers before the prompts are read
     rows = rows_of_file(str(prompts), "--prompts")

@@ -7,12 +7,11 @@ import json
 from pathlib import Path
 
 import yaml
-
-from cluster.ray_cluster import ray_cluster
-from launch.config import JobConfig, describe_yaml_error, load_job
-from launch.run import RunResult, eval_loss_figure, run_job
-from training.errors import UserError
-from training.run_dir import RUN_FILE, job_identity
+from tuneyard.cluster.ray_cluster import ray_cluster
+from tuneyard.launch.config import JobConfig, describe_yaml_error, load_job
+from tuneyard.launch.run_job import RunResult, eval_loss_figure, run_job
+from tuneyard.training.errors import UserError
+from tuneyard.training.run_dir import RUN_FILE, job_identity
 
 
 def load_pipeline(path: Path) -> list[JobConfig]:

@@ -3,7 +3,7 @@
 Workers used to build the cache on rank 0 while the other ranks waited in a process-group barrier,
 which a big corpus turns into a collective timeout (30 min by default). Built here, in the driver,
 before any process group exists, every rank only reads it. A corpus larger than memory (data.streaming)
-is split into shards that Ray tasks tokenise in parallel across the cluster's nodes (training/shards.py).
+is split into shards that Ray tasks tokenise in parallel across the cluster's nodes (training/data/shards.py).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from launch.config import JobConfig
-from training.config import TrainSpec
-from training.errors import UserError
+from tuneyard.launch.config import JobConfig
+from tuneyard.training.config import TrainSpec
+from tuneyard.training.errors import UserError
 
 TOKENISED_STAGES = ("pretrain", "sft")  # the others tokenise their rows on the workers, each for a reason below
 # why a stage has nothing to prepare ahead of its run
@@ -53,9 +53,9 @@ def ray_task_runner(spec: TrainSpec, workers: int):
         runtime_env={"env_vars": {"RAYON_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}},
     )
     def prepare_shard(task, spec_dump: dict, folder: str) -> dict:
-        from training.config import TrainSpec
-        from training.model import load_tokenizer
-        from training.shards import tokenize_shard
+        from tuneyard.training.config import TrainSpec
+        from tuneyard.training.data.shards import tokenize_shard
+        from tuneyard.training.model import load_tokenizer
 
         spec = TrainSpec.model_validate(spec_dump)
         tokenizer = load_tokenizer(spec.model, spec.data.chat_template)
@@ -94,8 +94,8 @@ def prepare_data(job: JobConfig, on_ray: bool = False, report: Callable[[str], N
             f"stage {job.stage}: {reason}, so there is nothing to prepare ahead; `tuneyard prepare` applies to "
             f"stages {' and '.join(TOKENISED_STAGES)}"
         )
-    from training.model import load_tokenizer
-    from training.tokenize import default_cache_dir, prepare_datasets, prepared_folder
+    from tuneyard.training.data.tokenize import default_cache_dir, prepare_datasets, prepared_folder
+    from tuneyard.training.model import load_tokenizer
 
     spec = job.train_spec()
     tokenizer = load_tokenizer(spec.model, spec.data.chat_template)  # as the workers load it: the same cache key

@@ -7,8 +7,8 @@ import threading
 import time
 from pathlib import Path
 
-from training.metrics import read_metrics
-from training.run_dir import read_status
+from tuneyard.training.metrics import read_metrics
+from tuneyard.training.run_dir import read_status
 
 
 def _clock(seconds: float) -> str:

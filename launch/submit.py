@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from cluster import ray_jobs, slurm
-from launch.config import JobConfig, dump_job, load_job
-from training.errors import UserError
+from tuneyard.cluster import ray_jobs, slurm
+from tuneyard.launch.config import JobConfig, dump_job, load_job
+from tuneyard.training.errors import UserError
 
 COMMANDS = ("submit", "status", "logs", "stop")
 # SLURM states in which a job will not run any more (squeue's long names)
@@ -90,7 +90,7 @@ def _slug(name: str) -> str:
 def _submit(args: argparse.Namespace) -> int:
     job = load_job(args.job, args.overrides)
     if not args.no_plan_check:
-        from launch.plan import check_job_memory
+        from tuneyard.launch.plan.spmd import check_job_memory
 
         # before anything is queued or allocated; the cluster's `tuneyard train` checks again where it runs
         check_job_memory(job, nodes=args.nodes if args.ray is None else None, gpus_per_node=args.gpus_per_node or 0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from training.errors import UserError
+from tuneyard.training.errors import UserError
 
 RewardFn = Callable[..., list[float]]
 REGISTRY: dict[str, RewardFn] = {}

@@ -88,8 +88,7 @@ def job_dict(base: dict, run_dir: Path, **sections: dict) -> dict:
 def ray_session(tmp_path_factory):
     """One local Ray on 127.0.0.1 for every integration test; jobs see it and reuse it."""
     import ray
-
-    from cluster.extensions import clear_stale_locks, default_extensions_dir
+    from tuneyard.cluster.extensions import clear_stale_locks, default_extensions_dir
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())
     clear_stale_locks(os.environ["TORCH_EXTENSIONS_DIR"])  # this fixture starts Ray itself, not via ray_cluster
@@ -106,8 +105,8 @@ def ray_session(tmp_path_factory):
 
 def _single_run(base: dict, run_dir: Path, **sections: dict) -> Path:
     """Run a job in this process (no Ray) and return its final/ folder."""
-    from launch.config import job_from_dict
-    from launch.run import run_job
+    from tuneyard.launch.config import job_from_dict
+    from tuneyard.launch.run_job import run_job
 
     job = job_dict(base, run_dir, cluster={"workers": 1}, **sections)
     run_job(job_from_dict(job), show_progress=False, single=True)

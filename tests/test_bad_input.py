@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import EXAMPLES, PRETRAIN_JOB, ROOT, SFT_JOB, job_dict
+from tests.conftest import EXAMPLES, PRETRAIN_JOB, SFT_JOB, job_dict
 from tests.tiny_models import save_tiny_models
 
 OFFLINE = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -29,9 +29,14 @@ PROMPTS = EXAMPLES / "data" / "last-word-prompts-train.jsonl"
 
 def run_tuneyard(*argv: str, cwd: Path) -> subprocess.CompletedProcess:
     """The real CLI in a fresh process, offline (nothing here may need the hub)."""
-    env = {**os.environ, **OFFLINE, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **OFFLINE}
     return subprocess.run(
-        [sys.executable, "-m", "launch.cli", *argv], capture_output=True, text=True, timeout=180, cwd=cwd, env=env
+        [sys.executable, "-m", "tuneyard.launch.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=cwd,
+        env=env,
     )
 
 

@@ -14,14 +14,14 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from tuneyard.launch.cli import main as cli
+from tuneyard.launch.config import job_from_dict
+from tuneyard.launch.run_job import preflight, run_job
+from tuneyard.training.data.labels import IGNORED, token_labels
+from tuneyard.training.errors import UserError
+from tuneyard.training.metrics import read_metrics
 
-from launch.cli import main as cli
-from launch.config import job_from_dict
-from launch.run import preflight, run_job
 from tests.conftest import EXAMPLES, TINY_ARCH, TOKENIZER, job_dict
-from training.classify_data import IGNORED, token_labels
-from training.errors import UserError
-from training.metrics import read_metrics
 
 DATA = EXAMPLES / "data"
 SENTIMENT = {
@@ -161,7 +161,7 @@ HEAD_ADAPTERS = {
 @pytest.mark.parametrize("method", list(HEAD_ADAPTERS))
 def test_adapter_label_names_survive_export_with_the_same_logits(method, tmp_path):
     """Each weight adapter trains beside the head, and `export --merge` and `--adapter` keep its logits and labels."""
-    from training.export import load_adapter_model
+    from tuneyard.launch.export import load_adapter_model
 
     peft, rise = HEAD_ADAPTERS[method]
     run_dir = train(tmp_path, method, model=TINY, peft=peft, training={"max_steps": 30})
@@ -182,8 +182,7 @@ def test_adapter_label_names_survive_export_with_the_same_logits(method, tmp_pat
 def test_prefix_tuning_trains_a_minilm_classifier_and_reloads_with_peft(minilm, tmp_path, capsys):
     """P-tuning v2's setting: a trained key/value prefix in every layer, and the head, on the frozen MiniLM."""
     from peft import PeftModel
-
-    from training.export import load_adapter_model
+    from tuneyard.launch.export import load_adapter_model
 
     run_dir = train(
         tmp_path,

@@ -17,7 +17,7 @@ def run_cli(tmp_path, job: dict, *overrides: str) -> subprocess.CompletedProcess
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return subprocess.run(
-        [sys.executable, "-m", "launch.cli", "train", str(path), *overrides],
+        [sys.executable, "-m", "tuneyard.launch.cli", "train", str(path), *overrides],
         capture_output=True,
         text=True,
         timeout=120,

@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+from tuneyard.training.attention import choose_attn_implementation
+from tuneyard.training.config import DeepSpeedSection, OutputConfig
+from tuneyard.training.deepspeed_config import build_deepspeed_config
+from tuneyard.training.errors import UserError
+from tuneyard.training.metrics import COMPLETE_MARKER
+from tuneyard.training.run_dir import complete_checkpoints, prepare_run_dir, publish_final, resume_checkpoint
 
 from tests.conftest import TOKENIZER
-from training.attention import choose_attn_implementation
-from training.config import DeepSpeedSection, OutputConfig
-from training.deepspeed_config import build_deepspeed_config
-from training.errors import UserError
-from training.metrics import COMPLETE_MARKER
-from training.run_dir import complete_checkpoints, prepare_run_dir, publish_final, resume_checkpoint
 
 
 @pytest.mark.parametrize(
@@ -118,11 +118,11 @@ def test_previous_checkpoint_survives_every_moment_of_a_save(tmp_path):
     own rotation (save_total_limit) N-1 was already gone then, and a kill there left nothing to resume."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+    from tuneyard.training.callbacks import CompleteCheckpointCallback
+    from tuneyard.training.config import TrainSpec
+    from tuneyard.training.trainer_setup import common_trainer_kwargs
 
     from tests.conftest import SFT_JOB, TINY_ARCH, job_dict
-    from training.callbacks import CompleteCheckpointCallback
-    from training.config import TrainSpec
-    from training.runner import common_trainer_kwargs
 
     job = job_dict(
         SFT_JOB, tmp_path, training={"max_steps": 3, "batch_size": 2}, output={"save_steps": 1, "keep_last": 1}
@@ -154,10 +154,11 @@ def test_previous_checkpoint_survives_every_moment_of_a_save(tmp_path):
 
 def test_a_run_whose_checkpoints_cannot_fit_is_refused_before_it_starts(tmp_path):
     """A 0.9T-parameter architecture (counted on the meta device) cannot keep 2 checkpoints on this disk."""
-    from launch.config import job_from_dict
-    from launch.run import run_job
+    from tuneyard.launch.config import job_from_dict
+    from tuneyard.launch.disk_check import run_bytes
+    from tuneyard.launch.run_job import run_job
+
     from tests.conftest import SFT_JOB, TINY_ARCH, job_dict
-    from training.disk import run_bytes
 
     huge = {**TINY_ARCH, "hidden_size": 16384, "intermediate_size": 65536, "num_hidden_layers": 256}
     job = job_dict(SFT_JOB, tmp_path / "run", output={"save_steps": 10, "keep_last": 2})
@@ -174,9 +175,9 @@ def test_the_disk_check_counts_a_folders_parameters_from_its_safetensors_headers
     """One file or sharded with an index, tied embeddings stored once: the meta device's count, without its imports."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
+    from tuneyard.launch.disk_check import stored_parameter_count
 
     from tests.conftest import TINY_ARCH
-    from training.disk import stored_parameter_count
 
     config = LlamaConfig(**{k: v for k, v in TINY_ARCH.items() if k != "model_type"}, vocab_size=300)
     model = AutoModelForCausalLM.from_config(config)
@@ -191,8 +192,8 @@ def test_the_disk_check_counts_a_folders_parameters_from_its_safetensors_headers
 
 
 def test_progress_line_says_what_start_up_is_doing_and_when_a_run_restarted(tmp_path):
-    from launch.progress import progress_line
-    from training.run_dir import read_status, set_status
+    from tuneyard.launch.progress import progress_line
+    from tuneyard.training.run_dir import read_status, set_status
 
     set_status(tmp_path, "tokenising the data (rank 0; cached for later runs)")
     assert read_status(tmp_path) == "tokenising the data (rank 0; cached for later runs)"

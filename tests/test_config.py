@@ -9,9 +9,8 @@ from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
-
-from launch.config import apply_override, load_job
-from training.errors import UserError
+from tuneyard.launch.config import apply_override, load_job
+from tuneyard.training.errors import UserError
 
 GOOD = """\
 stage: sft
@@ -80,7 +79,7 @@ def test_malformed_override():
 
 def test_validate_command_prints_resolved_job(tmp_path):
     out = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "validate", str(write(tmp_path, GOOD)), "training.max_steps=5"],
+        [sys.executable, "-m", "tuneyard.launch.cli", "validate", str(write(tmp_path, GOOD)), "training.max_steps=5"],
         capture_output=True,
         text=True,
         check=True,
@@ -94,7 +93,7 @@ def test_every_example_config_validates(path):
 
 
 def test_every_example_pipeline_validates():
-    from launch.pipeline import load_pipeline
+    from tuneyard.launch.pipeline import load_pipeline
 
     for path in (Path(__file__).parent.parent / "examples" / "pipelines").glob("*.yaml"):
         assert load_pipeline(path)[-1].stage == "ppo"
@@ -184,16 +183,15 @@ def unread_keys(job_model: type[BaseModel]) -> list[str]:
 
 
 def test_every_job_key_is_read_by_the_code():
-    from launch.config import JobConfig
+    from tuneyard.launch.config import JobConfig
 
     assert unread_keys(JobConfig) == [], "keys the schema accepts but no code reads: wire them up or remove them"
 
 
 def test_an_unread_key_is_found_even_when_another_section_reads_its_name():
     from pydantic import create_model
-
-    from launch.config import JobConfig
-    from rlhf.config import DpoSection
+    from tuneyard.launch.config import JobConfig
+    from tuneyard.rlhf.config import DpoSection
 
     # the key this check was written for: accepted, never passed to TRL, while ppo.max_prompt_length is read
     old_dpo = create_model("OldDpoSection", __base__=DpoSection, max_prompt_length=(int | None, None))
@@ -202,7 +200,7 @@ def test_an_unread_key_is_found_even_when_another_section_reads_its_name():
 
 
 def test_identity_ignores_sections_the_stage_does_not_read(tmp_path):
-    from training.run_dir import job_identity
+    from tuneyard.training.run_dir import job_identity
 
     def identity(text: str, *overrides: str) -> str:
         return job_identity(load_job(write(tmp_path, text), list(overrides)).identity_dump())

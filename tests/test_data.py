@@ -6,15 +6,15 @@ import json
 import time
 
 import pytest
+from tuneyard.training.config import DataConfig, ModelConfig
+from tuneyard.training.data.formats import normalize_row
+from tuneyard.training.data.packing import IGNORE_INDEX
+from tuneyard.training.data.sources import read_splits
+from tuneyard.training.data.tokenize import prepare_datasets, tokenize_chat
+from tuneyard.training.errors import UserError
+from tuneyard.training.model import load_tokenizer
 
 from tests.conftest import EXAMPLES, TOKENIZER
-from training.config import DataConfig, ModelConfig
-from training.data import read_splits
-from training.errors import UserError
-from training.formats import normalize_row
-from training.model import load_tokenizer
-from training.packing import IGNORE_INDEX
-from training.tokenize import prepare_datasets, tokenize_chat
 
 
 @pytest.fixture(scope="module")
@@ -118,7 +118,7 @@ def test_a_dataset_folder_loads_through_datasets(tmp_path):
 
 
 def test_plot_writes_a_png(tmp_path):
-    from training.metrics import append_metrics, plot_metrics
+    from tuneyard.training.metrics import append_metrics, plot_metrics
 
     for step in range(1, 6):
         append_metrics(tmp_path / "metrics.jsonl", {"step": step, "loss": 5.0 / step})

@@ -13,10 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from cluster.config import ClusterConfig
-from cluster.extensions import clear_stale_locks, default_extensions_dir, extensions_dir
-from cluster.ray_cluster import worker_env
+from tuneyard.cluster.config import ClusterConfig
+from tuneyard.cluster.extensions import clear_stale_locks, default_extensions_dir, extensions_dir
+from tuneyard.cluster.ray_cluster import worker_env
 
 # what torch.utils.cpp_extension.load does around a build: FileBaton on <TORCH_EXTENSIONS_DIR>/<name>/lock
 HOLD_BATON = """
@@ -88,7 +87,7 @@ def test_locks_of_dead_builds_are_removed_with_a_warning(tmp_path, caplog):
     root = tmp_path / "torch-x-ds-y-cpu-py311"
     locks = [plant(root, "deepspeed_shm_comm"), plant(root, "cpu_adam")]
     (root / "fused_adam").mkdir()  # a finished build: no lock, nothing to do
-    with caplog.at_level(logging.WARNING, logger="cluster.extensions"):
+    with caplog.at_level(logging.WARNING, logger="tuneyard.cluster.extensions"):
         removed = clear_stale_locks(root)
     assert sorted(removed) == sorted(locks)
     assert not any(lock.exists() for lock in locks)
@@ -105,13 +104,13 @@ def test_lock_held_by_a_live_baton_is_kept(tmp_path, caplog, started):
     )
     started.append(holder)
     assert holder.stdout.readline().strip() == "held"
-    with caplog.at_level(logging.WARNING, logger="cluster.extensions"):
+    with caplog.at_level(logging.WARNING, logger="tuneyard.cluster.extensions"):
         assert clear_stale_locks(tmp_path) == []
     assert lock.exists() and not caplog.records
     # the same lock past the age bound goes, held or not: a build hung that long hangs the run too
     old = time.time() - 11 * 60
     os.utime(lock, (old, old))
-    with caplog.at_level(logging.WARNING, logger="cluster.extensions"):
+    with caplog.at_level(logging.WARNING, logger="tuneyard.cluster.extensions"):
         assert clear_stale_locks(tmp_path) == [lock]
     assert not lock.exists() and "11 min old" in caplog.text
 
@@ -148,10 +147,10 @@ def test_a_stale_lock_hangs_a_real_build_until_cleared(tmp_path, started):
     assert list((root / "tiny_op").glob("*.so")) and not (root / "tiny_op" / "lock").exists()
 
 
-# the same build in a process that watches the cache as every worker does (training.runner.watch_start_up)
+# the same build in a process that watches the cache as every worker does (worker_start.watch_start_up)
 WATCHED_BUILD = """
 import sys
-from cluster.extensions import watch_extension_locks
+from tuneyard.cluster.extensions import watch_extension_locks
 from torch.utils.cpp_extension import load
 watch_extension_locks(sys.argv[2], lambda text: print("report:", text, flush=True), every_s=0.5)
 try:
@@ -192,7 +191,7 @@ def test_a_worker_watching_its_cache_is_not_held_by_a_dead_build(tmp_path, start
 
 def test_a_worker_keys_the_default_cache_by_its_own_build(monkeypatch):
     """The driver's default folder is re-keyed in the worker; a user's own TORCH_EXTENSIONS_DIR is kept."""
-    from cluster.extensions import use_own_build_folder
+    from tuneyard.cluster.extensions import use_own_build_folder
 
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/cache/torch-2.0.0-ds-0.1-cu118-py39")
     monkeypatch.setenv("TUNEYARD_DEFAULT_EXTENSIONS_DIR", "/cache/torch-2.0.0-ds-0.1-cu118-py39")
@@ -223,7 +222,7 @@ def test_two_virtualenvs_with_other_torch_versions_share_one_home(tmp_path):
 
     from tests.conftest import PRETRAIN_JOB, ROOT, job_dict
 
-    probe = "import torch, sys; sys.path.insert(0, '.'); from cluster.extensions import build_key; print(build_key())"
+    probe = "import torch, sys; from tuneyard.cluster.extensions import build_key; print(build_key())"
     keys = {
         name: subprocess.run([python, "-c", probe], capture_output=True, text=True, cwd=ROOT, check=True)
         .stdout.strip()
@@ -242,7 +241,7 @@ def test_two_virtualenvs_with_other_torch_versions_share_one_home(tmp_path):
         (tmp_path / f"{name}.yaml").write_text(yaml.safe_dump(job))
         started = time.monotonic()
         proc = subprocess.run(
-            [python, "-m", "launch.cli", "train", str(tmp_path / f"{name}.yaml")],
+            [python, "-m", "tuneyard.launch.cli", "train", str(tmp_path / f"{name}.yaml")],
             capture_output=True,
             text=True,
             timeout=900,

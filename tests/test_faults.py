@@ -18,13 +18,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+from tuneyard.launch.config import job_from_dict
+from tuneyard.launch.run_job import run_job
+from tuneyard.training.metrics import COMPLETE_MARKER, read_metrics
+from tuneyard.training.nonfinite import NonFiniteTraining
+from tuneyard.training.run_dir import complete_checkpoints
 
-from launch.config import job_from_dict
-from launch.run import run_job
 from tests.conftest import PRETRAIN_JOB, ROOT, SFT_JOB, can_mount_tmpfs, job_dict, processes_of_session
-from training.metrics import COMPLETE_MARKER, read_metrics
-from training.nonfinite import NonFiniteTraining
-from training.run_dir import complete_checkpoints
 
 pytestmark = pytest.mark.integration
 
@@ -50,7 +50,7 @@ def train_with_fault(tmp_path: Path, job: dict, **faults: str) -> tuple[subproce
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     env = {**os.environ, **{f"TUNEYARD_FAULT_{name}": value for name, value in faults.items()}}
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "train", str(tmp_path / "job.yaml")],
+        [sys.executable, "-m", "tuneyard.launch.cli", "train", str(tmp_path / "job.yaml")],
         capture_output=True,
         text=True,
         timeout=600,
@@ -194,7 +194,7 @@ def test_a_kill_of_the_driver_inside_a_save_leaves_a_complete_checkpoint_to_resu
     """
     run_dir = tmp_path / "run"
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job_dict(PRETRAIN_JOB, run_dir, **SAVE_EVERY_10)))
-    command = [sys.executable, "-m", "launch.cli", "train", str(tmp_path / "job.yaml")]
+    command = [sys.executable, "-m", "tuneyard.launch.cli", "train", str(tmp_path / "job.yaml")]
     env = {**os.environ, "TUNEYARD_FAULT_PAUSE": "written@20"}
     driver = subprocess.Popen(
         command, env=env, cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
@@ -247,7 +247,7 @@ def test_a_full_disk_during_a_save_is_one_paragraph_and_the_previous_checkpoint_
     job = job_dict(PRETRAIN_JOB, run_dir, training={"max_steps": 15}, output={"save_steps": 5, "keep_last": 1})
     job["data"]["cache_dir"] = str(tmp_path / "tokenized")
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    train = f"'{sys.executable}' -m launch.cli train '{tmp_path / 'job.yaml'}'"
+    train = f"'{sys.executable}' -m tuneyard.launch.cli train '{tmp_path / 'job.yaml'}'"
     out = tmp_path / "out"
     out.mkdir()
     script = f"""

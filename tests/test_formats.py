@@ -10,19 +10,19 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+from tuneyard.launch.config import job_from_dict
+from tuneyard.launch.run_job import preflight
+from tuneyard.training.config import DataConfig, ModelConfig
+from tuneyard.training.data.chat_templates import end_of_turn_id, use_chat_template
+from tuneyard.training.data.formats import normalize_row
+from tuneyard.training.data.packing import IGNORE_INDEX
+from tuneyard.training.data.sources import read_splits
+from tuneyard.training.data.tokenize import tokenize_chat
+from tuneyard.training.errors import UserError
+from tuneyard.training.metrics import read_metrics
+from tuneyard.training.model import load_tokenizer
 
-from launch.config import job_from_dict
-from launch.run import preflight
 from tests.conftest import EXAMPLES, SFT_JOB, TOKENIZER, _single_run, job_dict
-from training.chat_templates import end_of_turn_id, use_chat_template
-from training.config import DataConfig, ModelConfig
-from training.data import read_splits
-from training.errors import UserError
-from training.formats import normalize_row
-from training.metrics import read_metrics
-from training.model import load_tokenizer
-from training.packing import IGNORE_INDEX
-from training.tokenize import tokenize_chat
 
 FORMATS = EXAMPLES / "data" / "formats"
 SAMPLE_COUNT = 64

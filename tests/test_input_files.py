@@ -7,13 +7,13 @@ import shutil
 
 import pytest
 import torch
+from tuneyard.rlhf.preference_recipe import check_reward_model
+from tuneyard.training.config import DataConfig, DataSource, ModelConfig
+from tuneyard.training.data.sources import read_sources
+from tuneyard.training.errors import UserError
+from tuneyard.training.model import check_model_source, load_model, load_tokenizer
 
-from rlhf.stages import check_reward_model
 from tests.tiny_models import save_tiny_models
-from training.config import DataConfig, DataSource, ModelConfig
-from training.data import read_sources
-from training.errors import UserError
-from training.model import check_model_source, load_model, load_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

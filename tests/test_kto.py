@@ -6,15 +6,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from tuneyard.launch.config import job_from_dict
+from tuneyard.launch.run_job import preflight, run_job
+from tuneyard.rlhf.trl_rows import to_trl_rows
+from tuneyard.training.data.formats import normalize_row
+from tuneyard.training.errors import UserError
+from tuneyard.training.metrics import figure_panels, read_metrics
 
-from launch.config import job_from_dict
-from launch.run import preflight, run_job
-from rlhf.data import to_trl_rows
 from tests.conftest import EXAMPLES, TINY_ARCH, TOKENIZER, job_dict
 from tests.test_rlhf import PREFERENCE_JOB
-from training.errors import UserError
-from training.formats import normalize_row
-from training.metrics import figure_panels, read_metrics
 
 DATA = EXAMPLES / "data"
 # the DPO test's job on the same prompts, the pairs taken apart into feedback rows
@@ -147,7 +147,7 @@ def test_lora_kto_with_precomputed_reference_on_two_workers(ray_session, sft_bas
 
 
 def test_progress_line_reads_kto_records():
-    from launch.progress import progress_line
+    from tuneyard.launch.progress import progress_line
 
     start = {"event": "start", "step": 0, "total_steps": 10, "time": 0.0}
     step = {"step": 1, "loss": 0.5, "kl": 0.0, "rewards/margins": 0.1, "samples_per_s": 4.0, "time": 1.0}

@@ -1,6 +1,6 @@
 """Pure sequence maths: blocks, labels from spans, position ids, bin packing."""
 
-from training.packing import IGNORE_INDEX, labels_from_spans, pack_into_blocks
+from tuneyard.training.data.packing import IGNORE_INDEX, labels_from_spans, pack_into_blocks
 
 
 def test_blocks_concatenate_documents_and_drop_the_tail():

@@ -8,21 +8,21 @@ import re
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
-
-from launch.config import job_from_dict
-from launch.run import run_job
-from tests.conftest import PRETRAIN_JOB, SFT_JOB, job_dict
-from training.config import PROMPT_METHODS, ModelConfig, PeftSection
-from training.errors import UserError
-from training.export import export_adapter, export_merged
-from training.finetune_method import (
+from tuneyard.launch.config import job_from_dict
+from tuneyard.launch.export import export_adapter, export_merged
+from tuneyard.launch.run_job import run_job
+from tuneyard.training.config import PROMPT_METHODS, ModelConfig, PeftSection
+from tuneyard.training.errors import UserError
+from tuneyard.training.finetune_method import (
     apply_finetune_method,
     disable_cpu_inference_repacking,
     memory_footprint,
     quantization_config,
 )
-from training.metrics import read_metrics
-from training.model import load_model, load_tokenizer
+from tuneyard.training.metrics import read_metrics
+from tuneyard.training.model import load_model, load_tokenizer
+
+from tests.conftest import PRETRAIN_JOB, SFT_JOB, job_dict
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -120,7 +120,7 @@ def test_merged_export_gives_the_adapter_models_logits(adapter_run, tmp_path):
 
 def test_chat_and_generate_load_the_adapter_as_it_trained(adapter_run):
     """`tuneyard chat`/`generate` load an adapter run as the merge does: the adapter on its (dequantised) base."""
-    from launch.inference import load_run_model
+    from tuneyard.launch.inference import load_run_model
 
     method, result = adapter_run
     model, tokenizer = load_run_model(result.run_dir)
@@ -185,10 +185,9 @@ def test_adalora_on_ray_and_new_adapters_in_preference_stages_are_refused(base, 
 def trainer_eval_loss(run_dir, model, tmp_path) -> float:
     """The run's eval split scored by TRL's SFT evaluation, as the run's own trainer scored it, in this process."""
     from trl import SFTTrainer
-
-    from launch.config import load_job
-    from training.runner import build_trainer_args
-    from training.tokenize import default_cache_dir, prepare_datasets
+    from tuneyard.launch.config import load_job
+    from tuneyard.training.causal_lm_recipe import build_trainer_args
+    from tuneyard.training.data.tokenize import default_cache_dir, prepare_datasets
 
     spec = load_job(run_dir / "job.yaml").train_spec(use_deepspeed=False)
     tokenizer = load_tokenizer(spec.model)
@@ -207,8 +206,7 @@ def test_prompt_adapters_reload_to_the_model_they_trained_and_cannot_merge(adapt
     import json
 
     from safetensors.torch import load_file
-
-    from training.export import load_adapter_model
+    from tuneyard.launch.export import load_adapter_model
 
     method, result = adapter_run
     got = trainer_eval_loss(result.run_dir, load_adapter_model(result.run_dir), tmp_path)

@@ -17,21 +17,21 @@ import pytest
 import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from tuneyard.cluster.ray_cluster import ClusterError
+from tuneyard.launch.config import job_from_dict
+from tuneyard.launch.run_job import run_job
+from tuneyard.rlhf.config import PpoSection
+from tuneyard.rlhf.ppo.batches import build_samples, left_pad, split_rows
+from tuneyard.rlhf.ppo.controller import Prompt, prompts_of_iteration
+from tuneyard.rlhf.ppo.groups import check_fits, plan_placement
+from tuneyard.rlhf.ppo.scoring import render_for_reward_model, reward_model_scores
+from tuneyard.rlhf.rewards import reward_function
+from tuneyard.training.errors import TrainingFailed
+from tuneyard.training.metrics import COMPLETE_MARKER, read_metrics
+from tuneyard.training.preemption import REQUEST_FILE, Preempted
+from tuneyard.training.run_dir import complete_checkpoints
 
-from cluster.ray_cluster import ClusterError
-from launch.config import job_from_dict
-from launch.run import run_job
-from rlhf.config import PpoSection
-from rlhf.ppo.batches import build_samples, left_pad, split_rows
-from rlhf.ppo.controller import Prompt, prompts_of_iteration
-from rlhf.ppo.groups import check_fits, plan_placement
-from rlhf.ppo.scoring import render_for_reward_model, reward_model_scores
-from rlhf.rewards import reward_function
 from tests.conftest import EXAMPLES, ROOT, TINY_ARCH, can_mount_tmpfs, job_dict
-from training.errors import TrainingFailed
-from training.metrics import COMPLETE_MARKER, read_metrics
-from training.preemption import REQUEST_FILE, Preempted
-from training.run_dir import complete_checkpoints
 
 DATA = EXAMPLES / "data"
 PPO_JOB = {
@@ -253,7 +253,7 @@ def test_ppo_outputs_load_and_plot(learning_run):
     critic = AutoModelForSequenceClassification.from_pretrained(run_dir / "critic")
     assert critic.config.num_labels == 1 and policy.config.model_type == "llama"
     assert (run_dir / "final" / "model.safetensors").exists() and not list(run_dir.glob("final/*.bin"))
-    subprocess.run([sys.executable, "-m", "launch.cli", "plot", str(run_dir)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "tuneyard.launch.cli", "plot", str(run_dir)], check=True, capture_output=True)
     assert (run_dir / "metrics.png").stat().st_size > 10_000
     assert "greedy reward" in learning_run.figures
 
@@ -261,13 +261,13 @@ def test_ppo_outputs_load_and_plot(learning_run):
 @pytest.mark.integration
 def test_plot_overlays_runs_with_each_stages_figures(learning_run, sft_base, tmp_path):
     """`tuneyard plot PPO_RUN SFT_RUN`: one PNG, a loss panel for both and the PPO run's reward and KL panels."""
-    from training.metrics import figure_panels
+    from tuneyard.training.metrics import figure_panels
 
     runs = [learning_run.run_dir, Path(sft_base).parent]
     panels = figure_panels([read_metrics(run / "metrics.jsonl") for run in runs])
     assert [key for key, _ in panels] == ["loss", "reward", "kl"]
     out = tmp_path / "both.png"
-    command = [sys.executable, "-m", "launch.cli", "plot", *map(str, runs), "--out", str(out)]
+    command = [sys.executable, "-m", "tuneyard.launch.cli", "plot", *map(str, runs), "--out", str(out)]
     proc = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
@@ -414,7 +414,10 @@ def run_cli(tmp_path, job: dict, *extra: str) -> subprocess.CompletedProcess:
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job))
     return subprocess.run(
-        [sys.executable, "-m", "launch.cli", "train", str(path), *extra], capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "tuneyard.launch.cli", "train", str(path), *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -472,7 +475,7 @@ def test_nan_policy_steps_are_skipped_then_stop_the_run(ray_session, sft_base, t
         ppo={"iterations": 3, "save_every": 1},
         training={"max_nonfinite_steps": 1},
     )
-    from training.nonfinite import NonFiniteTraining
+    from tuneyard.training.nonfinite import NonFiniteTraining
 
     with pytest.raises(NonFiniteTraining) as info:
         run_job(job_from_dict(job), show_progress=False)
@@ -515,7 +518,7 @@ def test_a_stalled_policy_rank_is_named(ray_session, sft_base, tmp_path, monkeyp
 def test_a_full_disk_during_a_ppo_save_is_one_paragraph(sft_base, tmp_path):
     """The run dir is on a 48 MiB tmpfs that fills after checkpoint-1: the save of checkpoint-2 fails with
     one paragraph (exit 1, not retried), the half-written folder goes and checkpoint-1 stays complete."""
-    from training.metrics import COMPLETE_MARKER
+    from tuneyard.training.metrics import COMPLETE_MARKER
 
     mount = tmp_path / "small"
     if not can_mount_tmpfs(mount):
@@ -526,12 +529,13 @@ def test_a_full_disk_during_a_ppo_save_is_one_paragraph(sft_base, tmp_path):
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     out = tmp_path / "out"
     out.mkdir()
+    tuneyard = f"'{sys.executable}' -m tuneyard.launch.cli"
     script = f"""
 mount -t tmpfs -o size=48m tmpfs '{mount}'
 ( while [ ! -e '{run_dir}/checkpoints/checkpoint-1/{COMPLETE_MARKER}' ]; do sleep 0.05; done
   free=$(df --output=avail -B1 '{mount}' | tail -1)
   dd if=/dev/zero of='{mount}/filler' bs=64K count=$(( (free - 524288) / 65536 )) 2>/dev/null ) &
-'{sys.executable}' -m launch.cli train '{tmp_path / "job.yaml"}' > '{out}/out' 2> '{out}/err'; echo $? > '{out}/rc'
+{tuneyard} train '{tmp_path / "job.yaml"}' > '{out}/out' 2> '{out}/err'; echo $? > '{out}/rc'
 ls '{run_dir}/checkpoints' > '{out}/ls'
 ls '{run_dir}/checkpoints/checkpoint-1' > '{out}/ls1'
 """

@@ -8,8 +8,7 @@ import math
 
 import pytest
 import torch
-
-from rlhf.ppo.algorithms import (
+from tuneyard.rlhf.ppo.algorithms import (
     KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,

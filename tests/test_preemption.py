@@ -9,11 +9,11 @@ import threading
 import time
 
 import pytest
+from tuneyard.launch.config import job_from_dict
+from tuneyard.launch.run_job import run_job
+from tuneyard.training.preemption import PREEMPTED_EXIT_CODE, RECORD_FILE, REQUEST_FILE, Preempted, preemption_watch
 
-from launch.config import job_from_dict
-from launch.run import run_job
 from tests.conftest import SFT_JOB, job_dict, processes_of_session
-from training.preemption import PREEMPTED_EXIT_CODE, RECORD_FILE, REQUEST_FILE, Preempted, preemption_watch
 
 
 def test_watch_turns_a_signal_into_a_request_and_a_record_into_preempted(tmp_path):
@@ -84,7 +84,7 @@ def test_ctrl_c_stops_every_process_and_the_rerun_resumes(tmp_path):
     run_dir = tmp_path / "run"
     job = job_dict(SFT_JOB, run_dir, training={"max_steps": 24, "eval_steps": None}, output={"save_steps": 3})
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    command = [sys.executable, "-m", "launch.cli", "train", str(tmp_path / "job.yaml")]
+    command = [sys.executable, "-m", "tuneyard.launch.cli", "train", str(tmp_path / "job.yaml")]
     proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
     deadline = time.monotonic() + 300

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+from tuneyard.launch.cli import main
+from tuneyard.launch.config import job_from_dict
+from tuneyard.training.data.tokenize import default_cache_dir, prepare_datasets
+from tuneyard.training.model import load_tokenizer
 
-from launch.cli import main
-from launch.config import job_from_dict
 from tests.conftest import EXAMPLES, SFT_JOB, job_dict
-from training.model import load_tokenizer
-from training.tokenize import default_cache_dir, prepare_datasets
 
 
 def test_prepare_builds_the_cache_a_worker_then_reads(tmp_path, capsys):
@@ -24,7 +24,7 @@ def test_prepare_builds_the_cache_a_worker_then_reads(tmp_path, capsys):
     assert folder.parent == tmp_path / ".tokenized" and (folder / "ready").exists()
     assert main(["prepare", str(path)]) == 0
     assert capsys.readouterr().out.strip() == "already " + first
-    # what a worker does (training.runner.run_training): the same key, found warm
+    # what a worker does (tuneyard.training.causal_lm_recipe.run_training): the same key, found warm
     spec = job_from_dict(job).train_spec()
     tokenizer = load_tokenizer(spec.model, spec.data.chat_template)
     splits, warm = prepare_datasets(

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import pytest
-
-from cluster.config import ClusterConfig
-from cluster.ray_cluster import ClusterError
-from cluster.resources import check_request, shortfall, wait_for_resources
+from tuneyard.cluster.config import ClusterConfig
+from tuneyard.cluster.ray_cluster import ClusterError
+from tuneyard.cluster.resources import check_request, shortfall, wait_for_resources
 
 
 def message(workers: int, cpus: float, gpus: float, nodes: list[dict], placement: str = "pack") -> str:

@@ -12,20 +12,20 @@ import torch
 import torch.nn.functional as F
 import yaml
 from transformers import AutoModelForCausalLM
+from tuneyard.launch.config import job_from_dict
+from tuneyard.launch.run_job import preflight, run_job
+from tuneyard.rlhf.losses import dpo_loss, trl_loss_terms
+from tuneyard.rlhf.preference_recipe import check_reward_model
+from tuneyard.rlhf.rewards import REGISTRY, last_word_exact, lookup
+from tuneyard.rlhf.trl_rows import to_trl_rows
+from tuneyard.training.config import ModelConfig, PeftSection
+from tuneyard.training.data.formats import normalize_row
+from tuneyard.training.errors import UserError
+from tuneyard.training.finetune_method import apply_finetune_method, lora_config
+from tuneyard.training.metrics import read_metrics
+from tuneyard.training.model import load_tokenizer
 
-from launch.config import job_from_dict
-from launch.run import preflight, run_job
-from rlhf.data import to_trl_rows
-from rlhf.losses import dpo_loss, trl_loss_terms
-from rlhf.rewards import REGISTRY, last_word_exact, lookup
-from rlhf.stages import check_reward_model
 from tests.conftest import EXAMPLES, job_dict
-from training.config import ModelConfig, PeftSection
-from training.errors import UserError
-from training.finetune_method import apply_finetune_method, lora_config
-from training.formats import normalize_row
-from training.metrics import read_metrics
-from training.model import load_tokenizer
 
 DATA = EXAMPLES / "data"
 PREFERENCE_JOB = {
@@ -78,7 +78,7 @@ def test_lora_dpo_has_no_second_copy_and_trl_loss_equals_the_math(pretrained_bas
     base = AutoModelForCausalLM.from_pretrained(pretrained_base)
     base_params = sum(p.numel() for p in base.parameters())
     peft = PeftSection(method="lora", r=4, alpha=8)
-    model = apply_finetune_method(base, peft, wrap_adapter=False)  # as rlhf/stages.py does for DPO
+    model = apply_finetune_method(base, peft, wrap_adapter=False)  # as rlhf/preference_recipe.py does for DPO
     rows = [
         normalize_row(json.loads(line), "preference", "eval")
         for line in (DATA / "last-word-pref-eval.jsonl").read_text().splitlines()[:4]
@@ -210,7 +210,7 @@ def test_dpo_raises_margin_and_greedy_accuracy(ray_session, sft_base, tmp_path):
     margin, accuracy = result.figures["logp margin"], result.figures["greedy = chosen"]
     assert margin[1] > margin[0] + 0.5, result.figure()
     assert accuracy[1] > accuracy[0] + 0.05, result.figure()
-    from training.metrics import figure_panels, read_metrics
+    from tuneyard.training.metrics import figure_panels, read_metrics
 
     panels = [key for key, _ in figure_panels([read_metrics(result.run_dir / "metrics.jsonl")])]
     assert panels == ["loss", "rewards/margins", "rewards/accuracies"]  # `tuneyard plot` draws DPO's own figures
@@ -239,7 +239,8 @@ def test_grpo_raises_the_programmatic_reward(ray_session, sft_base, tmp_path):
 
 
 def test_pipeline_runs_stages_in_order_and_skips_finished_ones(pretrained_base, tmp_path, capsys):
-    from launch.pipeline import run_pipeline
+    from tuneyard.launch.pipeline import run_pipeline
+
     from tests.conftest import SFT_JOB
 
     sft = job_dict(SFT_JOB, tmp_path / "sft", training={"max_steps": 3}, cluster={"workers": 1})

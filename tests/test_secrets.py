@@ -8,7 +8,7 @@ import sys
 
 import yaml
 
-from tests.conftest import EXAMPLES, ROOT, SFT_JOB, job_dict
+from tests.conftest import EXAMPLES, SFT_JOB, job_dict
 
 # fake values shaped like the real ones; RAY_AUTH_TOKEN is Ray's own business and is left alone
 SECRETS = {
@@ -34,9 +34,9 @@ def test_tokens_in_the_environment_stay_out_of_the_run(tmp_path):
         cluster={"workers": 1},
     )
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
-    env = {**os.environ, **SECRETS, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, **SECRETS, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "train", str(tmp_path / "job.yaml"), "--single"],
+        [sys.executable, "-m", "tuneyard.launch.cli", "train", str(tmp_path / "job.yaml"), "--single"],
         capture_output=True,
         text=True,
         timeout=600,

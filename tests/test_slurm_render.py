@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tuneyard.cluster import ray_jobs
+from tuneyard.cluster.ray_cluster import ClusterError
+from tuneyard.cluster.slurm import BLOCK_END, BLOCK_START, TEMPLATE, VARIABLES, SlurmRequest, render_script
 
-from cluster import ray_jobs
-from cluster.ray_cluster import ClusterError
-from cluster.slurm import BLOCK_END, BLOCK_START, TEMPLATE, VARIABLES, SlurmRequest, render_script
 from tests.conftest import SFT_JOB, job_dict
 
 BIN = Path(sys.executable).parent
@@ -137,7 +137,7 @@ def test_template_run_by_hand_without_a_job_says_what_to_set(tmp_path):
 
 def _cli(tmp_path: Path, monkeypatch, capsys, *args: str, job: dict | None = None) -> tuple[int, str, str]:
     """`tuneyard submit JOB ARGS` in this process (the CLI's main), with no sbatch on PATH."""
-    from launch.cli import main
+    from tuneyard.launch.cli import main
 
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(job or job_dict(SFT_JOB, tmp_path / "run")))

@@ -9,18 +9,18 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tuneyard.launch.cli import main
+from tuneyard.launch.config import job_from_dict
+from tuneyard.launch.run_job import run_job
+from tuneyard.training.config import DataConfig, ModelConfig
+from tuneyard.training.data.shards import MANIFEST, line_records, plan_tasks
+from tuneyard.training.data.tokenize import build_datasets, prepare_datasets
+from tuneyard.training.errors import UserError
+from tuneyard.training.metrics import read_metrics
+from tuneyard.training.model import load_tokenizer
 
-from launch.cli import main
-from launch.config import job_from_dict
-from launch.run import run_job
 from tests.conftest import EXAMPLES, PRETRAIN_JOB, job_dict
 from tests.test_faults import kill_when_paused, losses
-from training.config import DataConfig, ModelConfig
-from training.errors import UserError
-from training.metrics import read_metrics
-from training.model import load_tokenizer
-from training.shards import MANIFEST, line_records, plan_tasks
-from training.tokenize import build_datasets, prepare_datasets
 
 CORPUS = EXAMPLES / "data" / "corpus.txt"
 STREAMED = {"streaming": True, "shard_mb": 0.2, "eval": None, "eval_fraction": 0.05}

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tuneyard.launch.config import job_from_dict
+from tuneyard.launch.run_job import preflight
+from tuneyard.training.config import TrainingConfig
+from tuneyard.training.errors import UserError
+from tuneyard.training.metrics import read_metrics
+from tuneyard.training.tracking import Trackers, check_trackers, tracker_env
 
-from launch.config import job_from_dict
-from launch.run import preflight
-from tests.conftest import EXAMPLES, PRETRAIN_JOB, ROOT, SFT_JOB, job_dict
-from training.config import TrainingConfig
-from training.errors import UserError
-from training.metrics import read_metrics
-from training.tracking import Trackers, check_trackers, tracker_env
+from tests.conftest import EXAMPLES, PRETRAIN_JOB, SFT_JOB, job_dict
 
 # unique fake credentials, set in the run's environment (the CLI's local Ray hands them to its workers)
 SECRETS = {
@@ -54,7 +54,6 @@ def tracked_run(tmp_path_factory):
         "WANDB_MODE": "offline",
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
-        "PYTHONPATH": str(ROOT),
         # Ray's session folder: a short path, as its socket paths are limited to 107 characters
         "RAY_TMPDIR": tempfile.mkdtemp(prefix="ty-ray-"),
     }
@@ -62,7 +61,7 @@ def tracked_run(tmp_path_factory):
         env.pop(name, None)  # the run's defaults are under test
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "launch.cli", "train", str(tmp / "job.yaml")],
+            [sys.executable, "-m", "tuneyard.launch.cli", "train", str(tmp / "job.yaml")],
             capture_output=True,
             text=True,
             timeout=600,
@@ -202,7 +201,7 @@ def test_default_tensorboard_without_a_package_is_skipped_with_a_line(monkeypatc
     check_trackers(TrainingConfig())  # left default: the run goes on without it
     with pytest.raises(UserError, match="training.report_to lists tensorboard"):
         check_trackers(TrainingConfig(report_to=["tensorboard"]))  # asked for: refused
-    with caplog.at_level(logging.INFO, logger="training.tracking"):
+    with caplog.at_level(logging.INFO, logger="tuneyard.training.tracking"):
         trackers = Trackers(TrainingConfig().report_to, tmp_path)
         trackers.start()
         trackers.log({"step": 1, "loss": 1.0})
@@ -214,9 +213,8 @@ def test_default_tensorboard_without_a_package_is_skipped_with_a_line(monkeypatc
 def test_a_failed_run_ends_its_tracker_runs_marked_failed(monkeypatch, tmp_path):
     """Training stops on NaN losses (a TrainingFailed raised inside the trainer): MLflow's run ends FAILED, not open."""
     from mlflow.tracking import MlflowClient
-
-    from launch.run import run_job
-    from training.errors import TrainingFailed
+    from tuneyard.launch.run_job import run_job
+    from tuneyard.training.errors import TrainingFailed
 
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME"):
         monkeypatch.delenv(name, raising=False)

@@ -13,13 +13,13 @@ import time
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+from tuneyard.launch.config import job_from_dict
+from tuneyard.launch.run_job import run_job
+from tuneyard.training.errors import UserError
+from tuneyard.training.metrics import read_metrics
+from tuneyard.training.run_dir import complete_checkpoints
 
-from launch.config import job_from_dict
-from launch.run import run_job
 from tests.conftest import PRETRAIN_JOB, SFT_JOB, job_dict
-from training.errors import UserError
-from training.metrics import read_metrics
-from training.run_dir import complete_checkpoints
 
 pytestmark = pytest.mark.integration
 
@@ -165,7 +165,7 @@ def test_a_killed_worker_without_retries_is_one_paragraph(ray_session, tmp_path)
     (tmp_path / "job.yaml").write_text(yaml.safe_dump(job))
     killed = kill_worker_after_checkpoint(run_dir, rank=1, after_step=6)
     proc = subprocess.run(
-        [sys.executable, "-m", "launch.cli", "train", str(tmp_path / "job.yaml")],
+        [sys.executable, "-m", "tuneyard.launch.cli", "train", str(tmp_path / "job.yaml")],
         capture_output=True,
         text=True,
         timeout=600,

@@ -15,17 +15,22 @@ from pathlib import Path
 import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from tuneyard.launch.run_list import list_runs, read_run
+from tuneyard.training.answer_accuracy import exact_match_accuracy, greedy_answer
 
-from launch.runs import list_runs, read_run
 from tests.conftest import EXAMPLES, ROOT, SFT_JOB, job_dict
-from training.evaluate import exact_match_accuracy, greedy_answer
 
 pytestmark = pytest.mark.integration
 
 
 def cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "launch.cli", *args], capture_output=True, text=True, cwd=ROOT, timeout=600, env=env
+        [sys.executable, "-m", "tuneyard.launch.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=600,
+        env=env,
     )
 
 
@@ -111,7 +116,7 @@ def test_chat_in_a_real_terminal(sft_base):
     model = AutoModelForCausalLM.from_pretrained(sft_base)
     tokenizer = AutoTokenizer.from_pretrained(sft_base)
     first, second = "Say the last word: red fox owl", "Say the last word: cat lamp"
-    term = Terminal([sys.executable, "-m", "launch.cli", "chat", str(run_dir), "--temperature", "0"])
+    term = Terminal([sys.executable, "-m", "tuneyard.launch.cli", "chat", str(run_dir), "--temperature", "0"])
     try:
         assert "/reset starts a new conversation" in term.read_until("you> ")
         term.type(first)
@@ -150,7 +155,13 @@ def test_runs_shows_each_runs_stage_status_and_figures(tmp_path):
     nan = cli("train", str(job_file("nan", training={"max_steps": 4, "max_nonfinite_steps": 0})), "--single", env=env)
     assert nan.returncode == 1, nan.stderr[-3000:]
 
-    command = [sys.executable, "-m", "launch.cli", "train", str(job_file("killed", training={"max_steps": 400}))]
+    command = [
+        sys.executable,
+        "-m",
+        "tuneyard.launch.cli",
+        "train",
+        str(job_file("killed", training={"max_steps": 400})),
+    ]
     proc = subprocess.Popen(
         [*command, "--single"], cwd=ROOT, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )

@@ -8,8 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
-
-from cluster.worker_group import Seat, order_ranks, rank_environments
+from tuneyard.cluster.worker_group import Seat, order_ranks, rank_environments
 
 
 def seat(name: str, node_id: str, node_ip: str, gpus: list[str] | None = None) -> Seat:
@@ -80,8 +79,8 @@ def test_the_workers_set_their_own_environment_join_one_group_and_keep_absent_pa
     ray_session, tmp_path, monkeypatch
 ):
     """run() sets worker_env: no runtime_env carries it (one keeps the workers out of Ray's prestarted processes)."""
-    from cluster.config import ClusterConfig
-    from cluster.worker_group import run_spmd_workers
+    from tuneyard.cluster.config import ClusterConfig
+    from tuneyard.cluster.worker_group import run_spmd_workers
 
     # set after the session's Ray started, so a worker sees it only if run() sets it
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "extensions"))

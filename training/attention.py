@@ -6,8 +6,7 @@ import importlib.util
 import logging
 
 import torch
-
-from training.errors import UserError
+from tuneyard.training.errors import UserError
 
 log = logging.getLogger(__name__)
 

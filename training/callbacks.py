@@ -15,12 +15,11 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-
-from training.faults import hold_rank, pause_in_save
-from training.metrics import COMPLETE_MARKER, append_metrics
-from training.preemption import RECORD_FILE, REQUEST_FILE
-from training.run_dir import BEST_FILE, note_heartbeat, retire_old_checkpoints
-from training.tracking import MetricsTail, Trackers
+from tuneyard.training.faults import hold_rank, pause_in_save
+from tuneyard.training.metrics import COMPLETE_MARKER, append_metrics
+from tuneyard.training.preemption import RECORD_FILE, REQUEST_FILE
+from tuneyard.training.run_dir import BEST_FILE, note_heartbeat, retire_old_checkpoints
+from tuneyard.training.tracking import MetricsTail, Trackers
 
 log = logging.getLogger(__name__)
 

@@ -6,8 +6,8 @@ import json
 import sys
 from pathlib import Path
 
-from training.config import DeepSpeedSection
-from training.errors import UserError
+from tuneyard.training.config import DeepSpeedSection
+from tuneyard.training.errors import UserError
 
 
 def build_deepspeed_config(section: DeepSpeedSection, cuda: bool = False) -> dict:

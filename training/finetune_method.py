@@ -10,10 +10,9 @@ from pathlib import Path
 
 import torch
 from transformers import BitsAndBytesConfig, PreTrainedModel, TrainerCallback
-
-from training.config import PROMPT_METHODS, PeftSection
-from training.errors import UserError
-from training.model import full_numel, resolve_dtype
+from tuneyard.training.config import PROMPT_METHODS, PeftSection
+from tuneyard.training.errors import UserError
+from tuneyard.training.model import full_numel, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -21,7 +20,7 @@ log = logging.getLogger(__name__)
 # a projected prefix's whole encoder (embedding and MLP) in a one-process checkpoint, to resume from
 PROMPT_ENCODER_FILE = "prompt_encoder.safetensors"
 
-# PEFT's task type of each model task (training.model.load_model's `task`)
+# PEFT's task type of each model task (tuneyard.training.model.load_model's `task`)
 TASK_TYPES = {"causal-lm": "CAUSAL_LM", "sequence-classification": "SEQ_CLS", "token-classification": "TOKEN_CLS"}
 
 # IA3 scales the input of these (an MLP's last projection) instead of the output

@@ -7,8 +7,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from training.config import ModelConfig
-from training.errors import UserError
+from tuneyard.training.config import ModelConfig
+from tuneyard.training.errors import UserError
 
 if TYPE_CHECKING:  # torch and transformers load lazily, so `tuneyard validate` answers in a fraction of a second
     import torch
@@ -170,7 +170,7 @@ def load_tokenizer(cfg: ModelConfig, chat_template: str | None = None) -> PreTra
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     if chat_template:
-        from training.chat_templates import use_chat_template
+        from tuneyard.training.data.chat_templates import use_chat_template
 
         use_chat_template(tokenizer, chat_template)
     return tokenizer
@@ -190,8 +190,7 @@ def load_model(
     """
     from safetensors import SafetensorError
     from transformers import AutoConfig
-
-    from training.attention import resolve_attn_implementation
+    from tuneyard.training.attention import resolve_attn_implementation
 
     auto = auto_model_class(task)
     head = {} if task == "causal-lm" else label_maps(labels)

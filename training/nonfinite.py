@@ -19,11 +19,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
-
-from training.errors import TrainingFailed
-from training.faults import nan_loss_steps
-from training.metrics import append_metrics
-from training.run_dir import complete_checkpoints
+from tuneyard.training.errors import TrainingFailed
+from tuneyard.training.faults import nan_loss_steps
+from tuneyard.training.metrics import append_metrics
+from tuneyard.training.run_dir import complete_checkpoints
 
 
 class NonFiniteTraining(TrainingFailed):

@@ -10,10 +10,10 @@ import shutil
 import time
 from pathlib import Path
 
-from training.config import OutputConfig
-from training.errors import TrainingFailed, UserError
-from training.faults import pause_in_save
-from training.metrics import COMPLETE_MARKER
+from tuneyard.training.config import OutputConfig
+from tuneyard.training.errors import TrainingFailed, UserError
+from tuneyard.training.faults import pause_in_save
+from tuneyard.training.metrics import COMPLETE_MARKER
 
 RUN_FILE = "run.json"
 LOW_SPACE_BYTES = 64 * 2**20  # a failed write with less free than this is taken for a full disk

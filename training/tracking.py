@@ -21,9 +21,8 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import yaml
-
-from training.config import TrainingConfig
-from training.errors import UserError
+from tuneyard.training.config import TrainingConfig
+from tuneyard.training.errors import UserError
 
 if TYPE_CHECKING:
     from transformers import TrainerCallback

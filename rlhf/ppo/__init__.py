@@ -1,5 +1,5 @@
 """PPO with a critic, its roles as Ray actor groups: maths, roles, placement and the controller loop."""
 
-from rlhf.ppo.controller import run_ppo
+from tuneyard.rlhf.ppo.controller import run_ppo
 
 __all__ = ["run_ppo"]

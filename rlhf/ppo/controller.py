@@ -5,8 +5,8 @@ bottom; `run_ppo` around it checks the input, places the roles, and restarts the
             -> KL-shaped per-token rewards -> GAE -> ppo_epochs x mini-batches of (policy, critic) updates
             -> metrics -> checkpoint
 
-The maths is `rlhf.ppo.algorithms` (pure torch); the roles are `rlhf.ppo.roles`; placement is
-`rlhf.ppo.groups`. Tensors travel between driver and actors through Ray's object store.
+The maths is `tuneyard.rlhf.ppo.algorithms` (pure torch); the roles are `tuneyard.rlhf.ppo.roles`; placement is
+`tuneyard.rlhf.ppo.groups`. Tensors travel between driver and actors through Ray's object store.
 """
 
 from __future__ import annotations
@@ -21,12 +21,11 @@ from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
-
-from cluster.config import ClusterConfig
-from rlhf.config import PpoSection, RewardSection
-from rlhf.ppo import algorithms as algo
-from rlhf.ppo.batches import build_samples, concat_rows, left_pad, select_rows, split_rows
-from rlhf.ppo.groups import (
+from tuneyard.cluster.config import ClusterConfig
+from tuneyard.rlhf.config import PpoSection, RewardSection
+from tuneyard.rlhf.ppo import algorithms as algo
+from tuneyard.rlhf.ppo.batches import build_samples, concat_rows, left_pad, select_rows, split_rows
+from tuneyard.rlhf.ppo.groups import (
     RoleGroup,
     RoleStalled,
     plan_placement,
@@ -34,15 +33,15 @@ from rlhf.ppo.groups import (
     start_role_groups,
     wait_until_fits,
 )
-from rlhf.ppo.roles import CriticWorker, PolicyWorker, ReferenceWorker, RewardWorker
-from rlhf.ppo.scoring import function_scores
-from training.config import TrainSpec
-from training.errors import TrainingFailed, UserError
-from training.faults import forwarded_faults
-from training.metrics import COMPLETE_MARKER, append_metrics
-from training.nonfinite import NonFiniteTraining, nonfinite_stop_message
-from training.preemption import RECORD_FILE, REQUEST_FILE
-from training.run_dir import (
+from tuneyard.rlhf.ppo.roles import CriticWorker, PolicyWorker, ReferenceWorker, RewardWorker
+from tuneyard.rlhf.ppo.scoring import function_scores
+from tuneyard.training.config import TrainSpec
+from tuneyard.training.errors import TrainingFailed, UserError
+from tuneyard.training.faults import forwarded_faults
+from tuneyard.training.metrics import COMPLETE_MARKER, append_metrics
+from tuneyard.training.nonfinite import NonFiniteTraining, nonfinite_stop_message
+from tuneyard.training.preemption import RECORD_FILE, REQUEST_FILE
+from tuneyard.training.run_dir import (
     DiskFull,
     disk_full_message,
     out_of_space,
@@ -51,7 +50,7 @@ from training.run_dir import (
     retire_old_checkpoints,
     set_status,
 )
-from training.tracking import Trackers, tracked
+from tuneyard.training.tracking import Trackers, tracked
 
 log = logging.getLogger(__name__)
 ROLE_CLASSES = {"policy": PolicyWorker, "critic": CriticWorker, "reference": ReferenceWorker, "reward": RewardWorker}
@@ -126,8 +125,8 @@ def critic_source(spec: TrainSpec, ppo: PpoSection, reward: RewardSection, polic
     """The folder the critic starts from: the reward model (it must share the policy's tokenizer) or the policy.
 
     `auto` takes the reward model when there is one with the policy's tokenizer, else the policy."""
-    from training.config import ModelConfig
-    from training.model import load_tokenizer
+    from tuneyard.training.config import ModelConfig
+    from tuneyard.training.model import load_tokenizer
 
     init = ppo.roles.critic.init
     if init == "reward_model" and not reward.model:
@@ -198,10 +197,10 @@ def prepare_ppo(
     spec: TrainSpec, ppo: PpoSection, reward: RewardSection
 ) -> tuple[PreTrainedTokenizerBase, list[Prompt], str]:
     """The checks of the user's input (on the driver, before any actor): tokenizer, prompts, critic's start."""
-    from rlhf.rewards import lookup
-    from rlhf.stages import check_reward_model
-    from training.data import read_splits
-    from training.model import check_model_source, load_tokenizer
+    from tuneyard.rlhf.preference_recipe import check_reward_model
+    from tuneyard.rlhf.rewards import lookup
+    from tuneyard.training.data.sources import read_splits
+    from tuneyard.training.model import check_model_source, load_tokenizer
 
     if spec.data.format != "prompt":
         raise UserError(f"stage ppo reads data.format prompt, not '{spec.data.format}'")

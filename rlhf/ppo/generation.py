@@ -12,8 +12,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 import torch
-
-from rlhf.config import GenerationSection
+from tuneyard.rlhf.config import GenerationSection
 
 
 class Generator(Protocol):

@@ -14,13 +14,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.config import ClusterConfig
-from cluster.ray_cluster import ClusterError, worker_env
-from cluster.worker_group import end_actors_and_group, wait_for_placement
-from rlhf.config import PpoSection, RewardSection, RoleSection
-from rlhf.ppo.batches import split_rows
-from training.config import TrainSpec
-from training.run_dir import last_sign_of
+from tuneyard.cluster.config import ClusterConfig
+from tuneyard.cluster.ray_cluster import ClusterError, worker_env
+from tuneyard.cluster.worker_group import end_actors_and_group, wait_for_placement
+from tuneyard.rlhf.config import PpoSection, RewardSection, RoleSection
+from tuneyard.rlhf.ppo.batches import split_rows
+from tuneyard.training.config import TrainSpec
+from tuneyard.training.run_dir import last_sign_of
 
 ROLE_ORDER = ("policy", "critic", "reference", "reward")
 

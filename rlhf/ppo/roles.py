@@ -1,10 +1,10 @@
 """The four PPO roles as Ray actor classes: policy, critic, reference and reward.
 
-Each class is plain Python (tests can build one in-process); `rlhf.ppo.groups` makes Ray actors
+Each class is plain Python (tests can build one in-process); `tuneyard.rlhf.ppo.groups` makes Ray actors
 of it. The ranks of one role form their own torch.distributed group (gloo on CPU, NCCL on GPUs) and
 the trainable roles (policy, critic) hold a DeepSpeed engine with ZeRO 0-3; the reference and the
 reward model run inference only, under ZeRO-3 when their `zero_stage` is 3. Batches arrive as the
-layout of `rlhf.ppo.batches`; every method a group calls is collective over its ranks.
+layout of `tuneyard.rlhf.ppo.batches`; every method a group calls is collective over its ranks.
 """
 
 from __future__ import annotations
@@ -16,19 +16,18 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-from cluster.worker_group import rendezvous_address
-from rlhf.config import PpoSection, RewardSection
-from rlhf.ppo import algorithms as algo
-from rlhf.ppo.batches import response_logits, select_rows
-from rlhf.ppo.generation import HFGenerator, whole_weights
-from training.config import ModelConfig, TrainSpec
-from training.deepspeed_config import build_deepspeed_config, import_deepspeed_without_mlflow
-from training.faults import apply_faults, hold_rank, nan_loss_steps
-from training.finetune_method import apply_finetune_method, keep_adapters_in_fp32, quantization_config
-from training.model import load_model, load_tokenizer, resolve_dtype
-from training.nonfinite import any_rank_true, drop_nonfinite_gradients, innermost_torch_optimizer
-from training.run_dir import note_heartbeat, set_status
+from tuneyard.cluster.worker_group import rendezvous_address
+from tuneyard.rlhf.config import PpoSection, RewardSection
+from tuneyard.rlhf.ppo import algorithms as algo
+from tuneyard.rlhf.ppo.batches import response_logits, select_rows
+from tuneyard.rlhf.ppo.generation import HFGenerator, whole_weights
+from tuneyard.training.config import ModelConfig, TrainSpec
+from tuneyard.training.deepspeed_config import build_deepspeed_config, import_deepspeed_without_mlflow
+from tuneyard.training.faults import apply_faults, hold_rank, nan_loss_steps
+from tuneyard.training.finetune_method import apply_finetune_method, keep_adapters_in_fp32, quantization_config
+from tuneyard.training.model import load_model, load_tokenizer, resolve_dtype
+from tuneyard.training.nonfinite import any_rank_true, drop_nonfinite_gradients, innermost_torch_optimizer
+from tuneyard.training.run_dir import note_heartbeat, set_status
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +82,7 @@ class RoleWorker:
 
     def setup(self, address: str, timeout_s: float = 1800) -> None:
         """Join the role's process group and build the model (a collective over the role's ranks)."""
-        from training.runner import redirect_output, watch_start_up
+        from tuneyard.training.worker_start import redirect_output, watch_start_up
 
         redirect_output(self.run_dir / "logs" / f"{self.role}-{self.rank}.log")
         watch_start_up(self.run_dir, f"{self.role} rank {self.rank}")
@@ -160,7 +159,7 @@ class RoleWorker:
             model=model, optimizer=optimizer, model_parameters=params, lr_scheduler=schedule, config=config
         )
         inner = innermost_torch_optimizer(engine.optimizer)
-        if inner is not None:  # ZeRO-0's plain AdamW has no overflow check of its own (training.nonfinite)
+        if inner is not None:  # ZeRO-0's plain AdamW has no overflow check of its own (tuneyard.training.nonfinite)
             inner.register_step_pre_hook(self._drop_nonfinite_gradients)
         return engine
 
@@ -429,7 +428,7 @@ class RewardWorker(RoleWorker):
     @torch.no_grad()
     def score(self, prompts: list[list[dict]], responses: list[str]) -> list[float]:
         """One scalar per (prompt, response), read by the reward model from its own rendering of the text."""
-        from rlhf.ppo.scoring import reward_model_scores
+        from tuneyard.rlhf.ppo.scoring import reward_model_scores
 
         model = self.engine.module if self.engine is not None else self.model
         return reward_model_scores(model, self.tokenizer, prompts, responses, self.ppo.micro_batch_size)

@@ -1,13 +1,12 @@
 """Scalar rewards of finished responses: a reward model reading its own rendering of the text, and the
-weighted named functions of `rlhf.rewards`."""
+weighted named functions of `tuneyard.rlhf.rewards`."""
 
 from __future__ import annotations
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from rlhf.config import RewardFunction
-from rlhf.rewards import lookup
+from tuneyard.rlhf.config import RewardFunction
+from tuneyard.rlhf.rewards import lookup
 
 
 def render_for_reward_model(tokenizer: PreTrainedTokenizerBase, prompt: list[dict], response: str) -> list[int]:

@@ -7,9 +7,9 @@ import json
 import random
 from pathlib import Path
 
-from training.config import DataConfig, DataSource
-from training.errors import UserError
-from training.formats import normalize_row
+from tuneyard.training.config import DataConfig, DataSource
+from tuneyard.training.data.formats import normalize_row
+from tuneyard.training.errors import UserError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
 

@@ -9,16 +9,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
-
-from training.classify_data import HEAD_MODULES, STAGE_TASK
-from training.config import PROMPT_METHODS, PeftSection
-from training.errors import UserError
-from training.model import check_model_source
+from tuneyard.training.config import PROMPT_METHODS, PeftSection
+from tuneyard.training.data.labels import HEAD_MODULES, STAGE_TASK
+from tuneyard.training.errors import UserError
+from tuneyard.training.model import check_model_source
 
 if TYPE_CHECKING:  # torch, transformers and bitsandbytes load only to merge: a wrong path answers at once
     import torch
 
-# labels.json: a task head's label names (training.classify), which an adapter folder has no model config to hold
+# labels.json: a task head's label names, which an adapter folder has no model config to hold
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "generation_config.json", "labels.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json")
 
@@ -57,7 +56,7 @@ def _run_peft_section(job: dict) -> PeftSection:
 
 def _publish(staging: Path, out: Path, write: Callable[[Path], None]) -> None:
     """Write into a staging folder beside `out`, then swap it in; a place that cannot be written is the user's."""
-    from training.run_dir import publish_final
+    from tuneyard.training.run_dir import publish_final
 
     try:
         shutil.rmtree(staging, ignore_errors=True)
@@ -96,18 +95,17 @@ def load_dequantized_base(
     """
     import torch
     from safetensors import SafetensorError
-
-    from training.finetune_method import disable_cpu_inference_repacking, quantization_config
-    from training.model import auto_model_class, label_maps
+    from tuneyard.training.finetune_method import disable_cpu_inference_repacking, quantization_config
+    from tuneyard.training.model import auto_model_class, label_maps
 
     auto = auto_model_class(task)
     head = {} if task == "causal-lm" else label_maps(labels)
-    use_safetensors = None if allow_pickle else True  # as training.model.load_model loads it
+    use_safetensors = None if allow_pickle else True  # as tuneyard.training.model.load_model loads it
     try:
         if peft.method != "qlora":
             return auto.from_pretrained(base_path, dtype=torch.float32, use_safetensors=use_safetensors, **head)
         quant = quantization_config(peft)
-        if task != "causal-lm":  # the head trained in full, as training.classify loaded it
+        if task != "causal-lm":  # the head trained in full, as tuneyard.training.task_head_recipe loaded it
             quant.llm_int8_skip_modules = list(HEAD_MODULES)
         quantized = auto.from_pretrained(base_path, quantization_config=quant, use_safetensors=use_safetensors, **head)
     except (OSError, SafetensorError) as exc:

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from rlhf.data import as_messages, unpair
-from rlhf.rewards import RewardFn, text_of
-from training.evaluate import greedy_answer
+from tuneyard.rlhf.rewards import RewardFn, text_of
+from tuneyard.rlhf.trl_rows import as_messages, unpair
+from tuneyard.training.answer_accuracy import greedy_answer
 
 
 def answer_ids(
@@ -122,7 +121,7 @@ def teacher_kl(
     The answer is a `messages` row's last assistant turn, or for a prompt-only row the teacher's greedy answer: a
     fixed text, so the figures of the starting student and of final/ are measured on the same tokens.
     """
-    from rlhf.data import prompt_of
+    from tuneyard.rlhf.trl_rows import prompt_of
 
     student.eval()
     teacher.eval()

@@ -1,7 +1,7 @@
 """`tuneyard plan`: the memory each GPU (and each node's CPU) needs for a job, the verdict, and changes that fit.
 
 `train` and `submit` run the same check before anything starts when the job uses GPUs (`--no-plan-check`
-skips it). The arithmetic lives in training/memory_plan.py; this module maps a job onto it: which models
+skips it). The arithmetic lives in launch/plan/memory.py; this module maps a job onto it: which models
 share a device (DPO's reference, PPO's colocated roles), the batch and length each sees, and the changes
 worth trying when a job does not fit.
 """
@@ -19,12 +19,19 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pydantic import ValidationError
-
-from cluster.config import parse_size
-from launch.config import JobConfig, apply_override
-from training.config import ADAPTER_METHODS, ModelConfig, PeftSection
-from training.errors import UserError
-from training.memory_plan import ModelShape, RankMemory, Setup, gib, model_config_of, rank_memory, shape_of_config
+from tuneyard.cluster.config import parse_size
+from tuneyard.launch.config import JobConfig, apply_override
+from tuneyard.launch.plan.memory import (
+    ModelShape,
+    RankMemory,
+    Setup,
+    gib,
+    model_config_of,
+    rank_memory,
+    shape_of_config,
+)
+from tuneyard.training.config import ADAPTER_METHODS, ModelConfig, PeftSection
+from tuneyard.training.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -165,7 +172,7 @@ def plan_job(job: JobConfig, hardware: Hardware, shapes: Shapes | None = None) -
     """The per-device memory of `job` on `hardware`."""
     shapes = shapes or Shapes()
     if job.stage == "ppo":
-        from launch.plan_ppo import plan_ppo
+        from tuneyard.launch.plan.ppo import plan_ppo
 
         return plan_ppo(job, hardware, shapes)
     stage, offload_optimizer, offload_params = deepspeed_switches(job)
@@ -259,7 +266,7 @@ def model_text(shape: ModelShape, name: str | None) -> str:
 
 def trainable_text(shape: ModelShape, peft: PeftSection) -> str:
     """The trainable parameters and the method, in words."""
-    from training.memory_plan import trainable_parameters
+    from tuneyard.launch.plan.memory import trainable_parameters
 
     tokens = f"{peft.num_virtual_tokens} virtual tokens"
     method = {

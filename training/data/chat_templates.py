@@ -8,7 +8,7 @@ from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from training.errors import UserError
+from tuneyard.training.errors import UserError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -51,7 +51,7 @@ def resolve_chat_template(choice: str) -> str:
 def use_chat_template(tokenizer: PreTrainedTokenizerBase, choice: str) -> list[str]:
     """Give `tokenizer` the chosen template; add the marker tokens it uses that the vocabulary lacks.
 
-    Returns the added tokens: the model's embeddings must grow by as many rows (training.model.load_model).
+    Returns the added tokens: the model's embeddings must grow by as many rows (tuneyard.training.model.load_model).
     """
     template = resolve_chat_template(choice)
     tokenizer.chat_template = template

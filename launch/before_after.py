@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from launch.config import JobConfig
-from training.data import read_sources
-from training.model import load_tokenizer
+from tuneyard.launch.config import JobConfig
+from tuneyard.training.data.sources import read_sources
+from tuneyard.training.model import load_tokenizer
 
 PERCENTAGES = {"task acc.", "greedy = chosen", "greedy desirable", "pair accuracy", "eval accuracy"}
 EVAL_ROWS = 100
@@ -22,8 +22,7 @@ def _load(job: JobConfig, model_path: str | None, task: str):
     """The job's starting model (seeded, for a scratch start) or a finished model folder, for inference."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from training.model import load_model
+    from tuneyard.training.model import load_model
 
     if model_path is None:
         # a scratch model's weights come from torch's generator alone; transformers' set_seed would import its
@@ -60,24 +59,24 @@ def stage_figures(job: JobConfig, model_path: str | None) -> dict[str, float]:
     if too_big_for_the_driver(job, len(tokenizer)):
         return {}
     if job.stage == "sft" and job.data.eval_generations:
-        from training.evaluate import exact_match_accuracy
+        from tuneyard.training.answer_accuracy import exact_match_accuracy
 
         return {"task acc.": exact_match_accuracy(_load(job, model_path, "causal-lm"), tokenizer, rows)}
     if job.stage == "reward":
-        from rlhf.evaluate import reward_model_figures
+        from tuneyard.rlhf.preference_eval import reward_model_figures
 
         return reward_model_figures(_load(job, model_path, "sequence-classification"), tokenizer, rows)
     if job.stage == "dpo":
-        from rlhf.evaluate import preference_figures
+        from tuneyard.rlhf.preference_eval import preference_figures
 
         return preference_figures(_load(job, model_path, "causal-lm"), tokenizer, rows)
     if job.stage == "kto":
-        from rlhf.evaluate import feedback_figures
+        from tuneyard.rlhf.preference_eval import feedback_figures
 
         return feedback_figures(_load(job, model_path, "causal-lm"), tokenizer, rows)
     if job.stage in ("grpo", "rloo", "ppo") and job.reward.functions:
-        from rlhf.evaluate import reward_of_greedy_answers
-        from rlhf.rewards import lookup
+        from tuneyard.rlhf.preference_eval import reward_of_greedy_answers
+        from tuneyard.rlhf.rewards import lookup
 
         functions = [(lookup(f.name), f.weight) for f in job.reward.functions]
         model = _load(job, model_path, "causal-lm")
@@ -89,8 +88,7 @@ def stage_figures(job: JobConfig, model_path: str | None) -> dict[str, float]:
         return {"greedy reward": reward_of_greedy_answers(model, tokenizer, rows, functions, length)}
     if job.stage == "distill" and job.distill.teacher:
         from transformers import AutoModelForCausalLM
-
-        from rlhf.evaluate import teacher_kl
+        from tuneyard.rlhf.preference_eval import teacher_kl
 
         teacher = AutoModelForCausalLM.from_pretrained(job.distill.teacher)
         student = _load(job, model_path, "causal-lm")
@@ -100,7 +98,7 @@ def stage_figures(job: JobConfig, model_path: str | None) -> dict[str, float]:
 
 def too_big_for_the_driver(job: JobConfig, vocab_size: int) -> bool:
     """Whether the model is too big to score on the driver's CPU (counted on the meta device); says so if it is."""
-    from training.disk import parameter_count
+    from tuneyard.launch.disk_check import parameter_count
 
     spec = job.train_spec()
     count = parameter_count(spec, vocab_size)

@@ -11,22 +11,24 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cluster.config import ClusterConfig
-from cluster.ray_cluster import ClusterError, ray_starting
-from cluster.resources import wait_for_resources
-from launch.config import PREFERENCE_STAGES, JobConfig, dump_job
-from launch.figures import final_folder, format_figures, stage_figures, starting_point
-from launch.prepare import TOKENISED_STAGES, prepare_data
-from launch.progress import ProgressFollower
-from training.classify_data import TASK_HEAD_STAGES
-from training.config import ADAPTER_METHODS
-from training.data import read_splits
-from training.errors import TrainingFailed, UserError
-from training.faults import forwarded_faults
-from training.metrics import append_metrics, read_metrics
-from training.model import check_model_source, load_tokenizer
-from training.preemption import preemption_watch
-from training.run_dir import (
+from tuneyard.cluster.config import ClusterConfig
+from tuneyard.cluster.ray_cluster import ClusterError, ray_starting
+from tuneyard.cluster.resources import wait_for_resources
+from tuneyard.launch.before_after import final_folder, format_figures, stage_figures, starting_point
+from tuneyard.launch.config import PREFERENCE_STAGES, JobConfig, dump_job
+from tuneyard.launch.prepare import TOKENISED_STAGES, prepare_data
+from tuneyard.launch.progress import ProgressFollower
+from tuneyard.training.config import ADAPTER_METHODS
+from tuneyard.training.data.labels import TASK_HEAD_STAGES
+from tuneyard.training.data.shards import plan_tasks
+from tuneyard.training.data.sources import read_splits
+from tuneyard.training.data.tokenize import CHAT_FORMATS, cache_key, default_cache_dir, tokenize_chat
+from tuneyard.training.errors import TrainingFailed, UserError
+from tuneyard.training.faults import forwarded_faults
+from tuneyard.training.metrics import append_metrics, read_metrics
+from tuneyard.training.model import check_model_source, load_tokenizer
+from tuneyard.training.preemption import preemption_watch
+from tuneyard.training.run_dir import (
     check_resume_world_size,
     clear_heartbeats,
     job_identity,
@@ -36,9 +38,7 @@ from training.run_dir import (
     resume_checkpoint,
     set_status,
 )
-from training.shards import plan_tasks
-from training.tokenize import CHAT_FORMATS, cache_key, default_cache_dir, tokenize_chat
-from training.tracking import check_trackers, tracker_env
+from tuneyard.training.tracking import check_trackers, tracker_env
 
 log = logging.getLogger(__name__)
 
@@ -102,15 +102,15 @@ def preflight(job: JobConfig) -> None:
     check_training_options(job)
     check_trackers(job.training)
     if job.stage == "ppo":
-        from rlhf.ppo.controller import prepare_ppo
+        from tuneyard.rlhf.ppo.controller import prepare_ppo
 
         prepare_ppo(job.train_spec(), job.ppo, job.reward)  # data, prompt lengths, rewards, the critic's start
         return
     tokenizer = load_tokenizer(job.model, job.data.chat_template)
     check_chat_template(job, tokenizer)
     if job.stage in PREFERENCE_STAGES:
-        from rlhf.data import rlhf_datasets
-        from rlhf.stages import RL_STAGES, check_teacher, reward_functions
+        from tuneyard.rlhf.preference_recipe import RL_STAGES, check_teacher, reward_functions
+        from tuneyard.rlhf.trl_rows import rlhf_datasets
 
         rlhf_datasets(job.stage, job.data, tokenizer, job.training.seed)  # format, fields, pairs, empty data
         if job.stage in RL_STAGES:  # named functions registered, the reward model a one-output classifier
@@ -119,7 +119,7 @@ def preflight(job: JobConfig) -> None:
             check_teacher(job.distill.teacher, tokenizer, allow_pickle=job.model.allow_pickle)
         return
     if job.stage in TASK_HEAD_STAGES:  # fields, BIO tags, label sets, each refused at its file:line
-        from training.classify_data import task_datasets
+        from tuneyard.training.data.labels import task_datasets
 
         task_datasets(job.stage, job.data, tokenizer, job.training.seed)
         return
@@ -241,7 +241,7 @@ def worker_failures(exc: BaseException, run_dir: Path, workers: int) -> str:
 
 def check_disk(job: JobConfig, run_dir: Path) -> None:
     """Refuse before any worker starts when keep_last checkpoints and final/ would not fit on the output disk."""
-    from training.disk import check_free_space
+    from tuneyard.launch.disk_check import check_free_space
 
     saves = job.output.save_steps or (job.stage == "ppo" and job.ppo.save_every)
     models = 2 if job.stage == "ppo" else 1  # the critic is saved beside the policy
@@ -264,9 +264,9 @@ def check_world_size_of_resume(job: JobConfig, run_dir: Path, single: bool) -> N
 
 
 ENTRY_POINTS = {  # each stage family's worker function, imported in the worker: the driver stays light
-    "preference": "rlhf.stages:ray_worker",
-    "task head": "training.classify:ray_worker",
-    "training": "training.runner:ray_worker",
+    "preference": "tuneyard.rlhf.preference_recipe:ray_worker",
+    "task head": "tuneyard.training.task_head_recipe:ray_worker",
+    "training": "tuneyard.training.causal_lm_recipe:ray_worker",
 }
 
 
@@ -292,13 +292,13 @@ def unused_packages(job: JobConfig) -> tuple[str, ...]:
 
 
 def run_on_ray(job: JobConfig, run_dir: Path) -> None:
-    """Run the job's workers as a group of Ray actors (`cluster.worker_group`) on the current Ray cluster.
+    """Run the job's workers as a group of Ray actors (`tuneyard.cluster.worker_group`) on the current Ray cluster.
 
     A worker that dies (or fails for any reason but the user's input) ends the attempt; the next one
     resumes from the newest complete checkpoint, up to `training.max_failures` times. A user's mistake
     raised in a worker is reported at once, not retried.
     """
-    from cluster.worker_group import run_spmd_workers
+    from tuneyard.cluster.worker_group import run_spmd_workers
 
     cluster: ClusterConfig = job.cluster
     set_status(run_dir, "checking the Ray cluster's resources")
@@ -340,7 +340,7 @@ def run_on_ray(job: JobConfig, run_dir: Path) -> None:
 
 def run_ppo_on_ray(job: JobConfig, run_dir: Path) -> None:
     """Run the PPO controller here, its role groups as Ray actors on the current cluster."""
-    from rlhf.ppo.controller import run_ppo
+    from tuneyard.rlhf.ppo.controller import run_ppo
 
     try:
         run_ppo(job.train_spec(), job.ppo, job.reward, run_dir, job.cluster)
@@ -358,15 +358,15 @@ def run_ppo_on_ray(job: JobConfig, run_dir: Path) -> None:
 def run_single(job: JobConfig, run_dir: Path) -> None:
     """The whole job in this process: no Ray, no DeepSpeed, breakpoints work (one GPU or a laptop)."""
     if job.stage in PREFERENCE_STAGES:
-        from rlhf.stages import run_preference_stage
+        from tuneyard.rlhf.preference_recipe import run_preference_stage
 
         run_preference_stage(job.train_spec(use_deepspeed=False), job.preference_spec(), run_dir, rank=0)
     elif job.stage in TASK_HEAD_STAGES:
-        from training.classify import run_task_head
+        from tuneyard.training.task_head_recipe import run_task_head
 
         run_task_head(job.train_spec(use_deepspeed=False), run_dir, rank=0)
     else:
-        from training.runner import run_training
+        from tuneyard.training.causal_lm_recipe import run_training
 
         run_training(job.train_spec(use_deepspeed=False), run_dir, rank=0)
 
@@ -470,6 +470,6 @@ def ray_cpus(job: JobConfig) -> float | None:
     """The CPUs a local Ray must offer for the job: PPO's role bundles; None (the workers' share) otherwise."""
     if job.stage != "ppo":
         return None
-    from rlhf.ppo.groups import plan_placement, present_roles
+    from tuneyard.rlhf.ppo.groups import plan_placement, present_roles
 
     return plan_placement(job.ppo, present_roles(job.train_spec(), job.reward)).total("CPU")

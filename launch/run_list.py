@@ -9,10 +9,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
-
-from training.errors import UserError
-from training.metrics import read_metrics
-from training.run_dir import RUN_FILE, read_outcome
+from tuneyard.training.errors import UserError
+from tuneyard.training.metrics import read_metrics
+from tuneyard.training.run_dir import RUN_FILE, read_outcome
 
 
 @dataclass

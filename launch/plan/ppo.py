@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from launch.config import JobConfig
-from launch.plan import (
+from tuneyard.launch.config import JobConfig
+from tuneyard.launch.plan.memory import RankMemory, Setup, rank_memory
+from tuneyard.launch.plan.spmd import (
     Device,
     Hardware,
     JobPlan,
@@ -15,8 +16,7 @@ from launch.plan import (
     precision_of,
     trainable_text,
 )
-from rlhf.ppo.groups import colocated_sets, present_roles
-from training.memory_plan import RankMemory, Setup, rank_memory
+from tuneyard.rlhf.ppo.groups import colocated_sets, present_roles
 
 # DeepSpeed's own defaults, which PPO's role engines get (their dict has no "auto" for a trainer to fill)
 DEEPSPEED_REDUCE_BUCKET = 5e8

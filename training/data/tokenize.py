@@ -15,12 +15,18 @@ from pathlib import Path
 
 import datasets
 from transformers import PreTrainedTokenizerBase
-
-from training.config import DataConfig, OutputConfig
-from training.data import read_splits, source_fingerprint
-from training.errors import UserError
-from training.packing import IGNORE_INDEX, labels_from_spans, pack_into_blocks
-from training.shards import TaskRunner, build_streamed, load_streamed, plan_tasks, run_tasks_here, streamed_cache_key
+from tuneyard.training.config import DataConfig, OutputConfig
+from tuneyard.training.data.packing import IGNORE_INDEX, labels_from_spans, pack_into_blocks
+from tuneyard.training.data.shards import (
+    TaskRunner,
+    build_streamed,
+    load_streamed,
+    plan_tasks,
+    run_tasks_here,
+    streamed_cache_key,
+)
+from tuneyard.training.data.sources import read_splits, source_fingerprint
+from tuneyard.training.errors import UserError
 
 log = logging.getLogger(__name__)
 CHAT_FORMATS = ("messages", "alpaca", "sharegpt")

@@ -22,10 +22,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-
-from training.config import DataConfig, DataSource
-from training.errors import UserError
-from training.formats import normalize_row
+from tuneyard.training.config import DataConfig, DataSource
+from tuneyard.training.data.formats import normalize_row
+from tuneyard.training.errors import UserError
 
 log = logging.getLogger(__name__)
 STREAMED_SUFFIXES = (".txt", ".jsonl", ".parquet")

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from training.config import DataConfig
-from training.data import read_splits
-from training.errors import UserError
+from tuneyard.training.config import DataConfig
+from tuneyard.training.data.sources import read_splits
+from tuneyard.training.errors import UserError
 
 if TYPE_CHECKING:
     import datasets

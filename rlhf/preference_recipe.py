@@ -1,7 +1,7 @@
 """The preference stages as recipes for one SPMD worker: reward model, DPO, KTO, GRPO, RLOO and distillation
 through TRL.
 
-Each reads top to bottom like `training.runner.run_training`: data, model (and reference, reward or teacher
+Each reads top to bottom like `causal_lm_recipe.run_training`: data, model (and reference, reward or teacher
 models), the TRL config built on the shared trainer arguments, the trainer, then the shared
 train-and-publish step. `ray_worker` is the Ray entry point.
 """
@@ -14,34 +14,33 @@ from pathlib import Path
 import datasets
 import torch.distributed as dist
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, set_seed
-
-from rlhf.config import PreferenceSpec
-from rlhf.data import rlhf_datasets
-from rlhf.losses import trl_loss_terms
-from rlhf.rewards import lookup
-from training.callbacks import PreemptionCallback
-from training.config import ModelConfig, TrainSpec
-from training.deepspeed_config import zero_stage
-from training.errors import UserError
-from training.finetune_method import (
+from tuneyard.rlhf.config import PreferenceSpec
+from tuneyard.rlhf.losses import trl_loss_terms
+from tuneyard.rlhf.rewards import lookup
+from tuneyard.rlhf.trl_rows import rlhf_datasets
+from tuneyard.training.callbacks import PreemptionCallback
+from tuneyard.training.config import ModelConfig, TrainSpec
+from tuneyard.training.deepspeed_config import zero_stage
+from tuneyard.training.errors import UserError
+from tuneyard.training.finetune_method import (
     apply_finetune_method,
     keep_adapters_in_fp32,
     lora_config,
     memory_footprint,
     quantization_config,
 )
-from training.model import check_model_source, load_model, load_tokenizer
-from training.nonfinite import NonFiniteGuard
-from training.run_dir import set_status
-from training.runner import (
+from tuneyard.training.model import check_model_source, load_model, load_tokenizer
+from tuneyard.training.nonfinite import NonFiniteGuard
+from tuneyard.training.run_dir import set_status
+from tuneyard.training.trainer_setup import (
     DEEPSPEED_STATUS,
     common_trainer_kwargs,
     guarded,
     materialize_scratch_base,
     run_callbacks,
-    start_ray_worker,
     train_and_publish,
 )
+from tuneyard.training.worker_start import start_ray_worker
 
 log = logging.getLogger(__name__)
 # the stages that train against a frozen reference: the starting policy, or the base with the adapter disabled
@@ -253,7 +252,7 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
     if model_cfg.init == "scratch" and (peft.method in ("lora", "qlora") or live_reference):
         # an adapter needs its base on disk, and the reference must be the very weights the policy starts from
         model_cfg = materialize_scratch_base(spec, tokenizer, run_dir, rank, distributed)
-    # scratch weights before the DeepSpeed-aware arguments exist, as in training.runner.run_training
+    # scratch weights before the DeepSpeed-aware arguments exist, as in tuneyard.training.causal_lm_recipe.run_training
     model = load_model(model_cfg, tokenizer, task=task) if model_cfg.init == "scratch" else None
     args = _stage_config(spec, pref, run_dir, has_eval)
     if model is None:

@@ -15,8 +15,8 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from training.config import ADAPTER_METHODS, PROMPT_METHODS, ModelConfig, PeftSection
-from training.errors import UserError
+from tuneyard.training.config import ADAPTER_METHODS, PROMPT_METHODS, ModelConfig, PeftSection
+from tuneyard.training.errors import UserError
 
 GiB = 2**30
 # NF4/FP4: two weights per byte. Constants per block of 64 weights: one fp32 absmax (4/64 byte a weight), or with
@@ -90,7 +90,7 @@ def shape_of_config(config, task: str = "causal-lm") -> ModelShape:
         weight = getattr(module, "weight", None)
         if isinstance(module, torch.nn.Linear) and id(weight) not in head_params:
             linears.append(LinearLayer(name, module.in_features, module.out_features))
-    from training.finetune_method import transformer_blocks
+    from tuneyard.training.finetune_method import transformer_blocks
 
     blocks = transformer_blocks(model)
     inner = getattr(model, getattr(model, "base_model_prefix", "model"), model)

@@ -1,6 +1,6 @@
 """One SPMD worker of a `classify` or `token-classify` job: a task head on an encoder or decoder, HF Trainer.
 
-Read `run_task_head` top to bottom, like `training.runner.run_training`: data and label names, the model with
+Read `run_task_head` top to bottom, like `causal_lm_recipe.run_training`: data and label names, the model with
 its head, the peft method, the trainer, then the shared train-and-publish step. The eval metrics are
 scikit-learn's accuracy and macro-F1 (classify) and seqeval's entity-level precision, recall and F1
 (token-classify). `peft.method: feature-based` instead fits a logistic regression on the frozen model's
@@ -20,13 +20,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import PrinterCallback, set_seed
-
-from training.callbacks import PreemptionCallback
-from training.classify_data import HEAD_MODULES, IGNORED, STAGE_TASK, task_datasets
-from training.config import ADAPTER_METHODS, PeftSection, TrainSpec
-from training.deepspeed_config import zero_stage
-from training.errors import UserError
-from training.finetune_method import (
+from tuneyard.training.callbacks import PreemptionCallback
+from tuneyard.training.config import ADAPTER_METHODS, PeftSection, TrainSpec
+from tuneyard.training.data.labels import HEAD_MODULES, IGNORED, STAGE_TASK, task_datasets
+from tuneyard.training.deepspeed_config import zero_stage
+from tuneyard.training.errors import UserError
+from tuneyard.training.finetune_method import (
     apply_finetune_method,
     classifier_pooler,
     keep_adapters_in_fp32,
@@ -34,19 +33,19 @@ from training.finetune_method import (
     parameter_counts,
     quantization_config,
 )
-from training.metrics import append_metrics
-from training.model import load_model, load_tokenizer
-from training.nonfinite import NonFiniteGuard
-from training.run_dir import publish_final, set_status
-from training.runner import (
+from tuneyard.training.metrics import append_metrics
+from tuneyard.training.model import load_model, load_tokenizer
+from tuneyard.training.nonfinite import NonFiniteGuard
+from tuneyard.training.run_dir import publish_final, set_status
+from tuneyard.training.trainer_setup import (
     DEEPSPEED_STATUS,
     common_trainer_kwargs,
     guarded,
     materialize_scratch_base,
     run_callbacks,
-    start_ray_worker,
     train_and_publish,
 )
+from tuneyard.training.worker_start import start_ray_worker
 
 log = logging.getLogger(__name__)
 HEAD_NAMES = ("classifier", "score")  # the head of BERT-family models, and of decoders
@@ -129,7 +128,7 @@ def run_task_head(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
         set_status(run_dir, "loading the model")
     if peft.method in ADAPTER_METHODS and model_cfg.init == "scratch":
         model_cfg = materialize_scratch_base(spec, tokenizer, run_dir, rank, distributed)
-    # scratch weights before the DeepSpeed-aware arguments exist, as in training.runner.run_training
+    # scratch weights before the DeepSpeed-aware arguments exist, as in tuneyard.training.causal_lm_recipe.run_training
     model = load_model(model_cfg, tokenizer, task=task, labels=names) if model_cfg.init == "scratch" else None
     metrics = entity_metrics(names) if spec.stage == "token-classify" else classification_metrics
     args = TrainingArguments(**common_trainer_kwargs(spec, run_dir, has_eval))
@@ -213,9 +212,8 @@ def fit_on_features(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
     from transformers import AutoModel
-
-    from training.classify_data import check_known_labels, label_names
-    from training.data import read_splits
+    from tuneyard.training.data.labels import check_known_labels, label_names
+    from tuneyard.training.data.sources import read_splits
 
     distributed = dist.is_available() and dist.is_initialized()
     if rank == 0:

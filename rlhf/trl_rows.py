@@ -7,10 +7,9 @@ import random
 
 import datasets
 from transformers import PreTrainedTokenizerBase
-
-from training.config import DataConfig
-from training.data import read_splits
-from training.errors import UserError
+from tuneyard.training.config import DataConfig
+from tuneyard.training.data.sources import read_splits
+from tuneyard.training.errors import UserError
 
 NEEDS = {
     "reward": ("preference",),

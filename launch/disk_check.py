@@ -7,8 +7,8 @@ import math
 import shutil
 from pathlib import Path
 
-from training.config import ADAPTER_METHODS, TrainSpec
-from training.errors import UserError
+from tuneyard.training.config import ADAPTER_METHODS, TrainSpec
+from tuneyard.training.errors import UserError
 
 # fp32 weights in the checkpoint's model file + DeepSpeed's model states (fp32)
 WEIGHT_BYTES = 4 + 4

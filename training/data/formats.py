@@ -6,7 +6,7 @@ import json
 import re
 from typing import Any
 
-from training.errors import UserError
+from tuneyard.training.errors import UserError
 
 FORMAT_FIELDS = {
     "text": "a 'text' string (or data.text_field)",

@@ -1,23 +1,16 @@
-"""One SPMD worker of a `pretrain` or `sft` job: data, model, DeepSpeed, TRL SFTTrainer, final save.
-
-Read `run_training` top to bottom: it is the whole recipe. `ray_worker` is the entry point a Ray worker
-of the job's group (`cluster.worker_group`) runs.
-"""
+"""What every Hugging Face trainer recipe shares: the trainer arguments, the callbacks, the guarded trainer class,
+a scratch base written to disk for adapters, and the train-evaluate-publish ending that writes `final/`."""
 
 from __future__ import annotations
 
 import logging
-import math
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
-
-from training.callbacks import (
+from tuneyard.training.callbacks import (
     CompleteCheckpointCallback,
     Heartbeat,
     MetricsCallback,
@@ -25,37 +18,25 @@ from training.callbacks import (
     TrackingCallback,
     close_trackers,
 )
-from training.chat_templates import stop_at_end_of_turn
-from training.config import ADAPTER_METHODS, ModelConfig, TrainingConfig, TrainSpec
-from training.deepspeed_config import build_deepspeed_config, import_deepspeed_without_mlflow, zero_stage
-from training.errors import UserError
-from training.faults import apply_faults
-from training.finetune_method import (
-    AdaLoraRankBudget,
-    SavesPromptAdapters,
-    apply_finetune_method,
-    keep_adapters_in_fp32,
-    memory_footprint,
-    quantization_config,
-    zero3_shares,
-)
-from training.model import load_model, load_tokenizer, resolve_dtype
-from training.nonfinite import NonFiniteGuard, SkipsNonFiniteSteps
-from training.packing import PackedRowsCollator
-from training.run_dir import (
+from tuneyard.training.config import ModelConfig, TrainingConfig, TrainSpec
+from tuneyard.training.data.chat_templates import stop_at_end_of_turn
+from tuneyard.training.deepspeed_config import build_deepspeed_config
+from tuneyard.training.errors import UserError
+from tuneyard.training.finetune_method import AdaLoraRankBudget, SavesPromptAdapters, zero3_shares
+from tuneyard.training.model import load_model, resolve_dtype
+from tuneyard.training.nonfinite import SkipsNonFiniteSteps
+from tuneyard.training.run_dir import (
     DiskFull,
     ReportsFullDisk,
     disk_full_message,
     out_of_space,
     publish_final,
-    read_status,
     resume_checkpoint,
-    set_status,
 )
-from training.tokenize import default_cache_dir, prepare_datasets
-from training.tracking import apply_tracker_env
 
 log = logging.getLogger(__name__)
+
+
 DEEPSPEED_STATUS = "building the DeepSpeed engine (the first run on a machine also compiles DeepSpeed's CPU comm op)"
 
 
@@ -92,7 +73,7 @@ def common_trainer_kwargs(spec: TrainSpec, run_dir: Path, has_eval: bool) -> dic
         eval_on_start=has_eval,
         save_strategy="steps" if output.save_steps else "no",
         save_steps=output.save_steps or 500,
-        save_total_limit=None,  # training.run_dir.CompleteCheckpointCallback keeps output.keep_last
+        save_total_limit=None,  # tuneyard.training.run_dir.CompleteCheckpointCallback keeps output.keep_last
         logging_steps=training.logging_steps,
         include_num_input_tokens_seen="non_padding",
         report_to="none",
@@ -154,34 +135,11 @@ def run_callbacks(spec: TrainSpec, run_dir: Path, rank: int, samples_per_step: i
     ]
 
 
-def build_trainer_args(spec: TrainSpec, run_dir: Path, has_eval: bool):
-    """TRL SFTConfig for pretrain/sft; must exist before the model for ZeRO-3 init."""
-    from trl import SFTConfig
-
-    return SFTConfig(
-        **common_trainer_kwargs(spec, run_dir, has_eval),
-        max_length=spec.data.max_length,
-        packing=False,  # SFT rows were packed (and cached) at tokenisation; see training/packing.py
-        dataset_num_proc=spec.data.num_proc if spec.data.num_proc > 1 else None,
-    )
-
-
 def guarded(trainer_class: type) -> type:
-    """`trainer_class` that skips NaN/inf steps (training.nonfinite), reports a disk filled by a save, and saves
-    and resumes prompt/prefix adapters (training.finetune_method.SavesPromptAdapters)."""
+    """`trainer_class` that skips NaN/inf steps (training/nonfinite.py), reports a disk filled by a save, and saves
+    and resumes prompt/prefix adapters (finetune_method.SavesPromptAdapters)."""
     bases = (SkipsNonFiniteSteps, ReportsFullDisk, SavesPromptAdapters, trainer_class)
     return type(trainer_class.__name__, bases, {})
-
-
-def choose_collator(spec: TrainSpec, model: torch.nn.Module, pad_token_id: int):
-    """Packed SFT rows: flattened varlen for flash-attn, per-row block masks otherwise; else TRL's default."""
-    if spec.stage != "sft" or not spec.data.packing:
-        return None
-    if model.config._attn_implementation == "flash_attention_2":
-        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-
-        return DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=True)
-    return PackedRowsCollator(pad_token_id=pad_token_id)
 
 
 def materialize_scratch_base(spec: TrainSpec, tokenizer, run_dir: Path, rank: int, distributed: bool) -> ModelConfig:
@@ -196,75 +154,6 @@ def materialize_scratch_base(spec: TrainSpec, tokenizer, run_dir: Path, rank: in
     if distributed:
         dist.barrier()
     return spec.model.model_copy(update={"init": "pretrained", "name_or_path": str(base), "architecture": None})
-
-
-def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
-    """Train one worker's share of the job and, together with the other ranks, write `final/`."""
-    from transformers import PrinterCallback, set_seed
-    from trl import SFTTrainer
-
-    training, data, output, peft = spec.training, spec.data, spec.output, spec.peft
-    set_seed(training.seed)
-    distributed = dist.is_available() and dist.is_initialized()
-    world = dist.get_world_size() if distributed else 1
-    tokenizer = load_tokenizer(spec.model, spec.data.chat_template)
-    has_eval = bool(data.eval) or data.eval_fraction > 0
-    model_cfg = spec.model
-    if rank == 0:
-        set_status(run_dir, "loading the model")
-    if peft.method in ADAPTER_METHODS and model_cfg.init == "scratch":
-        model_cfg = materialize_scratch_base(spec, tokenizer, run_dir, rank, distributed)
-    # A from-scratch model is built before the trainer args register DeepSpeed: under ZeRO-3's
-    # zero.Init each rank would draw the random weights per partition, so the same seed would give
-    # other weights than ZeRO-0/1/2. Pretrained weights load after, inside zero.Init (sharded).
-    model = load_model(model_cfg, tokenizer) if model_cfg.init == "scratch" else None
-    args = build_trainer_args(spec, run_dir, has_eval)
-
-    # On Ray the driver built the cache before any process group existed (launch/prepare.py), so rank 0
-    # finds it warm and the barrier is brief. Started otherwise (torchrun), rank 0 builds it while the others wait.
-    cache_dir = default_cache_dir(data, output)
-    if rank == 0:
-        set_status(run_dir, "reading the tokenised data")
-        splits, warm = prepare_datasets(spec.stage, data, tokenizer, training.seed, cache_dir)
-        log.info("tokenised data: %s cache", "warm" if warm else "cold")
-    if distributed:
-        dist.barrier()
-    if rank != 0:
-        splits, _ = prepare_datasets(spec.stage, data, tokenizer, training.seed, cache_dir)
-
-    if model is None:
-        zero3 = zero_stage(spec.deepspeed) == 3
-        quantization = quantization_config(peft, zero3=zero3) if peft.method == "qlora" else None
-        model = load_model(model_cfg, tokenizer, quantization)
-    model.config.use_cache = False  # no KV cache while training (and packed batches need it off)
-    samples_per_step = training.batch_size * training.grad_accum * world
-    steps = training.max_steps
-    if steps <= 0:
-        steps = math.ceil(training.epochs * math.ceil(len(splits["train"]) / samples_per_step))
-    tokenizer_path = model_cfg.tokenizer or model_cfg.name_or_path  # prompt tuning reads prompt_init_text with it
-    model = apply_finetune_method(
-        model, peft, training.gradient_checkpointing, total_steps=steps, tokenizer_path=tokenizer_path
-    )
-    if rank == 0:
-        print(memory_footprint(model), flush=True)
-    preemption = PreemptionCallback(run_dir)
-    if rank == 0:
-        set_status(run_dir, DEEPSPEED_STATUS)
-    trainer = guarded(SFTTrainer)(
-        nonfinite_guard=NonFiniteGuard(run_dir, training.max_nonfinite_steps, rank),
-        model=model,
-        args=args,
-        data_collator=choose_collator(spec, model, tokenizer.pad_token_id),
-        train_dataset=splits["train"],
-        eval_dataset=splits.get("eval"),
-        processing_class=tokenizer,
-        callbacks=run_callbacks(spec, run_dir, rank, samples_per_step, preemption),
-    )
-    trainer.remove_callback(PrinterCallback)  # its dict-per-step print is metrics.jsonl's job
-    if peft.method == "qlora" and not args.bf16:
-        keep_adapters_in_fp32(trainer.model)
-
-    return train_and_publish(trainer, tokenizer, run_dir, output.resume, has_eval, rank, preemption)
 
 
 def train_and_publish(
@@ -316,57 +205,3 @@ def train_and_publish(
     if distributed:
         dist.barrier()
     return {"global_step": trainer.state.global_step, **metrics}
-
-
-def redirect_output(log_path: Path) -> None:
-    """Send this process's stdout/stderr (Python and C++ alike) to a log file; the console shows progress."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    handle = open(log_path, "a", buffering=1)
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.dup2(handle.fileno(), 1)
-    os.dup2(handle.fileno(), 2)
-    logging.basicConfig(
-        level=logging.INFO, stream=sys.stderr, force=True, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-
-
-def watch_start_up(run_dir: Path, who: str) -> None:
-    """Key this worker's extension cache by its own build, and put any wait on a build lock on the progress line."""
-    from cluster.extensions import use_own_build_folder, watch_extension_locks
-
-    use_own_build_folder()
-    before: list[str] = []
-
-    def report(text: str) -> None:
-        if text:
-            before.append(before[-1] if before else read_status(run_dir))
-            set_status(run_dir, f"{who}: {text}")
-        elif before:
-            set_status(run_dir, before[0])
-            before.clear()
-
-    watch_extension_locks(os.environ["TORCH_EXTENSIONS_DIR"], report)
-
-
-def start_ray_worker(payload: dict, rank: int) -> Path:
-    """In a Ray worker of the job's group: its run directory; the worker's output goes to RUN_DIR/logs."""
-    import datasets
-    import ray
-
-    run_dir = Path(payload["run_dir"])
-    apply_faults(payload.get("faults", {}))
-    apply_tracker_env(payload.get("tracker_env", {}))
-    if payload["spec"].get("deepspeed"):
-        import_deepspeed_without_mlflow()
-    redirect_output(run_dir / "logs" / f"worker-{rank}.log")
-    watch_start_up(run_dir, f"rank {rank}")
-    log.info("rank %d (pid %d) runs on Ray node %s", rank, os.getpid(), ray.get_runtime_context().get_node_id())
-    datasets.disable_progress_bars()
-    return run_dir
-
-
-def ray_worker(payload: dict, rank: int) -> None:
-    """Ray entry point of pretrain/sft: rebuild the worker's spec from `payload` and run it."""
-    run_dir = start_ray_worker(payload, rank)
-    run_training(TrainSpec.model_validate(payload["spec"]), run_dir, rank)
