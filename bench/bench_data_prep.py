@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import psutil
-from tuneyard.launch.config import job_from_dict
-from tuneyard.launch.prepare import prepare_data
 
 from bench.common import ROOT, TOKENIZER
+from tuneyard.launch.config import job_from_dict
+from tuneyard.launch.prepare import prepare_data
 
 SIZES_GB = (0.1, 0.4, 1.6)
 SCALE = float(os.environ.get("BENCH_DATA_PREP_SCALE", "1"))  # <1 for a quick trial of the bench itself

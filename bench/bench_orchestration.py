@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 import yaml
+
+from bench.common import ROOT, sft_job, steady_rate
 from tuneyard.launch.config import job_from_dict
 from tuneyard.launch.run_job import run_job
 from tuneyard.training.run_dir import job_identity, prepare_run_dir
-
-from bench.common import ROOT, sft_job, steady_rate
 
 
 def run_torchrun(job: dict) -> None:

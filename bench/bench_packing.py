@@ -6,10 +6,9 @@ import json
 import random
 from pathlib import Path
 
+from bench.common import sft_job, steady_rate
 from tuneyard.launch.config import job_from_dict
 from tuneyard.launch.run_job import run_job
-
-from bench.common import sft_job, steady_rate
 
 WORDS = ["red", "fox", "owl", "river", "stone", "bread", "hill", "cloud", "lamp", "road"]
 

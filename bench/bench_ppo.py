@@ -38,11 +38,10 @@ import subprocess
 import time
 from pathlib import Path
 
+from bench.common import ARCH, ROOT, TOKENIZER
 from tuneyard.launch.config import job_from_dict
 from tuneyard.launch.run_job import run_job
 from tuneyard.training.metrics import read_metrics
-
-from bench.common import ARCH, ROOT, TOKENIZER
 
 DATA = ROOT / "examples" / "data"
 PROMPTS = DATA / "last-word-prompts-train.jsonl"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
+
 from tuneyard.training.config import PeftSection
 from tuneyard.training.finetune_method import apply_finetune_method, parameter_counts, quantization_config
 

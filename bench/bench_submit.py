@@ -30,13 +30,12 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tuneyard.cluster import ray_jobs  # noqa: E402
-from tuneyard.training.metrics import read_metrics  # noqa: E402
-
 from bench.common import ROOT  # noqa: E402
 from tests.conftest import SFT_JOB, job_dict  # noqa: E402
 from tests.test_cluster_ray import TwoNodeRay  # noqa: E402
 from tests.test_cluster_slurm import free_port_run  # noqa: E402
+from tuneyard.cluster import ray_jobs  # noqa: E402
+from tuneyard.training.metrics import read_metrics  # noqa: E402
 
 BIN = Path(sys.executable).parent
 SAY = re.compile(r"tuneyard-slurm (\d\d:\d\d:\d\d\.\d+): (.*)")

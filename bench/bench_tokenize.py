@@ -6,11 +6,10 @@ import shutil
 import time
 from pathlib import Path
 
+from bench.common import TOKENIZER
 from tuneyard.training.config import DataConfig, ModelConfig
 from tuneyard.training.data.tokenize import prepare_datasets
 from tuneyard.training.model import load_tokenizer
-
-from bench.common import TOKENIZER
 
 DATA = TOKENIZER.parent.parent / "data"
 

@@ -16,11 +16,10 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tuneyard.launch.plan.memory import Setup, rank_memory, shape_of_config
-from tuneyard.training.config import PeftSection
-
 from bench.common import ROOT
 from bench.zero_memory_worker import ARCH
+from tuneyard.launch.plan.memory import Setup, rank_memory, shape_of_config
+from tuneyard.training.config import PeftSection
 
 
 def free_port() -> int:

@@ -11,9 +11,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
-from tuneyard.cluster.config import ClusterConfig  # noqa: E402
-from tuneyard.cluster.ray_cluster import ray_cluster  # noqa: E402
-
 from bench import (  # noqa: E402
     bench_classic,
     bench_data_prep,
@@ -27,6 +24,8 @@ from bench import (  # noqa: E402
     bench_zero_memory,
 )
 from bench.summary import write_summary  # noqa: E402
+from tuneyard.cluster.config import ClusterConfig  # noqa: E402
+from tuneyard.cluster.ray_cluster import ray_cluster  # noqa: E402
 
 OWN_RAY = {"startup"}  # benchmarks whose runs start their own local Ray, as a user's `tuneyard train` does
 
@@ -57,7 +56,7 @@ def main() -> None:
         print(f"{name:14s} ratio {result['ratio']:.2f} (target {result['target']})  {json.dumps(result)}", flush=True)
 
     with tempfile.TemporaryDirectory() as tmp:
-        # start-up first, before the shared Ray: a second local Ray on the machine makes ray.init 2.5 -> 6.5 s,
+        # start-up first, before the shared Ray: a second local Ray on the machine slows ray.init several-fold,
         # which a user's machine does not have
         for name in [n for n in selected if n in OWN_RAY]:
             run(name, tmp)

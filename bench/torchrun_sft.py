@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import torch.distributed as dist
+
 from tuneyard.launch.config import load_job
 from tuneyard.training.causal_lm_recipe import run_training
 from tuneyard.training.worker_start import redirect_output

@@ -37,13 +37,13 @@ def torch_backend(cfg: ClusterConfig) -> str:
     return "nccl" if cfg.gpus_per_worker > 0 else "gloo"
 
 
-def worker_env(cfg: ClusterConfig) -> dict[str, str]:
-    """Environment for each worker: one BLAS thread pool per granted CPU, an extension cache per torch build.
+def worker_env(cpus: float) -> dict[str, str]:
+    """Environment for a worker granted `cpus` CPUs: that many BLAS threads, an extension cache per torch build.
 
     Each actor sets it itself (the SPMD workers before importing their entry, PPO's roles in their runtime_env):
-    as the job's runtime_env it would keep every actor out of the worker processes Ray prestarts (~0.7 s each).
+    as the job's runtime_env it would send every actor to a fresh process instead of one Ray has prestarted.
     """
-    threads = str(max(1, int(cfg.cpus_per_worker)))
+    threads = str(max(1, int(cpus)))
     env = {
         "OMP_NUM_THREADS": threads,
         "MKL_NUM_THREADS": threads,
@@ -71,8 +71,8 @@ def ray_cluster(cfg: ClusterConfig, cpus_needed: float | None = None) -> Iterato
 def ray_starting(cfg: ClusterConfig, cpus_needed: float | None = None) -> Iterator[Callable[[], None]]:
     """`ray_cluster` that starts a local Ray in the background at once and yields a function waiting until it is up.
 
-    The driver imports and checks the job meanwhile: a local Ray takes about 2.5 s to start on 2 cores. A remote
-    cluster is connected to only when waited for, after the checks; nothing is placed on either before then.
+    The driver imports and checks the job meanwhile, so Ray's start-up overlaps that work. A remote cluster is
+    connected to only when waited for, after the checks; nothing is placed on either before then.
     """
     import ray
 
@@ -85,7 +85,7 @@ def ray_starting(cfg: ClusterConfig, cpus_needed: float | None = None) -> Iterat
         return
     # a build that died on this machine left a lock the workers would wait on forever; remote nodes keep
     # their own caches (or share this one over a network filesystem, where only the lock's age counts)
-    clear_stale_locks(worker_env(cfg)["TORCH_EXTENSIONS_DIR"])
+    clear_stale_locks(extensions_dir())
     if cfg.address:
 
         def connect() -> None:

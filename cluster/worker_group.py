@@ -1,10 +1,9 @@
 """A job's SPMD workers as plain Ray actors: one placement group, one torch process group, one entry function.
 
-Ray Train did this until issue 12. On 2 CPU cores its controller, coordinator and cleaner actors, and workers
-given their own runtime_env (so never the processes Ray prestarts), took about 9 of the 26 s before sft-tiny's
-first step. Here the workers are Ray's prestarted processes, so they are up about 0.3 s after Ray is: no
-runtime_env is set for them or for the job (any would send them to fresh processes, 0.7 s later); each
-worker sets its environment (`worker_env`, the torchrun variables) itself, before importing its entry.
+The workers run in the processes Ray prestarts, so none waits for a new Python process to start. No runtime_env
+is set for them or for the job: any runtime_env sends actors to freshly started processes. Ray Train is not used:
+its controller, coordinator and cleaner actors add start-up time on a small machine. Each worker sets its
+environment (`worker_env`, the torchrun variables) itself, before importing its entry.
 
 The group does what the job needs of Ray Train, no more: bundles of {CPU, GPU} placed PACK or SPREAD, ranks
 ordered so one node's ranks are consecutive, the torchrun variables (RANK, LOCAL_RANK, WORLD_SIZE, ...), the
@@ -44,6 +43,26 @@ def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+def join_process_group(
+    rank: int, world_size: int, local_rank: int, address: str, backend: str, timeout_s: float
+) -> None:
+    """Set RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR and MASTER_PORT, then join the process group meeting at `address`.
+
+    The variables go into the environment because DeepSpeed and accelerate read them there (MASTER_ADDR on several
+    nodes). A process already in a group stays in it.
+    """
+    import torch.distributed as dist
+
+    host, _, port = address.removeprefix("tcp://").rpartition(":")
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank), MASTER_ADDR=host, MASTER_PORT=port
+    )
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend, init_method=address, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
+        )
 
 
 def rendezvous_address() -> str:
@@ -87,18 +106,15 @@ class SpmdWorker:
         The entry's module is imported here, after CUDA_VISIBLE_DEVICES is set: torch reads it once, at its
         first CUDA call. The packages in `absent` cannot be imported in this process, as if not installed.
         """
-        host, _, port = address.removeprefix("tcp://").rpartition(":")
-        os.environ.update(env, MASTER_ADDR=host, MASTER_PORT=port)  # accelerate asks for them on several nodes
+        os.environ.update(env)  # before the entry's module imports torch: its thread pools and visible GPUs
         for package in absent:
             sys.modules.setdefault(package, None)  # None in sys.modules is how Python refuses an import
         module, _, name = entry.partition(":")
         function: Callable[[dict, int], None] = getattr(importlib.import_module(module), name)
         import torch.distributed as dist
 
-        rank, world_size = int(env["RANK"]), int(env["WORLD_SIZE"])
-        dist.init_process_group(
-            backend, init_method=address, rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s)
-        )
+        rank = int(env["RANK"])
+        join_process_group(rank, int(env["WORLD_SIZE"]), int(env["LOCAL_RANK"]), address, backend, timeout_s)
         try:
             function(payload, rank)
         finally:
@@ -107,8 +123,8 @@ class SpmdWorker:
 
 
 @dataclass(frozen=True)
-class Seat:
-    """Where one rank runs: its actor, node and the GPU ids Ray gave it."""
+class PlacedWorker:
+    """A started worker actor and where Ray placed it: its node and the GPU ids Ray gave it."""
 
     actor: object
     node_id: str
@@ -116,21 +132,21 @@ class Seat:
     gpus: list[str]
 
 
-def rank_environments(seats: list[Seat], common: dict[str, str] | None = None) -> list[dict[str, str]]:
-    """The torchrun variables of each rank (seats in rank order) on top of `common`: one node's ranks share its GPUs."""
-    nodes = list(dict.fromkeys(seat.node_id for seat in seats))
+def rank_environments(workers: list[PlacedWorker], common: dict[str, str] | None = None) -> list[dict[str, str]]:
+    """The torchrun variables of each rank (workers in rank order) over `common`: one node's ranks share its GPUs."""
+    nodes = list(dict.fromkeys(worker.node_id for worker in workers))
     environments = []
-    for rank, seat in enumerate(seats):
-        local = [s for s in seats if s.node_id == seat.node_id]
+    for rank, worker in enumerate(workers):
+        local = [w for w in workers if w.node_id == worker.node_id]
         env = {
             **(common or {}),
             "RANK": str(rank),
-            "WORLD_SIZE": str(len(seats)),
-            "LOCAL_RANK": str(local.index(seat)),
+            "WORLD_SIZE": str(len(workers)),
+            "LOCAL_RANK": str(local.index(worker)),
             "LOCAL_WORLD_SIZE": str(len(local)),
-            "NODE_RANK": str(nodes.index(seat.node_id)),
+            "NODE_RANK": str(nodes.index(worker.node_id)),
         }
-        node_gpus = sorted({g for s in local for g in s.gpus}, key=gpu_order)
+        node_gpus = sorted({g for w in local for g in w.gpus}, key=gpu_order)
         if node_gpus:
             env["CUDA_VISIBLE_DEVICES"] = ",".join(node_gpus)
         environments.append(env)
@@ -142,14 +158,14 @@ def gpu_order(gpu: str) -> tuple[int, str]:
     return (len(gpu), gpu)
 
 
-def order_ranks(seats: list[Seat], driver_ip: str) -> list[Seat]:
+def order_ranks(workers: list[PlacedWorker], driver_ip: str) -> list[PlacedWorker]:
     """Ranks in node order (the driver's node first), one node's ranks consecutive and in the order of their GPUs.
 
     With one GPU per worker, `cuda:LOCAL_RANK` among the node's visible GPUs is then the worker's own.
     """
-    nodes = sorted({(s.node_ip != driver_ip, s.node_ip, s.node_id) for s in seats})
+    nodes = sorted({(w.node_ip != driver_ip, w.node_ip, w.node_id) for w in workers})
     node_of = {node_id: index for index, (_, _, node_id) in enumerate(nodes)}
-    return sorted(seats, key=lambda s: (node_of[s.node_id], [gpu_order(g) for g in s.gpus]))
+    return sorted(workers, key=lambda w: (node_of[w.node_id], [gpu_order(g) for g in w.gpus]))
 
 
 def run_spmd_workers(entry: str, payload: dict, cluster: ClusterConfig, absent: tuple[str, ...] = ()) -> None:
@@ -186,14 +202,14 @@ def run_spmd_workers(entry: str, payload: dict, cluster: ClusterConfig, absent: 
             for index in range(cluster.workers)
         ]
         places = ray.get([actor.where.remote() for actor in actors])
-        seats = [Seat(actor, *place) for actor, place in zip(actors, places, strict=True)]
-        seats = order_ranks(seats, ray.util.get_node_ip_address())
-        address = ray.get(seats[0].actor.rendezvous_address.remote())
+        placed = [PlacedWorker(actor, *place) for actor, place in zip(actors, places, strict=True)]
+        placed = order_ranks(placed, ray.util.get_node_ip_address())
+        address = ray.get(placed[0].actor.rendezvous_address.remote())
         refs = [
-            seat.actor.run.remote(
+            worker.actor.run.remote(
                 entry, payload, env, address, torch_backend(cluster), cluster.collective_timeout_s, absent
             )
-            for seat, env in zip(seats, rank_environments(seats, worker_env(cluster)), strict=True)
+            for worker, env in zip(placed, rank_environments(placed, worker_env(cluster.cpus_per_worker)), strict=True)
         ]
         wait_for_ranks(refs)
     finally:

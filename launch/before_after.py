@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from pathlib import Path
 
 from tuneyard.launch.config import JobConfig
 from tuneyard.training.data.sources import read_sources
 from tuneyard.training.model import load_tokenizer
+from tuneyard.training.stages import stage_spec
 
 PERCENTAGES = {"task acc.", "greedy = chosen", "greedy desirable", "pair accuracy", "eval accuracy"}
 EVAL_ROWS = 100
@@ -22,6 +24,7 @@ def _load(job: JobConfig, model_path: str | None, task: str):
     """The job's starting model (seeded, for a scratch start) or a finished model folder, for inference."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
     from tuneyard.training.model import load_model
 
     if model_path is None:
@@ -52,48 +55,81 @@ def _eval_rows(job: JobConfig) -> list[dict]:
 
 def stage_figures(job: JobConfig, model_path: str | None) -> dict[str, float]:
     """Named figures of one model for the job's stage (empty when the job has no held-out data)."""
+    figures = stage_spec(job.stage).figures
     rows = _eval_rows(job)
-    if not rows:
+    if figures is None or not rows:
         return {}
+    module, _, function = figures.partition(":")
+    return getattr(importlib.import_module(module), function)(job, model_path, rows)
+
+
+def _scoring_tokenizer(job: JobConfig):
+    """The job's tokenizer, or None when the model is too big to score on the driver."""
     tokenizer = load_tokenizer(job.model, job.data.chat_template)
-    if too_big_for_the_driver(job, len(tokenizer)):
+    return None if too_big_for_the_driver(job, len(tokenizer)) else tokenizer
+
+
+def answer_accuracy_figures(job: JobConfig, model_path: str | None, rows: list[dict]) -> dict[str, float]:
+    """sft with data.eval_generations: the share of held-out prompts whose greedy answer is the reference."""
+    if not job.data.eval_generations or (tokenizer := _scoring_tokenizer(job)) is None:
         return {}
-    if job.stage == "sft" and job.data.eval_generations:
-        from tuneyard.training.answer_accuracy import exact_match_accuracy
+    from tuneyard.training.answer_accuracy import exact_match_accuracy
 
-        return {"task acc.": exact_match_accuracy(_load(job, model_path, "causal-lm"), tokenizer, rows)}
-    if job.stage == "reward":
-        from tuneyard.rlhf.preference_eval import reward_model_figures
+    return {"task acc.": exact_match_accuracy(_load(job, model_path, "causal-lm"), tokenizer, rows)}
 
-        return reward_model_figures(_load(job, model_path, "sequence-classification"), tokenizer, rows)
-    if job.stage == "dpo":
-        from tuneyard.rlhf.preference_eval import preference_figures
 
-        return preference_figures(_load(job, model_path, "causal-lm"), tokenizer, rows)
-    if job.stage == "kto":
-        from tuneyard.rlhf.preference_eval import feedback_figures
+def reward_model_pair_figures(job: JobConfig, model_path: str | None, rows: list[dict]) -> dict[str, float]:
+    """A reward model: how often it scores the chosen answer above the rejected one, and by what margin."""
+    if (tokenizer := _scoring_tokenizer(job)) is None:
+        return {}
+    from tuneyard.rlhf.preference_eval import reward_model_figures
 
-        return feedback_figures(_load(job, model_path, "causal-lm"), tokenizer, rows)
-    if job.stage in ("grpo", "rloo", "ppo") and job.reward.functions:
-        from tuneyard.rlhf.preference_eval import reward_of_greedy_answers
-        from tuneyard.rlhf.rewards import lookup
+    return reward_model_figures(_load(job, model_path, "sequence-classification"), tokenizer, rows)
 
-        functions = [(lookup(f.name), f.weight) for f in job.reward.functions]
-        model = _load(job, model_path, "causal-lm")
-        length = {
-            "grpo": job.grpo.max_completion_length,
-            "rloo": job.rloo.max_completion_length,
-            "ppo": job.ppo.generation.max_new_tokens,
-        }[job.stage]
-        return {"greedy reward": reward_of_greedy_answers(model, tokenizer, rows, functions, length)}
-    if job.stage == "distill" and job.distill.teacher:
-        from transformers import AutoModelForCausalLM
-        from tuneyard.rlhf.preference_eval import teacher_kl
 
-        teacher = AutoModelForCausalLM.from_pretrained(job.distill.teacher)
-        student = _load(job, model_path, "causal-lm")
-        return {"KL to teacher": teacher_kl(student, teacher, tokenizer, rows, job.distill.max_completion_length)}
-    return {}
+def preference_pair_figures(job: JobConfig, model_path: str | None, rows: list[dict]) -> dict[str, float]:
+    """A policy on preference pairs: its log-prob margin of chosen over rejected, and its greedy answers."""
+    if (tokenizer := _scoring_tokenizer(job)) is None:
+        return {}
+    from tuneyard.rlhf.preference_eval import preference_figures
+
+    return preference_figures(_load(job, model_path, "causal-lm"), tokenizer, rows)
+
+
+def feedback_figures(job: JobConfig, model_path: str | None, rows: list[dict]) -> dict[str, float]:
+    """A policy on unpaired feedback: how it scores the desirable and undesirable completions."""
+    if (tokenizer := _scoring_tokenizer(job)) is None:
+        return {}
+    from tuneyard.rlhf import preference_eval
+
+    return preference_eval.feedback_figures(_load(job, model_path, "causal-lm"), tokenizer, rows)
+
+
+def greedy_reward_figures(job: JobConfig, model_path: str | None, rows: list[dict]) -> dict[str, float]:
+    """The online RL stages: the reward functions' score of the greedy answers to held-out prompts."""
+    spec = stage_spec(job.stage)
+    if not job.reward.functions or spec.completion_length is None or (tokenizer := _scoring_tokenizer(job)) is None:
+        return {}
+    from tuneyard.rlhf.preference_eval import reward_of_greedy_answers
+    from tuneyard.rlhf.rewards import lookup
+
+    functions = [(lookup(f.name), f.weight) for f in job.reward.functions]
+    model = _load(job, model_path, "causal-lm")
+    length = spec.completion_length(job)
+    return {"greedy reward": reward_of_greedy_answers(model, tokenizer, rows, functions, length)}
+
+
+def teacher_kl_figures(job: JobConfig, model_path: str | None, rows: list[dict]) -> dict[str, float]:
+    """Distillation: the student's per-token KL to the teacher over answers to held-out prompts."""
+    if not job.distill.teacher or (tokenizer := _scoring_tokenizer(job)) is None:
+        return {}
+    from transformers import AutoModelForCausalLM
+
+    from tuneyard.rlhf.preference_eval import teacher_kl
+
+    teacher = AutoModelForCausalLM.from_pretrained(job.distill.teacher)
+    student = _load(job, model_path, "causal-lm")
+    return {"KL to teacher": teacher_kl(student, teacher, tokenizer, rows, job.distill.max_completion_length)}
 
 
 def too_big_for_the_driver(job: JobConfig, vocab_size: int) -> bool:
@@ -102,11 +138,8 @@ def too_big_for_the_driver(job: JobConfig, vocab_size: int) -> bool:
 
     spec = job.train_spec()
     count = parameter_count(spec, vocab_size)
-    if job.stage == "distill" and job.distill.teacher:  # the teacher is scored beside the student
-        teacher = spec.model.model_copy(
-            update={"init": "pretrained", "name_or_path": job.distill.teacher, "architecture": None}
-        )
-        count += parameter_count(spec.model_copy(update={"model": teacher}), vocab_size)
+    if "distill" in stage_spec(job.stage).sections and job.distill.teacher:  # scored beside the student
+        count += parameter_count(spec.model_copy(update={"model": spec.model.loading(job.distill.teacher)}), vocab_size)
     if count <= DRIVER_FIGURES_MAX_PARAMS:
         return False
     log.warning(

@@ -73,6 +73,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     from tuneyard.cluster.ray_cluster import ray_starting
     from tuneyard.launch.config import dump_job, load_job
     from tuneyard.launch.submit import COMMANDS, run_submit_command
+    from tuneyard.training.stages import stage_spec
 
     if args.command in COMMANDS:
         return run_submit_command(args)
@@ -94,7 +95,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             )
         return 0
     if args.command == "plan":
-        from tuneyard.launch.plan.spmd import hardware_from_args, print_plan
+        from tuneyard.launch.plan import hardware_from_args, print_plan
 
         job = load_job(args.job, args.overrides)
         return print_plan(job, hardware_from_args(args, job), args.architecture)
@@ -143,12 +144,12 @@ def _dispatch(args: argparse.Namespace) -> int:
         args.job, args.overrides
     )  # before tuneyard.launch.run_job's imports (seconds), so a typo answers at once
     if not args.single and not args.no_plan_check:
-        from tuneyard.launch.plan.spmd import check_job_memory
+        from tuneyard.launch.plan import check_job_memory
 
         check_job_memory(job)  # a GPU job that cannot fit is refused before Ray starts
-    # A local Ray starts now, beside run_job's imports, not after them: 0.3 s sooner to the first
-    # step. PPO's CPU count needs its planner's imports, so its Ray starts in run_job, beside the checks.
-    early = not args.single and job.stage != "ppo"
+    # A local Ray starts now, in the background, so its start-up overlaps run_job's imports instead of
+    # following them. PPO's CPU count needs its planner's imports, so its Ray starts in run_job, beside the checks.
+    early = not args.single and not stage_spec(job.stage).controller
     with ray_starting(job.cluster) if early else contextlib.nullcontext():
         from tuneyard.launch.run_job import run_job
 

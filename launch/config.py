@@ -9,17 +9,9 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
 from tuneyard.cluster.config import ClusterConfig
-from tuneyard.rlhf.config import (
-    DistillSection,
-    DpoSection,
-    GrpoSection,
-    KtoSection,
-    PpoSection,
-    PreferenceSpec,
-    RewardSection,
-    RlooSection,
-)
+from tuneyard.rlhf.config import StageSections
 from tuneyard.training.config import (
     PROMPT_METHODS,
     DataConfig,
@@ -30,28 +22,17 @@ from tuneyard.training.config import (
     TrainingConfig,
     TrainSpec,
 )
-from tuneyard.training.data.labels import TASK_HEAD_STAGES as TASK_HEADS
 from tuneyard.training.data.labels import task_head_problem
 from tuneyard.training.errors import UserError
+from tuneyard.training.stages import STAGES, stage_spec, stages_where
 
-Stage = Literal[
-    "pretrain", "sft", "reward", "dpo", "kto", "grpo", "rloo", "ppo", "distill", "classify", "token-classify"
-]
-PREFERENCE_STAGES = ("reward", "dpo", "kto", "grpo", "rloo", "distill")
+Stage = Literal[tuple(STAGES)]  # type: ignore[valid-type]  # the registered stages, in the table's order
 # the sections only some stages read; a job's identity leaves out those its stage does not read
-STAGE_SECTIONS = {
-    "dpo": ("dpo",),
-    "kto": ("kto",),
-    "grpo": ("grpo", "reward"),
-    "rloo": ("rloo", "reward"),
-    "ppo": ("ppo", "reward"),
-    "distill": ("distill",),
-}
-OPTIONAL_SECTIONS = ("dpo", "kto", "grpo", "rloo", "ppo", "reward", "distill")
+OPTIONAL_SECTIONS = tuple(StageSections.model_fields)
 
 
-class JobConfig(BaseModel):
-    """One training job: the stage plus the sections every stage shares."""
+class JobConfig(StageSections):
+    """One training job: the stage, the sections every stage shares, and the stage sections (StageSections)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -63,13 +44,6 @@ class JobConfig(BaseModel):
     deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     output: OutputConfig
-    dpo: DpoSection = Field(default_factory=DpoSection)
-    kto: KtoSection = Field(default_factory=KtoSection)
-    grpo: GrpoSection = Field(default_factory=GrpoSection)
-    rloo: RlooSection = Field(default_factory=RlooSection)
-    ppo: PpoSection = Field(default_factory=PpoSection)
-    reward: RewardSection = Field(default_factory=RewardSection)
-    distill: DistillSection = Field(default_factory=DistillSection)
 
     @model_validator(mode="after")
     def _sections_agree(self) -> JobConfig:
@@ -78,15 +52,9 @@ class JobConfig(BaseModel):
         problem = task_head_problem(self.stage, self.data.format, self.peft.method)
         if problem:
             raise ValueError(problem)
-        # PEFT has these for SEQ_CLS too, and all but prompt learning for TOKEN_CLS (task_head_problem says why)
-        heads_too = self.peft.method in ("adalora", "ia3", "prefix_tuning")
-        adapter_stages = ("pretrain", "sft", *(TASK_HEADS if heads_too else ()))
-        if self.peft.method in ("adalora", "ia3", *PROMPT_METHODS) and self.stage not in adapter_stages:
-            also = "classify" if self.peft.method == "prefix_tuning" else "classify and token-classify"
-            raise ValueError(
-                f"peft.method {self.peft.method} trains in stages pretrain and sft; for stage {self.stage} use "
-                "peft.method lora or qlora" + (f" (it also trains in stages {also})" if heads_too else "")
-            )
+        spec = stage_spec(self.stage)
+        if self.peft.method not in spec.peft_methods:
+            raise ValueError(peft_method_problem(self.peft.method, self.stage))
         if self.peft.method in PROMPT_METHODS:
             prompt_methods_fit(self)
         if self.stage == "kto" and self.kto.loss_type == "kto" and self.training.batch_size < 2:
@@ -106,9 +74,10 @@ class JobConfig(BaseModel):
                 "stage distill needs a teacher: set distill.teacher to the teacher's model folder (e.g. "
                 "runs/sft-tiny/final) or a hub id; it must share the student's tokenizer"
             )
-        if self.data.streaming and (self.stage != "pretrain" or self.data.format != "text"):
+        if self.data.streaming and not (spec.streaming and self.data.format == "text"):
+            streamed = " and ".join(stages_where(lambda s: s.streaming))
             raise ValueError(
-                "data.streaming tokenises plain-text corpora for stage pretrain (data.format: text); for stage "
+                f"data.streaming tokenises plain-text corpora for stage {streamed} (data.format: text); for stage "
                 f"{self.stage} with data.format {self.data.format} remove it: those rows are read into memory"
             )
         return self
@@ -120,7 +89,7 @@ class JobConfig(BaseModel):
         """
         dump = self.model_dump(mode="json")
         for section in OPTIONAL_SECTIONS:
-            if section not in STAGE_SECTIONS.get(self.stage, ()):
+            if section not in stage_spec(self.stage).sections:
                 dump.pop(section)
         return dump
 
@@ -129,11 +98,18 @@ class JobConfig(BaseModel):
         spec = TrainSpec.model_validate(self.model_dump(exclude={"cluster", *OPTIONAL_SECTIONS}))
         return spec if use_deepspeed else spec.model_copy(update={"deepspeed": None})
 
-    def preference_spec(self) -> PreferenceSpec:
-        """The dpo, kto, grpo, rloo, reward and distill sections, for the preference stages' workers."""
-        return PreferenceSpec(
-            dpo=self.dpo, kto=self.kto, grpo=self.grpo, rloo=self.rloo, reward=self.reward, distill=self.distill
-        )
+    def stage_sections(self) -> StageSections:
+        """The stage sections alone, for the workers of the stages that read them."""
+        return StageSections.model_validate(self.model_dump(include=set(OPTIONAL_SECTIONS)))
+
+
+def peft_method_problem(method: str, stage: str) -> str:
+    """Why `method` does not train in `stage`: the stages it does train in, by the registry."""
+    causal = stages_where(lambda s: method in s.peft_methods and s.task == "causal-lm")
+    heads = stages_where(lambda s: method in s.peft_methods and s.task != "causal-lm")
+    also = f" (it also trains in stages {' and '.join(heads)})" if heads and causal else ""
+    where = " and ".join(causal or heads)
+    return f"peft.method {method} trains in stages {where}; for stage {stage} use peft.method lora or qlora{also}"
 
 
 def prompt_methods_fit(job: JobConfig) -> None:
@@ -341,5 +317,7 @@ def resolve_paths(job: JobConfig) -> JobConfig:
 
 
 def dump_job(job: JobConfig) -> str:
-    """The resolved job as YAML, defaults included."""
-    return yaml.safe_dump(job.model_dump(mode="json"), sort_keys=False)
+    """The resolved job as YAML, defaults included: the shared sections first, then the stage sections."""
+    dump = job.model_dump(mode="json")
+    shared = {key: value for key, value in dump.items() if key not in OPTIONAL_SECTIONS}
+    return yaml.safe_dump(shared | {key: dump[key] for key in OPTIONAL_SECTIONS}, sort_keys=False)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import yaml
+
 from tuneyard.training.config import PROMPT_METHODS, PeftSection
 from tuneyard.training.data.labels import HEAD_MODULES, STAGE_TASK
 from tuneyard.training.errors import UserError
@@ -95,6 +96,7 @@ def load_dequantized_base(
     """
     import torch
     from safetensors import SafetensorError
+
     from tuneyard.training.finetune_method import disable_cpu_inference_repacking, quantization_config
     from tuneyard.training.model import auto_model_class, label_maps
 

@@ -13,9 +13,11 @@ from pathlib import Path
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from tuneyard.training.errors import UserError
 
-GENERATING_STAGES = ("pretrain", "sft", "dpo", "kto", "grpo", "rloo", "ppo", "distill")
+from tuneyard.training.errors import UserError
+from tuneyard.training.stages import stages_where
+
+GENERATING_STAGES = stages_where(lambda s: s.generates)
 
 
 def checked_run(run_dir: Path) -> dict:
@@ -43,6 +45,7 @@ def checked_run(run_dir: Path) -> dict:
 def load_run_model(run_dir: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The model in RUN_DIR/final/ for generation (a LoRA/QLoRA adapter on its base) and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
     from tuneyard.launch.export import load_adapter_model
 
     job = checked_run(run_dir)
@@ -125,6 +128,7 @@ def generate_file(
     `out` appears whole or not at all (written beside it, then renamed). Returns the number of rows.
     """
     from transformers import set_seed
+
     from tuneyard.training.data.sources import rows_of_file
 
     checked_run(run_dir)  # a wrong folder answers before the prompts are read

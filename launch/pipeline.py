@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import yaml
+
 from tuneyard.cluster.ray_cluster import ray_cluster
 from tuneyard.launch.config import JobConfig, describe_yaml_error, load_job
 from tuneyard.launch.run_job import RunResult, eval_loss_figure, run_job

@@ -1,9 +1,11 @@
 """Tokenise and pack a job's data into its cache before any worker starts (`tuneyard prepare`, and every run).
 
-Workers used to build the cache on rank 0 while the other ranks waited in a process-group barrier,
-which a big corpus turns into a collective timeout (30 min by default). Built here, in the driver,
-before any process group exists, every rank only reads it. A corpus larger than memory (data.streaming)
-is split into shards that Ray tasks tokenise in parallel across the cluster's nodes (training/data/shards.py).
+The cache is built here, in the driver, before any process group exists, and every rank only reads it.
+Built inside the workers, one rank would tokenise while the others waited in a process-group barrier,
+and a big corpus would run past the collective timeout (cluster.collective_timeout_s).
+
+A corpus larger than memory (data.streaming) is split into shards that Ray tasks tokenise in parallel across
+the cluster's nodes (training/data/shards.py).
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from pathlib import Path
 from tuneyard.launch.config import JobConfig
 from tuneyard.training.config import TrainSpec
 from tuneyard.training.errors import UserError
+from tuneyard.training.stages import stage_spec, stages_where
 
-TOKENISED_STAGES = ("pretrain", "sft")  # the others tokenise their rows on the workers, each for a reason below
-# why a stage has nothing to prepare ahead of its run
+# why a stage that is not tokenised on the driver (training/stages.py) has nothing to prepare ahead of its run
 TOKENISED_ON_THE_WORKERS = {
     "classify": "its labelled rows are small and every worker tokenises them in seconds",
     "token-classify": "its labelled rows are small and every worker tokenises them in seconds",
@@ -88,11 +90,11 @@ def ray_task_runner(spec: TrainSpec, workers: int):
 
 def prepare_data(job: JobConfig, on_ray: bool = False, report: Callable[[str], None] | None = None) -> PreparedData:
     """Build the job's tokenised-data cache (a no-op when it is warm); a streamed corpus by Ray tasks if `on_ray`."""
-    if job.stage not in TOKENISED_STAGES:
+    if not stage_spec(job.stage).tokenised_on_driver:
         reason = TOKENISED_ON_THE_WORKERS.get(job.stage, "TRL tokenises its rows inside its trainer")
         raise UserError(
             f"stage {job.stage}: {reason}, so there is nothing to prepare ahead; `tuneyard prepare` applies to "
-            f"stages {' and '.join(TOKENISED_STAGES)}"
+            f"stages {' and '.join(stages_where(lambda s: s.tokenised_on_driver))}"
         )
     from tuneyard.training.data.tokenize import default_cache_dir, prepare_datasets, prepared_folder
     from tuneyard.training.model import load_tokenizer

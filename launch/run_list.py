@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
+
 from tuneyard.training.errors import UserError
 from tuneyard.training.metrics import read_metrics
 from tuneyard.training.run_dir import RUN_FILE, read_outcome

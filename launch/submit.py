@@ -90,7 +90,7 @@ def _slug(name: str) -> str:
 def _submit(args: argparse.Namespace) -> int:
     job = load_job(args.job, args.overrides)
     if not args.no_plan_check:
-        from tuneyard.launch.plan.spmd import check_job_memory
+        from tuneyard.launch.plan import check_job_memory
 
         # before anything is queued or allocated; the cluster's `tuneyard train` checks again where it runs
         check_job_memory(job, nodes=args.nodes if args.ray is None else None, gpus_per_node=args.gpus_per_node or 0)

@@ -1,5 +1,5 @@
-"""The job sections of the preference, RL and distillation stages: `dpo`, `kto`, `grpo`, `rloo`, `ppo`, `reward`
-and `distill`."""
+"""The job sections of the preference, RL and distillation stages (`dpo`, `kto`, `grpo`, `rloo`, `ppo`, `reward`,
+`distill`), gathered in `StageSections`."""
 
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ class RewardFunction(BaseModel):
 
 
 class RewardSection(BaseModel):
-    """Where GRPO's and RLOO's rewards come from: a reward-model folder, and/or weighted named functions."""
+    """Where GRPO's, RLOO's and PPO's rewards come from: a reward-model folder, and/or weighted named functions."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -115,29 +115,35 @@ class DistillSection(BaseModel):
     max_completion_length: int = Field(default=16, ge=1, description="tokens the student samples per prompt")
 
 
-class PreferenceSpec(BaseModel):
-    """The sections a reward/dpo/kto/grpo/rloo/distill worker needs besides the training spec."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    dpo: DpoSection = Field(default_factory=DpoSection)
-    kto: KtoSection = Field(default_factory=KtoSection)
-    grpo: GrpoSection = Field(default_factory=GrpoSection)
-    rloo: RlooSection = Field(default_factory=RlooSection)
-    reward: RewardSection = Field(default_factory=RewardSection)
-    distill: DistillSection = Field(default_factory=DistillSection)
-
-
 class KlSection(BaseModel):
-    """The KL penalty against the reference: coefficient, estimator, and a fixed or adaptive controller."""
+    """The KL penalty against the reference: coefficient, estimator, where it enters, and a fixed or adaptive
+    controller."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
 
     coef: float = Field(default=0.05, ge=0, description="the KL coefficient (the start value when adaptive)")
-    estimator: Literal["k1", "k2", "k3"] = Field(default="k1", description="per-token KL estimator (Schulman's k1-k3)")
+    estimator: Literal["k1", "k2", "k3"] = Field(
+        default="k1", description="per-token KL estimator (Schulman's k1-k3); k3 by default when `in` is loss"
+    )
+    in_: Literal["reward", "loss"] = Field(
+        default="reward",
+        alias="in",
+        description="reward: -coef x KL in each token's reward (PPO's classic shaping); loss: coef x the KL estimate "
+        "added to the policy loss, its gradient taken through the policy's log-probs (as GRPO does; use k3)",
+    )
+    clamp: float | None = Field(
+        default=None, gt=0, description="clamp each token's KL estimate to +-clamp (none: unclamped; OpenRLHF: 10)"
+    )
     controller: Literal["fixed", "adaptive"] = "fixed"
     target: float = Field(default=6.0, gt=0, description="adaptive: the KL (summed over a response) to hold")
     horizon: int = Field(default=10000, ge=1, description="adaptive: samples over which the coefficient adapts")
+
+    @model_validator(mode="after")
+    def _k3_in_the_loss(self) -> KlSection:
+        # as a loss, k1's gradient only pushes the sampled tokens down; k3 is GRPO's unbiased, non-negative choice
+        if self.in_ == "loss" and "estimator" not in self.model_fields_set:
+            self.estimator = "k3"
+        return self
 
 
 class GenerationSection(BaseModel):
@@ -184,6 +190,14 @@ class RolesSection(BaseModel):
     reference: RoleSection = Field(default_factory=RoleSection)
     reward: RoleSection = Field(default_factory=RoleSection)
 
+    def zero_stage_of(self, role: str, job_zero_stage: int) -> int:
+        """A role's ZeRO stage: its own `zero_stage`, else the job's `deepspeed.zero_stage` for the trained roles
+        (policy, critic) and 0 for the inference roles (reference, reward: unsharded is their fast default)."""
+        own = getattr(self, role).zero_stage
+        if own is not None:
+            return own
+        return job_zero_stage if role in ("policy", "critic") else 0
+
 
 class PpoSection(BaseModel):
     """PPO with a critic: rollouts, KL-shaped rewards, GAE, clipped policy and value updates."""
@@ -201,7 +215,29 @@ class PpoSection(BaseModel):
     value_clip_range: float | None = Field(default=0.2, gt=0, description="none: unclipped value loss")
     gamma: float = Field(default=1.0, ge=0, le=1)
     lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda")
-    whiten_advantages: bool = True
+    advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_baseline"] = Field(
+        default="gae",
+        description="gae: a critic's values (a critic role trains beside the policy); grpo, dr_grpo, rloo, "
+        "reinforce_baseline: no critic, each answer's reward is measured against the other answers to its prompt "
+        "(samples_per_prompt >= 2)",
+    )
+    whiten_advantages: bool = Field(
+        default=True, description="gae and reinforce_baseline: advantages to mean 0, std 1 over the batch"
+    )
+    whiten_variance: Literal["unbiased", "population"] = Field(
+        default="unbiased", description="the whitening's variance: Bessel-corrected, or the population's (OpenRLHF)"
+    )
+    loss_aggregation: Literal["sequence_mean", "token_mean"] = Field(
+        default="sequence_mean",
+        description="sequence_mean: each response weighs the same whatever its length; token_mean: each token "
+        "weighs the same, so long responses weigh more (OpenRLHF's default)",
+    )
+    dual_clip: float | None = Field(
+        default=None, gt=1, description="bound the loss of a negative-advantage token at dual_clip x |A| (e.g. 3)"
+    )
+    reward_clip: float | None = Field(
+        default=None, gt=0, description="clamp each sample's reward to +-reward_clip (none: unclipped; OpenRLHF: 10)"
+    )
     entropy_coef: float = Field(default=0.0, ge=0)
     value_loss_coef: float = Field(default=1.0, gt=0, description="scales the critic's loss")
     critic_learning_rate: float | None = Field(default=None, gt=0, description="defaults to training.learning_rate")
@@ -212,8 +248,19 @@ class PpoSection(BaseModel):
     roles: RolesSection = Field(default_factory=RolesSection)
     colocate: Literal["all", "policy_reference", "none"] = "none"
 
+    @property
+    def has_critic(self) -> bool:
+        """Whether a critic role trains beside the policy (GAE's values); the group estimators need none."""
+        return self.advantage == "gae"
+
     @model_validator(mode="after")
     def _batches_divide(self) -> PpoSection:
+        if not self.has_critic and self.samples_per_prompt < 2:
+            raise ValueError(
+                f"ppo.advantage {self.advantage} measures each answer against the other answers to its prompt, so "
+                f"ppo.samples_per_prompt must be at least 2 (it is {self.samples_per_prompt}): raise it (4-8 is "
+                "usual), or use ppo.advantage gae, which learns from one answer per prompt with a critic"
+            )
         samples = self.rollout_batch_size * self.samples_per_prompt
         if samples % self.mini_batch_size:
             raise ValueError(
@@ -238,3 +285,18 @@ class PpoSection(BaseModel):
                     f"worker(s) into micro-batches of ppo.micro_batch_size ({self.micro_batch_size})"
                 )
         return self
+
+
+class StageSections(BaseModel):
+    """The sections only some stages read (each stage's entry in training/stages.py names its own): a job holds them
+    all, and a preference stage's workers get them beside the training spec."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dpo: DpoSection = Field(default_factory=DpoSection)
+    kto: KtoSection = Field(default_factory=KtoSection)
+    grpo: GrpoSection = Field(default_factory=GrpoSection)
+    rloo: RlooSection = Field(default_factory=RlooSection)
+    ppo: PpoSection = Field(default_factory=PpoSection)
+    reward: RewardSection = Field(default_factory=RewardSection)
+    distill: DistillSection = Field(default_factory=DistillSection)

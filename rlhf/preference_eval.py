@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 from tuneyard.rlhf.rewards import RewardFn, text_of
 from tuneyard.rlhf.trl_rows import as_messages, unpair
 from tuneyard.training.answer_accuracy import greedy_answer

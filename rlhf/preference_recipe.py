@@ -14,28 +14,29 @@ from pathlib import Path
 import datasets
 import torch.distributed as dist
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase, PrinterCallback, set_seed
-from tuneyard.rlhf.config import PreferenceSpec
+
+from tuneyard.rlhf.config import StageSections
 from tuneyard.rlhf.losses import trl_loss_terms
 from tuneyard.rlhf.rewards import lookup
 from tuneyard.rlhf.trl_rows import rlhf_datasets
 from tuneyard.training.callbacks import PreemptionCallback
 from tuneyard.training.config import ModelConfig, TrainSpec
-from tuneyard.training.deepspeed_config import zero_stage
 from tuneyard.training.errors import UserError
 from tuneyard.training.finetune_method import (
     apply_finetune_method,
     keep_adapters_in_fp32,
     lora_config,
     memory_footprint,
-    quantization_config,
 )
 from tuneyard.training.model import check_model_source, load_model, load_tokenizer
 from tuneyard.training.nonfinite import NonFiniteGuard
 from tuneyard.training.run_dir import set_status
+from tuneyard.training.stages import stage_spec
 from tuneyard.training.trainer_setup import (
     DEEPSPEED_STATUS,
     common_trainer_kwargs,
     guarded,
+    load_trained_model,
     materialize_scratch_base,
     run_callbacks,
     train_and_publish,
@@ -45,8 +46,6 @@ from tuneyard.training.worker_start import start_ray_worker
 log = logging.getLogger(__name__)
 # the stages that train against a frozen reference: the starting policy, or the base with the adapter disabled
 REFERENCE_STAGES = ("dpo", "kto")
-# the online RL stages: the policy samples completions of the prompts and reward functions or a model score them
-RL_STAGES = ("grpo", "rloo")
 
 
 def check_reward_model(path: str, allow_pickle: bool | None = None) -> None:
@@ -71,7 +70,7 @@ def check_reward_model(path: str, allow_pickle: bool | None = None) -> None:
         )
 
 
-def reward_functions(stage: str, pref: PreferenceSpec, allow_pickle: bool | None = None) -> list:
+def reward_functions(stage: str, pref: StageSections, allow_pickle: bool | None = None) -> list:
     """GRPO's or RLOO's rewards: the named functions, then the reward-model folder (TRL loads it)."""
     if not pref.reward.functions and not pref.reward.model:
         raise UserError(f"stage {stage} needs rewards: set reward.functions (named functions) and/or reward.model")
@@ -116,7 +115,7 @@ def _check_vocab_sizes(student: PreTrainedModel, teacher: PreTrainedModel, where
         )
 
 
-def _stage_config(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, has_eval: bool):
+def _stage_config(spec: TrainSpec, pref: StageSections, run_dir: Path, has_eval: bool):
     """The TRL config of the stage on top of the arguments every stage shares."""
     common = common_trainer_kwargs(spec, run_dir, has_eval)
     if spec.stage == "reward":
@@ -194,7 +193,7 @@ def _stage_config(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, has_eval
     )
 
 
-def _precomputes_reference(spec: TrainSpec, pref: PreferenceSpec) -> bool:
+def _precomputes_reference(spec: TrainSpec, pref: StageSections) -> bool:
     """Whether TRL computes the reference log-probs once before training (dpo/kto precompute_ref_log_probs)."""
     return (spec.stage == "dpo" and pref.dpo.precompute_ref_log_probs) or (
         spec.stage == "kto" and pref.kto.precompute_ref_log_probs
@@ -202,7 +201,7 @@ def _precomputes_reference(spec: TrainSpec, pref: PreferenceSpec) -> bool:
 
 
 def _reference_copy(
-    spec: TrainSpec, pref: PreferenceSpec, model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase
+    spec: TrainSpec, pref: StageSections, model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase
 ) -> PreTrainedModel | None:
     """DPO's or KTO's frozen reference when it must be a second model: full or freeze training, computed live."""
     # with an adapter the reference is the base with the adapter disabled (TRL does that when ref_model is None);
@@ -224,7 +223,7 @@ def on_shared_disk(splits: dict, run_dir: Path, rank: int) -> dict:
     return {name: datasets.load_from_disk(str(folder / name)) for name in splits}
 
 
-def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, rank: int) -> dict:
+def run_preference_stage(spec: TrainSpec, pref: StageSections, run_dir: Path, rank: int) -> dict:
     """Train one worker's share of a reward, dpo, kto, grpo, rloo or distill job and, with the other ranks, write
     `final/`."""
     training, peft = spec.training, spec.peft
@@ -232,13 +231,13 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if distributed else 1
     tokenizer = load_tokenizer(spec.model, spec.data.chat_template)
-    # RL stages score their held-out prompts on the driver (greedy reward), not in a trainer's evaluation
-    has_eval = (bool(spec.data.eval) or spec.data.eval_fraction > 0) and spec.stage not in RL_STAGES
+    stage = stage_spec(spec.stage)
+    has_eval = stage.evaluates(spec.data)  # the online RL stages score held-out prompts on the driver instead
     splits = rlhf_datasets(spec.stage, spec.data, tokenizer, training.seed)  # TRL tokenises them
     if distributed and world > 1 and _precomputes_reference(spec, pref):
         splits = on_shared_disk(splits, run_dir, rank)
-    task = "sequence-classification" if spec.stage == "reward" else "causal-lm"
-    if spec.stage in RL_STAGES:
+    task = stage.task
+    if "reward" in stage.sections:
         reward_funcs = reward_functions(spec.stage, pref, allow_pickle=spec.model.allow_pickle)
     if spec.stage == "distill":
         assert pref.distill.teacher is not None  # JobConfig requires it
@@ -252,14 +251,9 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
     if model_cfg.init == "scratch" and (peft.method in ("lora", "qlora") or live_reference):
         # an adapter needs its base on disk, and the reference must be the very weights the policy starts from
         model_cfg = materialize_scratch_base(spec, tokenizer, run_dir, rank, distributed)
-    # scratch weights before the DeepSpeed-aware arguments exist, as in tuneyard.training.causal_lm_recipe.run_training
-    model = load_model(model_cfg, tokenizer, task=task) if model_cfg.init == "scratch" else None
-    args = _stage_config(spec, pref, run_dir, has_eval)
-    if model is None:
-        zero3 = zero_stage(spec.deepspeed) == 3
-        quantization = quantization_config(peft, zero3=zero3) if peft.method == "qlora" else None
-        model = load_model(model_cfg, tokenizer, quantization, task=task)
-    model.config.use_cache = False
+    model, args = load_trained_model(
+        spec, model_cfg, tokenizer, lambda: _stage_config(spec, pref, run_dir, has_eval), task=task
+    )
     # DPO and KTO get their adapter from TRL (peft_config), so the reference is the base with the adapter
     # disabled; handed a PeftModel, TRL would keep a cloned "ref" adapter instead
     adapter_by_trl = spec.stage in REFERENCE_STAGES and peft.method in ("lora", "qlora")
@@ -298,7 +292,7 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
         from trl import DistillationTrainer
 
         # loaded like the student (dtype, attention), after the DeepSpeed-aware arguments, so ZeRO-3 shards it too
-        teacher = load_model(spec.model.model_copy(update=_teacher_source(pref)), tokenizer)
+        teacher = load_model(spec.model.loading(pref.distill.teacher), tokenizer)
         _check_vocab_sizes(model, teacher, pref.distill.teacher or "")
         trainer = guarded(DistillationTrainer)(teacher_model=teacher, **common)
     else:
@@ -311,14 +305,19 @@ def run_preference_stage(spec: TrainSpec, pref: PreferenceSpec, run_dir: Path, r
     return train_and_publish(trainer, tokenizer, run_dir, spec.output.resume, has_eval, rank, preemption)
 
 
-def _teacher_source(pref: PreferenceSpec) -> dict:
-    """The model-section fields that point the student's loading options at the teacher's folder."""
-    return {"init": "pretrained", "name_or_path": pref.distill.teacher, "architecture": None, "tokenizer": None}
-
-
 def ray_worker(payload: dict, rank: int) -> None:
     """Ray entry point of the preference stages: rebuild the specs from `payload` and run this worker."""
     run_dir = start_ray_worker(payload, rank)
     run_preference_stage(
-        TrainSpec.model_validate(payload["spec"]), PreferenceSpec.model_validate(payload["preference"]), run_dir, rank
+        TrainSpec.model_validate(payload["spec"]), StageSections.model_validate(payload["sections"]), run_dir, rank
+    )
+
+
+def run_in_process(payload: dict) -> None:
+    """`--single`: the whole preference job in this process."""
+    run_preference_stage(
+        TrainSpec.model_validate(payload["spec"]),
+        StageSections.model_validate(payload["sections"]),
+        Path(payload["run_dir"]),
+        rank=0,
     )

@@ -1,7 +1,10 @@
-"""Named reward functions for GRPO: programs that score completions, no humans needed.
+"""Named reward functions for GRPO, RLOO and PPO: programs that score completions, no humans needed.
 
-Each takes TRL's arguments (`prompts`, `completions`, plus dataset columns as keywords) and
-returns one float per completion. Register a new one with `@reward_function("name")`.
+A job names them in `reward.functions`, each with a weight. A function takes `prompts` and `completions` as
+keywords, each item a plain string or a conversation (a list of messages), and returns one float per completion.
+GRPO and RLOO call it through TRL, which also passes the dataset's other columns and its own extras as keywords
+(so take `**_`); PPO's controller and the before/after figures pass conversations and nothing else. Register a new
+one with `@reward_function("name")`.
 """
 
 from __future__ import annotations

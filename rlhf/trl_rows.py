@@ -7,20 +7,11 @@ import random
 
 import datasets
 from transformers import PreTrainedTokenizerBase
+
 from tuneyard.training.config import DataConfig
 from tuneyard.training.data.sources import read_splits
 from tuneyard.training.errors import UserError
-
-NEEDS = {
-    "reward": ("preference",),
-    "dpo": ("preference",),
-    "kto": ("unpaired_preference", "preference"),
-    "grpo": ("prompt", "preference"),
-    "rloo": ("prompt", "preference"),
-    "distill": ("prompt", "messages"),
-}
-# the stages whose trainer samples its own completions: they read only a prompt from each row
-PROMPT_ONLY = ("grpo", "rloo", "distill")
+from tuneyard.training.stages import stage_spec
 
 
 def as_messages(value: str | list[dict], role: str) -> list[dict]:
@@ -59,7 +50,7 @@ def prompt_of(row: dict) -> str | list[dict]:
 def to_trl_rows(stage: str, rows: list[dict], conversational: bool) -> list[dict]:
     """Rows in the shape TRL expects for the stage: prompt/chosen/rejected, prompt/completion/label, or prompt."""
     convert = (lambda v, role: as_messages(v, role)) if conversational else (lambda v, role: as_text(v))
-    if stage in PROMPT_ONLY:
+    if stage_spec(stage).prompt_only:
         return [{"prompt": convert(prompt_of(row), "user")} for row in rows]
     if stage == "kto":
         return [
@@ -82,8 +73,9 @@ def to_trl_rows(stage: str, rows: list[dict], conversational: bool) -> list[dict
 
 def rlhf_datasets(stage: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> dict:
     """Train (and eval) datasets of a reward, dpo, kto, grpo, rloo or distill job, read and validated from data."""
-    if cfg.format not in NEEDS[stage]:
-        raise UserError(f"stage {stage} reads data.format {' or '.join(NEEDS[stage])}, not '{cfg.format}'")
+    formats = stage_spec(stage).formats
+    if cfg.format not in formats:
+        raise UserError(f"stage {stage} reads data.format {' or '.join(formats)}, not '{cfg.format}'")
     train, held = read_splits(cfg, seed)
     if stage == "kto":
         # TRL's KTO reads its train set in order (the KL term pairs each completion with a neighbour's prompt,

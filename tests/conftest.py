@@ -88,6 +88,7 @@ def job_dict(base: dict, run_dir: Path, **sections: dict) -> dict:
 def ray_session(tmp_path_factory):
     """One local Ray on 127.0.0.1 for every integration test; jobs see it and reuse it."""
     import ray
+
     from tuneyard.cluster.extensions import clear_stale_locks, default_extensions_dir
 
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", default_extensions_dir())

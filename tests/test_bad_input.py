@@ -455,6 +455,21 @@ def _(tmp, models):
     return ["train", write_job(tmp, job), "--single"], ["reward.model:", "pytorch_model.bin", "allow_pickle: true"]
 
 
+@case("a group advantage estimator with one sample per prompt")
+def _(tmp, models):
+    job = ppo(tmp, models, advantage="grpo", samples_per_prompt=1)
+    return ["validate", write_job(tmp, job)], [
+        "ppo.advantage grpo measures each answer against the other answers to its prompt",
+        "ppo.samples_per_prompt must be at least 2 (it is 1)",
+    ]
+
+
+@case("ppo.kl.in neither reward nor loss")
+def _(tmp, models):
+    job = ppo(tmp, models, kl={"in": "advantage"})
+    return ["validate", write_job(tmp, job)], ["job.yaml:", "'ppo.kl.in': Input should be 'reward' or 'loss'"]
+
+
 @case("ppo prompt longer than ppo.max_prompt_length")
 def _(tmp, models):
     job = ppo(tmp, models, max_prompt_length=8)

@@ -14,14 +14,15 @@ import torch
 import yaml
 from safetensors.torch import load_file
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from tests.conftest import EXAMPLES, TINY_ARCH, TOKENIZER, job_dict
 from tuneyard.launch.cli import main as cli
 from tuneyard.launch.config import job_from_dict
-from tuneyard.launch.run_job import preflight, run_job
+from tuneyard.launch.preflight import preflight
+from tuneyard.launch.run_job import run_job
 from tuneyard.training.data.labels import IGNORED, token_labels
 from tuneyard.training.errors import UserError
 from tuneyard.training.metrics import read_metrics
-
-from tests.conftest import EXAMPLES, TINY_ARCH, TOKENIZER, job_dict
 
 DATA = EXAMPLES / "data"
 SENTIMENT = {
@@ -182,6 +183,7 @@ def test_adapter_label_names_survive_export_with_the_same_logits(method, tmp_pat
 def test_prefix_tuning_trains_a_minilm_classifier_and_reloads_with_peft(minilm, tmp_path, capsys):
     """P-tuning v2's setting: a trained key/value prefix in every layer, and the head, on the frozen MiniLM."""
     from peft import PeftModel
+
     from tuneyard.launch.export import load_adapter_model
 
     run_dir = train(

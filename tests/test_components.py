@@ -5,14 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from tests.conftest import TOKENIZER
 from tuneyard.training.attention import choose_attn_implementation
 from tuneyard.training.config import DeepSpeedSection, OutputConfig
 from tuneyard.training.deepspeed_config import build_deepspeed_config
 from tuneyard.training.errors import UserError
 from tuneyard.training.metrics import COMPLETE_MARKER
 from tuneyard.training.run_dir import complete_checkpoints, prepare_run_dir, publish_final, resume_checkpoint
-
-from tests.conftest import TOKENIZER
 
 
 @pytest.mark.parametrize(
@@ -118,11 +118,11 @@ def test_previous_checkpoint_survives_every_moment_of_a_save(tmp_path):
     own rotation (save_total_limit) N-1 was already gone then, and a kill there left nothing to resume."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+    from tests.conftest import SFT_JOB, TINY_ARCH, job_dict
     from tuneyard.training.callbacks import CompleteCheckpointCallback
     from tuneyard.training.config import TrainSpec
     from tuneyard.training.trainer_setup import common_trainer_kwargs
-
-    from tests.conftest import SFT_JOB, TINY_ARCH, job_dict
 
     job = job_dict(
         SFT_JOB, tmp_path, training={"max_steps": 3, "batch_size": 2}, output={"save_steps": 1, "keep_last": 1}
@@ -154,11 +154,10 @@ def test_previous_checkpoint_survives_every_moment_of_a_save(tmp_path):
 
 def test_a_run_whose_checkpoints_cannot_fit_is_refused_before_it_starts(tmp_path):
     """A 0.9T-parameter architecture (counted on the meta device) cannot keep 2 checkpoints on this disk."""
+    from tests.conftest import SFT_JOB, TINY_ARCH, job_dict
     from tuneyard.launch.config import job_from_dict
     from tuneyard.launch.disk_check import run_bytes
     from tuneyard.launch.run_job import run_job
-
-    from tests.conftest import SFT_JOB, TINY_ARCH, job_dict
 
     huge = {**TINY_ARCH, "hidden_size": 16384, "intermediate_size": 65536, "num_hidden_layers": 256}
     job = job_dict(SFT_JOB, tmp_path / "run", output={"save_steps": 10, "keep_last": 2})
@@ -175,9 +174,9 @@ def test_the_disk_check_counts_a_folders_parameters_from_its_safetensors_headers
     """One file or sharded with an index, tied embeddings stored once: the meta device's count, without its imports."""
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
-    from tuneyard.launch.disk_check import stored_parameter_count
 
     from tests.conftest import TINY_ARCH
+    from tuneyard.launch.disk_check import stored_parameter_count
 
     config = LlamaConfig(**{k: v for k, v in TINY_ARCH.items() if k != "model_type"}, vocab_size=300)
     model = AutoModelForCausalLM.from_config(config)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import BaseModel
+
 from tuneyard.launch.config import apply_override, load_job
 from tuneyard.training.errors import UserError
 
@@ -190,6 +191,7 @@ def test_every_job_key_is_read_by_the_code():
 
 def test_an_unread_key_is_found_even_when_another_section_reads_its_name():
     from pydantic import create_model
+
     from tuneyard.launch.config import JobConfig
     from tuneyard.rlhf.config import DpoSection
 

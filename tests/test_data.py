@@ -6,6 +6,8 @@ import json
 import time
 
 import pytest
+
+from tests.conftest import EXAMPLES, TOKENIZER
 from tuneyard.training.config import DataConfig, ModelConfig
 from tuneyard.training.data.formats import normalize_row
 from tuneyard.training.data.packing import IGNORE_INDEX
@@ -13,8 +15,6 @@ from tuneyard.training.data.sources import read_splits
 from tuneyard.training.data.tokenize import prepare_datasets, tokenize_chat
 from tuneyard.training.errors import UserError
 from tuneyard.training.model import load_tokenizer
-
-from tests.conftest import EXAMPLES, TOKENIZER
 
 
 @pytest.fixture(scope="module")

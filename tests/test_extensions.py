@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tuneyard.cluster.config import ClusterConfig
+
 from tuneyard.cluster.extensions import clear_stale_locks, default_extensions_dir, extensions_dir
 from tuneyard.cluster.ray_cluster import worker_env
 
@@ -76,11 +76,11 @@ def test_cache_folder_is_keyed_by_the_build(monkeypatch):
     ds = importlib.metadata.version("deepspeed")
     assert folder.parent == Path("~/.cache/tuneyard/torch_extensions").expanduser()
     assert folder.name == f"torch-{torch_version}-ds-{ds}-{accelerator}-py{sys.version_info[0]}{sys.version_info[1]}"
-    assert worker_env(ClusterConfig())["TORCH_EXTENSIONS_DIR"] == str(folder)
+    assert worker_env(1)["TORCH_EXTENSIONS_DIR"] == str(folder)
     # the user's own setting wins
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/somewhere/else")
     assert extensions_dir() == "/somewhere/else"
-    assert worker_env(ClusterConfig())["TORCH_EXTENSIONS_DIR"] == "/somewhere/else"
+    assert worker_env(1)["TORCH_EXTENSIONS_DIR"] == "/somewhere/else"
 
 
 def test_locks_of_dead_builds_are_removed_with_a_warning(tmp_path, caplog):
@@ -200,9 +200,9 @@ def test_a_worker_keys_the_default_cache_by_its_own_build(monkeypatch):
     monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/mine")
     use_own_build_folder()
     assert os.environ["TORCH_EXTENSIONS_DIR"] == "/mine"
-    assert "TUNEYARD_DEFAULT_EXTENSIONS_DIR" not in worker_env(ClusterConfig(workers=1))  # the user's own
+    assert "TUNEYARD_DEFAULT_EXTENSIONS_DIR" not in worker_env(1)  # the user's own
     monkeypatch.delenv("TORCH_EXTENSIONS_DIR")
-    env = worker_env(ClusterConfig(workers=1))
+    env = worker_env(1)
     assert env["TUNEYARD_DEFAULT_EXTENSIONS_DIR"] == env["TORCH_EXTENSIONS_DIR"] == default_extensions_dir()
 
 
@@ -212,7 +212,7 @@ SECOND_PYTHON = os.environ.get("TUNEYARD_TEST_SECOND_PYTHON", "")
 @pytest.mark.integration
 @pytest.mark.skipif(
     not SECOND_PYTHON,
-    reason="set TUNEYARD_TEST_SECOND_PYTHON to the python of a second virtualenv with another torch (README)",
+    reason="set TUNEYARD_TEST_SECOND_PYTHON to the python of a second virtualenv with another torch (CONTRIBUTING.md)",
 )
 def test_two_virtualenvs_with_other_torch_versions_share_one_home(tmp_path):
     """Runs from this venv (A) and a second one with another torch (B), one HOME: A, B, then A again with a

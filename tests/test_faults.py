@@ -18,13 +18,13 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
+
+from tests.conftest import PRETRAIN_JOB, ROOT, SFT_JOB, can_mount_tmpfs, job_dict, processes_of_session
 from tuneyard.launch.config import job_from_dict
 from tuneyard.launch.run_job import run_job
 from tuneyard.training.metrics import COMPLETE_MARKER, read_metrics
 from tuneyard.training.nonfinite import NonFiniteTraining
 from tuneyard.training.run_dir import complete_checkpoints
-
-from tests.conftest import PRETRAIN_JOB, ROOT, SFT_JOB, can_mount_tmpfs, job_dict, processes_of_session
 
 pytestmark = pytest.mark.integration
 

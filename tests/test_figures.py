@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from tuneyard.launch.before_after import stage_figures
-from tuneyard.launch.config import job_from_dict
-
 from tests.conftest import SFT_JOB, job_dict
 from tests.test_plan import LLAMA_70B
+from tuneyard.launch.before_after import stage_figures
+from tuneyard.launch.config import job_from_dict
 
 
 def test_a_small_model_gets_its_figure(tmp_path):

@@ -10,8 +10,10 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
+
+from tests.conftest import EXAMPLES, SFT_JOB, TOKENIZER, _single_run, job_dict
 from tuneyard.launch.config import job_from_dict
-from tuneyard.launch.run_job import preflight
+from tuneyard.launch.preflight import preflight
 from tuneyard.training.config import DataConfig, ModelConfig
 from tuneyard.training.data.chat_templates import end_of_turn_id, use_chat_template
 from tuneyard.training.data.formats import normalize_row
@@ -21,8 +23,6 @@ from tuneyard.training.data.tokenize import tokenize_chat
 from tuneyard.training.errors import UserError
 from tuneyard.training.metrics import read_metrics
 from tuneyard.training.model import load_tokenizer
-
-from tests.conftest import EXAMPLES, SFT_JOB, TOKENIZER, _single_run, job_dict
 
 FORMATS = EXAMPLES / "data" / "formats"
 SAMPLE_COUNT = 64

@@ -7,13 +7,13 @@ import shutil
 
 import pytest
 import torch
+
+from tests.tiny_models import save_tiny_models
 from tuneyard.rlhf.preference_recipe import check_reward_model
 from tuneyard.training.config import DataConfig, DataSource, ModelConfig
 from tuneyard.training.data.sources import read_sources
 from tuneyard.training.errors import UserError
 from tuneyard.training.model import check_model_source, load_model, load_tokenizer
-
-from tests.tiny_models import save_tiny_models
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

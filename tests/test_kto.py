@@ -6,15 +6,16 @@ from __future__ import annotations
 import json
 
 import pytest
+
+from tests.conftest import EXAMPLES, TINY_ARCH, TOKENIZER, job_dict
+from tests.test_rlhf import PREFERENCE_JOB
 from tuneyard.launch.config import job_from_dict
-from tuneyard.launch.run_job import preflight, run_job
+from tuneyard.launch.preflight import preflight
+from tuneyard.launch.run_job import run_job
 from tuneyard.rlhf.trl_rows import to_trl_rows
 from tuneyard.training.data.formats import normalize_row
 from tuneyard.training.errors import UserError
 from tuneyard.training.metrics import figure_panels, read_metrics
-
-from tests.conftest import EXAMPLES, TINY_ARCH, TOKENIZER, job_dict
-from tests.test_rlhf import PREFERENCE_JOB
 
 DATA = EXAMPLES / "data"
 # the DPO test's job on the same prompts, the pairs taken apart into feedback rows

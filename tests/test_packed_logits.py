@@ -6,12 +6,12 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from tests.conftest import EXAMPLES, TINY_ARCH, TOKENIZER
 from tuneyard.training.config import DataConfig, ModelConfig
 from tuneyard.training.data.packing import IGNORE_INDEX, PackedRowsCollator
 from tuneyard.training.data.tokenize import build_datasets
 from tuneyard.training.model import load_tokenizer
-
-from tests.conftest import EXAMPLES, TINY_ARCH, TOKENIZER
 
 
 @pytest.fixture(scope="module")

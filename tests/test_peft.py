@@ -8,6 +8,8 @@ import re
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+
+from tests.conftest import PRETRAIN_JOB, SFT_JOB, job_dict
 from tuneyard.launch.config import job_from_dict
 from tuneyard.launch.export import export_adapter, export_merged
 from tuneyard.launch.run_job import run_job
@@ -21,8 +23,6 @@ from tuneyard.training.finetune_method import (
 )
 from tuneyard.training.metrics import read_metrics
 from tuneyard.training.model import load_model, load_tokenizer
-
-from tests.conftest import PRETRAIN_JOB, SFT_JOB, job_dict
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -185,6 +185,7 @@ def test_adalora_on_ray_and_new_adapters_in_preference_stages_are_refused(base, 
 def trainer_eval_loss(run_dir, model, tmp_path) -> float:
     """The run's eval split scored by TRL's SFT evaluation, as the run's own trainer scored it, in this process."""
     from trl import SFTTrainer
+
     from tuneyard.launch.config import load_job
     from tuneyard.training.causal_lm_recipe import build_trainer_args
     from tuneyard.training.data.tokenize import default_cache_dir, prepare_datasets
@@ -206,6 +207,7 @@ def test_prompt_adapters_reload_to_the_model_they_trained_and_cannot_merge(adapt
     import json
 
     from safetensors.torch import load_file
+
     from tuneyard.launch.export import load_adapter_model
 
     method, result = adapter_run

@@ -10,9 +10,12 @@ import yaml
 from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
 from transformers import AutoConfig, AutoTokenizer
+
+from tests.conftest import EXAMPLES, SFT_JOB, TINY_ARCH, TOKENIZER, job_dict
 from tuneyard.cluster.config import ClusterConfig, parse_size
 from tuneyard.launch.cli import main
 from tuneyard.launch.config import job_from_dict
+from tuneyard.launch.plan import Hardware, plan_job, run_plan
 from tuneyard.launch.plan.memory import (
     GPU_MARGIN,
     GiB,
@@ -23,10 +26,7 @@ from tuneyard.launch.plan.memory import (
     shape_of_config,
     weight_bytes,
 )
-from tuneyard.launch.plan.spmd import Hardware, plan_job, run_plan
 from tuneyard.training.config import PeftSection
-
-from tests.conftest import EXAMPLES, SFT_JOB, TINY_ARCH, TOKENIZER, job_dict
 
 LLAMA_7B = {
     "model_type": "llama",
@@ -261,7 +261,7 @@ def test_memory_sizes_in_the_job_and_on_the_command_line(tmp_path, capsys):
 
 def test_a_job_without_gpus_is_not_planned(tmp_path):
     """No GPUs configured: the check returns at once (it would otherwise fail to count a hub model it cannot read)."""
-    from tuneyard.launch.plan.spmd import check_job_memory
+    from tuneyard.launch.plan import check_job_memory
 
     job = job_dict(SFT_JOB, tmp_path / "run")
     job["model"] = {"name_or_path": "no-such-org/no-such-model-7b"}

@@ -1,5 +1,6 @@
 """PPO maths (rlhf/ppo/algorithms.py) against numbers worked out by hand: masked statistics, KL estimators,
-reward shaping, GAE, the clipped policy and value losses, entropy/log-probs and the KL controllers."""
+reward shaping, GAE, the clipped policy and value losses, entropy/log-probs and the KL controllers; then the
+group estimators, returns-to-go, reward/KL clipping, loss aggregation, dual clip and the KL loss."""
 
 from __future__ import annotations
 
@@ -8,19 +9,27 @@ import math
 
 import pytest
 import torch
+
 from tuneyard.rlhf.ppo.algorithms import (
+    ADVANTAGE_ESTIMATORS,
     KL_ESTIMATORS,
     AdaptiveKLController,
     FixedKLController,
+    aggregate,
+    clamp_kl,
+    clip_scores,
     entropy_from_logits,
     gae_advantages,
+    group_relative_scores,
     kl_estimate,
+    kl_loss,
     logprobs_from_logits,
     masked_mean,
     masked_sum,
     masked_var,
     masked_whiten,
     policy_loss,
+    returns_to_go,
     sequence_mean,
     shape_rewards,
     value_loss,
@@ -445,3 +454,323 @@ def test_kl_controller_state_round_trips(make):
     fresh.load_state_dict(state)
     assert fresh.value == ctl.value
     assert fresh.state_dict() == ctl.state_dict()
+
+
+# group estimators (GRPO, Dr. GRPO, RLOO, REINFORCE++-baseline): two prompts with three consecutive answers each
+#   group A = [1, 3, 5]:  mean 3, deviations [-2, 0, 2], squares 4 + 0 + 4 = 8, unbiased var 8/2 = 4, std 2
+#   group B = [4, 4, 10]: mean 6, deviations [-2, -2, 4], squares 4 + 4 + 16 = 24, unbiased var 24/2 = 12, std 2*sqrt(3)
+#   (population stds would be sqrt(8/3) and sqrt(8): a biased std would not give these numbers)
+# grpo:    A: [-2, 0, 2] / 2 = [-1, 0, 1];  B: [-2, -2, 4] / (2 sqrt 3) = [-1/sqrt 3, -1/sqrt 3, 2/sqrt 3]  (+eps)
+# dr_grpo, reinforce_baseline: the deviations themselves, [-2, 0, 2, -2, -2, 4]
+# rloo:    A: 1 - (3+5)/2 = -3, 3 - (1+5)/2 = 0, 5 - (1+3)/2 = 3;  B: 4 - (4+10)/2 = -3 (twice), 10 - (4+4)/2 = 6
+#          (= 3/2 x the deviations, as n/(n-1) (r - mean) must be)
+GROUP_SCORES = [1.0, 3.0, 5.0, 4.0, 4.0, 10.0]
+ROOT3 = math.sqrt(3.0)
+GROUP_EXPECTED = {
+    "grpo": [-2 / (2 + 1e-6), 0.0, 2 / (2 + 1e-6)] + [x / (2 * ROOT3 + 1e-6) for x in (-2.0, -2.0, 4.0)],
+    "dr_grpo": [-2.0, 0.0, 2.0, -2.0, -2.0, 4.0],
+    "rloo": [-3.0, 0.0, 3.0, -3.0, -3.0, 6.0],
+    "reinforce_baseline": [-2.0, 0.0, 2.0, -2.0, -2.0, 4.0],
+}
+
+
+def test_advantage_estimators_are_gae_and_the_group_ones():
+    assert ADVANTAGE_ESTIMATORS == ("gae", "grpo", "dr_grpo", "rloo", "reinforce_baseline")
+    assert set(GROUP_EXPECTED) == set(ADVANTAGE_ESTIMATORS) - {"gae"}
+
+
+@pytest.mark.parametrize("estimator", list(GROUP_EXPECTED))
+def test_group_relative_scores_by_hand(estimator):
+    out = group_relative_scores(t(GROUP_SCORES), 3, estimator)
+    assert out.shape == (6,) and out.dtype == torch.float64
+    assert_close(out, GROUP_EXPECTED[estimator], atol=1e-12)
+
+
+def test_grpo_uses_the_unbiased_std_and_the_eps():
+    # group A of the fixture with a large eps: [-2, 0, 2] / (2 + 1); the population std sqrt(8/3) would not give it
+    out = group_relative_scores(t(GROUP_SCORES[:3]), 3, "grpo", eps=1.0)
+    assert_close(out, [-2 / 3, 0.0, 2 / 3], atol=1e-12)
+
+
+@pytest.mark.parametrize("estimator", list(GROUP_EXPECTED))
+def test_group_of_equal_scores_gives_zeros_not_nan(estimator):
+    out = group_relative_scores(t([7.0, 7.0, 7.0, 7.0, 1.0, 3.0]), 2, estimator)
+    # groups of 2: [7, 7] twice give 0, [1, 3] gives mean 2, unbiased std sqrt(2), leave-one-out baselines 3 and 1
+    expected = {
+        "grpo": [0.0, 0.0, 0.0, 0.0, -1 / (math.sqrt(2) + 1e-6), 1 / (math.sqrt(2) + 1e-6)],
+        "dr_grpo": [0.0, 0.0, 0.0, 0.0, -1.0, 1.0],
+        "rloo": [0.0, 0.0, 0.0, 0.0, -2.0, 2.0],
+        "reinforce_baseline": [0.0, 0.0, 0.0, 0.0, -1.0, 1.0],
+    }[estimator]
+    assert_close(out, expected, atol=1e-12)
+
+
+def test_group_relative_scores_accept_integer_rewards():
+    # verifiable 0/1 rewards: group [1, 0, 0] has mean 1/3, so dr_grpo gives [2/3, -1/3, -1/3]
+    out = group_relative_scores(torch.tensor([1, 0, 0]), 3, "dr_grpo")
+    assert out.is_floating_point()
+    assert out.tolist() == pytest.approx([2 / 3, -1 / 3, -1 / 3])
+
+
+@pytest.mark.parametrize("estimator", list(GROUP_EXPECTED))
+def test_group_size_one_is_refused_naming_the_estimator(estimator):
+    with pytest.raises(ValueError, match=estimator):
+        group_relative_scores(t([1.0, 2.0]), 1, estimator)
+
+
+def test_group_relative_scores_refuse_bad_input():
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_relative_scores(t(GROUP_SCORES), 4, "grpo")  # 6 answers are not whole groups of 4
+    with pytest.raises(ValueError, match="not a group advantage estimator"):
+        group_relative_scores(t(GROUP_SCORES), 3, "gae")
+    with pytest.raises(ValueError, match="grpo, dr_grpo, rloo, reinforce_baseline"):
+        group_relative_scores(t(GROUP_SCORES), 3, "ppo")
+
+
+# returns-to-go: row 0 (length 3) r = [0.5, -1.0, 2.0], row 1 (length 1) r = [1.0], row 2 empty
+#   gamma 1:   row 0: [0.5 - 1 + 2, -1 + 2, 2] = [1.5, 1.0, 2.0];  row 1: [1.0]
+#   gamma 0.9: row 0: t2 = 2.0, t1 = -1 + 0.9 * 2 = 0.8, t0 = 0.5 + 0.9 * 0.8 = 1.22;  row 1: [1.0]
+NAN = float("nan")
+RTG_REWARDS = [[0.5, -1.0, 2.0, NAN], [1.0, NAN, float("inf"), NAN], [NAN, NAN, NAN, NAN]]
+RTG_EXPECTED = {
+    1.0: [[1.5, 1.0, 2.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
+    0.9: [[1.22, 0.8, 2.0, 0.0], [1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]],
+}
+
+
+def returns_to_go_by_loop(rewards: list, lengths: list[int], gamma: float) -> list:
+    """The plain definition: sum over k >= t of gamma^(k - t) r_k within each row's real tokens."""
+    steps = len(rewards[0])
+    return [
+        [sum(gamma ** (k - i) * row[k] for k in range(i, n)) if i < n else 0.0 for i in range(steps)]
+        for row, n in zip(rewards, lengths, strict=True)
+    ]
+
+
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES)
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_returns_to_go_by_hand_with_nan_padding(mask_dtype, gamma):
+    mask = lengths_mask([3, 1, 0], 4, mask_dtype)
+    out = returns_to_go(t(RTG_REWARDS), mask, gamma)
+    assert_close(out, RTG_EXPECTED[gamma], atol=1e-12)
+    # the hand numbers are the plain definition's too
+    by_loop = returns_to_go_by_loop(RTG_REWARDS, [3, 1, 0], gamma)
+    assert sum(by_loop, []) == pytest.approx(sum(RTG_EXPECTED[gamma], []), abs=1e-12)
+
+
+@pytest.mark.parametrize("gamma", [1.0, 0.9])
+def test_returns_to_go_matches_the_loop_on_a_random_padded_batch(gamma):
+    gen = torch.Generator().manual_seed(7)
+    lengths = [5, 1, 3, 0, 2]
+    rewards = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    mask = lengths_mask(lengths, 5)
+    rewards = torch.where(mask, rewards, torch.tensor(NAN, dtype=torch.float64))
+    expected = returns_to_go_by_loop(rewards.tolist(), lengths, gamma)
+    assert_close(returns_to_go(rewards, mask, gamma), expected, atol=1e-12)
+
+
+def test_returns_to_go_of_shaped_rewards_is_the_critic_free_advantage():
+    # score 2 on the last token, kl [0.1, 0.2, 0.4] with coef 0.5: rewards [-0.05, -0.1, -0.2 + 2]; with gamma 1
+    # the advantage at t is score - 0.5 x the KL still to come: 2 - 0.35, 2 - 0.3, 2 - 0.2
+    mask = lengths_mask([3], 4)
+    rewards = shape_rewards(t([2.0]), t([[0.1, 0.2, 0.4, NAN]]), mask, kl_coef=0.5)
+    assert_close(returns_to_go(rewards, mask, 1.0), [[1.65, 1.7, 1.8, 0.0]], atol=1e-12)
+
+
+def test_returns_to_go_carries_no_gradient():
+    rewards = t([[1.0, 2.0]]).requires_grad_()
+    assert not returns_to_go(rewards, lengths_mask([2], 2), 1.0).requires_grad
+
+
+# whitening with the population variance
+
+
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES)
+def test_masked_whiten_population_vs_unbiased_variance(mask_dtype):
+    x = t([[1.0, 2.0, 3.0], [4.0, 5.0, NAN]])
+    mask = lengths_mask([3, 2], 3, mask_dtype)
+    # mean 3; squared deviations sum to 10 over 5 entries: population var 2, unbiased 10/4 = 2.5
+    pop = masked_whiten(x, mask, unbiased=False)
+    s = math.sqrt(2.0 + 1e-8)
+    assert_close(pop, [[-2 / s, -1 / s, 0.0], [1 / s, 2 / s, 0.0]])
+    assert masked_var(pop, mask, unbiased=False).item() == pytest.approx(1.0, abs=1e-6)
+    unbiased = masked_whiten(x, mask, unbiased=True)
+    s = math.sqrt(2.5 + 1e-8)
+    assert_close(unbiased, [[-2 / s, -1 / s, 0.0], [1 / s, 2 / s, 0.0]])
+    assert torch.equal(masked_whiten(x, mask), unbiased)  # the default is unchanged
+    assert not torch.allclose(pop, unbiased)
+
+
+# reward and KL clipping
+
+
+def test_clip_scores_by_hand():
+    scores = t([-20.0, -10.0, 3.0, 10.5, float("inf")])
+    assert clip_scores(scores, 10.0).tolist() == [-10.0, -10.0, 3.0, 10.0, 10.0]
+    assert clip_scores(scores, 2.5).tolist() == [-2.5, -2.5, 2.5, 2.5, 2.5]
+    assert torch.equal(clip_scores(scores, None), scores)
+
+
+def test_clamp_kl_by_hand():
+    kl = t([[-12.0, 0.5, 9.0], [11.0, -0.25, float("inf")]])
+    assert clamp_kl(kl, 10.0).tolist() == [[-10.0, 0.5, 9.0], [10.0, -0.25, 10.0]]
+    assert torch.equal(clamp_kl(kl, None), kl)
+
+
+@pytest.mark.parametrize("fn", [clip_scores, clamp_kl])
+@pytest.mark.parametrize("limit", [0.0, -1.0, NAN])
+def test_clip_limits_must_be_positive(fn, limit):
+    with pytest.raises(ValueError, match="positive"):
+        fn(t([1.0]), limit)
+
+
+# loss aggregation: row 0 has 3 real tokens [1, 2, 3], row 1 one token [10], garbage in the padding
+#   sequence_mean: row means 2 and 10, then (2 + 10) / 2 = 6
+#   token_mean:    (1 + 2 + 3 + 10) / 4 tokens = 4
+AGG_X = [[1.0, 2.0, 3.0, NAN], [10.0, float("inf"), NAN, -1e30]]
+
+
+@pytest.mark.parametrize("mask_dtype", MASK_DTYPES)
+def test_aggregate_sequence_mean_vs_token_mean_by_hand(mask_dtype):
+    mask = lengths_mask([3, 1], 4, mask_dtype)
+    assert aggregate(t(AGG_X), mask, "sequence_mean").item() == 6.0
+    assert aggregate(t(AGG_X), mask, "token_mean").item() == 4.0
+    assert torch.equal(aggregate(t(AGG_X), mask), sequence_mean(t(AGG_X), mask))  # the default is today's
+
+
+def test_aggregate_refuses_an_unknown_name():
+    with pytest.raises(ValueError, match="sequence_mean, token_mean"):
+        aggregate(t([[1.0]]), lengths_mask([1], 1), "sum")
+
+
+def test_policy_loss_token_mean_by_hand():
+    # ratio 1 everywhere (logprobs = old), so each token's loss is -A and its gradient -A r / token count
+    old = t([[-1.0, -2.0, -3.0, 0.0], [-0.5, 0.0, 0.0, 0.0]])
+    logprobs = old.clone().requires_grad_()
+    advantages = t([[1.0, 2.0, 3.0, NAN], [10.0, NAN, 1e9, NAN]])
+    mask = lengths_mask([3, 1], 4)
+    loss, _ = policy_loss(logprobs, old, advantages, mask, CLIP, aggregation="token_mean")
+    assert loss.item() == pytest.approx(-16 / 4)
+    seq, _ = policy_loss(old, old, advantages, mask, CLIP)
+    assert seq.item() == pytest.approx(-(2 + 10) / 2)
+    loss.backward()
+    assert_close(logprobs.grad, [[-1 / 4, -2 / 4, -3 / 4, 0.0], [-10 / 4, 0.0, 0.0, 0.0]], atol=1e-12)
+
+
+def test_value_loss_token_mean_by_hand():
+    mask = lengths_mask([5, 1], 5)
+    # the per-token terms of the value-loss tables above over all 6 real tokens instead of per row
+    loss, _ = value_loss(t(VALUES), t(OLD_VALUES), t(RETURNS), mask, clip_range=0.25, aggregation="token_mean")
+    assert loss.item() == pytest.approx((2.1328125 + 0.5) / 6)
+    loss, _ = value_loss(t(VALUES), t(OLD_VALUES), t(RETURNS), mask, clip_range=None, aggregation="token_mean")
+    assert loss.item() == pytest.approx((1.8203125 + 0.5) / 6)
+    with pytest.raises(ValueError, match="loss aggregation"):
+        value_loss(t(VALUES), t(OLD_VALUES), t(RETURNS), mask, clip_range=None, aggregation="mean")
+
+
+# dual clip 3, clip 0.2; per-token PPO loss max(-A r, -A clamp(r, 0.8, 1.2)), then min(., 3|A|) where A < 0
+#   r    A     PPO loss                  dual-clipped      gradient (-A r where the unclipped term is active)
+#   5   -2     max(10, 2.4) = 10         min(10, 6) = 6    0 (the bound 3|A| is constant)
+#   5    2     max(-10, -2.4) = -2.4     -2.4 (A > 0)      0 (ratio clipped)
+#   2   -1     max(2, 1.2) = 2           min(2, 3) = 2     2
+#   0.5 -1     max(0.5, 0.8) = 0.8       0.8               0 (ratio clipped)
+#   mean with dual clip (6 - 2.4 + 2 + 0.8) / 4 = 1.6; without (10 - 2.4 + 2 + 0.8) / 4 = 2.6
+DUAL_RATIOS = [5.0, 5.0, 2.0, 0.5]
+DUAL_ADVANTAGES = [-2.0, 2.0, -1.0, -1.0]
+
+
+def dual_clip_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    old = t([[-1.0, -2.0, -0.5, -3.0, float("-inf")]])
+    logprobs = old.clone()
+    logprobs[0, :4] += torch.log(t(DUAL_RATIOS))
+    advantages = t([DUAL_ADVANTAGES + [NAN]])
+    return logprobs.requires_grad_(), old, advantages, lengths_mask([4], 5)
+
+
+def test_dual_clip_bounds_negative_advantages_by_hand():
+    logprobs, old, advantages, mask = dual_clip_batch()
+    loss, stats = policy_loss(logprobs, old, advantages, mask, CLIP, dual_clip=3.0)
+    assert loss.item() == pytest.approx(1.6)
+    assert stats["dual_clip_frac"].item() == pytest.approx(1 / 4)
+    assert stats["clip_frac"].item() == pytest.approx(2 / 4)  # the PPO clip stat is unchanged by the dual clip
+    loss.backward()
+    assert_close(logprobs.grad, [[0.0, 0.0, 2.0 / 4, 0.0, 0.0]], atol=1e-9)
+    plain, plain_stats = policy_loss(*dual_clip_batch(), CLIP)
+    assert plain.item() == pytest.approx(2.6)
+    assert "dual_clip_frac" not in plain_stats
+
+
+def test_dual_clip_none_is_todays_loss_bit_for_bit():
+    gen = torch.Generator().manual_seed(3)
+    old = torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    logprobs = old + torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    advantages = 3 * torch.randn(4, 6, generator=gen, dtype=torch.float64)
+    mask = lengths_mask([6, 2, 4, 1], 6)
+    advantages = torch.where(mask, advantages, torch.tensor(NAN, dtype=torch.float64))
+    loss, stats = policy_loss(logprobs, old, advantages, mask, CLIP, dual_clip=None)
+    # today's loss written out: sequence mean of max(-A r, -A clamp(r)) with the padding selected away
+    adv = torch.where(mask, advantages, torch.zeros((), dtype=torch.float64))
+    ratio = torch.exp(torch.where(mask, logprobs - old, torch.zeros((), dtype=torch.float64)))
+    today = sequence_mean(torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - CLIP, 1 + CLIP)), mask)
+    assert torch.equal(loss, today)
+    assert torch.equal(loss, policy_loss(logprobs, old, advantages, mask, CLIP)[0])
+    assert set(stats) == {"clip_frac", "approx_kl", "ratio_max_dev"}
+    # and a dual clip that binds nowhere (no ratio reaches 1e6) changes nothing either
+    loose, _ = policy_loss(logprobs, old, advantages, mask, CLIP, dual_clip=1e6)
+    assert torch.equal(loose, loss)
+
+
+@pytest.mark.parametrize("dual_clip", [1.0, 0.5, -3.0, NAN])
+def test_dual_clip_must_exceed_one(dual_clip):
+    with pytest.raises(ValueError, match="dual_clip"):
+        policy_loss(*dual_clip_batch(), CLIP, dual_clip=dual_clip)
+
+
+# KL loss: log-ratios ln 2 and -ln 2 give k3 = exp(-r) - 1 + r = ln 2 - 1/2 and 1 - ln 2 (sum exactly 1/2), and
+# d k3 / d logprob = 1 - exp(-r) = 1/2 and -1. Row 0 holds both, row 1 only the first:
+#   sequence_mean: ((1/2) / 2 + (ln 2 - 1/2)) / 2;  token_mean: (1/2 + ln 2 - 1/2) / 3 = ln 2 / 3
+LN2 = math.log(2.0)
+
+
+def kl_loss_batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    ref = t([[-1.0, -2.0, NAN], [-0.5, NAN, NAN]]).requires_grad_()
+    logprobs = t([[-1.0 + LN2, -2.0 - LN2, float("-inf")], [-0.5 + LN2, float("-inf"), 0.0]]).requires_grad_()
+    return logprobs, ref, lengths_mask([2, 1], 3)
+
+
+def test_kl_loss_by_hand_and_gradients():
+    logprobs, ref, mask = kl_loss_batch()
+    loss = kl_loss(logprobs, ref, mask)  # k3 and sequence_mean by default
+    assert loss.item() == pytest.approx((0.25 + (LN2 - 0.5)) / 2)
+    loss.backward()
+    assert_close(logprobs.grad, [[0.5 / 4, -1.0 / 4, 0.0], [0.5 / 2, 0.0, 0.0]], atol=1e-12)
+    assert ref.grad is None  # the reference is a fixed target
+
+    logprobs, ref, mask = kl_loss_batch()
+    loss = kl_loss(logprobs, ref, mask, aggregation="token_mean")
+    assert loss.item() == pytest.approx(LN2 / 3)
+    loss.backward()
+    assert_close(logprobs.grad, [[0.5 / 3, -1.0 / 3, 0.0], [0.5 / 3, 0.0, 0.0]], atol=1e-12)
+    assert ref.grad is None
+
+
+def test_kl_loss_is_zero_at_the_reference_and_positive_elsewhere():
+    gen = torch.Generator().manual_seed(11)
+    ref = torch.randn(3, 5, generator=gen, dtype=torch.float64) - 2
+    mask = lengths_mask([5, 2, 3], 5)
+    assert kl_loss(ref.clone(), ref, mask).item() == 0.0
+    moved = ref + 0.3 * torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    assert kl_loss(moved, ref, mask).item() > 0.0
+    # the estimator is selectable: k1 is the mean log-ratio, row means then their mean
+    expected = masked_mean(moved - ref, mask, dim=-1).mean()
+    assert kl_loss(moved, ref, mask, "k1").item() == pytest.approx(expected.item())
+
+
+def test_kl_loss_clamp_bounds_the_term_and_stops_its_gradient():
+    # r = -ln 100: k3 = 100 - 1 - ln 100 ~ 94.4, clamped to 10 with no gradient past the limit
+    logprobs = t([[-math.log(100.0)]]).requires_grad_()
+    loss = kl_loss(logprobs, t([[0.0]]), lengths_mask([1], 1), limit=10.0)
+    assert loss.item() == 10.0
+    loss.backward()
+    assert logprobs.grad.item() == 0.0
+    assert kl_loss(logprobs, t([[0.0]]), lengths_mask([1], 1)).item() == pytest.approx(99 - math.log(100.0))

@@ -9,11 +9,11 @@ import threading
 import time
 
 import pytest
+
+from tests.conftest import SFT_JOB, job_dict, processes_of_session
 from tuneyard.launch.config import job_from_dict
 from tuneyard.launch.run_job import run_job
 from tuneyard.training.preemption import PREEMPTED_EXIT_CODE, RECORD_FILE, REQUEST_FILE, Preempted, preemption_watch
-
-from tests.conftest import SFT_JOB, job_dict, processes_of_session
 
 
 def test_watch_turns_a_signal_into_a_request_and_a_record_into_preempted(tmp_path):

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import yaml
+
+from tests.conftest import EXAMPLES, SFT_JOB, job_dict
 from tuneyard.launch.cli import main
 from tuneyard.launch.config import job_from_dict
 from tuneyard.training.data.tokenize import default_cache_dir, prepare_datasets
 from tuneyard.training.model import load_tokenizer
-
-from tests.conftest import EXAMPLES, SFT_JOB, job_dict
 
 
 def test_prepare_builds_the_cache_a_worker_then_reads(tmp_path, capsys):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from tuneyard.cluster.config import ClusterConfig
 from tuneyard.cluster.ray_cluster import ClusterError
 from tuneyard.cluster.resources import check_request, shortfall, wait_for_resources

@@ -12,8 +12,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 from transformers import AutoModelForCausalLM
+
+from tests.conftest import EXAMPLES, job_dict
 from tuneyard.launch.config import job_from_dict
-from tuneyard.launch.run_job import preflight, run_job
+from tuneyard.launch.preflight import preflight
+from tuneyard.launch.run_job import run_job
 from tuneyard.rlhf.losses import dpo_loss, trl_loss_terms
 from tuneyard.rlhf.preference_recipe import check_reward_model
 from tuneyard.rlhf.rewards import REGISTRY, last_word_exact, lookup
@@ -24,8 +27,6 @@ from tuneyard.training.errors import UserError
 from tuneyard.training.finetune_method import apply_finetune_method, lora_config
 from tuneyard.training.metrics import read_metrics
 from tuneyard.training.model import load_tokenizer
-
-from tests.conftest import EXAMPLES, job_dict
 
 DATA = EXAMPLES / "data"
 PREFERENCE_JOB = {
@@ -239,9 +240,8 @@ def test_grpo_raises_the_programmatic_reward(ray_session, sft_base, tmp_path):
 
 
 def test_pipeline_runs_stages_in_order_and_skips_finished_ones(pretrained_base, tmp_path, capsys):
-    from tuneyard.launch.pipeline import run_pipeline
-
     from tests.conftest import SFT_JOB
+    from tuneyard.launch.pipeline import run_pipeline
 
     sft = job_dict(SFT_JOB, tmp_path / "sft", training={"max_steps": 3}, cluster={"workers": 1})
     sft["model"] = {"name_or_path": pretrained_base}

@@ -8,14 +8,15 @@ import json
 import statistics
 
 import pytest
-from tuneyard.launch.config import job_from_dict
-from tuneyard.launch.run_job import preflight, run_job
-from tuneyard.rlhf.trl_rows import to_trl_rows
-from tuneyard.training.errors import UserError
-from tuneyard.training.metrics import read_metrics
 
 from tests.conftest import EXAMPLES, TINY_ARCH, TOKENIZER, job_dict
 from tests.test_rlhf import PREFERENCE_JOB
+from tuneyard.launch.config import job_from_dict
+from tuneyard.launch.preflight import preflight
+from tuneyard.launch.run_job import run_job
+from tuneyard.rlhf.trl_rows import to_trl_rows
+from tuneyard.training.errors import UserError
+from tuneyard.training.metrics import read_metrics
 
 DATA = EXAMPLES / "data"
 RLOO_JOB = {
@@ -121,7 +122,7 @@ def test_messages_rows_are_checked_before_start(tmp_path, sft_base):
 
 
 def test_plan_holds_the_teacher_beside_the_smaller_student(tmp_path, sft_base):
-    from tuneyard.launch.plan.spmd import Hardware, plan_job
+    from tuneyard.launch.plan import Hardware, plan_job
 
     job = job_from_dict(job_dict(DISTILL_JOB, tmp_path / "run", distill={"teacher": sft_base}))
     (device,) = plan_job(job, Hardware()).devices

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import SFT_JOB, job_dict
 from tuneyard.cluster import ray_jobs
 from tuneyard.cluster.ray_cluster import ClusterError
 from tuneyard.cluster.slurm import BLOCK_END, BLOCK_START, TEMPLATE, VARIABLES, SlurmRequest, render_script
-
-from tests.conftest import SFT_JOB, job_dict
 
 BIN = Path(sys.executable).parent
 

@@ -9,6 +9,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import EXAMPLES, PRETRAIN_JOB, job_dict
+from tests.test_faults import kill_when_paused, losses
 from tuneyard.launch.cli import main
 from tuneyard.launch.config import job_from_dict
 from tuneyard.launch.run_job import run_job
@@ -18,9 +21,6 @@ from tuneyard.training.data.tokenize import build_datasets, prepare_datasets
 from tuneyard.training.errors import UserError
 from tuneyard.training.metrics import read_metrics
 from tuneyard.training.model import load_tokenizer
-
-from tests.conftest import EXAMPLES, PRETRAIN_JOB, job_dict
-from tests.test_faults import kill_when_paused, losses
 
 CORPUS = EXAMPLES / "data" / "corpus.txt"
 STREAMED = {"streaming": True, "shard_mb": 0.2, "eval": None, "eval_fraction": 0.05}

@@ -15,14 +15,14 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.conftest import EXAMPLES, PRETRAIN_JOB, SFT_JOB, job_dict
 from tuneyard.launch.config import job_from_dict
-from tuneyard.launch.run_job import preflight
+from tuneyard.launch.preflight import preflight
 from tuneyard.training.config import TrainingConfig
 from tuneyard.training.errors import UserError
 from tuneyard.training.metrics import read_metrics
 from tuneyard.training.tracking import Trackers, check_trackers, tracker_env
-
-from tests.conftest import EXAMPLES, PRETRAIN_JOB, SFT_JOB, job_dict
 
 # unique fake credentials, set in the run's environment (the CLI's local Ray hands them to its workers)
 SECRETS = {
@@ -213,6 +213,7 @@ def test_default_tensorboard_without_a_package_is_skipped_with_a_line(monkeypatc
 def test_a_failed_run_ends_its_tracker_runs_marked_failed(monkeypatch, tmp_path):
     """Training stops on NaN losses (a TrainingFailed raised inside the trainer): MLflow's run ends FAILED, not open."""
     from mlflow.tracking import MlflowClient
+
     from tuneyard.launch.run_job import run_job
     from tuneyard.training.errors import TrainingFailed
 

@@ -13,13 +13,13 @@ import time
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
+
+from tests.conftest import PRETRAIN_JOB, SFT_JOB, job_dict
 from tuneyard.launch.config import job_from_dict
 from tuneyard.launch.run_job import run_job
 from tuneyard.training.errors import UserError
 from tuneyard.training.metrics import read_metrics
 from tuneyard.training.run_dir import complete_checkpoints
-
-from tests.conftest import PRETRAIN_JOB, SFT_JOB, job_dict
 
 pytestmark = pytest.mark.integration
 

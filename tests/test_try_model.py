@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from tuneyard.launch.run_list import list_runs, read_run
-from tuneyard.training.answer_accuracy import exact_match_accuracy, greedy_answer
 
 from tests.conftest import EXAMPLES, ROOT, SFT_JOB, job_dict
+from tuneyard.launch.run_list import list_runs, read_run
+from tuneyard.training.answer_accuracy import exact_match_accuracy, greedy_answer
 
 pytestmark = pytest.mark.integration
 

@@ -8,21 +8,22 @@ import os
 from pathlib import Path
 
 import pytest
-from tuneyard.cluster.worker_group import Seat, order_ranks, rank_environments
+
+from tuneyard.cluster.worker_group import PlacedWorker, order_ranks, rank_environments
 
 
-def seat(name: str, node_id: str, node_ip: str, gpus: list[str] | None = None) -> Seat:
-    return Seat(actor=name, node_id=node_id, node_ip=node_ip, gpus=gpus or [])
+def placed(name: str, node_id: str, node_ip: str, gpus: list[str] | None = None) -> PlacedWorker:
+    return PlacedWorker(actor=name, node_id=node_id, node_ip=node_ip, gpus=gpus or [])
 
 
 def test_ranks_start_on_the_driver_node_and_keep_each_node_together():
-    seats = [
-        seat("a", "n2", "10.0.0.2"),
-        seat("b", "n1", "10.0.0.1"),
-        seat("c", "n2", "10.0.0.2"),
-        seat("d", "n3", "10.0.0.3"),
+    workers = [
+        placed("a", "n2", "10.0.0.2"),
+        placed("b", "n1", "10.0.0.1"),
+        placed("c", "n2", "10.0.0.2"),
+        placed("d", "n3", "10.0.0.3"),
     ]
-    ordered = order_ranks(seats, driver_ip="10.0.0.3")
+    ordered = order_ranks(workers, driver_ip="10.0.0.3")
     assert [s.actor for s in ordered] == ["d", "b", "a", "c"]
     envs = rank_environments(ordered)
     assert [e["RANK"] for e in envs] == ["0", "1", "2", "3"]
@@ -35,8 +36,8 @@ def test_ranks_start_on_the_driver_node_and_keep_each_node_together():
 
 def test_two_ray_nodes_on_one_host_are_two_nodes():
     """The tests' two-node Ray runs both nodes on 127.0.0.1: ranks group by node id, not by address."""
-    seats = [seat("a", "n1", "127.0.0.1"), seat("b", "n2", "127.0.0.1"), seat("c", "n1", "127.0.0.1")]
-    ordered = order_ranks(seats, driver_ip="127.0.0.1")
+    workers = [placed("a", "n1", "127.0.0.1"), placed("b", "n2", "127.0.0.1"), placed("c", "n1", "127.0.0.1")]
+    ordered = order_ranks(workers, driver_ip="127.0.0.1")
     envs = rank_environments(ordered)
     by_node = [(s.node_id, e["LOCAL_RANK"], e["NODE_RANK"]) for s, e in zip(ordered, envs, strict=True)]
     assert by_node == [("n1", "0", "0"), ("n1", "1", "0"), ("n2", "0", "1")]
@@ -44,13 +45,13 @@ def test_two_ray_nodes_on_one_host_are_two_nodes():
 
 def test_a_node_s_workers_see_its_gpus_and_local_rank_is_the_own_gpu():
     """cuda:LOCAL_RANK among the node's visible GPUs is the GPU Ray gave the worker (ids sort as numbers)."""
-    seats = [
-        seat("on-10", "n1", "10.0.0.1", ["10"]),
-        seat("on-2", "n1", "10.0.0.1", ["2"]),
-        seat("on-9", "n1", "10.0.0.1", ["9"]),
-        seat("other", "n2", "10.0.0.2", ["0"]),
+    workers = [
+        placed("on-10", "n1", "10.0.0.1", ["10"]),
+        placed("on-2", "n1", "10.0.0.1", ["2"]),
+        placed("on-9", "n1", "10.0.0.1", ["9"]),
+        placed("other", "n2", "10.0.0.2", ["0"]),
     ]
-    ordered = order_ranks(seats, driver_ip="10.0.0.1")
+    ordered = order_ranks(workers, driver_ip="10.0.0.1")
     envs = rank_environments(ordered)
     assert [s.actor for s in ordered] == ["on-2", "on-9", "on-10", "other"]
     for s, env in zip(ordered, envs, strict=True):

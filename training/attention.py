@@ -6,6 +6,7 @@ import importlib.util
 import logging
 
 import torch
+
 from tuneyard.training.errors import UserError
 
 log = logging.getLogger(__name__)

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
 from tuneyard.training.faults import hold_rank, pause_in_save
 from tuneyard.training.metrics import COMPLETE_MARKER, append_metrics
 from tuneyard.training.preemption import RECORD_FILE, REQUEST_FILE

@@ -12,24 +12,25 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
 from tuneyard.training.callbacks import PreemptionCallback
 from tuneyard.training.config import ADAPTER_METHODS, TrainSpec
 from tuneyard.training.data.packing import PackedRowsCollator
 from tuneyard.training.data.tokenize import default_cache_dir, prepare_datasets
-from tuneyard.training.deepspeed_config import zero_stage
 from tuneyard.training.finetune_method import (
     apply_finetune_method,
     keep_adapters_in_fp32,
     memory_footprint,
-    quantization_config,
 )
-from tuneyard.training.model import load_model, load_tokenizer
+from tuneyard.training.model import load_tokenizer
 from tuneyard.training.nonfinite import NonFiniteGuard
 from tuneyard.training.run_dir import set_status
+from tuneyard.training.stages import stage_spec
 from tuneyard.training.trainer_setup import (
     DEEPSPEED_STATUS,
     common_trainer_kwargs,
     guarded,
+    load_trained_model,
     materialize_scratch_base,
     run_callbacks,
     train_and_publish,
@@ -72,17 +73,13 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
     distributed = dist.is_available() and dist.is_initialized()
     world = dist.get_world_size() if distributed else 1
     tokenizer = load_tokenizer(spec.model, spec.data.chat_template)
-    has_eval = bool(data.eval) or data.eval_fraction > 0
+    has_eval = stage_spec(spec.stage).evaluates(data)
     model_cfg = spec.model
     if rank == 0:
         set_status(run_dir, "loading the model")
     if peft.method in ADAPTER_METHODS and model_cfg.init == "scratch":
         model_cfg = materialize_scratch_base(spec, tokenizer, run_dir, rank, distributed)
-    # A from-scratch model is built before the trainer args register DeepSpeed: under ZeRO-3's
-    # zero.Init each rank would draw the random weights per partition, so the same seed would give
-    # other weights than ZeRO-0/1/2. Pretrained weights load after, inside zero.Init (sharded).
-    model = load_model(model_cfg, tokenizer) if model_cfg.init == "scratch" else None
-    args = build_trainer_args(spec, run_dir, has_eval)
+    model, args = load_trained_model(spec, model_cfg, tokenizer, lambda: build_trainer_args(spec, run_dir, has_eval))
 
     # On Ray the driver built the cache before any process group existed (launch/prepare.py), so rank 0
     # finds it warm and the barrier is brief. Started otherwise (torchrun), rank 0 builds it while the others wait.
@@ -96,11 +93,6 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
     if rank != 0:
         splits, _ = prepare_datasets(spec.stage, data, tokenizer, training.seed, cache_dir)
 
-    if model is None:
-        zero3 = zero_stage(spec.deepspeed) == 3
-        quantization = quantization_config(peft, zero3=zero3) if peft.method == "qlora" else None
-        model = load_model(model_cfg, tokenizer, quantization)
-    model.config.use_cache = False  # no KV cache while training (and packed batches need it off)
     samples_per_step = training.batch_size * training.grad_accum * world
     steps = training.max_steps
     if steps <= 0:
@@ -135,3 +127,8 @@ def ray_worker(payload: dict, rank: int) -> None:
     """Ray entry point of pretrain/sft: rebuild the worker's spec from `payload` and run it."""
     run_dir = start_ray_worker(payload, rank)
     run_training(TrainSpec.model_validate(payload["spec"]), run_dir, rank)
+
+
+def run_in_process(payload: dict) -> None:
+    """`--single`: the whole pretrain/sft job in this process."""
+    run_training(TrainSpec.model_validate(payload["spec"]), Path(payload["run_dir"]), rank=0)

@@ -46,6 +46,13 @@ class ModelConfig(BaseModel):
             raise ValueError("set model.name_or_path (hub id or local folder), or model.init: scratch")
         return self
 
+    def loading(self, folder: str) -> ModelConfig:
+        """These loading options (dtype, attention, trust_remote_code...) pointed at another model's folder or hub
+        id, as a distillation teacher or a reward model is loaded: its own config and tokenizer."""
+        return self.model_copy(
+            update={"init": "pretrained", "name_or_path": folder, "architecture": None, "tokenizer": None}
+        )
+
 
 class DataSource(BaseModel):
     """One dataset: a local .jsonl/.json/.parquet/.txt file or a `datasets` hub name."""

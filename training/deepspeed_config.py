@@ -68,7 +68,8 @@ def import_deepspeed_without_mlflow() -> None:
     """Import DeepSpeed with MLflow hidden from it, as if MLflow were not installed.
 
     DeepSpeed's autotuner imports MLflow whenever DeepSpeed is imported, though only autotuning (which we do
-    not run) uses it: 0.4 s of CPU in each worker's start-up. MLflow stays importable afterwards.
+    not run) uses it, so each worker would pay MLflow's import at start-up for nothing. MLflow stays importable
+    afterwards.
     """
     if "deepspeed" in sys.modules or "mlflow" in sys.modules:
         return

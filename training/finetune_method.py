@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 from transformers import BitsAndBytesConfig, PreTrainedModel, TrainerCallback
+
 from tuneyard.training.config import PROMPT_METHODS, PeftSection
 from tuneyard.training.errors import UserError
 from tuneyard.training.model import full_numel, resolve_dtype

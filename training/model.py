@@ -149,6 +149,15 @@ def resolve_dtype(name: str) -> torch.dtype:
     return getattr(torch, DTYPES[name])
 
 
+def resolved_precision(precision: str) -> str:
+    """The precision a run trains in: `auto` is bf16 on a CUDA device that supports it, fp32 otherwise."""
+    import torch
+
+    if precision != "auto":
+        return precision
+    return "bf16" if resolve_dtype("auto") == torch.bfloat16 else "fp32"
+
+
 def load_tokenizer(cfg: ModelConfig, chat_template: str | None = None) -> PreTrainedTokenizerBase:
     """The tokenizer of `model.tokenizer` or `model.name_or_path`, with a pad token and data.chat_template."""
     from transformers import AutoTokenizer
@@ -190,6 +199,7 @@ def load_model(
     """
     from safetensors import SafetensorError
     from transformers import AutoConfig
+
     from tuneyard.training.attention import resolve_attn_implementation
 
     auto = auto_model_class(task)

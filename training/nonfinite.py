@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
 from tuneyard.training.errors import TrainingFailed
 from tuneyard.training.faults import nan_loss_steps
 from tuneyard.training.metrics import append_metrics

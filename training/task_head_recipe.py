@@ -20,10 +20,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import PrinterCallback, set_seed
+
 from tuneyard.training.callbacks import PreemptionCallback
 from tuneyard.training.config import ADAPTER_METHODS, PeftSection, TrainSpec
-from tuneyard.training.data.labels import HEAD_MODULES, IGNORED, STAGE_TASK, task_datasets
-from tuneyard.training.deepspeed_config import zero_stage
+from tuneyard.training.data.labels import HEAD_MODULES, IGNORED, task_datasets
 from tuneyard.training.errors import UserError
 from tuneyard.training.finetune_method import (
     apply_finetune_method,
@@ -31,16 +31,17 @@ from tuneyard.training.finetune_method import (
     keep_adapters_in_fp32,
     memory_footprint,
     parameter_counts,
-    quantization_config,
 )
 from tuneyard.training.metrics import append_metrics
-from tuneyard.training.model import load_model, load_tokenizer
+from tuneyard.training.model import load_tokenizer
 from tuneyard.training.nonfinite import NonFiniteGuard
 from tuneyard.training.run_dir import publish_final, set_status
+from tuneyard.training.stages import stage_spec
 from tuneyard.training.trainer_setup import (
     DEEPSPEED_STATUS,
     common_trainer_kwargs,
     guarded,
+    load_trained_model,
     materialize_scratch_base,
     run_callbacks,
     train_and_publish,
@@ -121,24 +122,24 @@ def run_task_head(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
         set_status(run_dir, "reading the data")
     splits, names = task_datasets(spec.stage, data, tokenizer, training.seed)  # small: every rank tokenises
     has_eval = "eval" in splits
-    task = STAGE_TASK[spec.stage]
+    task = stage_spec(spec.stage).task
 
     model_cfg = spec.model
     if rank == 0:
         set_status(run_dir, "loading the model")
     if peft.method in ADAPTER_METHODS and model_cfg.init == "scratch":
         model_cfg = materialize_scratch_base(spec, tokenizer, run_dir, rank, distributed)
-    # scratch weights before the DeepSpeed-aware arguments exist, as in tuneyard.training.causal_lm_recipe.run_training
-    model = load_model(model_cfg, tokenizer, task=task, labels=names) if model_cfg.init == "scratch" else None
     metrics = entity_metrics(names) if spec.stage == "token-classify" else classification_metrics
-    args = TrainingArguments(**common_trainer_kwargs(spec, run_dir, has_eval))
-    if model is None:
-        zero3 = zero_stage(spec.deepspeed) == 3
-        quantization = quantization_config(peft, zero3=zero3) if peft.method == "qlora" else None
-        if quantization is not None:  # the head starts random and trains in full: not a 4-bit layer
-            quantization.llm_int8_skip_modules = list(HEAD_MODULES)
-        model = load_model(model_cfg, tokenizer, quantization, task=task, labels=names)
-    model.config.use_cache = False
+    # the head starts random and trains in full: not a 4-bit layer under QLoRA
+    model, args = load_trained_model(
+        spec,
+        model_cfg,
+        tokenizer,
+        lambda: TrainingArguments(**common_trainer_kwargs(spec, run_dir, has_eval)),
+        task=task,
+        labels=names,
+        whole_modules=HEAD_MODULES,
+    )
     samples_per_step = training.batch_size * training.grad_accum * world
     steps = training.max_steps
     if steps <= 0:
@@ -212,6 +213,7 @@ def fit_on_features(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
     from transformers import AutoModel
+
     from tuneyard.training.data.labels import check_known_labels, label_names
     from tuneyard.training.data.sources import read_splits
 
@@ -262,3 +264,8 @@ def ray_worker(payload: dict, rank: int) -> None:
     """Ray entry point of classify/token-classify: rebuild the worker's spec from `payload` and run it."""
     run_dir = start_ray_worker(payload, rank)
     run_task_head(TrainSpec.model_validate(payload["spec"]), run_dir, rank)
+
+
+def run_in_process(payload: dict) -> None:
+    """`--single`: the whole classify/token-classify job in this process."""
+    run_task_head(TrainSpec.model_validate(payload["spec"]), Path(payload["run_dir"]), rank=0)

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import yaml
+
 from tuneyard.training.config import TrainingConfig
 from tuneyard.training.errors import UserError
 

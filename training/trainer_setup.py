@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainingArguments
+
 from tuneyard.training.callbacks import (
     CompleteCheckpointCallback,
     Heartbeat,
@@ -20,10 +22,10 @@ from tuneyard.training.callbacks import (
 )
 from tuneyard.training.config import ModelConfig, TrainingConfig, TrainSpec
 from tuneyard.training.data.chat_templates import stop_at_end_of_turn
-from tuneyard.training.deepspeed_config import build_deepspeed_config
+from tuneyard.training.deepspeed_config import build_deepspeed_config, zero_stage
 from tuneyard.training.errors import UserError
-from tuneyard.training.finetune_method import AdaLoraRankBudget, SavesPromptAdapters, zero3_shares
-from tuneyard.training.model import load_model, resolve_dtype
+from tuneyard.training.finetune_method import AdaLoraRankBudget, SavesPromptAdapters, quantization_config, zero3_shares
+from tuneyard.training.model import load_model, resolved_precision
 from tuneyard.training.nonfinite import SkipsNonFiniteSteps
 from tuneyard.training.run_dir import (
     DiskFull,
@@ -41,9 +43,7 @@ DEEPSPEED_STATUS = "building the DeepSpeed engine (the first run on a machine al
 
 
 def _precision_flags(training: TrainingConfig) -> dict:
-    precision = training.precision
-    if precision == "auto":
-        precision = "bf16" if resolve_dtype("auto") == torch.bfloat16 else "fp32"
+    precision = resolved_precision(training.precision)
     return {"bf16": precision == "bf16", "fp16": precision == "fp16"}
 
 
@@ -154,6 +154,34 @@ def materialize_scratch_base(spec: TrainSpec, tokenizer, run_dir: Path, rank: in
     if distributed:
         dist.barrier()
     return spec.model.model_copy(update={"init": "pretrained", "name_or_path": str(base), "architecture": None})
+
+
+def load_trained_model(
+    spec: TrainSpec,
+    model_cfg: ModelConfig,
+    tokenizer,
+    make_args: Callable[[], TrainingArguments],
+    task: str = "causal-lm",
+    labels: list[str] | None = None,
+    whole_modules: tuple[str, ...] = (),
+) -> tuple[torch.nn.Module, TrainingArguments]:
+    """The model a recipe trains and its trainer arguments, made in the order ZeRO-3 needs.
+
+    A scratch model is built before the DeepSpeed-aware arguments exist: under ZeRO-3's zero.Init each rank would
+    draw the random weights per partition, so the same seed would give other weights than ZeRO-0/1/2. Pretrained
+    weights load after them, inside zero.Init, sharded as they load (4-bit under QLoRA, `whole_modules` excepted).
+    """
+    scratch = model_cfg.init == "scratch"
+    model = load_model(model_cfg, tokenizer, task=task, labels=labels) if scratch else None
+    args = make_args()
+    if model is None:
+        zero3 = zero_stage(spec.deepspeed) == 3
+        quantization = quantization_config(spec.peft, zero3=zero3) if spec.peft.method == "qlora" else None
+        if quantization is not None and whole_modules:
+            quantization.llm_int8_skip_modules = list(whole_modules)
+        model = load_model(model_cfg, tokenizer, quantization, task=task, labels=labels)
+    model.config.use_cache = False  # no KV cache while training (and packed batches need it off)
+    return model, args
 
 
 def train_and_publish(

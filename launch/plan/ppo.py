@@ -4,10 +4,7 @@ from __future__ import annotations
 
 from tuneyard.launch.config import JobConfig
 from tuneyard.launch.plan.memory import RankMemory, Setup, rank_memory
-from tuneyard.launch.plan.spmd import (
-    Device,
-    Hardware,
-    JobPlan,
+from tuneyard.launch.plan.shapes import (
     Shapes,
     deepspeed_switches,
     frozen_part,
@@ -16,6 +13,7 @@ from tuneyard.launch.plan.spmd import (
     precision_of,
     trainable_text,
 )
+from tuneyard.launch.plan.types import Device, Hardware, JobPlan
 from tuneyard.rlhf.ppo.groups import colocated_sets, present_roles
 
 # DeepSpeed's own defaults, which PPO's role engines get (their dict has no "auto" for a trainer to fill)
@@ -27,7 +25,7 @@ def plan_ppo(job: JobConfig, hardware: Hardware, shapes: Shapes) -> JobPlan:
     """PPO: each role's rank, and the roles that share a GPU under ppo.colocate summed on it."""
     ppo = job.ppo
     stage, offload_optimizer, offload_params = deepspeed_switches(job)
-    roles = present_roles(job.train_spec(), job.reward)
+    roles = present_roles(job.train_spec(), job.ppo, job.reward)
     seq = ppo.max_prompt_length + ppo.generation.max_new_tokens
     common = Setup(
         offload_optimizer=offload_optimizer,
@@ -45,9 +43,9 @@ def plan_ppo(job: JobConfig, hardware: Hardware, shapes: Shapes) -> JobPlan:
     for role in roles:
         section = getattr(ppo.roles, role)
         trains = role in ("policy", "critic")
-        zero = section.zero_stage if section.zero_stage is not None else (stage if trains else 0)
         world = section.workers
         micro = min(ppo.micro_batch_size, ppo.mini_batch_size // world) if trains else ppo.micro_batch_size
+        zero = ppo.roles.zero_stage_of(role, stage)
         setup = common.changed(zero_stage=zero, world=world, micro_batch=micro, trains=trains)
         if role == "policy":
             setup = setup.changed(peft=job.peft, generation_batch=samples // world)
@@ -68,20 +66,16 @@ def plan_ppo(job: JobConfig, hardware: Hardware, shapes: Shapes) -> JobPlan:
         per_node = hardware.gpus_per_node or max(getattr(ppo.roles, r).workers for r in together)
         devices.append(Device(" + ".join(together), parts, per_node))
     policy_shape = shapes.of(job.model)
+    role_list = ", ".join(
+        f"{r} {getattr(ppo.roles, r).workers} rank(s) ZeRO-{ppo.roles.zero_stage_of(r, stage)}" for r in memories
+    )
     summary = [
         model_text(policy_shape, job.model.name_or_path)
         + f"; policy trainable {trainable_text(policy_shape, job.peft)}",
-        "roles: "
-        + ", ".join(f"{r} {getattr(ppo.roles, r).workers} rank(s) ZeRO-{_role_stage(job, r, stage)}" for r in memories)
-        + f"; colocate: {ppo.colocate}; offload: {offload_text(offload_optimizer, offload_params)}; "
-        + common.precision,
+        f"roles: {role_list}; colocate: {ppo.colocate}; "
+        f"offload: {offload_text(offload_optimizer, offload_params)}; {common.precision}",
         f"micro-batch {ppo.micro_batch_size} x {seq} tokens (prompt + new tokens); "
         f"policy generates {samples} sample(s) over its ranks; gradient checkpointing "
         + ("on" if common.gradient_checkpointing else "off"),
     ]
     return JobPlan(devices, hardware, summary)
-
-
-def _role_stage(job: JobConfig, role: str, stage: int) -> int:
-    own = getattr(job.ppo.roles, role).zero_stage
-    return own if own is not None else (stage if role in ("policy", "critic") else 0)

@@ -1,5 +1,2 @@
-"""PPO with a critic, its roles as Ray actor groups: maths, roles, placement and the controller loop."""
-
-from tuneyard.rlhf.ppo.controller import run_ppo
-
-__all__ = ["run_ppo"]
+"""PPO with a critic, its roles as Ray actor groups: the maths (`algorithms`), the roles, their placement
+(`groups`) and the controller loop (`controller.run_ppo`)."""

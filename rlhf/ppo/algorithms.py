@@ -1,5 +1,7 @@
-"""PPO maths for RLHF as pure torch functions: masked statistics, KL estimators, reward shaping, GAE,
-the clipped policy and value losses, entropy/log-probs from logits, and the KL-coefficient controllers.
+"""PPO maths for RLHF as pure torch functions: masked statistics, loss aggregation, KL estimators and the KL
+loss, reward clipping and shaping, GAE and the critic-free group estimators (GRPO, Dr. GRPO, RLOO,
+REINFORCE++-baseline) with returns-to-go, the clipped (and dual-clipped) policy loss and the value loss,
+entropy/log-probs from logits, and the KL-coefficient controllers.
 
 Conventions: per-token tensors are float [B, T] over response positions only (index t is the t-th response
 token), and `mask` is a [B, T] bool or 0/1 float tensor that is 1 on real tokens, contiguous from t=0
@@ -15,6 +17,10 @@ import torch
 from torch import Tensor
 
 KL_ESTIMATORS = ("k1", "k2", "k3")
+ADVANTAGE_ESTIMATORS = ("gae", "grpo", "dr_grpo", "rloo", "reinforce_baseline")
+# the estimators that need no critic: a sample's baseline is the other answers to the same prompt
+GROUP_ESTIMATORS = ADVANTAGE_ESTIMATORS[1:]
+AGGREGATIONS = ("sequence_mean", "token_mean")
 
 
 def _bool(mask: Tensor) -> Tensor:
@@ -45,9 +51,11 @@ def masked_var(x: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
     return var
 
 
-def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+def masked_whiten(x: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8, unbiased: bool = True) -> Tensor:
     """(x - mean) / sqrt(var + eps) over the masked entries, 0 elsewhere; shift_mean False keeps the mean."""
-    mean, var = masked_mean(x, mask), masked_var(x, mask)
+    # unbiased False is the population variance OpenRLHF whitens with; over a batch of many tokens the two agree
+    # closely, but they differ visibly on small batches, so the choice is left to the config
+    mean, var = masked_mean(x, mask), masked_var(x, mask, unbiased=unbiased)
     whitened = (x - mean) * torch.rsqrt(var + eps)
     if not shift_mean:
         whitened = whitened + mean
@@ -58,6 +66,16 @@ def sequence_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Loss aggregation: the masked mean over each row's tokens, then the plain mean over rows."""
     # every sequence weighs the same whatever its length, and equal-size micro-batches average to the batch value
     return masked_mean(x, mask, dim=-1).mean()
+
+
+def aggregate(x: Tensor, mask: Tensor, how: str = "sequence_mean") -> Tensor:
+    """Reduce a per-token loss [B, T] to a scalar: "sequence_mean" (see sequence_mean) or "token_mean"."""
+    if how == "sequence_mean":
+        return sequence_mean(x, mask)
+    if how == "token_mean":
+        # every real token weighs the same, so long responses weigh more (OpenRLHF's and DAPO's default)
+        return masked_mean(x, mask)
+    raise ValueError(f"unknown loss aggregation '{how}'; valid: {', '.join(AGGREGATIONS)}")
 
 
 def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
@@ -74,6 +92,54 @@ def kl_estimate(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -
     raise ValueError(f"unknown KL estimator '{estimator}'; valid: {', '.join(KL_ESTIMATORS)}")
 
 
+def _clamp_symmetric(x: Tensor, limit: float | None, what: str) -> Tensor:
+    """x clamped to [-limit, limit]; x itself when limit is None."""
+    if limit is None:
+        return x
+    # a limit of 0 would erase the signal and a negative one would invert the bounds, so both are refused
+    if not limit > 0:
+        raise ValueError(f"the {what} limit must be a positive number or None, not {limit}")
+    return x.clamp(-limit, limit)
+
+
+def clip_scores(scores: Tensor, limit: float | None) -> Tensor:
+    """Each sample's scalar reward clamped to [-limit, limit]; unchanged when limit is None."""
+    # bounds reward-model outliers before they reach the group statistics or the returns. OpenRLHF clamps to
+    # (-10, 10) too, but inside compute_reward, i.e. after the group baseline of rloo/group_norm/dr_grpo/
+    # reinforce_baseline has been subtracted; clipping the raw score first keeps one outlier from shifting the
+    # baseline of every other answer to its prompt
+    return _clamp_symmetric(scores, limit, "reward")
+
+
+def clamp_kl(kl: Tensor, limit: float | None) -> Tensor:
+    """A per-token KL estimate clamped to [-limit, limit]; unchanged when limit is None."""
+    # k3 grows like exp(-log_ratio) where the reference is far likelier than the policy, and one such token can
+    # dominate the penalty; OpenRLHF's compute_approx_kl always clamps to +-10, here it is an option (None: off).
+    # the clamp has no gradient beyond the limit, so in a KL loss those tokens stop pulling towards the reference
+    return _clamp_symmetric(kl, limit, "KL")
+
+
+def kl_loss(
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    estimator: str = "k3",
+    limit: float | None = None,
+    aggregation: str = "sequence_mean",
+) -> Tensor:
+    """The aggregated per-token KL(policy || reference) estimate, as a loss term (GRPO's KL in the loss)."""
+    keep = _bool(mask)
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    # padding is selected away before the estimator: k3's exp of a garbage (-inf) log-ratio would be inf there,
+    # and even unselected, its backward would be 0 * inf = nan in the gradient of logprobs
+    logprobs = torch.where(keep, logprobs, zero)
+    # the reference is a fixed target: detached so no gradient reaches it even when it was computed with one
+    ref_logprobs = torch.where(keep, ref_logprobs.detach().to(logprobs.dtype), zero)
+    # k3 by default as in GRPO (Shao et al. 2024): unbiased and never negative, so the loss cannot reward drifting
+    kl = clamp_kl(kl_estimate(logprobs, ref_logprobs, estimator), limit)
+    return aggregate(kl, mask, aggregation)
+
+
 def shape_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> Tensor:
     """Per-token rewards: -kl_coef * kl on each response token plus each row's score on its last real token."""
     keep = _bool(mask)
@@ -84,6 +150,35 @@ def shape_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> T
     # a row of length 0 has no token to carry its score, so its score is dropped
     score = torch.where(lengths > 0, scores.to(rewards.dtype), zero).unsqueeze(-1)
     return rewards.scatter_add(-1, last, score)
+
+
+def group_relative_scores(scores: Tensor, group_size: int, estimator: str, eps: float = 1e-6) -> Tensor:
+    """Each score relative to the other answers to its prompt; the group_size answers of a prompt are consecutive."""
+    if estimator not in GROUP_ESTIMATORS:
+        raise ValueError(f"'{estimator}' is not a group advantage estimator; valid: {', '.join(GROUP_ESTIMATORS)}")
+    # one answer per prompt leaves no other answer to compare with: the score minus its own mean is always 0,
+    # RLOO's leave-one-out mean would be 0/0 and GRPO's std nan
+    if group_size < 2:
+        raise ValueError(f"{estimator} needs group_size >= 2 answers per prompt, not {group_size}")
+    if scores.dim() != 1 or scores.numel() % group_size:
+        raise ValueError(f"{tuple(scores.shape)} scores do not split into groups of {group_size} consecutive answers")
+    # verifiable rewards may arrive as integers, and a mean needs a float
+    groups = (scores if scores.is_floating_point() else scores.float()).reshape(-1, group_size)
+    mean = groups.mean(-1, keepdim=True)
+    if estimator == "grpo":
+        # Shao et al. 2024 as TRL and OpenRLHF's group_norm do it: the unbiased (Bessel) std of the group. eps is
+        # 1e-9 in OpenRLHF and 1e-4 in TRL; it keeps a group of equal scores (std 0) at 0 rather than 0/0, and
+        # otherwise only scales a group by std / (std + eps)
+        relative = (groups - mean) / (groups.std(-1, keepdim=True) + eps)
+    elif estimator == "rloo":
+        # leave-one-out: the baseline of an answer is the mean of the group_size - 1 others (Ahmadian et al. 2024)
+        relative = groups - (groups.sum(-1, keepdim=True) - groups) / (group_size - 1)
+    else:
+        # dr_grpo: GRPO without the std division, since dividing by a small std inflates the prompts whose answers
+        # barely differ (Liu et al. 2025); reinforce_baseline: the same group-mean baseline, whitened over the
+        # whole batch later (OpenRLHF computes the two identically and whitens only reinforce_baseline)
+        relative = groups - mean
+    return relative.reshape(scores.shape)
 
 
 @torch.no_grad()
@@ -109,10 +204,36 @@ def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, 
     return advantages, returns
 
 
+@torch.no_grad()
+def returns_to_go(rewards: Tensor, mask: Tensor, gamma: float) -> Tensor:
+    """The discounted sum of each row's rewards from token t to its last real token; 0 on padding."""
+    # no_grad as in gae_advantages: for the critic-free estimators this return is the advantage, a fixed target
+    keep = _bool(mask)
+    zero = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+    # zeroed padding ends each episode after its last real token and keeps nan/inf padding out of the sums
+    rewards = torch.where(keep, rewards, zero)
+    returns = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[..., 0])
+    for t in reversed(range(rewards.shape[-1])):
+        running = rewards[..., t] + gamma * running
+        returns[..., t] = running
+    return torch.where(keep, returns, zero)
+
+
 def policy_loss(
-    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, clip_range: float
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    clip_range: float,
+    *,
+    dual_clip: float | None = None,
+    aggregation: str = "sequence_mean",
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate loss and its stats (clip_frac, approx_kl, ratio_max_dev)."""
+    """PPO clipped surrogate loss and its stats (clip_frac, approx_kl, ratio_max_dev; dual_clip_frac if dual_clip)."""
+    # at or below 1 the bound dual_clip * |A| would cut into the ordinary PPO objective at ratio 1 itself
+    if dual_clip is not None and not dual_clip > 1:
+        raise ValueError(f"dual_clip must be > 1 (or None), not {dual_clip}")
     keep = _bool(mask)
     zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
     # padded log-probs may be garbage (e.g. -inf); selecting them away before exp keeps loss and grads finite
@@ -121,7 +242,17 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
-    loss = sequence_mean(torch.maximum(unclipped, clipped), mask)
+    per_token = torch.maximum(unclipped, clipped)
+    if dual_clip is not None:
+        # dual-clip PPO (Ye et al. 2020), as OpenRLHF's PolicyLoss: with A < 0 the PPO loss -A * r grows without
+        # bound in the ratio, so a token the old policy found unlikely can swamp the batch; min(loss, c * |A|) caps it
+        # (OpenRLHF's max(min(surr1, surr2), c * A) in objective terms, negated)
+        bound = -dual_clip * advantages
+        dual_clipped = (advantages < 0) & (per_token > bound)
+        per_token_dual = torch.where(dual_clipped, bound, per_token)
+    else:
+        per_token_dual = per_token
+    loss = aggregate(per_token_dual, mask, aggregation)
     with torch.no_grad():
         deviation = torch.where(keep, (ratio - 1).abs(), zero)
         stats = {
@@ -130,11 +261,19 @@ def policy_loss(
             "approx_kl": masked_mean(ratio - 1 - log_ratio, mask),
             "ratio_max_dev": deviation.max() if deviation.numel() else zero.clone(),
         }
+        if dual_clip is not None:
+            stats["dual_clip_frac"] = masked_mean(dual_clipped.to(logprobs.dtype), mask)
     return loss, stats
 
 
 def value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, mask: Tensor, clip_range: float | None
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    clip_range: float | None,
+    *,
+    aggregation: str = "sequence_mean",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Clipped value loss 0.5 * max((V - R)^2, (V_clipped - R)^2) (plain when clip_range is None) and its stats."""
     keep = _bool(mask)
@@ -145,10 +284,10 @@ def value_loss(
     values = torch.where(keep, values, zero)
     unclipped = (values - returns) ** 2
     if clip_range is None:
-        return 0.5 * sequence_mean(unclipped, mask), {"value_clip_frac": zero.clone()}
+        return 0.5 * aggregate(unclipped, mask, aggregation), {"value_clip_frac": zero.clone()}
     clipped_values = old_values + (values - old_values).clamp(-clip_range, clip_range)
     clipped = (clipped_values - returns) ** 2
-    loss = 0.5 * sequence_mean(torch.maximum(unclipped, clipped), mask)
+    loss = 0.5 * aggregate(torch.maximum(unclipped, clipped), mask, aggregation)
     with torch.no_grad():
         stats = {"value_clip_frac": masked_mean((clipped > unclipped).to(values.dtype), mask)}
     return loss, stats

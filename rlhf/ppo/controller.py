@@ -1,9 +1,18 @@
-"""The PPO controller: the loop on the driver that drives the role groups. Read `ppo_iterations` top to
-bottom; `run_ppo` around it checks the input, places the roles, and restarts them after a lost actor.
+"""The PPO controller: the loop on the driver that drives the role groups.
 
-    prompts -> policy.generate -> [reference log-probs | critic values | rewards] in parallel
-            -> KL-shaped per-token rewards -> GAE -> ppo_epochs x mini-batches of (policy, critic) updates
-            -> metrics -> checkpoint
+Read `ppo_iterations` first: one screen, one iteration a pass through the stages below it, each a function of its own
+in the order the loop calls them:
+
+    generate_rollout     prompts -> responses (the policy ranks' HF generate)           -> Rollout
+    score_rollout        [old log-probs | reference log-probs | values | rewards]      -> RolloutScores
+                         every group at once
+    estimate_advantages  KL-shaped per-token rewards -> GAE -> whitening               -> Experience
+    ppo_update           ppo_epochs x mini-batches of (policy, critic) optimizer steps -> per-step figures
+    then                 metrics, KL controller, checkpoint (or a requested stop)
+
+Another rollout engine (vLLM) answers in `generate_rollout` and another advantage estimator (grpo, rloo, ...) lives
+in `estimate_advantages`; the loop reads only their Rollout and Experience. `run_ppo` around the loop checks the
+input, places the roles, and restarts them after a lost actor.
 
 The maths is `tuneyard.rlhf.ppo.algorithms` (pure torch); the roles are `tuneyard.rlhf.ppo.roles`; placement is
 `tuneyard.rlhf.ppo.groups`. Tensors travel between driver and actors through Ray's object store.
@@ -16,11 +25,12 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
 from tuneyard.cluster.config import ClusterConfig
 from tuneyard.rlhf.config import PpoSection, RewardSection
 from tuneyard.rlhf.ppo import algorithms as algo
@@ -53,6 +63,7 @@ from tuneyard.training.run_dir import (
 from tuneyard.training.tracking import Trackers, tracked
 
 log = logging.getLogger(__name__)
+KLController = algo.FixedKLController | algo.AdaptiveKLController
 ROLE_CLASSES = {"policy": PolicyWorker, "critic": CriticWorker, "reference": ReferenceWorker, "reward": RewardWorker}
 
 
@@ -72,6 +83,52 @@ class ControllerState:
     data_position: int = 0
     kl_coef: float = 0.0
     kl_controller: dict | None = None
+
+
+@dataclass
+class Rollout:
+    """What a rollout yields: each sample's prompt, the responses' token ids, and the batch layout of both."""
+
+    samples: list[Prompt]  # one per sample: every prompt `ppo.samples_per_prompt` times in a row
+    responses: list[list[int]]  # each cut after its first EOS
+    batch: dict[str, torch.Tensor]  # the layout of tuneyard.rlhf.ppo.batches
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The action mask as floats: 1 on the response tokens that count."""
+        return self.batch["action_mask"].float()
+
+
+@dataclass
+class RolloutScores:
+    """What the roles say of a rollout: sequence rewards and, per response token, log-probs, entropy and values."""
+
+    rewards: torch.Tensor  # [B], the weighted reward functions plus the reward model
+    old_logprobs: torch.Tensor  # [B, R], the policy's before this iteration's updates
+    entropy: torch.Tensor  # [B, R], of the policy's sampling distribution
+    ref_logprobs: torch.Tensor  # [B, R]
+    values: torch.Tensor | None  # [B, R], the critic's (None without a critic)
+
+
+@dataclass
+class Experience:
+    """The training batch of an iteration (layout, old log-probs and values, advantages, returns) and its KL."""
+
+    batch: dict[str, torch.Tensor]
+    kl: torch.Tensor  # [B, R] per-token KL estimate to the reference, 0 off the response
+    mask: torch.Tensor
+
+    def sequence_kl(self) -> torch.Tensor:
+        """The KL of each response, summed over its tokens."""
+        return (self.kl * self.mask).sum(dim=1)
+
+
+@dataclass
+class StepCount:
+    """Optimizer steps taken so far, and the latest ones skipped for NaN/inf in a row."""
+
+    done: int
+    nonfinite: list[int] = field(default_factory=list)
 
 
 def tokenize_prompts(
@@ -113,7 +170,7 @@ def prompts_of_iteration(prompts: list[Prompt], iteration: int, batch: int, seed
     return chosen
 
 
-def kl_controller(ppo: PpoSection):
+def kl_controller(ppo: PpoSection) -> KLController:
     """The fixed or adaptive KL coefficient of `ppo.kl`."""
     kl = ppo.kl
     if kl.controller == "adaptive":
@@ -150,6 +207,11 @@ def gather(group: RoleGroup, refs: list) -> dict[str, torch.Tensor]:
     return concat_rows(group.results(refs))
 
 
+def trained(groups: dict[str, RoleGroup]) -> list[str]:
+    """The roles that train and checkpoint: the policy, and the critic when there is one."""
+    return [role for role in ("policy", "critic") if role in groups]
+
+
 def mean_of(dicts: list[dict[str, float]]) -> dict[str, float]:
     """Key-wise mean of the ranks' (or steps') figures; ratio_max_dev is a max."""
     keys = dicts[0].keys()
@@ -164,7 +226,7 @@ def save_checkpoint(groups: dict[str, RoleGroup], run_dir: Path, state: Controll
     shutil.rmtree(folder, ignore_errors=True)
     try:
         folder.mkdir(parents=True)
-        saving = {role: groups[role].broadcast("save_checkpoint", str(folder / role)) for role in ("policy", "critic")}
+        saving = {role: groups[role].broadcast("save_checkpoint", str(folder / role)) for role in trained(groups)}
         for role, refs in saving.items():
             groups[role].results(refs)
         (folder / "controller.json").write_text(json.dumps(asdict(state)))
@@ -181,6 +243,8 @@ def save_checkpoint(groups: dict[str, RoleGroup], run_dir: Path, state: Controll
 def publish_models(groups: dict[str, RoleGroup], run_dir: Path) -> None:
     """final/ (the policy, a Hugging Face folder) and critic/ beside it, each published atomically."""
     for role, name in (("policy", "final"), ("critic", "critic")):
+        if role not in groups:
+            continue
         staging = run_dir / f"{name}.staging"
         shutil.rmtree(staging, ignore_errors=True)
         try:
@@ -195,7 +259,7 @@ def publish_models(groups: dict[str, RoleGroup], run_dir: Path) -> None:
 
 def prepare_ppo(
     spec: TrainSpec, ppo: PpoSection, reward: RewardSection
-) -> tuple[PreTrainedTokenizerBase, list[Prompt], str]:
+) -> tuple[PreTrainedTokenizerBase, list[Prompt], str | None]:
     """The checks of the user's input (on the driver, before any actor): tokenizer, prompts, critic's start."""
     from tuneyard.rlhf.preference_recipe import check_reward_model
     from tuneyard.rlhf.rewards import lookup
@@ -217,7 +281,8 @@ def prepare_ppo(
     tokenizer = load_tokenizer(spec.model, spec.data.chat_template)
     train_rows, _ = read_splits(spec.data, spec.training.seed)
     prompts = tokenize_prompts(train_rows, tokenizer, ppo.max_prompt_length, "data.train")
-    return tokenizer, prompts, critic_source(spec, ppo, reward, tokenizer.get_vocab())
+    critic = critic_source(spec, ppo, reward, tokenizer.get_vocab()) if ppo.has_critic else None
+    return tokenizer, prompts, critic
 
 
 def run_ppo(spec: TrainSpec, ppo: PpoSection, reward: RewardSection, run_dir: Path, cluster: ClusterConfig) -> None:
@@ -231,7 +296,7 @@ def run_ppo(spec: TrainSpec, ppo: PpoSection, reward: RewardSection, run_dir: Pa
 
     tokenizer, prompts, critic_start = prepare_ppo(spec, ppo, reward)
     iterations = total_iterations(ppo, len(prompts))
-    roles = present_roles(spec, reward)
+    roles = present_roles(spec, ppo, reward)
     placement = plan_placement(ppo, roles)
     wait_until_fits(placement, ppo)  # before any actor starts
     payload = {
@@ -284,145 +349,251 @@ def ppo_iterations(
     trackers: Trackers | None = None,
 ) -> None:
     """The PPO loop over started role groups, from the checkpoint `resume` names (or the start) to final/."""
-    samples_per_iteration = ppo.rollout_batch_size * ppo.samples_per_prompt
     metrics_path = run_dir / "metrics.jsonl"
-    policy, critic = groups["policy"], groups["critic"]
-    reference = groups.get("reference", policy)  # an adapter policy is its own reference
-    reward_group = groups.get("reward")
-
-    # --- resume: engines, KL coefficient and data position from the newest complete checkpoint
     kl_ctl = kl_controller(ppo)
-    state = ControllerState(kl_coef=kl_ctl.value)
-    checkpoint = resume_checkpoint(run_dir, resume)
-    if checkpoint is not None:
-        state = ControllerState(**json.loads((checkpoint / "controller.json").read_text()))
-        kl_ctl.load_state_dict(state.kl_controller or {"value": state.kl_coef})
-        policy.results(policy.broadcast("load_checkpoint", str(checkpoint / "policy")))
-        critic.results(critic.broadcast("load_checkpoint", str(checkpoint / "critic")))
-        log.info("resumed from %s at iteration %d", checkpoint, state.iteration)
+    state = resume_state(groups, run_dir, resume, kl_ctl)
     append_metrics(
         metrics_path, {"event": "start", "step": state.iteration, "total_steps": iterations, "time": time.time()}
     )
-    save_every = ppo.save_every or spec.output.save_steps
-    steps_per_iteration = ppo.ppo_epochs * (samples_per_iteration // ppo.mini_batch_size)
-    optimizer_step, nonfinite = state.iteration * steps_per_iteration, []  # NaN/inf steps in a row
+    steps = StepCount(done=state.iteration * steps_per_iteration(ppo))
 
     for iteration in range(state.iteration, iterations):
         started = time.perf_counter()
-        # --- rollout: the policy ranks answer their share of the prompts with the current weights
-        batch_prompts = prompts_of_iteration(prompts, iteration, ppo.rollout_batch_size, spec.training.seed)
-        samples = [p for p in batch_prompts for _ in range(ppo.samples_per_prompt)]
-        prompt_ids, prompt_mask = left_pad([p.ids for p in samples], tokenizer.pad_token_id)
-        seed = spec.training.seed + 100_003 * iteration
-        shards = split_rows({"ids": prompt_ids, "mask": prompt_mask}, len(policy.actors))
-        answers = policy.results(policy.call("generate", [(s["ids"], s["mask"], seed) for s in shards]))
-        responses = [r for part in answers for r in part]
-        batch = build_samples(prompt_ids, prompt_mask, responses, tokenizer.pad_token_id)
-        mask = batch["action_mask"].float()
+        rollout = generate_rollout(groups, ppo, tokenizer, prompts, iteration, spec.training.seed)
         generated = time.perf_counter()
-
-        # --- score: reference log-probs, old log-probs, values and rewards, all groups at once
-        old_refs = policy.scatter("logprobs", batch)
-        ref_refs = reference.scatter("logprobs" if reference is not policy else "reference_logprobs", batch)
-        value_refs = critic.scatter("values", batch)
-        # rewards read text: a reward model re-tokenises it with its own tokenizer (rlhf/ppo/scoring.py)
-        texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
-        conversations = [s.messages for s in samples]
-        if reward_group is not None:
-            per_rank = len(samples) // len(reward_group.actors)
-            reward_refs = reward_group.call(
-                "score",
-                [(conversations[i : i + per_rank], texts[i : i + per_rank]) for i in range(0, len(samples), per_rank)],
-            )
-        scores = torch.tensor(function_scores(reward.functions, conversations, texts))
-        if reward_group is not None:
-            model_scores = torch.tensor([s for part in reward_group.results(reward_refs) for s in part])
-            scores = scores + reward.model_weight * model_scores
-        old = gather(policy, old_refs)
-        old_logprobs, entropy = old["logprobs"], old["entropy"]
-        ref_logprobs = gather(reference, ref_refs)["logprobs"]
-        values = gather(critic, value_refs)["values"]
+        scores = score_rollout(groups, reward, tokenizer, rollout)
         scored = time.perf_counter()
-
-        # --- advantages: KL-shaped per-token rewards, GAE, whitening
-        kl = algo.kl_estimate(old_logprobs, ref_logprobs, ppo.kl.estimator) * mask
         kl_coef = kl_ctl.value
-        rewards = algo.shape_rewards(scores, kl, mask, kl_coef)
-        advantages, returns = algo.gae_advantages(rewards, values * mask, mask, ppo.gamma, ppo.lam)
-        if ppo.whiten_advantages:
-            advantages = algo.masked_whiten(advantages, mask)
-        experience = {
-            **batch,
-            "old_logprobs": old_logprobs,
-            "old_values": values,
-            "advantages": advantages,
-            "returns": returns,
-        }
-
-        # --- ppo_epochs over seeded mini-batches: policy and critic update side by side
-        policy_stats, critic_stats = [], []
-        order = torch.Generator().manual_seed(spec.training.seed + 7 * iteration)
-        for _ in range(ppo.ppo_epochs):
-            permutation = torch.randperm(samples_per_iteration, generator=order)
-            for start in range(0, samples_per_iteration, ppo.mini_batch_size):
-                mini = select_rows(experience, permutation[start : start + ppo.mini_batch_size])
-                policy_refs = policy.scatter("train_step", mini)
-                critic_refs = critic.scatter("train_step", mini)
-                policy_stats.append(mean_of(policy.results(policy_refs)))
-                critic_stats.append(mean_of(critic.results(critic_refs)))
-                optimizer_step += 1
-                if policy_stats[-1]["policy_skipped"] or critic_stats[-1]["critic_skipped"]:
-                    nonfinite.append(optimizer_step)
-                    event = {"event": "nonfinite", "step": iteration + 1, "optimizer_step": optimizer_step}
-                    append_metrics(metrics_path, {**event, "in_a_row": len(nonfinite), "time": time.time()})
-                    if len(nonfinite) > spec.training.max_nonfinite_steps:
-                        where = f" (optimizer steps of policy and critic; PPO iteration {iteration + 1})"
-                        message = nonfinite_stop_message(nonfinite, spec.training.max_nonfinite_steps, run_dir, where)
-                        raise NonFiniteTraining(message)
-                else:
-                    nonfinite = []
+        experience = estimate_advantages(rollout, scores, ppo, kl_coef)
+        policy_stats, critic_stats = ppo_update(groups, experience, ppo, spec, iteration, steps, run_dir)
         trained = time.perf_counter()
 
-        # --- metrics, KL controller, checkpoint
-        sequence_kl = (kl * mask).sum(dim=1)
-        kl_ctl.update(float(sequence_kl.mean()), samples_per_iteration)
-        first, policy_means = policy_stats[0], mean_of(policy_stats)
+        kl_ctl.update(float(experience.sequence_kl().mean()), len(rollout.samples))
         record = {
             "step": iteration + 1,
-            "reward": float(scores.mean()),
-            "reward_std": float(scores.std()) if len(scores) > 1 else 0.0,
-            "kl": float(sequence_kl.mean()),
-            "kl_coef": kl_coef,
-            **policy_means,
-            **mean_of(critic_stats),
-            "loss": policy_means["policy_loss"],
-            "first_ratio_max_dev": first["ratio_max_dev"],
-            "first_policy_loss": first["policy_loss"],
-            "first_value_loss": critic_stats[0]["value_loss"],
-            "entropy": float(algo.masked_mean(entropy, mask)),  # of the rollout's sampling distribution
-            "response_length": float(mask.sum(dim=1).mean()),
+            **iteration_figures(scores, experience, kl_coef, policy_stats, critic_stats),
             "generate_s": generated - started,
             "score_s": scored - generated,
             "train_s": trained - scored,
-            "samples_per_s": samples_per_iteration / (trained - started),
+            "samples_per_s": len(rollout.samples) / (trained - started),
             "time": time.time(),
         }
+        append_metrics(metrics_path, record)
+        if trackers is not None:
+            trackers.log(record)
         state = ControllerState(
             iteration=iteration + 1,
             data_position=(iteration + 1) * ppo.rollout_batch_size,
             kl_coef=kl_ctl.value,
             kl_controller=kl_ctl.state_dict(),
         )
-        append_metrics(metrics_path, record)
-        if trackers is not None:
-            trackers.log(record)
-        stop_requested = (run_dir / REQUEST_FILE).exists()
-        last = iteration + 1 == iterations
-        if stop_requested or (save_every and (iteration + 1) % save_every == 0 and not last):
-            folder = save_checkpoint(groups, run_dir, state, spec.output.keep_last)
-        if stop_requested and not last:
-            (run_dir / RECORD_FILE).write_text(
-                json.dumps({"step": iteration + 1, "max_steps": iterations, "checkpoint": str(folder)})
-            )
+        if checkpoint_or_stop(groups, spec, ppo, run_dir, state, iterations):
             return
     publish_models(groups, run_dir)
+
+
+def steps_per_iteration(ppo: PpoSection) -> int:
+    """Optimizer steps of one iteration: ppo_epochs passes of the samples in mini-batches."""
+    return ppo.ppo_epochs * (ppo.rollout_batch_size * ppo.samples_per_prompt // ppo.mini_batch_size)
+
+
+def resume_state(groups: dict[str, RoleGroup], run_dir: Path, resume: str, kl_ctl: KLController) -> ControllerState:
+    """Load the engines and KL coefficient from the checkpoint `resume` names; where the loop goes on."""
+    state = ControllerState(kl_coef=kl_ctl.value)
+    checkpoint = resume_checkpoint(run_dir, resume)
+    if checkpoint is None:
+        return state
+    state = ControllerState(**json.loads((checkpoint / "controller.json").read_text()))
+    kl_ctl.load_state_dict(state.kl_controller or {"value": state.kl_coef})
+    for role in ("policy", "critic"):
+        groups[role].results(groups[role].broadcast("load_checkpoint", str(checkpoint / role)))
+    log.info("resumed from %s at iteration %d", checkpoint, state.iteration)
+    return state
+
+
+def generate_rollout(
+    groups: dict[str, RoleGroup],
+    ppo: PpoSection,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: list[Prompt],
+    iteration: int,
+    seed: int,
+) -> Rollout:
+    """The iteration's prompts, each answered `ppo.samples_per_prompt` times by the policy ranks' current weights.
+
+    Each rank answers its consecutive share; the seed depends on the iteration only, so a resumed run samples
+    what the uninterrupted one would.
+    """
+    policy = groups["policy"]
+    batch_prompts = prompts_of_iteration(prompts, iteration, ppo.rollout_batch_size, seed)
+    samples = [p for p in batch_prompts for _ in range(ppo.samples_per_prompt)]
+    prompt_ids, prompt_mask = left_pad([p.ids for p in samples], tokenizer.pad_token_id)
+    sampling_seed = seed + 100_003 * iteration
+    shards = split_rows({"ids": prompt_ids, "mask": prompt_mask}, len(policy.actors))
+    answers = policy.results(policy.call("generate", [(s["ids"], s["mask"], sampling_seed) for s in shards]))
+    responses = [r for part in answers for r in part]
+    return Rollout(samples, responses, build_samples(prompt_ids, prompt_mask, responses, tokenizer.pad_token_id))
+
+
+def score_rollout(
+    groups: dict[str, RoleGroup], reward: RewardSection, tokenizer: PreTrainedTokenizerBase, rollout: Rollout
+) -> RolloutScores:
+    """Old log-probs, reference log-probs, values and rewards of the rollout, every group computing at once.
+
+    An adapter policy is its own reference (its base with the adapter off). The reward functions run on the
+    driver while the groups work.
+    """
+    policy, critic, reward_group = groups["policy"], groups.get("critic"), groups.get("reward")
+    reference = groups.get("reference", policy)
+    batch = rollout.batch
+    old_refs = policy.scatter("logprobs", batch)
+    ref_refs = reference.scatter("logprobs" if reference is not policy else "reference_logprobs", batch)
+    value_refs = critic.scatter("values", batch) if critic is not None else None
+    # rewards read text: a reward model re-tokenises it with its own tokenizer (rlhf/ppo/scoring.py)
+    texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in rollout.responses]
+    conversations = [s.messages for s in rollout.samples]
+    if reward_group is not None:
+        per_rank = len(texts) // len(reward_group.actors)
+        reward_refs = reward_group.call(
+            "score",
+            [(conversations[i : i + per_rank], texts[i : i + per_rank]) for i in range(0, len(texts), per_rank)],
+        )
+    rewards = torch.tensor(function_scores(reward.functions, conversations, texts))
+    if reward_group is not None:
+        model_scores = torch.tensor([s for part in reward_group.results(reward_refs) for s in part])
+        rewards = rewards + reward.model_weight * model_scores
+    old = gather(policy, old_refs)
+    return RolloutScores(
+        rewards=rewards,
+        old_logprobs=old["logprobs"],
+        entropy=old["entropy"],
+        ref_logprobs=gather(reference, ref_refs)["logprobs"],
+        values=gather(critic, value_refs)["values"] if critic is not None else None,
+    )
+
+
+def estimate_advantages(rollout: Rollout, scores: RolloutScores, ppo: PpoSection, kl_coef: float) -> Experience:
+    """Per-token rewards (the sample's reward on its last token, minus kl_coef x KL when the KL is in the reward),
+    then the advantages of `ppo.advantage`: GAE on the critic's values, or a group estimator's reward relative to
+    the other answers to the same prompt, carried to every token as the return from it on."""
+    mask = rollout.mask
+    kl = algo.clamp_kl(algo.kl_estimate(scores.old_logprobs, scores.ref_logprobs, ppo.kl.estimator), ppo.kl.clamp)
+    kl = kl * mask
+    # clipped before any group baseline, so one outlier answer cannot move its whole group's baseline
+    sample_rewards = algo.clip_scores(scores.rewards, ppo.reward_clip)
+    kl_in_reward = kl_coef if ppo.kl.in_ == "reward" else 0.0
+    if ppo.has_critic:
+        rewards = algo.shape_rewards(sample_rewards, kl, mask, kl_in_reward)
+        advantages, returns = algo.gae_advantages(rewards, scores.values * mask, mask, ppo.gamma, ppo.lam)
+        critic_batch = {"old_values": scores.values, "returns": returns}
+    else:
+        relative = algo.group_relative_scores(sample_rewards, ppo.samples_per_prompt, ppo.advantage)
+        rewards = algo.shape_rewards(relative, kl, mask, kl_in_reward)
+        advantages, critic_batch = algo.returns_to_go(rewards, mask, ppo.gamma), {}
+    # GRPO, Dr. GRPO and RLOO are already on a per-group scale; GAE and REINFORCE++'s baseline are whitened
+    if ppo.whiten_advantages and ppo.advantage in ("gae", "reinforce_baseline"):
+        advantages = algo.masked_whiten(advantages, mask, unbiased=ppo.whiten_variance == "unbiased")
+    batch = {**rollout.batch, "old_logprobs": scores.old_logprobs, "advantages": advantages, **critic_batch}
+    if ppo.kl.in_ == "loss":
+        batch |= {"ref_logprobs": scores.ref_logprobs, "kl_coef": torch.full((len(rollout.samples),), kl_coef)}
+    return Experience(batch, kl, mask)
+
+
+def ppo_update(
+    groups: dict[str, RoleGroup],
+    experience: Experience,
+    ppo: PpoSection,
+    spec: TrainSpec,
+    iteration: int,
+    steps: StepCount,
+    run_dir: Path,
+) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+    """`ppo.ppo_epochs` passes over seeded mini-batches, each one optimizer step of policy and critic side by side.
+
+    The figures of each step (policy's, critic's), averaged over the ranks.
+    """
+    policy, critic = groups["policy"], groups.get("critic")
+    samples = next(iter(experience.batch.values())).shape[0]
+    policy_stats, critic_stats = [], []
+    order = torch.Generator().manual_seed(spec.training.seed + 7 * iteration)
+    for _ in range(ppo.ppo_epochs):
+        permutation = torch.randperm(samples, generator=order)
+        for start in range(0, samples, ppo.mini_batch_size):
+            mini = select_rows(experience.batch, permutation[start : start + ppo.mini_batch_size])
+            policy_refs = policy.scatter("train_step", mini)
+            critic_refs = critic.scatter("train_step", mini) if critic is not None else None
+            policy_stats.append(mean_of(policy.results(policy_refs)))
+            skipped = bool(policy_stats[-1]["policy_skipped"])
+            if critic is not None:
+                critic_stats.append(mean_of(critic.results(critic_refs)))
+                skipped = skipped or bool(critic_stats[-1]["critic_skipped"])
+            count_step(steps, skipped, iteration, spec, run_dir)
+    return policy_stats, critic_stats
+
+
+def count_step(steps: StepCount, skipped: bool, iteration: int, spec: TrainSpec, run_dir: Path) -> None:
+    """Count one optimizer step; a NaN/inf-skipped one is logged, and one too many in a row stops the run."""
+    steps.done += 1
+    if not skipped:
+        steps.nonfinite = []
+        return
+    steps.nonfinite.append(steps.done)
+    event = {"event": "nonfinite", "step": iteration + 1, "optimizer_step": steps.done}
+    append_metrics(run_dir / "metrics.jsonl", {**event, "in_a_row": len(steps.nonfinite), "time": time.time()})
+    if len(steps.nonfinite) > spec.training.max_nonfinite_steps:
+        where = f" (optimizer steps of policy and critic; PPO iteration {iteration + 1})"
+        message = nonfinite_stop_message(steps.nonfinite, spec.training.max_nonfinite_steps, run_dir, where)
+        raise NonFiniteTraining(message)
+
+
+def iteration_figures(
+    scores: RolloutScores,
+    experience: Experience,
+    kl_coef: float,
+    policy_stats: list[dict[str, float]],
+    critic_stats: list[dict[str, float]],
+) -> dict[str, float]:
+    """An iteration's figures: reward, KL, the updates' means and their first step's (where the ratio is 1); the
+    critic's only when there is one."""
+    rewards, mask = scores.rewards, experience.mask
+    first, policy_means = policy_stats[0], mean_of(policy_stats)
+    return {
+        "reward": float(rewards.mean()),
+        "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+        "kl": float(experience.sequence_kl().mean()),
+        "kl_coef": kl_coef,
+        **policy_means,
+        **(mean_of(critic_stats) if critic_stats else {}),  # no critic: a group estimator
+        "loss": policy_means["policy_loss"],
+        "first_ratio_max_dev": first["ratio_max_dev"],
+        "first_policy_loss": first["policy_loss"],
+        **({"first_value_loss": critic_stats[0]["value_loss"]} if critic_stats else {}),
+        "entropy": float(algo.masked_mean(scores.entropy, mask)),  # of the rollout's sampling distribution
+        "response_length": float(mask.sum(dim=1).mean()),
+    }
+
+
+def checkpoint_or_stop(
+    groups: dict[str, RoleGroup],
+    spec: TrainSpec,
+    ppo: PpoSection,
+    run_dir: Path,
+    state: ControllerState,
+    iterations: int,
+) -> bool:
+    """Save a checkpoint when one is due or a stop is asked for; True when the run stops here to be resumed.
+
+    The last iteration saves no periodic checkpoint: final/ follows it. A stop asked for during the last
+    iteration saves one and lets the run finish.
+    """
+    save_every = ppo.save_every or spec.output.save_steps
+    stop_requested = (run_dir / REQUEST_FILE).exists()
+    last = state.iteration == iterations
+    if stop_requested or (save_every and state.iteration % save_every == 0 and not last):
+        folder = save_checkpoint(groups, run_dir, state, spec.output.keep_last)
+    if stop_requested and not last:
+        (run_dir / RECORD_FILE).write_text(
+            json.dumps({"step": state.iteration, "max_steps": iterations, "checkpoint": str(folder)})
+        )
+        return True
+    return False

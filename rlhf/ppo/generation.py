@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import Protocol
 
 import torch
+
 from tuneyard.rlhf.config import GenerationSection
 
 

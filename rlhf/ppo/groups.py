@@ -26,8 +26,8 @@ ROLE_ORDER = ("policy", "critic", "reference", "reward")
 
 
 @dataclass
-class Seat:
-    """Where one rank of a role sits: its bundle and the share of it the actor asks for."""
+class RoleSeat:
+    """Where one rank of a role is to sit: its bundle of the placement group and the share of it the actor asks for."""
 
     bundle: int
     cpus: float
@@ -39,7 +39,7 @@ class Placement:
     """The bundles of the placement group and the seats of each present role's ranks."""
 
     bundles: list[dict[str, float]] = field(default_factory=list)
-    seats: dict[str, list[Seat]] = field(default_factory=dict)
+    seats: dict[str, list[RoleSeat]] = field(default_factory=dict)
 
     def total(self, resource: str) -> float:
         """How much of a resource (CPU, GPU) the whole placement group holds."""
@@ -55,10 +55,15 @@ def colocated_sets(colocate: str, roles: list[str]) -> list[list[str]]:
     return [[r] for r in roles]
 
 
-def present_roles(spec: TrainSpec, reward: RewardSection) -> list[str]:
-    """The roles that run as actors: no reference for an adapter policy, no reward actor without a model."""
-    adapter = spec.peft.method in ("lora", "qlora")
-    return [r for r in ROLE_ORDER if not (r == "reference" and adapter) and not (r == "reward" and not reward.model)]
+def present_roles(spec: TrainSpec, ppo: PpoSection, reward: RewardSection) -> list[str]:
+    """The roles that run as actors: no critic for a group estimator, no reference for an adapter policy (its base
+    with the adapter off is the reference), no reward actor without a reward model."""
+    absent = {
+        "critic": not ppo.has_critic,
+        "reference": spec.peft.method in ("lora", "qlora"),
+        "reward": not reward.model,
+    }
+    return [role for role in ROLE_ORDER if not absent.get(role, False)]
 
 
 def plan_placement(ppo: PpoSection, roles: list[str]) -> Placement:
@@ -81,7 +86,7 @@ def plan_placement(ppo: PpoSection, roles: list[str]) -> Placement:
             placement.seats[role] = []
             for i in range(section.workers):
                 share = sum(1 for s in sections.values() if s.workers > i)
-                seat = Seat(first + i, section.cpus_per_worker / share, section.gpus_per_worker / share)
+                seat = RoleSeat(first + i, section.cpus_per_worker / share, section.gpus_per_worker / share)
                 placement.seats[role].append(seat)
     return placement
 
@@ -118,6 +123,12 @@ def check_fits(placement: Placement, available: dict[str, float], ppo: PpoSectio
             f"the PPO roles ask for {asked:g} {resource}s ({terms}{shared}) but the Ray cluster has {have:g}; "
             f"lower ppo.roles.*.workers or ppo.roles.*.{key}, set ppo.colocate: all, or use a bigger cluster"
         )
+
+
+def role_env(seat: RoleSeat) -> dict[str, str]:
+    """The environment of a role's actor: `worker_env` with one thread per CPU of its own seat."""
+    # the role's ppo.roles.<role>.cpus_per_worker (its share when colocated), not the SPMD workers' cluster setting
+    return worker_env(seat.cpus)
 
 
 class RoleStalled(RuntimeError):
@@ -226,7 +237,7 @@ def start_role_groups(
                 remote.options(
                     num_cpus=seat.cpus,
                     num_gpus=seat.gpus,
-                    runtime_env={"env_vars": worker_env(cluster)},  # before the role's module imports torch
+                    runtime_env={"env_vars": role_env(seat)},  # before the role's module imports torch
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         placement_group=group, placement_group_bundle_index=seat.bundle
                     ),

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import logging
 import os
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from tuneyard.cluster.worker_group import rendezvous_address
+
+from tuneyard.cluster.worker_group import join_process_group, rendezvous_address
 from tuneyard.rlhf.config import PpoSection, RewardSection
 from tuneyard.rlhf.ppo import algorithms as algo
 from tuneyard.rlhf.ppo.batches import response_logits, select_rows
@@ -25,7 +25,7 @@ from tuneyard.training.config import ModelConfig, TrainSpec
 from tuneyard.training.deepspeed_config import build_deepspeed_config, import_deepspeed_without_mlflow
 from tuneyard.training.faults import apply_faults, hold_rank, nan_loss_steps
 from tuneyard.training.finetune_method import apply_finetune_method, keep_adapters_in_fp32, quantization_config
-from tuneyard.training.model import load_model, load_tokenizer, resolve_dtype
+from tuneyard.training.model import load_model, load_tokenizer, resolved_precision
 from tuneyard.training.nonfinite import any_rank_true, drop_nonfinite_gradients, innermost_torch_optimizer
 from tuneyard.training.run_dir import note_heartbeat, set_status
 
@@ -45,9 +45,7 @@ def engine_config(spec: TrainSpec, zero_stage: int, micro: int, accumulation: in
     config["zero_optimization"] = {
         k: v for k, v in config.get("zero_optimization", {"stage": 0}).items() if v != "auto"
     }
-    precision = spec.training.precision
-    if precision == "auto":
-        precision = "bf16" if resolve_dtype("auto") == torch.bfloat16 else "fp32"
+    precision = resolved_precision(spec.training.precision)
     config.update(
         train_micro_batch_size_per_gpu=micro,
         gradient_accumulation_steps=accumulation,
@@ -88,17 +86,8 @@ class RoleWorker:
         watch_start_up(self.run_dir, f"{self.role} rank {self.rank}")
         log.info("%s rank %d of %d: pid %d", self.role, self.rank, self.world_size, os.getpid())
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        os.environ.update(RANK=str(self.rank), WORLD_SIZE=str(self.world_size), LOCAL_RANK="0")
-        host, _, port = address.removeprefix("tcp://").rpartition(":")
-        os.environ.update(MASTER_ADDR=host, MASTER_PORT=port)
-        if not dist.is_initialized():
-            dist.init_process_group(
-                backend,
-                init_method=address,
-                rank=self.rank,
-                world_size=self.world_size,
-                timeout=timedelta(seconds=timeout_s),
-            )
+        # Ray shows a role actor only its own GPU (if any), so that GPU is cuda:0 whatever the rank
+        join_process_group(self.rank, self.world_size, 0, address, backend, timeout_s)
         import_deepspeed_without_mlflow()
         import deepspeed
 
@@ -113,18 +102,13 @@ class RoleWorker:
         raise NotImplementedError
 
     def zero_stage(self) -> int:
-        """This role's ZeRO stage: its own `ppo.roles.<role>.zero_stage`, else the job's `deepspeed.zero_stage`."""
-        own = getattr(self.ppo.roles, self.role).zero_stage
-        if own is not None:
-            return own
-        return self.spec.deepspeed.zero_stage if self.spec.deepspeed is not None else 0
+        """This role's ZeRO stage (`RolesSection.zero_stage_of`: its own, else the job's or 0 by role)."""
+        job_zero_stage = self.spec.deepspeed.zero_stage if self.spec.deepspeed is not None else 0
+        return self.ppo.roles.zero_stage_of(self.role, job_zero_stage)
 
     def _inference_engine(self, model: torch.nn.Module):
-        """A ZeRO-3 inference engine over `model` when the role asks for stage 3; else None (the model as it is).
-
-        Inference roles do not fall back on the job's `deepspeed.zero_stage`: unsharded is the fast default.
-        """
-        if getattr(self.ppo.roles, self.role).zero_stage != 3 or self.spec.deepspeed is None:
+        """A ZeRO-3 inference engine over `model` when the role's stage is 3; else None (the model as it is)."""
+        if self.zero_stage() != 3 or self.spec.deepspeed is None:
             return None
         import deepspeed
 
@@ -295,11 +279,24 @@ class PolicyWorker(RoleWorker):
             logits = response_logits(sequence_forward(self.engine, micro).logits, width)
             logprobs = algo.logprobs_from_logits(logits, micro["sequences"][:, -width:])
             mask = micro["action_mask"]
+            ppo = self.ppo
             loss, stats = algo.policy_loss(
-                logprobs, micro["old_logprobs"], micro["advantages"], mask, self.ppo.clip_range
+                logprobs,
+                micro["old_logprobs"],
+                micro["advantages"],
+                mask,
+                ppo.clip_range,
+                dual_clip=ppo.dual_clip,
+                aggregation=ppo.loss_aggregation,
             )
-            entropy = algo.sequence_mean(algo.entropy_from_logits(logits.float()), mask)
-            total = loss - self.ppo.entropy_coef * entropy if self.ppo.entropy_coef else loss
+            entropy = algo.aggregate(algo.entropy_from_logits(logits.float()), mask, ppo.loss_aggregation)
+            total = loss - ppo.entropy_coef * entropy if ppo.entropy_coef else loss
+            if "kl_coef" in micro:  # ppo.kl.in: loss, the KL to the reference as a term of the policy's loss
+                kl = algo.kl_loss(
+                    logprobs, micro["ref_logprobs"], mask, ppo.kl.estimator, ppo.kl.clamp, ppo.loss_aggregation
+                )
+                total = total + micro["kl_coef"][0] * kl
+                stats["kl_loss"] = kl.detach()
             self.engine.backward(self.checked_loss(total))
             self.engine.step()
             figures = {"policy_loss": loss.item(), "entropy": entropy.item(), **{k: v.item() for k, v in stats.items()}}
@@ -367,7 +364,12 @@ class CriticWorker(RoleWorker):
         for micro in chunks:
             values = sequence_forward(self.engine, micro)[:, -width - 1 : -1]
             loss, stats = algo.value_loss(
-                values, micro["old_values"], micro["returns"], micro["action_mask"], self.ppo.value_clip_range
+                values,
+                micro["old_values"],
+                micro["returns"],
+                micro["action_mask"],
+                self.ppo.value_clip_range,
+                aggregation=self.ppo.loss_aggregation,
             )
             self.engine.backward(self.checked_loss(self.ppo.value_loss_coef * loss))
             self.engine.step()

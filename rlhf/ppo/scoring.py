@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
 from tuneyard.rlhf.config import RewardFunction
 from tuneyard.rlhf.rewards import lookup
 

@@ -13,14 +13,15 @@ from typing import TYPE_CHECKING
 from tuneyard.training.config import DataConfig
 from tuneyard.training.data.sources import read_splits
 from tuneyard.training.errors import UserError
+from tuneyard.training.stages import STAGES, stages_where
 
 if TYPE_CHECKING:
     import datasets
     from transformers import PreTrainedTokenizerBase
 
-TASK_HEAD_STAGES = ("classify", "token-classify")
-STAGE_FORMAT = {"classify": "classification", "token-classify": "bio"}
-STAGE_TASK = {"classify": "sequence-classification", "token-classify": "token-classification"}
+TASK_HEAD_STAGES = stages_where(lambda s: s.labelled)
+STAGE_FORMAT = {name: STAGES[name].formats[0] for name in TASK_HEAD_STAGES}
+STAGE_TASK = {name: STAGES[name].task for name in TASK_HEAD_STAGES}
 # the head's modules (decoders' score, BERT's classifier and [CLS] pooler, e.g. bert.pooler.dense): trained in
 # full, so never 4-bit; patterns as transformers' quantizers match them (llm_int8_skip_modules)
 HEAD_MODULES = (r"(.*\.)?classifier", r"(.*\.)?score", r"(.*\.)?pooler")

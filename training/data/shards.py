@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+
 from tuneyard.training.config import DataConfig, DataSource
 from tuneyard.training.data.formats import normalize_row
 from tuneyard.training.errors import UserError

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import datasets
 from transformers import PreTrainedTokenizerBase
+
 from tuneyard.training.config import DataConfig, OutputConfig
 from tuneyard.training.data.packing import IGNORE_INDEX, labels_from_spans, pack_into_blocks
 from tuneyard.training.data.shards import (

@@ -1,0 +1,170 @@
+"""The driver's checks of a job before any worker starts: the model source, the training options, trackers, the
+chat template, the rows of the stage's data (each stage's `preflight` in training/stages.py), the disk, and the
+checkpoint a run would resume from."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+from tuneyard.launch.config import JobConfig
+from tuneyard.training.config import ADAPTER_METHODS
+from tuneyard.training.data.shards import plan_tasks
+from tuneyard.training.data.sources import read_splits
+from tuneyard.training.data.tokenize import CHAT_FORMATS, cache_key, default_cache_dir, tokenize_chat
+from tuneyard.training.errors import UserError
+from tuneyard.training.model import check_model_source, load_tokenizer
+from tuneyard.training.run_dir import check_resume_world_size, resume_checkpoint
+from tuneyard.training.stages import stage_spec, stages_where
+from tuneyard.training.tracking import check_trackers
+
+TORCH_ADAMW = ("adamw_torch", "adamw_torch_fused")  # the default; PPO's roles build torch's AdamW themselves
+
+
+def preflight(job: JobConfig) -> None:
+    """Catch the user's mistakes on the driver, before any worker starts."""
+    if job.model.init == "pretrained":
+        assert job.model.name_or_path is not None
+        check_model_source(job.model.name_or_path, allow_pickle=job.model.allow_pickle)
+    check_training_options(job)
+    check_trackers(job.training)
+    module, _, function = stage_spec(job.stage).preflight.partition(":")
+    getattr(importlib.import_module(module), function)(job)
+
+
+def check_causal_lm_rows(job: JobConfig) -> None:
+    """pretrain and sft: the chat template, and the rows unless the tokenised cache already holds them."""
+    tokenizer = load_tokenizer(job.model, job.data.chat_template)
+    check_chat_template(job, tokenizer)
+    if job.data.streaming:  # rows are checked as the shards are tokenised: reading them all here is what it avoids
+        plan_tasks(job.data)  # the sources exist and are files it reads
+        return
+    cache = default_cache_dir(job.data, job.output) / cache_key(job.stage, job.data, tokenizer, job.training.seed)
+    if not (cache / "ready").exists():
+        train, _ = read_splits(job.data, job.training.seed)  # malformed rows, missing fields, empty data
+        calling = next((row for row in train if any(m.get("tool_calls") for m in row.get("messages", []))), None)
+        if calling is not None:  # refused when the chat template would leave the calls out
+            tokenize_chat(tokenizer, calling["messages"], job.data.train_on, calling.get("tools"))
+
+
+def check_preference_rows(job: JobConfig) -> None:
+    """The TRL stages: format, fields, pairs and empty data; their rewards and their teacher."""
+    from tuneyard.rlhf.preference_recipe import check_teacher, reward_functions
+    from tuneyard.rlhf.trl_rows import rlhf_datasets
+
+    tokenizer = load_tokenizer(job.model, job.data.chat_template)
+    check_chat_template(job, tokenizer)
+    rlhf_datasets(job.stage, job.data, tokenizer, job.training.seed)
+    sections = stage_spec(job.stage).sections
+    if "reward" in sections:  # named functions registered, the reward model a one-output classifier
+        reward_functions(job.stage, job.stage_sections(), allow_pickle=job.model.allow_pickle)
+    if "distill" in sections and job.distill.teacher:  # a model folder of the student's vocabulary
+        check_teacher(job.distill.teacher, tokenizer, allow_pickle=job.model.allow_pickle)
+
+
+def check_task_head_rows(job: JobConfig) -> None:
+    """classify and token-classify: fields, BIO tags and label sets, each refused at its file:line."""
+    from tuneyard.training.data.labels import task_datasets
+
+    tokenizer = load_tokenizer(job.model, job.data.chat_template)
+    check_chat_template(job, tokenizer)
+    task_datasets(job.stage, job.data, tokenizer, job.training.seed)
+
+
+def check_ppo_job(job: JobConfig) -> None:
+    """PPO: the prompts and their lengths, the rewards, and where the critic starts."""
+    from tuneyard.rlhf.ppo.controller import prepare_ppo
+
+    prepare_ppo(job.train_spec(), job.ppo, job.reward)
+
+
+def check_training_options(job: JobConfig) -> None:
+    """training.optim names an optimizer transformers has; early stopping and keep_best have evaluations to read."""
+    training, output = job.training, job.output
+    if training.optim not in TORCH_ADAMW:  # transformers has these: its Trainer's modules cost the driver 1 s
+        from transformers.training_args import OptimizerNames
+
+        names = sorted(o.value for o in OptimizerNames)
+        if training.optim not in names:
+            raise UserError(
+                f"training.optim: '{training.optim}' is not an optimizer transformers has; names are {names}"
+            )
+    if stage_spec(job.stage).controller and (
+        training.optim not in TORCH_ADAMW or training.early_stopping or output.keep_best
+    ):
+        raise UserError(
+            "training.optim, training.early_stopping and output.keep_best apply to the stages that run a Hugging Face "
+            "trainer; PPO's roles use AdamW and keep the last checkpoints: remove them from this job"
+        )
+    watched = [
+        (key, metric)
+        for key, metric in (
+            ("training.early_stopping", training.early_stopping and training.early_stopping.metric),
+            ("output.keep_best", output.keep_best),
+        )
+        if metric
+    ]
+    if not watched:
+        return
+    key = watched[0][0]
+    if len({metric.removeprefix("eval_") for _, metric in watched}) > 1:
+        raise UserError(
+            f"training.early_stopping.metric ({watched[0][1]}) and output.keep_best ({watched[1][1]}) differ; the "
+            "trainer tracks one best metric: give both the same"
+        )
+    if not stage_spec(job.stage).evaluates(job.data) or not training.eval_steps:
+        unevaluated = " and ".join(stages_where(lambda s: not s.trainer_evaluates and not s.controller))
+        raise UserError(
+            f"{key} reads evaluations: give held-out data (data.eval or data.eval_fraction; {unevaluated} have "
+            "none) and training.eval_steps"
+        )
+    if output.keep_best and (not output.save_steps or output.save_steps % training.eval_steps):
+        raise UserError(
+            f"output.keep_best keeps a checkpoint saved where an evaluation scored best, so output.save_steps "
+            f"({output.save_steps}) must be a multiple of training.eval_steps ({training.eval_steps})"
+        )
+
+
+def check_chat_template(job: JobConfig, tokenizer) -> None:
+    """A chat SFT needs a template to render turns; new template tokens need embeddings that train."""
+    source = job.model.tokenizer or job.model.name_or_path
+    if stage_spec(job.stage).tokenised_on_driver and job.data.format in CHAT_FORMATS and not tokenizer.chat_template:
+        raise UserError(
+            f"the tokenizer of '{source}' has no chat template (a base model), and data.format "
+            f"'{job.data.format}' is rendered with one; set data.chat_template: chatml (or a template TRL ships "
+            "such as llama3 or qwen3, or a .jinja file)"
+        )
+    if job.data.chat_template and job.peft.method in ADAPTER_METHODS:
+        base = load_tokenizer(job.model)
+        added = [t for t in tokenizer.get_vocab() if t not in base.get_vocab()]
+        if added:
+            raise UserError(
+                f"data.chat_template '{job.data.chat_template}' uses tokens the tokenizer of '{source}' lacks "
+                f"({', '.join(sorted(added))}); their new embedding rows would stay untrained under "
+                f"peft.method {job.peft.method}, so the model could not learn to end a turn. Use peft.method full "
+                "or freeze, or a template whose tokens the tokenizer has"
+            )
+
+
+def check_disk(job: JobConfig, run_dir: Path) -> None:
+    """Refuse before any worker starts when keep_last checkpoints and final/ would not fit on the output disk."""
+    from tuneyard.launch.disk_check import check_free_space
+
+    spec = stage_spec(job.stage)
+    saves = job.output.save_steps or (spec.controller and job.ppo.save_every)
+    # a scratch model's embeddings are as many as the tokenizer's tokens; a pretrained one has its own
+    vocab = len(load_tokenizer(job.model, job.data.chat_template)) if job.model.init == "scratch" else 0
+    check_free_space(job.train_spec(), run_dir, vocab, job.output.keep_last if saves else 0, spec.saved_models)
+
+
+def check_world_size_of_resume(job: JobConfig, run_dir: Path, single: bool) -> None:
+    """The checkpoint a run would resume from must be partitioned for the job's ranks (ZeRO 1-3)."""
+    checkpoint = resume_checkpoint(run_dir, job.output.resume)
+    if checkpoint is None:
+        return
+    if stage_spec(job.stage).controller:
+        for role in ("policy", "critic") if job.ppo.has_critic else ("policy",):
+            workers = getattr(job.ppo.roles, role).workers
+            check_resume_world_size(checkpoint / role, workers, f"ppo.roles.{role}.workers")
+    else:
+        check_resume_world_size(checkpoint, 1 if single else job.cluster.workers, "cluster.workers")
