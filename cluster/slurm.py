@@ -38,6 +38,13 @@ VARIABLES = (
 )
 REQUIRED = ("TUNEYARD_JOB", "TUNEYARD_PYTHON", "TUNEYARD_WORKDIR")
 SBATCH_TIMEOUT_S = 60
+# the forms of sbatch's --time (man sbatch): minutes, minutes:seconds, hours:minutes:seconds, days-hours,
+# days-hours:minutes, days-hours:minutes:seconds; SLURM reads any other text as no limit or refuses it late
+TIME_LIMIT = re.compile(r"\d+(:\d+){0,2}|\d+-\d+(:\d+){0,2}|unlimited|infinite", re.IGNORECASE)
+TIME_FORMS = (
+    "minutes, minutes:seconds, hours:minutes:seconds, days-hours, days-hours:minutes or days-hours:minutes:seconds "
+    "(e.g. 90, 4:00:00, 2-12), or UNLIMITED"
+)
 
 
 @dataclass
@@ -86,6 +93,8 @@ class SlurmRequest:
             raise ClusterError(f"--gpus-per-node {self.gpus_per_node}: give 0 or more")
         if self.preempt_warning_s < 1:
             raise ClusterError(f"--preempt-warning {self.preempt_warning_s}: give seconds, 1 or more")
+        if self.time is not None and not TIME_LIMIT.fullmatch(self.time):
+            raise ClusterError(f"--time {self.time!r} is not a time limit sbatch accepts; give {TIME_FORMS}")
         command = [
             "sbatch",
             "--parsable",
@@ -235,8 +244,24 @@ def stop(job_id: str) -> None:
         raise ClusterError(f"scancel {job_id} failed: {proc.stderr.strip()}")
 
 
+def output_pattern(log_dir: str | Path) -> str:
+    """sbatch's --output for a job whose output goes to `log_dir`/slurm-JOBID.out."""
+    folder = str(log_dir)
+    if "\\" in folder:
+        # sbatch expands no %j at all in a file name holding a backslash: every run would share one file
+        raise ClusterError(
+            f"the run directory's logs folder {folder} holds a backslash, which sbatch's --output reads as 'expand "
+            "nothing' (every job would write slurm-%j.out literally); choose an output.dir without one"
+        )
+    # a % of the folder's own name is data, not one of sbatch's %-patterns
+    return str(Path(folder.replace("%", "%%")) / "slurm-%j.out")
+
+
 def log_path(job_id: str) -> Path:
-    """The job's sbatch output file (Ray start-up, then the `tuneyard train` console)."""
+    """The job's sbatch output file (Ray start-up, then the `tuneyard train` console): RUN_DIR/logs/slurm-JOBID.out.
+
+    SLURM's StdOut, so a job submitted before the output moved to the run directory (or by hand) is found too.
+    """
     return Path(job_info(job_id)["StdOut"])
 
 

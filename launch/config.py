@@ -229,6 +229,43 @@ def describe_yaml_error(exc: yaml.YAMLError, path: Path) -> str:
     return text
 
 
+def repeated_keys(root: yaml.Node | None, source: str | Path) -> list[str]:
+    """A line for each mapping key given twice anywhere in the composed YAML (PyYAML keeps the last silently)."""
+    problems: list[tuple[int, str]] = []  # (line of the repeat, text), reported in file order
+    seen_nodes: set[int] = set()  # an alias points at a node already walked (and may point back up)
+    stack: list[tuple[yaml.Node, tuple]] = [(root, ())] if root is not None else []
+    while stack:
+        node, path = stack.pop()
+        if id(node) in seen_nodes:
+            continue
+        seen_nodes.add(id(node))
+        if isinstance(node, yaml.MappingNode):
+            first_line: dict[tuple[str, str], int] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode):
+                    line = key.start_mark.line + 1
+                    dotted = ".".join(str(p) for p in (*path, key.value))
+                    if (key.tag, key.value) in first_line:
+                        first = first_line[(key.tag, key.value)]
+                        problems.append(
+                            (line, f"{source}:{first} and {source}:{line}: '{dotted}' is given twice; keep one")
+                        )
+                    else:
+                        first_line[(key.tag, key.value)] = line
+                    stack.append((value, (*path, key.value)))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend((item, (*path, i)) for i, item in enumerate(node.value))
+    return [text for _, text in sorted(problems)]
+
+
+def load_yaml(text: str, source: str | Path) -> Any:
+    """`yaml.safe_load`, refusing a mapping key given twice (UserError); YAML syntax errors are raised as they are."""
+    problems = repeated_keys(yaml.compose(text), source)
+    if problems:
+        raise UserError("\n".join(problems))
+    return yaml.safe_load(text)
+
+
 def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     """Read a job YAML, apply overrides, validate; raise UserError listing every problem."""
     path = Path(path)
@@ -249,6 +286,9 @@ def load_job(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
         root = yaml.compose(text)
     except yaml.YAMLError as exc:
         raise UserError(describe_yaml_error(exc, path)) from None
+    repeated = repeated_keys(root, path)
+    if repeated:
+        raise UserError("\n".join(repeated))
     if not isinstance(tree, dict):
         raise UserError(f"{path}: a job file is a mapping of sections (stage, model, data, ...)")
     for override in overrides or []:

@@ -1,5 +1,5 @@
-"""Reporting a failed run: the user's error, a cluster error or a training failure dug out of Ray's wrappers, and
-the failed workers named by rank, node, last line and log."""
+"""Reporting a failed run: the user's error, a cluster error or a training failure dug out of Ray's wrappers, the
+failed workers named by rank, node, last line and log, and whether they were lost (restart) or raised (no restart)."""
 
 from __future__ import annotations
 
@@ -36,6 +36,56 @@ def find_reported_error(exc: BaseException) -> BaseException | None:
     return None
 
 
+# what a rank raises when its partner in a collective is gone or stalled (gloo, NCCL, the TCP store)
+LOST_PARTNER_SIGNS = (
+    "timed out",
+    "timeout",
+    "closed by peer",
+    "reset by peer",
+    "broken pipe",
+    "connection refused",
+    "communicator was aborted",
+    "watchdog",
+)
+DIST_ERRORS = ("DistError", "DistBackendError", "DistNetworkError", "DistStoreError")  # torch.distributed's own
+
+
+def died(failure: BaseException) -> bool:
+    """Whether a rank's failure is its process lost (killed worker, lost node, preemption, Ray's memory monitor)."""
+    import ray.exceptions as ray_errors
+
+    lost = (
+        ray_errors.RayActorError,  # ActorDiedError, ActorUnavailableError
+        ray_errors.WorkerCrashedError,
+        ray_errors.NodeDiedError,
+        ray_errors.LocalRayletDiedError,
+        ray_errors.OutOfMemoryError,  # Ray's memory monitor killed the worker (torch's own OOM is raised, not this)
+        ray_errors.ObjectLostError,
+    )
+    return isinstance(failure, lost) or "actor is dead" in str(failure)
+
+
+def lost_partner(failure: BaseException) -> bool:
+    """Whether a rank raised because a peer in its collective vanished or stalled, not for its own reasons."""
+    if any(cls.__name__ in DIST_ERRORS for cls in type(failure).__mro__):
+        return True
+    text = str(failure).lower()
+    return any(sign in text for sign in LOST_PARTNER_SIGNS)
+
+
+def raised_by_training(exc: BaseException) -> bool:
+    """Whether the failed ranks raised an error of the training code itself, which a restart would meet again.
+
+    So: no rank died, and at least one raised an ordinary exception (ValueError, torch's OutOfMemoryError, a shape
+    mismatch); peers that then lost it in a collective follow from that error. A dead rank, or only lost or
+    stalled collectives, is a lost worker: restarting from the newest checkpoint may pass it.
+    """
+    failures = list((getattr(exc, "worker_failures", None) or {}).values())
+    if not failures or any(died(failure) for failure in failures):
+        return False
+    return any(not lost_partner(failure) for failure in failures)
+
+
 def _first_sentence(text: str, limit: int = 200) -> str:
     """The first sentence of a failure's last line, cut to `limit` characters."""
     lines = text.strip().splitlines()
@@ -52,10 +102,6 @@ def worker_failures(exc: BaseException, run_dir: Path, workers: int) -> str:
     failures = getattr(exc, "worker_failures", None) or {}
     if not failures:
         return f"{type(exc).__name__}: {_first_sentence(str(exc))}"
-
-    def died(failure: BaseException) -> bool:
-        return "ActorDied" in type(failure).__name__ or "actor is dead" in str(failure)
-
     lines = []
     for rank, failure in sorted(failures.items(), key=lambda item: (not died(item[1]), item[0])):
         log_path = run_dir / "logs" / f"worker-{rank}.log"
@@ -63,7 +109,10 @@ def worker_failures(exc: BaseException, run_dir: Path, workers: int) -> str:
         if log_path.exists():
             started = [x for x in log_path.read_text(errors="replace").splitlines() if "runs on Ray node" in x]
             node = f" on node {started[-1].rsplit(' ', 1)[-1][:12]}" if started else ""
-        lines.append(f"rank {rank}{node}: {_first_sentence(str(failure)) or type(failure).__name__} (log: {log_path})")
+        said = _first_sentence(str(failure)) or type(failure).__name__
+        if not died(failure) and not said.startswith(type(failure).__name__):  # "ValueError: ...": what it raised
+            said = f"{type(failure).__name__}: {said}"
+        lines.append(f"rank {rank}{node}: {said} (log: {log_path})")
     waited = [rank for rank, failure in failures.items() if "timed out" in str(failure).lower()]
     if waited:  # a collective timed out: the ranks that did not wait in it are the ones that never came
         for rank in sorted(set(range(workers)) - set(failures)):

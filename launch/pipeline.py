@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from tuneyard.cluster.ray_cluster import ray_cluster
-from tuneyard.launch.config import JobConfig, describe_yaml_error, load_job
+from tuneyard.launch.config import JobConfig, describe_yaml_error, load_job, load_yaml
 from tuneyard.launch.run_job import RunResult, eval_loss_figure, run_job
 from tuneyard.training.errors import UserError
 from tuneyard.training.run_dir import RUN_FILE, job_identity
@@ -21,7 +21,7 @@ def load_pipeline(path: Path) -> list[JobConfig]:
     if not path.is_file():
         raise UserError(f"pipeline file {path} does not exist")
     try:
-        spec = yaml.safe_load(path.read_text(errors="replace")) or {}
+        spec = load_yaml(path.read_text(errors="replace"), path) or {}
     except yaml.YAMLError as exc:
         raise UserError(describe_yaml_error(exc, path)) from None
     stages = spec.get("stages") if isinstance(spec, dict) else None

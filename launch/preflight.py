@@ -26,10 +26,83 @@ def preflight(job: JobConfig) -> None:
     if job.model.init == "pretrained":
         assert job.model.name_or_path is not None
         check_model_source(job.model.name_or_path, allow_pickle=job.model.allow_pickle)
+    check_length_fits_model(job)
     check_training_options(job)
     check_trackers(job.training)
     module, _, function = stage_spec(job.stage).preflight.partition(":")
     getattr(importlib.import_module(module), function)(job)
+
+
+STRETCHING_ROPE = ("linear", "dynamic", "yarn")  # rope scalings that lengthen the positions the model was built for
+
+
+def usable_length(config) -> int | None:
+    """The longest sequence a transformers config's positions cover (None: it sets no limit, e.g. relative ones)."""
+    limit = next(
+        (
+            getattr(config, k)
+            for k in ("max_position_embeddings", "n_positions")
+            if isinstance(getattr(config, k, None), int)
+        ),
+        None,
+    )
+    if limit is None:
+        return None
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    # transformers 5 may keep one set of rope parameters per attention type (gemma3: full and sliding)
+    ropes = ([r for r in rope.values() if isinstance(r, dict)] or [rope]) if isinstance(rope, dict) else []
+    usable = limit
+    for rope in ropes:
+        factor = rope.get("factor")
+        if (
+            rope.get("rope_type", rope.get("type")) in STRETCHING_ROPE
+            and isinstance(factor, int | float)
+            and factor > 1
+        ):
+            # yarn may give the pre-stretch length as original_max_position_embeddings (then the limit is stretched)
+            base = rope.get("original_max_position_embeddings") or limit
+            usable = max(usable, int(base * factor))
+    return usable
+
+
+def model_config_for_length(job: JobConfig):
+    """The job's model config (the scratch architecture, or a local or cached pretrained one); None if unreadable."""
+    from transformers import AutoConfig
+
+    try:
+        if job.model.init == "scratch":
+            assert job.model.architecture is not None
+            architecture = dict(job.model.architecture)
+            return AutoConfig.for_model(architecture.pop("model_type"), **architecture)
+        assert job.model.name_or_path is not None
+        return AutoConfig.from_pretrained(
+            job.model.name_or_path, trust_remote_code=job.model.trust_remote_code, local_files_only=True
+        )
+    except (OSError, ValueError, TypeError, KeyError):  # a hub id not cached yet: the workers download it
+        return None
+
+
+def check_length_fits_model(job: JobConfig) -> None:
+    """The sequences the job builds fit the model's positions: data.max_length (PPO: prompt plus answer)."""
+    config = model_config_for_length(job)
+    limit = usable_length(config) if config is not None else None
+    if limit is None:
+        return
+    source = job.model.name_or_path if job.model.init == "pretrained" else "model.architecture"
+    if stage_spec(job.stage).controller:
+        length = job.ppo.max_prompt_length + job.ppo.generation.max_new_tokens
+        if length > limit:
+            raise UserError(
+                f"ppo.max_prompt_length ({job.ppo.max_prompt_length}) plus ppo.generation.max_new_tokens "
+                f"({job.ppo.generation.max_new_tokens}) is {length} tokens, more than the {limit} positions of the "
+                f"model ({source}); lower one of them so that their sum is at most {limit}"
+            )
+        return
+    if job.data.max_length > limit:
+        raise UserError(
+            f"data.max_length ({job.data.max_length}) is longer than the {limit} positions of the model ({source}: "
+            f"max_position_embeddings, with its rope scaling); set data.max_length to at most {limit}"
+        )
 
 
 def check_causal_lm_rows(job: JobConfig) -> None:

@@ -16,7 +16,7 @@ from tuneyard.cluster.ray_cluster import ClusterError, ray_starting
 from tuneyard.cluster.resources import wait_for_resources
 from tuneyard.launch.before_after import final_folder, format_figures, stage_figures, starting_point
 from tuneyard.launch.config import JobConfig, dump_job
-from tuneyard.launch.failures import find_reported_error, worker_failures
+from tuneyard.launch.failures import find_reported_error, raised_by_training, worker_failures
 from tuneyard.launch.preflight import TORCH_ADAMW, check_disk, check_world_size_of_resume, preflight
 from tuneyard.launch.prepare import prepare_data
 from tuneyard.launch.progress import ProgressFollower
@@ -24,7 +24,16 @@ from tuneyard.training.errors import TrainingFailed, UserError
 from tuneyard.training.faults import forwarded_faults
 from tuneyard.training.metrics import append_metrics, read_metrics
 from tuneyard.training.preemption import preemption_watch
-from tuneyard.training.run_dir import clear_heartbeats, job_identity, prepare_run_dir, record_outcome, set_status
+from tuneyard.training.run_dir import (
+    clear_heartbeats,
+    finished_run,
+    job_identity,
+    prepare_run_dir,
+    read_outcome,
+    record_outcome,
+    run_lineage,
+    set_status,
+)
 from tuneyard.training.stages import stage_spec
 from tuneyard.training.tracking import tracker_env
 
@@ -38,6 +47,7 @@ class RunResult:
     run_dir: Path
     seconds: float
     figures: dict[str, tuple[float, float]] = field(default_factory=dict)
+    note: str = ""  # said before the figures (a finished run that was not trained again)
 
     @property
     def eval_loss_before(self) -> float | None:
@@ -51,7 +61,8 @@ class RunResult:
 
     def figure(self) -> str:
         """The before/after lines printed at the end of a job."""
-        return "\n".join([f"run: {self.run_dir}  ({self.seconds:.0f}s)", *format_figures(self.figures)])
+        lines = [f"run: {self.run_dir}  ({self.seconds:.0f}s)", *format_figures(self.figures)]
+        return "\n".join([self.note, *lines] if self.note else lines)
 
 
 def worker_payload(job: JobConfig, run_dir: Path, use_deepspeed: bool = True) -> dict:
@@ -89,9 +100,9 @@ def unused_packages(job: JobConfig) -> tuple[str, ...]:
 def run_on_ray(job: JobConfig, run_dir: Path) -> None:
     """Run the job's workers as a group of Ray actors (`tuneyard.cluster.worker_group`) on the current Ray cluster.
 
-    A worker that dies (or fails for any reason but the user's input) ends the attempt; the next one
-    resumes from the newest complete checkpoint, up to `training.max_failures` times. A user's mistake
-    raised in a worker is reported at once, not retried.
+    A lost worker (its process died, or a collective lost or waited for it) ends the attempt; the next one
+    resumes from the newest complete checkpoint, up to `training.max_failures` times. A user's mistake, or an
+    error the training code raised in the ranks (no rank died), is reported at once, not retried.
     """
     from tuneyard.cluster.worker_group import run_spmd_workers
 
@@ -115,6 +126,13 @@ def run_on_ray(job: JobConfig, run_dir: Path) -> None:
             if reported is not None:
                 raise reported from None
             failed = worker_failures(exc, run_dir, cluster.workers)
+            if raised_by_training(exc):  # the same code on the same data raises again: a restart only costs time
+                raise TrainingFailed(
+                    f"training failed: {failed}. No worker was lost: the training code raised this error, so "
+                    f"restarting would meet it again and the run was not retried; all workers' logs are in "
+                    f"{run_dir / 'logs'}. Fix the cause, then run the job again to resume from its newest "
+                    "complete checkpoint."
+                ) from None
             if attempt == job.training.max_failures:
                 raise TrainingFailed(
                     f"training failed: {failed}. The {attempt} restart(s) that training.max_failures allows are "
@@ -184,7 +202,11 @@ def run_job(job: JobConfig, show_progress: bool = True, single: bool = False) ->
             f"stage {job.stage} runs its roles as Ray actors; --single is not supported for it (drop --single)"
         )
     started = time.time()
-    run_dir = prepare_run_dir(job.output, job_identity(job.identity_dump())).resolve()
+    dump = job.identity_dump()
+    finished = finished_run(job.output, job_identity(dump))
+    if finished is not None:  # resuming its last checkpoint would train past the end (step 151/150)
+        return finished_result(finished.resolve())
+    run_dir = prepare_run_dir(job.output, job_identity(dump), run_lineage(dump)).resolve()
     (run_dir / "job.yaml").write_text(dump_job(job))
     record_outcome(run_dir, "running", pid=os.getpid(), host=socket.gethostname(), started=started)
     try:
@@ -196,6 +218,19 @@ def run_job(job: JobConfig, show_progress: bool = True, single: bool = False) ->
         raise
     record_outcome(run_dir, "finished", started=started, seconds=time.time() - started, figures=figures)
     return RunResult(run_dir=run_dir, seconds=time.time() - started, figures=figures)
+
+
+def finished_result(run_dir: Path) -> RunResult:
+    """What a rerun of a finished run reports: that it is finished, where its model is, and its figures."""
+    outcome = read_outcome(run_dir)
+    note = (
+        f"{run_dir} holds this job's finished run; nothing to train. Its model is in {run_dir / 'final'}. To train "
+        "further, raise training.max_steps (or epochs, ppo.iterations): the run resumes from its newest checkpoint; "
+        "output.overwrite: true starts it again."
+    )
+    log.info("%s", note)
+    figures = {name: tuple(pair) for name, pair in (outcome.get("figures") or {}).items()}
+    return RunResult(run_dir=run_dir, seconds=0.0, figures=figures, note=note)
 
 
 def train_and_score(job: JobConfig, run_dir: Path, show_progress: bool, single: bool) -> dict[str, tuple]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from tuneyard.cluster import ray_jobs, slurm
 from tuneyard.launch.config import JobConfig, dump_job, load_job
 from tuneyard.training.errors import UserError
+from tuneyard.training.run_dir import job_identity, prepare_run_dir
 
 COMMANDS = ("submit", "status", "logs", "stop")
 # SLURM states in which a job will not run any more (squeue's long names)
@@ -155,21 +156,44 @@ def _submit_slurm(args: argparse.Namespace, job: JobConfig) -> int:
         ray_token_file=str(Path(args.ray_token_file).resolve()) if args.ray_token_file else None,
         ray_tmp=args.ray_tmp,
         port_base=args.ray_port_base,
+        # SLURM's output beside the run's other logs, not in whatever folder `submit` was called from
+        output=slurm.output_pattern(Path(job.output.dir) / "logs"),
         sbatch_args=list(args.sbatch_arg),
     )
     if args.dry_run:
         print("# " + shlex.join(request.sbatch_command()) + " < (this script)")
         print(slurm.render_script(request.variables()), end="")
         return 0
+    request.sbatch_command()  # its input checks (--time, ...) before the run directory is touched
+    _make_log_dir(job)
     job_id = slurm.submit(request)
     print(f"submitted SLURM job {job_id} ({args.nodes} node(s))")
     stuck = slurm.never_starts(job_id, request)
     if stuck:
         print(f"warning: {stuck} Cancel it with `tuneyard stop {job_id} --slurm`.", file=sys.stderr)
     print(f"  run dir: {job.output.dir}")
+    print(f"  output:  {Path(job.output.dir) / 'logs' / f'slurm-{job_id}.out'}")
     print(f"  follow:  tuneyard logs {job_id} --slurm --follow")
     print(f"  stop:    tuneyard stop {job_id} --slurm")
     return 0
+
+
+def _make_log_dir(job: JobConfig) -> None:
+    """Create output.dir/logs, where sbatch writes the job's output: sbatch does not create the folder."""
+    run_dir = Path(job.output.dir)
+    try:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            # an existing run (or other files) is for `tuneyard train` to adopt or refuse when the job starts
+            (run_dir / "logs").mkdir(exist_ok=True)
+        else:
+            # a new run directory is claimed for this job as `tuneyard train` claims it (run.json), so that the
+            # logs/ made now does not read as someone else's files there when the job starts
+            prepare_run_dir(job.output, job_identity(job.identity_dump()))
+    except OSError as exc:
+        raise UserError(
+            f"output.dir {run_dir}: cannot create its logs folder for SLURM's output ({exc.strerror or exc}); "
+            "choose an output.dir you can write to, on a filesystem every node sees"
+        ) from None
 
 
 def _ray_command(args: argparse.Namespace) -> int:

@@ -509,6 +509,23 @@ def _(tmp, models):
     return ["train", write_job(tmp, job)], ["output.dir", str(tmp / "a-file")]
 
 
+@case("data.max_length longer than the model's positions")
+def _(tmp, models):
+    job = sft(tmp, data={"max_length": 100000, "cache_dir": str(tmp / ".tokenized")})
+    return ["train", write_job(tmp, job)], [
+        "data.max_length (100000)",
+        "the 256 positions of the model",
+        "set data.max_length to at most 256",
+    ]
+
+
+@case("output.dir that cannot be created")
+def _(tmp, models):
+    job = sft(tmp, data={"cache_dir": str(tmp / ".tokenized")})
+    job["output"]["dir"] = "/proc/tuneyard-test/run"
+    return ["train", write_job(tmp, job)], ["output.dir '/proc/tuneyard-test/run' cannot be created", "choose an"]
+
+
 PARALLEL = max(2, min(4, os.cpu_count() or 2))  # the cases are subprocesses, mostly importing torch: CPU-bound
 
 

@@ -95,3 +95,26 @@ def test_workers_the_cluster_cannot_host(tmp_path):
         "cluster.workers 2 x cluster.gpus_per_worker 1 = 2 GPUs, but the Ray cluster has 0 GPUs (1 node: 0)",
         "set cluster.gpus_per_worker: 0 to train on CPUs",
     )
+
+
+def test_a_section_given_twice(tmp_path):
+    path = tmp_path / "job.yaml"
+    text = yaml.safe_dump(job_dict(SFT_JOB, tmp_path / "run"), sort_keys=False)
+    path.write_text(text + "training:\n  max_steps: 1\n")
+    first = text.splitlines().index("training:") + 1
+    second = len(text.splitlines()) + 1
+    proc = subprocess.run(
+        [sys.executable, "-m", "tuneyard.launch.cli", "train", str(path)], capture_output=True, text=True, timeout=120
+    )
+    assert_user_error(proc, f"{path}:{first} and {path}:{second}: 'training' is given twice; keep one")
+
+
+def test_a_time_limit_sbatch_does_not_take(tmp_path):
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job_dict(SFT_JOB, tmp_path / "run")))
+    command = ["submit", str(path), "--slurm", "--nodes", "1", "--time", "forever", "--dry-run"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "tuneyard.launch.cli", *command], capture_output=True, text=True, timeout=120
+    )
+    assert_user_error(proc, "--time 'forever' is not a time limit sbatch accepts", "hours:minutes:seconds")
+    assert proc.stdout == ""  # refused before the script is rendered

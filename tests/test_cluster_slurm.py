@@ -137,15 +137,15 @@ def preempted_job(local_slurm, tmp_path_factory):
 
     while not loss_steps(run_dir):
         state = job_state(env, job_id)
-        assert state["state"] in ("PENDING", "RUNNING"), (state, _log(work, job_id))
-        assert time.monotonic() - started < 400, f"no training step after 400s\n{_log(work, job_id)}"
+        assert state["state"] in ("PENDING", "RUNNING"), (state, _log(run_dir, job_id))
+        assert time.monotonic() - started < 400, f"no training step after 400s\n{_log(run_dir, job_id)}"
         time.sleep(1)
     warned_after = loss_steps(run_dir)[-1]
     signal = subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], env=env, capture_output=True, text=True)
     assert signal.returncode == 0, signal.stderr
 
     while (state := job_state(env, job_id))["state"] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
-        assert time.monotonic() - started < 900, f"job {job_id} still {state} after 900s\n{_log(work, job_id)}"
+        assert time.monotonic() - started < 900, f"job {job_id} still {state} after 900s\n{_log(run_dir, job_id)}"
         time.sleep(2)
     yield {
         "env": env,
@@ -153,7 +153,7 @@ def preempted_job(local_slurm, tmp_path_factory):
         "state": state,
         "work": work,
         "run_dir": run_dir,
-        "log": _log(work, job_id),
+        "log": _log(run_dir, job_id),
         "token": token,
         "script": script,
         "warned_after": warned_after,
@@ -162,8 +162,8 @@ def preempted_job(local_slurm, tmp_path_factory):
     shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def _log(work: Path, job_id: str) -> str:
-    path = work / f"slurm-{job_id}.out"
+def _log(run_dir: Path, job_id: str) -> str:
+    path = run_dir / "logs" / f"slurm-{job_id}.out"
     return path.read_text(errors="replace") if path.exists() else "(no log yet)"
 
 
@@ -201,6 +201,7 @@ def test_ray_spans_both_slurm_nodes_one_worker_each(preempted_job):
 def test_hostile_values_stay_inert_and_the_token_is_not_written(preempted_job):
     env, work, job_id = preempted_job["env"], preempted_job["work"], preempted_job["job_id"]
     assert not list(work.glob("pwned*")) and not list(Path.cwd().glob("pwned*"))
+    assert not list(work.glob("slurm-*.out"))  # SLURM's output went to the run dir's logs/, not the calling folder
     shown = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
     assert f"JobName={HOSTILE_NAME}\n" in shown  # the name arrived as data, verbatim
     job_yaml = yaml.safe_load((preempted_job["run_dir"] / "job.yaml").read_text())
@@ -217,6 +218,8 @@ def test_logs_shows_the_job_output(preempted_job):
     proc = tuneyard(preempted_job["env"], "logs", preempted_job["job_id"], "--slurm")
     assert proc.returncode == 0, proc.stderr
     assert "Ray is up: 2 node(s)" in proc.stdout and "eval loss" in proc.stdout
+    job_id, run_dir = preempted_job["job_id"], preempted_job["run_dir"]
+    assert preempted_job["state"]["log"] == str(run_dir / "logs" / f"slurm-{job_id}.out")  # where `logs` read it
 
 
 def test_stop_cancels_a_queued_job(local_slurm, tmp_path):
@@ -253,9 +256,10 @@ def test_ray_that_does_not_come_up_in_time_fails_the_job_clearly(local_slurm, tm
         time.sleep(1)
     shutil.rmtree(ray_tmp, ignore_errors=True)
     assert state["state"] == "FAILED"
-    log = _log(tmp_path, job_id)
+    log = _log(tmp_path / "run", job_id)
     assert "tuneyard-slurm: error:" in log and "within 1s" in log, log[-3000:]
-    assert not (tmp_path / "run").exists()  # training never started
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # training never started
+    assert not list(tmp_path.glob("slurm-*.out"))  # nothing left where sbatch was called
 
 
 def test_more_nodes_than_the_partition_is_refused_plainly(local_slurm, tmp_path):

@@ -213,3 +213,26 @@ def test_identity_ignores_sections_the_stage_does_not_read(tmp_path):
     assert identity(GOOD) != identity(GOOD, "training.learning_rate=3e-4")
     ppo = GOOD.replace("stage: sft", "stage: ppo").replace("format: messages", "format: prompt")
     assert identity(ppo) != identity(ppo, "ppo.iterations=7") and identity(ppo) == identity(ppo, "dpo.beta=0.3")
+
+
+def test_a_key_given_twice_names_both_lines_at_any_depth(tmp_path):
+    text = GOOD + "training:\n  max_steps: 5\n  max_steps: 6\n"
+    with pytest.raises(UserError) as info:
+        load_job(write(tmp_path, text))
+    path = tmp_path / "job.yaml"
+    assert str(info.value).splitlines() == [
+        f"{path}:7 and {path}:11: 'training' is given twice; keep one",
+        f"{path}:12 and {path}:13: 'training.max_steps' is given twice; keep one",
+    ]
+    listed = GOOD.replace("  train: data/train.jsonl", "  train:\n    - path: a.jsonl\n      path: b.jsonl")
+    with pytest.raises(UserError, match=r"job.yaml:7 and .*job.yaml:8: 'data.train.0.path' is given twice"):
+        load_job(write(tmp_path, listed))
+
+
+def test_a_pipeline_key_given_twice_is_refused(tmp_path):
+    from tuneyard.launch.pipeline import load_pipeline
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text("stages:\n  - job: a.yaml\nstages:\n  - job: b.yaml\n")
+    with pytest.raises(UserError, match=r"pipeline.yaml:1 and .*pipeline.yaml:3: 'stages' is given twice; keep one"):
+        load_pipeline(path)

@@ -296,3 +296,22 @@ def test_a_collective_timeout_names_the_rank_that_did_not_arrive(ray_session, tm
     assert "rank 1 did not arrive in the collective that rank(s) 0 waited for" in message, message
     assert "(its last sign: finished step 3, " in message, message
     assert time.monotonic() - started < 300  # bounded by the timeout, not by the hold (an hour)
+
+
+def test_an_error_raised_in_every_rank_is_reported_at_once_not_retried(ray_session, tmp_path):
+    """Every rank raises ValueError after step 3 with restarts left: one attempt, exit 1, each rank named with
+    its error and log, and no restart in metrics.jsonl (a restart would meet the same error)."""
+    run_dir = tmp_path / "run"
+    job = job_dict(SFT_JOB, run_dir, training={"max_steps": 8, "max_failures": 2}, output={"save_steps": 2})
+    proc, message = train_with_fault(tmp_path, job, RAISE="3")
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert message.startswith("training failed: rank 0"), message
+    for rank in (0, 1):
+        assert f"rank {rank}" in message and f"worker-{rank}.log" in message, message
+    assert "ValueError: injected at step 3" in message and "was not retried" in message, message
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert not [r for r in records if r.get("event") == "restart"]
+    assert [r["step"] for r in records if r.get("event") == "start"] == [0]  # one attempt
+    started = (run_dir / "logs" / "worker-0.log").read_text(errors="replace").count("runs on Ray node")
+    assert started == 1

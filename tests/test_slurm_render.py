@@ -13,7 +13,15 @@ import yaml
 from tests.conftest import SFT_JOB, job_dict
 from tuneyard.cluster import ray_jobs
 from tuneyard.cluster.ray_cluster import ClusterError
-from tuneyard.cluster.slurm import BLOCK_END, BLOCK_START, TEMPLATE, VARIABLES, SlurmRequest, render_script
+from tuneyard.cluster.slurm import (
+    BLOCK_END,
+    BLOCK_START,
+    TEMPLATE,
+    VARIABLES,
+    SlurmRequest,
+    output_pattern,
+    render_script,
+)
 
 BIN = Path(sys.executable).parent
 
@@ -126,6 +134,31 @@ def test_sbatch_options_are_single_argv_elements():
         SlurmRequest(job="/j.yaml", nodes=0).sbatch_command()
 
 
+@pytest.mark.parametrize(
+    "value", ["90", "0", "30:00", "4:00:00", "2-12", "2-12:30", "2-12:30:15", "UNLIMITED", "infinite", "100000"]
+)
+def test_time_limits_sbatch_accepts_pass(value):
+    assert f"--time={value}" in SlurmRequest(job="/j.yaml", nodes=1, time=value).sbatch_command()
+
+
+@pytest.mark.parametrize(
+    "value", ["forever", "", "4h", "1:2:3:4", "2-", "-12", "2-12:30:15:1", "1.5", " 90", "90 ", "4:00:00; id", "2d"]
+)
+def test_time_limits_sbatch_does_not_take_are_refused(value):
+    with pytest.raises(ClusterError) as info:
+        SlurmRequest(job="/j.yaml", nodes=1, time=value).sbatch_command()
+    message = str(info.value)
+    assert message.startswith(f"--time {value!r} is not a time limit sbatch accepts; give minutes, ")
+    assert "days-hours:minutes:seconds" in message and "UNLIMITED" in message and "\n" not in message
+
+
+def test_output_goes_to_the_run_dirs_logs_with_its_percent_signs_kept():
+    assert output_pattern("/runs/a/logs") == "/runs/a/logs/slurm-%j.out"
+    assert output_pattern("/runs/100%j done/logs") == "/runs/100%%j done/logs/slurm-%j.out"
+    with pytest.raises(ClusterError, match="holds a backslash"):
+        output_pattern("/runs/a\\b/logs")
+
+
 def test_template_run_by_hand_without_a_job_says_what_to_set(tmp_path):
     env = {"PATH": os.environ["PATH"], "SLURM_JOB_ID": "7"}
     proc = subprocess.run(["bash", str(TEMPLATE)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=30)
@@ -157,6 +190,7 @@ def test_dry_run_prints_the_command_and_script_and_submits_nothing(tmp_path, mon
     assert first.startswith("# sbatch --parsable --nodes=2 '--job-name=a b'")
     assert f"TUNEYARD_JOB={tmp_path / 'job.yaml'}" in script and "TUNEYARD_OVERRIDES=(training.max_steps=3)" in script
     assert f"TUNEYARD_PYTHON={sys.executable}" in script
+    assert f" --output={tmp_path / 'run' / 'logs' / 'slurm-%j.out'} " in first  # not in the calling folder
     assert not (tmp_path / "run").exists()
 
 
@@ -172,6 +206,7 @@ def test_ray_dry_run_shows_the_job_the_cluster_gets(tmp_path, monkeypatch, capsy
     [
         (["--slurm"], {}, "--slurm needs --nodes N"),
         (["--slurm", "--nodes", "2", "--preempt-warning", "0"], {}, "--preempt-warning 0"),
+        (["--slurm", "--nodes", "2", "--time", "forever", "--dry-run"], {}, "--time 'forever' is not a time limit"),
         (
             ["--slurm", "--nodes", "2"],
             {"cluster": {"workers": 3, "placement": "strict_spread"}},

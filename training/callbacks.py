@@ -16,7 +16,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
-from tuneyard.training.faults import hold_rank, pause_in_save
+from tuneyard.training.faults import pause_in_save, step_end_faults
 from tuneyard.training.metrics import COMPLETE_MARKER, append_metrics
 from tuneyard.training.preemption import RECORD_FILE, REQUEST_FILE
 from tuneyard.training.run_dir import BEST_FILE, note_heartbeat, retire_old_checkpoints
@@ -117,7 +117,7 @@ class Heartbeat(TrainerCallback):
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kw) -> None:
         note_heartbeat(self.run_dir, f"rank-{self.rank}", state.global_step, "finished")
-        hold_rank(state.global_step, self.rank)
+        step_end_faults(state.global_step, self.rank)
 
 
 class PreemptionCallback(TrainerCallback):

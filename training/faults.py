@@ -11,6 +11,8 @@ workers (`forwarded_faults` -> payload -> `apply_faults`), so a test sets them w
   (see `SAVE_POINTS`) and sleeps until it is killed; once per run directory, so the restarted run passes.
 - `TUNEYARD_FAULT_HOLD="1@3"`: rank 1 sleeps for a long time after step 3 (its peers' next collective
   times out; for PPO the policy's rank 1 after its optimizer step 3, and the controller stops waiting).
+- `TUNEYARD_FAULT_RAISE="3"`: every rank raises ValueError("injected") after step 3 (for PPO the policy's
+  ranks after their optimizer step 3): an error of the training code itself, the same on every attempt.
 """
 
 from __future__ import annotations
@@ -53,7 +55,15 @@ def pause_in_save(point: str, step: int, run_dir: Path, rank: int) -> None:
         time.sleep(1)
 
 
-def hold_rank(step: int, rank: int) -> None:
-    """Keep this rank away from its peers after `step`, when TUNEYARD_FAULT_HOLD="RANK@STEP" names it."""
+def step_end_faults(step: int, rank: int) -> None:
+    """The faults of a rank's step end: a hold (TUNEYARD_FAULT_HOLD="RANK@STEP") or an error (`raise_at_step`)."""
+    # every rank calls this after each step (SPMD trainers and PPO's policy)
+    raise_at_step(step)
     if os.environ.get(PREFIX + "HOLD") == f"{rank}@{step}":
         time.sleep(HOLD_SECONDS)
+
+
+def raise_at_step(step: int) -> None:
+    """Raise ValueError("injected") after `step` on every rank, when TUNEYARD_FAULT_RAISE names that step."""
+    if str(step) in os.environ.get(PREFIX + "RAISE", "").replace(" ", "").split(","):
+        raise ValueError(f"injected at step {step}")

@@ -40,6 +40,34 @@ def job_identity(job_dump: dict) -> str:
     return hashlib.sha256(json.dumps(relevant, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+# how long a job trains: a rerun that changes only these extends the same run (it resumes from its newest checkpoint)
+LENGTH_KEYS = (("training", "max_steps"), ("training", "epochs"), ("ppo", "iterations"), ("ppo", "epochs"))
+
+
+def run_lineage(job_dump: dict) -> str:
+    """`job_identity` without how long the job trains: a longer rerun of a run has its lineage."""
+    dump = {k: dict(v) if isinstance(v, dict) else v for k, v in job_dump.items()}
+    for section, key in LENGTH_KEYS:
+        if isinstance(dump.get(section), dict):
+            dump[section].pop(key, None)
+    return job_identity(dump)
+
+
+def finished_run(output: OutputConfig, identity: str) -> Path | None:
+    """The run directory when it holds this very job's finished run (its final/ published), else None.
+
+    A rerun of it has nothing left to train; `output.overwrite` or an explicit `output.resume` asks for more.
+    """
+    run_dir = Path(output.dir)
+    if output.overwrite or output.resume != "auto" or not (run_dir / "final").is_dir():
+        return None
+    try:
+        owner = json.loads((run_dir / RUN_FILE).read_text()).get("identity")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return run_dir if owner == identity and read_outcome(run_dir).get("status") == "finished" else None
+
+
 def set_status(run_dir: Path, text: str) -> None:
     """Say what the run is busy with (starting Ray, loading the model, building an op), replacing the last word."""
     path = Path(run_dir) / STATUS_FILE
@@ -184,8 +212,12 @@ class ReportsFullDisk:
         super()._save_optimizer_and_scheduler(output_dir)
 
 
-def prepare_run_dir(output: OutputConfig, identity: str) -> Path:
-    """Create or adopt the run directory, refusing one that holds a different job's run."""
+def prepare_run_dir(output: OutputConfig, identity: str, lineage: str | None = None) -> Path:
+    """Create or adopt the run directory, refusing one that holds a different job's run.
+
+    A run of the same `lineage` (`run_lineage`: only training.max_steps, epochs or ppo.iterations changed) is
+    the same run, extended: it resumes from its newest complete checkpoint.
+    """
     run_dir = Path(output.dir)
     run_file = run_dir / RUN_FILE
     if run_dir.exists() and not run_dir.is_dir():
@@ -196,16 +228,25 @@ def prepare_run_dir(output: OutputConfig, identity: str) -> Path:
             f"output.dir '{run_dir}' cannot be created: '{blocked}' is a file, not a folder; choose another output.dir"
         )
     if run_file.exists():
-        owner = json.loads(run_file.read_text()).get("identity")
+        recorded = json.loads(run_file.read_text())
+        owner = recorded.get("identity")
         explicit_resume = output.resume not in ("auto", "never")
-        if owner != identity and not (output.overwrite or explicit_resume):
+        extended = owner != identity and lineage is not None and recorded.get("lineage") == lineage
+        if extended and (run_dir / "final").is_dir() and not complete_checkpoints(run_dir) and not output.overwrite:
+            raise UserError(
+                f"output.dir '{run_dir}' holds this job's finished run with a different training length, but no "
+                "checkpoint to continue it from (output.save_steps was 0, or keep_last retired them); set "
+                "output.overwrite: true to train the new length from the start, or start from its model "
+                f"(model.name_or_path: {run_dir / 'final'}) in a new output.dir"
+            )
+        if owner != identity and not (extended or output.overwrite or explicit_resume):
             raise UserError(
                 f"output.dir '{run_dir}' holds another job's run (its settings differ from this job's). "
                 "Choose a new output.dir, set output.overwrite: true to replace it, or output.resume: PATH "
                 "to continue from one of its checkpoints."
             )
         if output.overwrite and not explicit_resume:
-            shutil.rmtree(run_dir)
+            remove_all_but_slurm_output(run_dir)
         elif output.resume == "never" and (complete_checkpoints(run_dir) or (run_dir / "final").exists()):
             raise UserError(
                 f"output.dir '{run_dir}' already has checkpoints and output.resume is never; "
@@ -216,10 +257,31 @@ def prepare_run_dir(output: OutputConfig, identity: str) -> Path:
             f"output.dir '{run_dir}' is not empty and is not a tuneyard run; "
             "choose another output.dir or set output.overwrite: true"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "logs").mkdir(exist_ok=True)
-    run_file.write_text(json.dumps({"identity": identity}))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "logs").mkdir(exist_ok=True)
+        run_file.write_text(json.dumps({"identity": identity, **({"lineage": lineage} if lineage else {})}))
+    except OSError as exc:  # a read-only place, a missing permission, a filesystem such as /proc
+        where = f" ('{exc.filename}')" if exc.filename else ""
+        raise UserError(
+            f"output.dir '{run_dir}' cannot be created: {exc.strerror or exc}{where}; choose an output.dir on a "
+            "disk you can write to, or create that folder and give yourself write access to it"
+        ) from None
     return run_dir
+
+
+def remove_all_but_slurm_output(run_dir: Path) -> None:
+    """Empty a run directory to start again, keeping logs/slurm-*.out: a SLURM job writes its output there from
+    before this process started, and the file it has open must stay where `tuneyard logs` reads it."""
+    logs = run_dir / "logs"
+    kept = [entry for entry in logs.iterdir() if entry.name.startswith("slurm-")] if logs.is_dir() else []
+    for entry in [*run_dir.iterdir(), *(logs.iterdir() if logs.is_dir() else [])]:
+        if entry == logs or entry in kept or not entry.exists():
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def resume_checkpoint(run_dir: Path, resume: str) -> Path | None:

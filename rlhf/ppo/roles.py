@@ -23,7 +23,7 @@ from tuneyard.rlhf.ppo.batches import response_logits, select_rows
 from tuneyard.rlhf.ppo.generation import HFGenerator, whole_weights
 from tuneyard.training.config import ModelConfig, TrainSpec
 from tuneyard.training.deepspeed_config import build_deepspeed_config, import_deepspeed_without_mlflow
-from tuneyard.training.faults import apply_faults, hold_rank, nan_loss_steps
+from tuneyard.training.faults import apply_faults, nan_loss_steps, step_end_faults
 from tuneyard.training.finetune_method import apply_finetune_method, keep_adapters_in_fp32, quantization_config
 from tuneyard.training.model import load_model, load_tokenizer, resolved_precision
 from tuneyard.training.nonfinite import any_rank_true, drop_nonfinite_gradients, innermost_torch_optimizer
@@ -170,7 +170,7 @@ class RoleWorker:
         """Note that this rank is past every collective of optimizer step `step` (and obey a test's hold)."""
         note_heartbeat(self.run_dir, f"{self.role}-{self.rank}", step, "finished")
         if self.role == "policy":
-            hold_rank(step, self.rank)
+            step_end_faults(step, self.rank)
 
     def step_was_skipped(self, skipped_before: int) -> bool:
         """Whether the optimizer step just taken was dropped for NaN/inf (by this hook or DeepSpeed's check)."""
