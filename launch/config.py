@@ -47,12 +47,12 @@ class JobConfig(StageSections):
 
     @model_validator(mode="after")
     def _sections_agree(self) -> JobConfig:
-        policy_zero = self.ppo.roles.policy.zero_stage if self.stage == "ppo" else None
+        spec = stage_spec(self.stage)
+        policy_zero = self.ppo.roles.policy.zero_stage if spec.controller else None
         zero_stage = policy_zero if policy_zero is not None else self.deepspeed.zero_stage
         problem = task_head_problem(self.stage, self.data.format, self.peft.method)
         if problem:
             raise ValueError(problem)
-        spec = stage_spec(self.stage)
         if self.peft.method not in spec.peft_methods:
             raise ValueError(peft_method_problem(self.peft.method, self.stage))
         if self.peft.method in PROMPT_METHODS:
@@ -63,7 +63,7 @@ class JobConfig(StageSections):
                 "stage kto estimates its KL term from the other rows of a worker's batch, so training.batch_size "
                 "must be at least 2 (or use kto.loss_type apo_zero_unpaired, which has no KL term)"
             )
-        if self.peft.method == "qlora" and zero_stage == 3 and self.stage == "ppo":
+        if self.peft.method == "qlora" and zero_stage == 3 and spec.controller:
             raise ValueError(
                 "peft.method qlora under ZeRO-3 (a 4-bit base sharded across ranks) runs in the stages on a Hugging "
                 "Face trainer; PPO's policy gathers its whole weights to generate, which 4-bit storage does not "

@@ -105,10 +105,16 @@ def check_length_fits_model(job: JobConfig) -> None:
         )
 
 
-def check_causal_lm_rows(job: JobConfig) -> None:
-    """pretrain and sft: the chat template, and the rows unless the tokenised cache already holds them."""
+def templated_tokenizer(job: JobConfig):
+    """The job's tokenizer with its data.chat_template, the template checked (check_chat_template)."""
     tokenizer = load_tokenizer(job.model, job.data.chat_template)
     check_chat_template(job, tokenizer)
+    return tokenizer
+
+
+def check_causal_lm_rows(job: JobConfig) -> None:
+    """pretrain and sft: the chat template, and the rows unless the tokenised cache already holds them."""
+    tokenizer = templated_tokenizer(job)
     if job.data.streaming:  # rows are checked as the shards are tokenised: reading them all here is what it avoids
         plan_tasks(job.data)  # the sources exist and are files it reads
         return
@@ -125,8 +131,7 @@ def check_preference_rows(job: JobConfig) -> None:
     from tuneyard.rlhf.preference_recipe import check_teacher, reward_functions
     from tuneyard.rlhf.trl_rows import rlhf_datasets
 
-    tokenizer = load_tokenizer(job.model, job.data.chat_template)
-    check_chat_template(job, tokenizer)
+    tokenizer = templated_tokenizer(job)
     rlhf_datasets(job.stage, job.data, tokenizer, job.training.seed)
     sections = stage_spec(job.stage).sections
     if "reward" in sections:  # named functions registered, the reward model a one-output classifier
@@ -139,8 +144,7 @@ def check_task_head_rows(job: JobConfig) -> None:
     """classify and token-classify: fields, BIO tags and label sets, each refused at its file:line."""
     from tuneyard.training.data.labels import task_datasets
 
-    tokenizer = load_tokenizer(job.model, job.data.chat_template)
-    check_chat_template(job, tokenizer)
+    tokenizer = templated_tokenizer(job)
     task_datasets(job.stage, job.data, tokenizer, job.training.seed)
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from tuneyard.cluster import ray_jobs, slurm
 from tuneyard.launch.config import JobConfig, dump_job, load_job
 from tuneyard.training.errors import UserError
-from tuneyard.training.run_dir import job_identity, prepare_run_dir
+from tuneyard.training.run_dir import job_identity, prepare_run_dir, run_lineage
 
 COMMANDS = ("submit", "status", "logs", "stop")
 # SLURM states in which a job will not run any more (squeue's long names)
@@ -188,7 +188,8 @@ def _make_log_dir(job: JobConfig) -> None:
         else:
             # a new run directory is claimed for this job as `tuneyard train` claims it (run.json), so that the
             # logs/ made now does not read as someone else's files there when the job starts
-            prepare_run_dir(job.output, job_identity(job.identity_dump()))
+            dump = job.identity_dump()
+            prepare_run_dir(job.output, job_identity(dump), run_lineage(dump))
     except OSError as exc:
         raise UserError(
             f"output.dir {run_dir}: cannot create its logs folder for SLURM's output ({exc.strerror or exc}); "

@@ -274,13 +274,12 @@ def remove_all_but_slurm_output(run_dir: Path) -> None:
     """Empty a run directory to start again, keeping logs/slurm-*.out: a SLURM job writes its output there from
     before this process started, and the file it has open must stay where `tuneyard logs` reads it."""
     logs = run_dir / "logs"
-    kept = [entry for entry in logs.iterdir() if entry.name.startswith("slurm-")] if logs.is_dir() else []
     for entry in [*run_dir.iterdir(), *(logs.iterdir() if logs.is_dir() else [])]:
-        if entry == logs or entry in kept or not entry.exists():
+        if entry == logs or (entry.parent == logs and entry.name.startswith("slurm-")):
             continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
-        else:
+        elif entry.exists() or entry.is_symlink():
             entry.unlink()
 
 

@@ -242,9 +242,8 @@ def save_checkpoint(groups: dict[str, RoleGroup], run_dir: Path, state: Controll
 
 def publish_models(groups: dict[str, RoleGroup], run_dir: Path) -> None:
     """final/ (the policy, a Hugging Face folder) and critic/ beside it, each published atomically."""
-    for role, name in (("policy", "final"), ("critic", "critic")):
-        if role not in groups:
-            continue
+    for role in trained(groups):
+        name = "final" if role == "policy" else role
         staging = run_dir / f"{name}.staging"
         shutil.rmtree(staging, ignore_errors=True)
         try:
