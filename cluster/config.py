@@ -42,6 +42,10 @@ class ClusterConfig(BaseModel):
     collective_timeout_s: float = Field(
         default=1800.0, gt=0, description="how long a collective (all-reduce, barrier) waits for every rank"
     )
+    oversubscribe: bool = Field(
+        default=False,
+        description="local Ray only: let the workers ask for more CPUs than twice this machine's cores",
+    )
     gpu_memory: str | None = Field(
         default=None, description="memory of one GPU (80GiB) for the memory plan; none: the visible GPU's"
     )

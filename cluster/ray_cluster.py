@@ -10,15 +10,16 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 from tuneyard.cluster.config import ClusterConfig
+from tuneyard.cluster.errors import ClusterError
 from tuneyard.cluster.extensions import clear_stale_locks, extensions_dir
 
+if TYPE_CHECKING:
+    from tuneyard.cluster.resources import LocalDemand
+
 log = logging.getLogger(__name__)
-
-
-class ClusterError(Exception):
-    """The cluster cannot be reached or cannot host the job; the message says what to change."""
 
 
 def unreachable(host: str, port: int, timeout_s: float = 5.0) -> str | None:
@@ -56,23 +57,24 @@ def worker_env(cpus: float) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def ray_cluster(cfg: ClusterConfig, cpus_needed: float | None = None) -> Iterator[None]:
+def ray_cluster(cfg: ClusterConfig, demand: LocalDemand | None = None) -> Iterator[None]:
     """Use the Ray this process already joined, connect to `cfg.address`, or start a local Ray.
 
-    A local Ray listens on 127.0.0.1 only and is stopped when the block ends; it offers at least
-    `cpus_needed` CPUs (default: the workers' share), so a job sized for a laptop fits on it.
+    A local Ray listens on 127.0.0.1 only and is stopped when the block ends; it offers at least the CPUs of
+    `demand` (default: the workers' share), so a job sized for a laptop fits on it.
     """
-    with ray_starting(cfg, cpus_needed) as wait_until_up:
+    with ray_starting(cfg, demand) as wait_until_up:
         wait_until_up()
         yield
 
 
 @contextlib.contextmanager
-def ray_starting(cfg: ClusterConfig, cpus_needed: float | None = None) -> Iterator[Callable[[], None]]:
+def ray_starting(cfg: ClusterConfig, demand: LocalDemand | None = None) -> Iterator[Callable[[], None]]:
     """`ray_cluster` that starts a local Ray in the background at once and yields a function waiting until it is up.
 
     The driver imports and checks the job meanwhile, so Ray's start-up overlaps that work. A remote cluster is
-    connected to only when waited for, after the checks; nothing is placed on either before then.
+    connected to only when waited for, after the checks; nothing is placed on either before then. A local Ray
+    starts only once this machine's cores and free memory can take `demand` (`resources.check_local_machine`).
     """
     import ray
 
@@ -97,9 +99,13 @@ def ray_starting(cfg: ClusterConfig, cpus_needed: float | None = None) -> Iterat
         finally:
             ray.shutdown()
         return
-    needed = cpus_needed if cpus_needed is not None else cfg.workers * cfg.cpus_per_worker
+    from tuneyard.cluster.resources import check_local_machine, demand_of
+
+    demand = demand or demand_of(cfg)
+    # a local Ray is sized to what the job asks, so nothing would refuse a job far bigger than this machine
+    check_local_machine(demand, cfg.oversubscribe)
     local = LocalRay(
-        num_cpus=max(os.cpu_count() or 1, int(needed + 0.999)),
+        num_cpus=max(os.cpu_count() or 1, int(demand.cpus + 0.999)),
         _node_ip_address="127.0.0.1",
         include_dashboard=cfg.dashboard,
         dashboard_host="127.0.0.1",
@@ -139,6 +145,11 @@ def connect_to_cluster(address: str) -> None:
 
 
 _local_ray: LocalRay | None = None  # the local Ray a `ray_starting` block of this process is starting or running
+
+
+def local_ray_starting() -> bool:
+    """Whether a `ray_starting` block of this process is starting or running a local Ray (not joining a cluster)."""
+    return _local_ray is not None
 
 
 class LocalRay(threading.Thread):

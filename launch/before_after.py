@@ -106,17 +106,18 @@ def feedback_figures(job: JobConfig, model_path: str | None, rows: list[dict]) -
 
 
 def greedy_reward_figures(job: JobConfig, model_path: str | None, rows: list[dict]) -> dict[str, float]:
-    """The online RL stages: the reward functions' score of the greedy answers to held-out prompts."""
+    """The online RL stages: the reward functions' score of the greedy answers to held-out prompts, and the task's
+    accuracy where the first function is a 0/1 check."""
     spec = stage_spec(job.stage)
     if not job.reward.functions or spec.completion_length is None or (tokenizer := _scoring_tokenizer(job)) is None:
         return {}
-    from tuneyard.rlhf.preference_eval import reward_of_greedy_answers
+    from tuneyard.rlhf.preference_eval import greedy_answer_figures
     from tuneyard.rlhf.rewards import lookup
 
     functions = [(lookup(f.name), f.weight) for f in job.reward.functions]
     model = _load(job, model_path, "causal-lm")
     length = spec.completion_length(job)
-    return {"greedy reward": reward_of_greedy_answers(model, tokenizer, rows, functions, length)}
+    return greedy_answer_figures(model, tokenizer, rows, functions, length)
 
 
 def teacher_kl_figures(job: JobConfig, model_path: str | None, rows: list[dict]) -> dict[str, float]:

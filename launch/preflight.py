@@ -14,9 +14,10 @@ from tuneyard.training.data.sources import read_splits
 from tuneyard.training.data.tokenize import CHAT_FORMATS, cache_key, default_cache_dir, tokenize_chat
 from tuneyard.training.errors import UserError
 from tuneyard.training.model import check_model_source, load_tokenizer
-from tuneyard.training.run_dir import check_resume_world_size, resume_checkpoint
+from tuneyard.training.run_dir import resume_checkpoint
 from tuneyard.training.stages import stage_spec, stages_where
 from tuneyard.training.tracking import check_trackers
+from tuneyard.training.universal_checkpoint import prepare_resize, written_ranks
 
 TORCH_ADAMW = ("adamw_torch", "adamw_torch_fused")  # the default; PPO's roles build torch's AdamW themselves
 
@@ -234,14 +235,36 @@ def check_disk(job: JobConfig, run_dir: Path) -> None:
     check_free_space(job.train_spec(), run_dir, vocab, job.output.keep_last if saves else 0, spec.saved_models)
 
 
-def check_world_size_of_resume(job: JobConfig, run_dir: Path, single: bool) -> None:
-    """The checkpoint a run would resume from must be partitioned for the job's ranks (ZeRO 1-3)."""
+def prepare_resume_world_size(job: JobConfig, run_dir: Path, single: bool) -> None:
+    """Make the checkpoint a run resumes from loadable on the job's ranks: a ZeRO save written by another number of
+    ranks gets its universal copy (once, beside the original), or is refused with the reason."""
     checkpoint = resume_checkpoint(run_dir, job.output.resume)
     if checkpoint is None:
         return
+    log_file = run_dir / "logs" / "universal-checkpoint.log"
+    nvme = optimizer_on_nvme(job)
     if stage_spec(job.stage).controller:
         for role in ("policy", "critic") if job.ppo.has_critic else ("policy",):
             workers = getattr(job.ppo.roles, role).workers
-            check_resume_world_size(checkpoint / role, workers, f"ppo.roles.{role}.workers")
-    else:
-        check_resume_world_size(checkpoint, 1 if single else job.cluster.workers, "cluster.workers")
+            prepare_resize(checkpoint / role, workers, f"ppo.roles.{role}.workers", log_file, nvme)
+        return
+    written = written_ranks(checkpoint)
+    if single and written is not None and written > 1:
+        raise UserError(
+            f"{checkpoint} was written by {written} workers under DeepSpeed ZeRO (its optimizer state is split "
+            f"{written} ways), and --single runs without DeepSpeed, which alone can load it; run the job on Ray (drop "
+            "--single; any cluster.workers, the checkpoint is converted), or start anew (another output.dir, or "
+            "output.overwrite: true)"
+        )
+    if not single:
+        prepare_resize(checkpoint, job.cluster.workers, "cluster.workers", log_file, nvme)
+
+
+def optimizer_on_nvme(job: JobConfig) -> bool:
+    """Whether the job's raw deepspeed.config offloads the optimizer state to NVMe (the switches offer CPU only)."""
+    if not job.deepspeed.config:
+        return False
+    from tuneyard.training.deepspeed_config import build_deepspeed_config
+
+    zero = build_deepspeed_config(job.deepspeed).get("zero_optimization", {})
+    return (zero.get("offload_optimizer") or {}).get("device") == "nvme"

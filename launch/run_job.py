@@ -12,12 +12,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tuneyard.cluster.config import ClusterConfig
-from tuneyard.cluster.ray_cluster import ClusterError, ray_starting
-from tuneyard.cluster.resources import wait_for_resources
+from tuneyard.cluster.ray_cluster import ClusterError, local_ray_starting, ray_starting
+from tuneyard.cluster.resources import check_local_machine, wait_for_resources
 from tuneyard.launch.before_after import final_folder, format_figures, stage_figures, starting_point
 from tuneyard.launch.config import JobConfig, dump_job
 from tuneyard.launch.failures import find_reported_error, raised_by_training, worker_failures
-from tuneyard.launch.preflight import TORCH_ADAMW, check_disk, check_world_size_of_resume, preflight
+from tuneyard.launch.plan.host import base_demand
+from tuneyard.launch.preflight import TORCH_ADAMW, check_disk, preflight, prepare_resume_world_size
 from tuneyard.launch.prepare import prepare_data
 from tuneyard.launch.progress import ProgressFollower
 from tuneyard.training.errors import TrainingFailed, UserError
@@ -237,10 +238,10 @@ def train_and_score(job: JobConfig, run_dir: Path, show_progress: bool, single: 
     """Check, train and publish final/ in `run_dir`; the before/after figures of the job's stage."""
     # A local Ray starts in the background while the driver checks the job (the CLI starts it sooner still);
     # the workers start only once the checks pass.
-    ray_session = contextlib.nullcontext(lambda: None) if single else ray_starting(job.cluster, ray_cpus(job))
+    ray_session = contextlib.nullcontext(lambda: None) if single else ray_starting(job.cluster, base_demand(job))
     with ray_session as wait_for_ray:
         preflight(job)
-        check_world_size_of_resume(job, run_dir, single)
+        prepare_resume_world_size(job, run_dir, single)
         check_disk(job, run_dir)
         start = starting_point(job)
         # The starting model does not change while the workers train, so it is scored after them: the first
@@ -249,6 +250,8 @@ def train_and_score(job: JobConfig, run_dir: Path, show_progress: bool, single: 
         scored_first = start is not None and Path(start).resolve().is_relative_to(run_dir)
         before = stage_figures(job, start) if scored_first else None
         follow = ProgressFollower(run_dir / "metrics.jsonl", job.stage) if show_progress else contextlib.nullcontext()
+        if not single and local_ray_starting():  # a local Ray was sized to the job: does this machine hold it?
+            check_local_memory(job)
         # the driver tokenises before any process group exists, so no rank waits in a barrier while another does
         tokenise = not single and stage_spec(job.stage).tokenised_on_driver
         streamed = tokenise and job.data.streaming  # tokenised by Ray tasks, so once Ray is up
@@ -281,10 +284,13 @@ def train_and_score(job: JobConfig, run_dir: Path, show_progress: bool, single: 
     return figures
 
 
-def ray_cpus(job: JobConfig) -> float | None:
-    """The CPUs a local Ray must offer for the job: PPO's role bundles; None (the workers' share) otherwise."""
-    if not stage_spec(job.stage).controller:
-        return None
-    from tuneyard.rlhf.ppo.groups import plan_placement, present_roles
+def check_local_memory(job: JobConfig) -> None:
+    """Refuse, before any worker starts, a job whose workers' memory (the plan's) exceeds what this machine has free."""
+    from tuneyard.launch.plan.host import local_demand
 
-    return plan_placement(job.ppo, present_roles(job.train_spec(), job.ppo, job.reward)).total("CPU")
+    try:
+        demand = local_demand(job)
+    except UserError as exc:  # a hub model not on disk: the plan cannot count it (Ray's start checked the base)
+        log.warning("local memory check skipped: %s", str(exc).split(";")[0])
+        return
+    check_local_machine(demand, job.cluster.oversubscribe)

@@ -155,6 +155,11 @@ class GenerationSection(BaseModel):
     temperature: float = Field(default=1.0, ge=0, description="0: greedy")
     top_p: float = Field(default=1.0, gt=0, le=1)
     stop_at_eos: bool = True
+    engine: Literal["hf", "vllm"] = Field(
+        default="hf",
+        description="hf: Hugging Face generate inside the policy actors; vllm: vLLM engines as a role of their own "
+        "(ppo.roles.rollout), the policy's weights synced into them after every update",
+    )
 
 
 class RoleSection(BaseModel):
@@ -180,8 +185,33 @@ class CriticRoleSection(RoleSection):
     )
 
 
+class RolloutRoleSection(BaseModel):
+    """The vLLM rollout engines (ppo.generation.engine: vllm): how many, and what each one gets."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    workers: int = Field(default=1, ge=1, description="engines; each answers an equal share of the prompts")
+    tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs one engine shards its model over")
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    gpus_per_worker: float = Field(default=0.0, ge=0, description="on GPUs: tensor_parallel_size")
+    gpu_memory_utilization: float = Field(
+        default=0.5, gt=0, le=1, description="GPU: the share of its GPU memory an engine takes (weights + KV cache)"
+    )
+    kv_cache_gb: int = Field(default=1, ge=1, description="CPU: the KV cache an engine allocates, in GiB")
+
+    @model_validator(mode="after")
+    def _one_gpu_per_shard(self) -> RolloutRoleSection:
+        if self.gpus_per_worker and self.gpus_per_worker != self.tensor_parallel_size:
+            raise ValueError(
+                f"ppo.roles.rollout.gpus_per_worker ({self.gpus_per_worker:g}) must equal its tensor_parallel_size "
+                f"({self.tensor_parallel_size}): an engine holds one whole GPU per tensor-parallel shard"
+            )
+        return self
+
+
 class RolesSection(BaseModel):
-    """The four PPO roles, each its own group of Ray actors and torch.distributed group."""
+    """The PPO roles, each its own group of Ray actors (the trained and scoring roles with a torch.distributed
+    group each)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -189,6 +219,7 @@ class RolesSection(BaseModel):
     critic: CriticRoleSection = Field(default_factory=CriticRoleSection)
     reference: RoleSection = Field(default_factory=RoleSection)
     reward: RoleSection = Field(default_factory=RoleSection)
+    rollout: RolloutRoleSection = Field(default_factory=RolloutRoleSection)
 
     def zero_stage_of(self, role: str, job_zero_stage: int) -> int:
         """A role's ZeRO stage: its own `zero_stage`, else the job's `deepspeed.zero_stage` for the trained roles
@@ -238,6 +269,12 @@ class PpoSection(BaseModel):
     reward_clip: float | None = Field(
         default=None, gt=0, description="clamp each sample's reward to +-reward_clip (none: unclipped; OpenRLHF: 10)"
     )
+    rollout_correction: Literal["none", "tis"] = Field(
+        default="none",
+        description="engine vllm: tis weighs each token's policy loss by min(p_policy / p_engine, tis_cap), "
+        "correcting for what the engine sampled with slightly other numbers than the policy's (truncated IS)",
+    )
+    tis_cap: float = Field(default=2.0, gt=0, description="the truncation of the TIS weight")
     entropy_coef: float = Field(default=0.0, ge=0)
     value_loss_coef: float = Field(default=1.0, gt=0, description="scales the critic's loss")
     critic_learning_rate: float | None = Field(default=None, gt=0, description="defaults to training.learning_rate")
@@ -266,6 +303,11 @@ class PpoSection(BaseModel):
             raise ValueError(
                 f"ppo.mini_batch_size ({self.mini_batch_size}) must divide the samples of an iteration "
                 f"(rollout_batch_size x samples_per_prompt = {samples})"
+            )
+        if self.rollout_correction == "tis" and self.generation.engine != "vllm":
+            raise ValueError(
+                "ppo.rollout_correction tis corrects for the vLLM engines' sampling numbers; with "
+                "ppo.generation.engine hf the policy samples itself: set engine: vllm, or rollout_correction: none"
             )
         for role in ("reference", "reward"):
             if getattr(self.roles, role).zero_stage not in (None, 0, 3):

@@ -74,22 +74,29 @@ def feedback_figures(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     }
 
 
-def reward_of_greedy_answers(
+def greedy_answer_figures(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     rows: list[dict],
     functions: list[tuple[RewardFn, float]],
     max_new_tokens: int = 16,
-) -> float:
-    """Mean weighted reward of the model's greedy answers to the rows' prompts."""
+) -> dict[str, float]:
+    """The mean weighted reward of the model's greedy answers to the rows' prompts ("greedy reward"), and where the
+    first reward function is a 0/1 check (e.g. last_word_exact) the share it passes: the task's accuracy."""
     model.eval()
     prompts = [as_messages(row["prompt"], "user") for row in rows]
     answers = [[{"role": "assistant", "content": greedy_answer(model, tokenizer, p, max_new_tokens)}] for p in prompts]
     total = [0.0] * len(rows)
+    per_function = []
     for fn, weight in functions:
-        for i, value in enumerate(fn(prompts=prompts, completions=answers)):
+        values = fn(prompts=prompts, completions=answers)
+        per_function.append(values)
+        for i, value in enumerate(values):
             total[i] += weight * value
-    return sum(total) / len(total)
+    figures = {"greedy reward": sum(total) / len(total)}
+    if set(per_function[0]) <= {0.0, 1.0}:
+        figures["task acc."] = sum(per_function[0]) / len(rows)
+    return figures
 
 
 @torch.no_grad()

@@ -184,6 +184,19 @@ def test_ppo_colocated_roles_add_up_on_one_gpu(tmp_path):
     assert reference.gradients == reference.optimizer == 0 and reference.weights > 0
 
 
+def test_ppo_rollout_engines_are_a_device_of_their_own(tmp_path):
+    """engine vllm: each engine is a device of its own, holding the weights over its shards and what
+    gpu_memory_utilization takes of its GPU (vLLM reserves it up front)."""
+    job = ppo_job(tmp_path, "none")
+    job["ppo"]["generation"] = {"engine": "vllm"}
+    job["ppo"]["roles"]["rollout"] = {"workers": 2, "gpus_per_worker": 1, "gpu_memory_utilization": 0.4}
+    vllm = plan_job(job_from_dict(job), Hardware(gpu_memory=80 * GiB))
+    assert [d.name for d in vllm.devices] == ["policy", "critic", "reference", "rollout"]
+    policy, engine = vllm.devices[0].parts[0][1], vllm.devices[3].parts[0][1]
+    assert engine.weights == pytest.approx(policy.weights) and engine.optimizer == engine.gradients == 0
+    assert engine.weights + engine.activations == pytest.approx(0.4 * 80 * GiB)
+
+
 # --- the CLI: plan, and the check before train
 
 

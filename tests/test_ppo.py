@@ -19,7 +19,8 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from tests.conftest import EXAMPLES, ROOT, TINY_ARCH, can_mount_tmpfs, job_dict
+from tests.conftest import ROOT, TINY_ARCH, can_mount_tmpfs
+from tests.ppo_jobs import DATA, PPO_JOB, assert_user_error, iterations_of, ppo_job, run_cli
 from tuneyard.cluster.ray_cluster import ClusterError
 from tuneyard.launch.config import job_from_dict
 from tuneyard.launch.run_job import run_job
@@ -33,51 +34,6 @@ from tuneyard.training.errors import TrainingFailed
 from tuneyard.training.metrics import COMPLETE_MARKER, read_metrics
 from tuneyard.training.preemption import REQUEST_FILE, Preempted
 from tuneyard.training.run_dir import complete_checkpoints
-
-DATA = EXAMPLES / "data"
-PPO_JOB = {
-    "stage": "ppo",
-    "model": {"name_or_path": "set-by-test"},
-    "data": {
-        "format": "prompt",
-        "train": str(DATA / "last-word-prompts-train.jsonl"),
-        "eval": str(DATA / "last-word-prompts-eval.jsonl"),
-        "max_length": 128,
-    },
-    "ppo": {
-        "rollout_batch_size": 16,
-        "samples_per_prompt": 2,
-        "mini_batch_size": 16,
-        "micro_batch_size": 8,
-        "generation": {"max_new_tokens": 8, "temperature": 0.7},
-        "roles": {
-            "policy": {"cpus_per_worker": 0.5},
-            "critic": {"cpus_per_worker": 0.5},
-            "reference": {"cpus_per_worker": 0.5},
-            "reward": {"cpus_per_worker": 0.5},
-        },
-    },
-    "reward": {"functions": [{"name": "last_word_exact"}, {"name": "one_word", "weight": 0.2}]},
-    "training": {"learning_rate": 5e-4, "lr_scheduler": "constant", "seed": 7, "precision": "fp32"},
-    "deepspeed": {"zero_stage": 2},
-    "output": {"dir": "set-by-test"},
-}
-
-
-def ppo_job(tmp_path, policy: str, name: str, **sections: dict) -> dict:
-    """A PPO job dict from PPO_JOB with the policy folder and some sections' keys replaced (`ppo` merged deeply)."""
-    ppo = sections.pop("ppo", {})
-    job = job_dict(PPO_JOB, tmp_path / name, **sections)
-    job["model"] = {"name_or_path": policy}
-    job["data"].pop("cache_dir")
-    for key, value in ppo.items():
-        job["ppo"][key] = {**job["ppo"].get(key, {}), **value} if isinstance(value, dict) else value
-    return job
-
-
-def iterations_of(run_dir) -> list[dict]:
-    return [r for r in read_metrics(run_dir / "metrics.jsonl") if "reward" in r]
-
 
 # --- pure pieces: layout, placement, data order, re-tokenisation
 
@@ -465,24 +421,6 @@ def test_lora_policy_is_its_own_reference(ray_session, sft_base, tmp_path):
 
 
 # --- the user's mistakes: one paragraph, exit 2, before any actor starts
-
-
-def run_cli(tmp_path, job: dict, *extra: str) -> subprocess.CompletedProcess:
-    path = tmp_path / "job.yaml"
-    path.write_text(yaml.safe_dump(job))
-    return subprocess.run(
-        [sys.executable, "-m", "tuneyard.launch.cli", "train", str(path), *extra],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr + proc.stdout
-    for fragment in fragments:
-        assert fragment in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize(

@@ -178,18 +178,14 @@ def test_a_killed_worker_without_retries_is_one_paragraph(ray_session, tmp_path)
     assert "training.max_failures" in message
 
 
-def test_resume_on_another_world_size_is_refused_with_the_way_on(pretrain_run, tmp_path):
-    """2 workers -> 1 worker is refused (before any worker starts); 2 -> 2 resumes (the resume test above)."""
+def test_resume_of_2_workers_in_one_process_is_refused_with_the_way_on(pretrain_run, tmp_path):
+    """--single has no DeepSpeed to load a 2-worker ZeRO checkpoint: refused before anything starts. On Ray any
+    cluster.workers resumes it (its universal copy: tests/test_resume_resize.py); 2 -> 2 resumes (the test above)."""
     job, straight = pretrain_run
     copy = tmp_path / "run"
     shutil.copytree(straight.run_dir, copy, ignore=shutil.ignore_patterns("checkpoint-30", "final", "ray", "logs"))
-    one = job.model_copy(
-        update={
-            "output": job.output.model_copy(update={"dir": str(copy)}),
-            "cluster": job.cluster.model_copy(update={"workers": 1}),
-        }
-    )
-    with pytest.raises(UserError, match="written by 2 workers under ZeRO") as info:
-        run_job(one, show_progress=False)
-    assert "Set cluster.workers: 2 to continue it" in str(info.value)
-    assert not list((copy / "logs").iterdir())  # no worker started
+    one = job.model_copy(update={"output": job.output.model_copy(update={"dir": str(copy)})})
+    with pytest.raises(UserError, match="written by 2 workers under DeepSpeed ZeRO") as info:
+        run_job(one, show_progress=False, single=True)
+    assert "drop --single" in str(info.value)
+    assert not list((copy / "logs").iterdir())  # nothing started

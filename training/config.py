@@ -4,7 +4,16 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationInfo,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 Precision = Literal["auto", "bf16", "fp16", "fp32"]
 DataFormat = Literal[
@@ -54,15 +63,77 @@ class ModelConfig(BaseModel):
         )
 
 
+PLAIN_SOURCE_KEYS = ("path", "weight", "split", "name")
+
+
 class DataSource(BaseModel):
-    """One dataset: a local .jsonl/.json/.parquet/.txt file or a `datasets` hub name."""
+    """One dataset: a local .jsonl/.json/.parquet/.txt file or a `datasets` hub name; or one as LLaMA-Factory
+    describes it (a dataset_info.json entry) or as Axolotl does (a `datasets:` entry with its type)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    path: str
+    path: str = Field(description="the data file or folder, or hub name; with dataset_info: that file")
     weight: float = Field(default=1.0, gt=0, description="2.0 repeats the source twice, 0.5 keeps a seeded half")
     split: str = "train"
-    name: str | None = Field(default=None, description="hub dataset config name")
+    name: str | None = Field(default=None, description="hub dataset config name; with dataset_info: the entry's name")
+    dataset_info: str | None = Field(
+        default=None, description="LLaMA-Factory's dataset_info.json: its entry `name` gives file, format and columns"
+    )
+    # an Axolotl `datasets:` entry: its type and the keys it reads, with Axolotl's meaning and defaults
+    type: str | None = Field(
+        default=None,
+        description="Axolotl's dataset type: chat_template, alpaca, chat_template.default or "
+        "chat_template.argilla_chat (DPO)",
+    )
+    field_messages: str | None = Field(default=None, description="Axolotl: the conversation's column (messages)")
+    message_property_mappings: dict[str, str] | None = Field(
+        default=None, description="Axolotl: a message's keys, {role: from, content: value}"
+    )
+    roles: dict[str, list[str]] | None = Field(
+        default=None, description="Axolotl: {role: [the names the data uses for it]}"
+    )
+    roles_to_train: list[str] | None = Field(
+        default=None, description="Axolotl: the roles whose turns carry loss (default: data.train_on)"
+    )
+    train_on_eos: Literal["turn", "all", "last", "none"] | None = Field(
+        default=None, description="Axolotl: which end-of-turn/EOS tokens carry loss (default turn)"
+    )
+    message_field_training: str | None = Field(
+        default=None, description="Axolotl: a message's true/false key that says whether the turn carries loss"
+    )
+    field_tools: str | None = Field(default=None, description="Axolotl: the tool definitions' column (tools)")
+    field_system: str | None = Field(default=None, description="Axolotl: the system prompt's column (system)")
+    field_chosen: str | None = Field(default=None, description="Axolotl chat_template.default: chosen's column")
+    field_rejected: str | None = Field(default=None, description="Axolotl chat_template.default: rejected's column")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _registry_entry(cls, data: object) -> object:
+        from tuneyard.training.data.registry_entries import check_source_entry
+
+        return check_source_entry(data)
+
+    @model_serializer(mode="wrap")
+    def _without_unset_entry_keys(self, handler: SerializerFunctionWrapHandler) -> dict:
+        # a plain source dumps as it always has, so existing runs keep their identity (and `validate` stays short)
+        dump = {k: v for k, v in handler(self).items() if v is not None or k in PLAIN_SOURCE_KEYS}
+        if self.dataset_info is not None:  # its split is the entry's, not a key of its own
+            dump.pop("split", None)
+        return dump
+
+
+class ShareGptTags(BaseModel):
+    """How ShareGPT turns name their keys and speakers, in LLaMA-Factory's `tags` words."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    role_tag: str = Field(default="from", description="the key that names the speaker")
+    content_tag: str = Field(default="value", description="the key that holds the text")
+    user_tag: str = "human"
+    assistant_tag: str = "gpt"
+    observation_tag: str = Field(default="observation", description="a tool's result")
+    function_tag: str = Field(default="function_call", description="a tool call, its text the call as JSON")
+    system_tag: str = "system"
 
 
 def _as_sources(value: object) -> object:
@@ -107,7 +178,11 @@ class DataConfig(BaseModel):
         default=None, description="chatml, a template TRL ships (llama3, qwen3, ...) or a .jinja file"
     )
     train_on: Literal["assistant", "all", "last_assistant"] = Field(
-        default="assistant", description="which tokens of a conversation carry loss"
+        default="assistant",
+        description="which tokens of a conversation carry loss; a turn's loss_weight (0 or 1) decides its own",
+    )
+    tags: ShareGptTags | None = Field(
+        default=None, description="ShareGPT turns' keys and speaker names (LLaMA-Factory's tags), e.g. {role_tag: role}"
     )
 
     _sources = field_validator("train", "eval", mode="before")(lambda cls, v: _as_sources(v))
@@ -121,6 +196,24 @@ class DataConfig(BaseModel):
         if any(not source.path.strip() for source in sources or []):
             raise ValueError("a source has an empty path; give a data file, a dataset folder or a hub dataset name")
         return sources
+
+    @model_serializer(mode="wrap")
+    def _without_unset_tags(self, handler: SerializerFunctionWrapHandler) -> dict:
+        # a job without data.tags dumps as it did before they existed, so existing runs keep their identity
+        dump = handler(self)
+        if dump.get("tags") is None:
+            dump.pop("tags", None)
+        return dump
+
+    @model_validator(mode="after")
+    def _streamed_sources_are_files(self) -> DataConfig:
+        described = [s for s in [*self.train, *(self.eval or [])] if s.dataset_info is not None or s.type is not None]
+        if self.streaming and described:
+            raise ValueError(
+                "data.streaming reads plain text files; a dataset_info or Axolotl entry is read whole: give the text "
+                "files themselves"
+            )
+        return self
 
 
 class EarlyStopping(BaseModel):

@@ -11,6 +11,8 @@ workers (`forwarded_faults` -> payload -> `apply_faults`), so a test sets them w
   (see `SAVE_POINTS`) and sleeps until it is killed; once per run directory, so the restarted run passes.
 - `TUNEYARD_FAULT_HOLD="1@3"`: rank 1 sleeps for a long time after step 3 (its peers' next collective
   times out; for PPO the policy's rank 1 after its optimizer step 3, and the controller stops waiting).
+- `TUNEYARD_FAULT_ENGINE_HOLD="0@2"`: PPO's rollout engine 0 sleeps for a long time instead of receiving the
+  weights of its second sync (the policy's broadcast times out, naming the parameter; the controller names the engine).
 - `TUNEYARD_FAULT_RAISE="3"`: every rank raises ValueError("injected") after step 3 (for PPO the policy's
   ranks after their optimizer step 3): an error of the training code itself, the same on every attempt.
 """
@@ -67,3 +69,9 @@ def raise_at_step(step: int) -> None:
     """Raise ValueError("injected") after `step` on every rank, when TUNEYARD_FAULT_RAISE names that step."""
     if str(step) in os.environ.get(PREFIX + "RAISE", "").replace(" ", "").split(","):
         raise ValueError(f"injected at step {step}")
+
+
+def engine_sync_faults(sync: int, rank: int) -> None:
+    """A rollout engine's hold before it receives the weights of its sync number `sync` (TUNEYARD_FAULT_ENGINE_HOLD)."""
+    if os.environ.get(PREFIX + "ENGINE_HOLD") == f"{rank}@{sync}":
+        time.sleep(HOLD_SECONDS)

@@ -296,25 +296,6 @@ def resume_checkpoint(run_dir: Path, resume: str) -> Path | None:
     return path
 
 
-def partitioned_ranks(checkpoint: Path) -> int | None:
-    """How many ranks a DeepSpeed ZeRO checkpoint's optimizer state is split over (None: not partitioned)."""
-    ranks = {p.name.split("_")[3] for p in Path(checkpoint).rglob("zero_pp_rank_*_optim_states.pt")}
-    return len(ranks) or None
-
-
-def check_resume_world_size(checkpoint: Path, world_size: int, key: str) -> None:
-    """Refuse to resume a ZeRO checkpoint partitioned for another number of ranks, saying how to go on."""
-    written = partitioned_ranks(checkpoint)
-    if written is None or written == world_size:
-        return
-    raise UserError(
-        f"{checkpoint} was written by {written} workers under ZeRO (its optimizer state is split {written} ways), "
-        f"but this job runs {key}: {world_size}. Set {key}: {written} to continue it, or start anew "
-        "(another output.dir, or output.overwrite: true); resuming on another world size needs DeepSpeed's "
-        "universal checkpoint (python -m deepspeed.checkpoint.ds_to_universal), which tuneyard does not run yet."
-    )
-
-
 def publish_final(staging: Path, final: Path) -> None:
     """Swap a fully written staging folder into place; the old `final/` survives any failure before."""
     old = final.with_name(final.name + ".old")

@@ -35,6 +35,7 @@ from tuneyard.training.run_dir import (
     publish_final,
     resume_checkpoint,
 )
+from tuneyard.training.universal_checkpoint import loads_universal, universal_copy, untie_step_counters
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +82,30 @@ def common_trainer_kwargs(spec: TrainSpec, run_dir: Path, has_eval: bool) -> dic
         use_cpu=not cuda,
         # a backend makes accelerate expect a process group; a single process (--single) has none
         ddp_backend=("nccl" if cuda else "gloo") if dist.is_initialized() else None,
-        deepspeed=build_deepspeed_config(spec.deepspeed, cuda=cuda) if spec.deepspeed is not None else None,
+        deepspeed=trainer_deepspeed_config(spec, run_dir),
         dataloader_num_workers=0,
         optim=training.optim,
         neftune_noise_alpha=training.neftune_noise_alpha,
         **best_metric_flags(spec),
         **_precision_flags(training),
     )
+
+
+def trainer_deepspeed_config(spec: TrainSpec, run_dir: Path) -> dict | None:
+    """The DeepSpeed dict of the job; it loads the universal copy of a checkpoint written by another rank count."""
+    if spec.deepspeed is None:
+        return None
+    config = build_deepspeed_config(spec.deepspeed, cuda=torch.cuda.is_available())
+    checkpoint = resume_checkpoint(run_dir, spec.output.resume)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    if loads_universal(checkpoint, world):
+        if universal_copy(checkpoint) is None:  # the driver converts it before the workers start (launch/preflight)
+            raise UserError(
+                f"{checkpoint} was written by another number of ranks than this job's {world} and has no universal "
+                "copy to load; start the job with `tuneyard train`, which makes one"
+            )
+        config["checkpoint"] = {"load_universal": True}
+    return config
 
 
 def best_metric_flags(spec: TrainSpec) -> dict:
@@ -106,6 +124,14 @@ class StartingModelIsNoCandidate(TrainerCallback):
     def on_step_begin(self, args, state, control, **kw) -> None:
         if state.global_step == 0:
             state.best_metric, state.best_global_step, state.best_model_checkpoint = None, None, None
+
+
+class SeparateStepCounters(TrainerCallback):
+    """After a resume, each optimizer group counts its own Adam steps (`universal_checkpoint.untie_step_counters`)."""
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kw) -> None:
+        if optimizer is not None and untie_step_counters(optimizer):
+            log.info("the resumed optimizer's groups shared one step counter; each has its own now")
 
 
 class ZeroShareReport(TrainerCallback):
@@ -130,6 +156,7 @@ def run_callbacks(spec: TrainSpec, run_dir: Path, rank: int, samples_per_step: i
         *([EarlyStoppingCallback(stopping.patience, stopping.threshold)] if stopping else []),
         StartingModelIsNoCandidate(),
         ZeroShareReport(),
+        SeparateStepCounters(),
         *([AdaLoraRankBudget()] if spec.peft.method == "adalora" else []),
         Heartbeat(run_dir, rank),  # last: see its docstring
     ]

@@ -2,7 +2,8 @@
 
 Modules, each importing only those above it: memory (the per-rank arithmetic), types (the records), shapes
 (a job's shapes and switches), spmd and ppo (the two kinds of plan), job (picks one), suggestions (changes
-that fit), report (the tables, the verdict and the entry points `tuneyard plan`, `train` and `submit` call).
+that fit), report (the tables, the verdict and the entry points `tuneyard plan`, `train` and `submit` call), host
+(what a job's workers ask of the one machine a local Ray runs on).
 """
 
 from tuneyard.launch.plan.job import plan_job

@@ -437,6 +437,41 @@ def rank_memory(shape: ModelShape, setup: Setup) -> RankMemory:
     )
 
 
+def engine_memory(
+    shape: ModelShape,
+    precision: str,
+    shards: int,
+    batch: int,
+    seq: int,
+    budget: float = 0.0,
+    reserved_cache: float = 0.0,
+) -> RankMemory:
+    """One vLLM rollout engine: its weights (over its tensor-parallel shards) and KV cache.
+
+    On a GPU vLLM takes `budget` bytes (gpu_memory_utilization of the GPU) up front whatever the batch needs; on
+    CPUs it reserves `reserved_cache` for the cache; else the KV cache of the batch it answers at once counts."""
+    weights = shape.total * (2 if precision in ("bf16", "fp16") else 4) / shards
+    cache = max(generation_bytes(shape, batch, seq) / shards, budget - weights, reserved_cache)
+    return RankMemory(
+        weights=weights,
+        gradients=0.0,
+        optimizer=0.0,
+        activations_full=cache,
+        activations_checkpointed=cache,
+        checkpointing=False,
+        gathered=0.0,
+        buckets=0.0,
+        margin=GPU_MARGIN,
+        cpu_load=weights,
+    )
+
+
+def host_bytes(memory: RankMemory) -> float:
+    """A rank's bytes in CPU memory when it trains on CPUs: what a GPU rank keeps on its GPU (without the CUDA
+    margin) and its offloaded states; the worker process's own base is `cluster.resources.WORKER_BASE_BYTES`."""
+    return memory.gpu - memory.margin + memory.cpu_states + memory.cpu_buffers
+
+
 def gib(value: float) -> str:
     """Bytes as GiB with two decimals."""
     return f"{value / GiB:.2f}"

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from tuneyard.cluster.resources import WORKER_BASE_BYTES
 from tuneyard.launch.config import JobConfig
-from tuneyard.launch.plan.memory import RankMemory, Setup, rank_memory
+from tuneyard.launch.plan.memory import RankMemory, Setup, engine_memory, host_bytes, rank_memory
 from tuneyard.launch.plan.shapes import (
     Shapes,
     deepspeed_switches,
@@ -42,13 +43,27 @@ def plan_ppo(job: JobConfig, hardware: Hardware, shapes: Shapes) -> JobPlan:
     memories: dict[str, RankMemory] = {}
     for role in roles:
         section = getattr(ppo.roles, role)
+        if role == "rollout":
+            # vLLM takes its share of the GPU up front; on CPUs, VLLM_CPU_KVCACHE_SPACE (kv_cache_gb) for its cache
+            on_gpu = bool(section.gpus_per_worker)
+            memories[role] = engine_memory(
+                shapes.of(job.model),
+                common.precision,
+                section.tensor_parallel_size,
+                samples // section.workers,
+                seq,
+                budget=section.gpu_memory_utilization * (hardware.gpu_memory or 0) if on_gpu else 0.0,
+                reserved_cache=0.0 if on_gpu else section.kv_cache_gb * 2**30,
+            )
+            continue
         trains = role in ("policy", "critic")
         world = section.workers
         micro = min(ppo.micro_batch_size, ppo.mini_batch_size // world) if trains else ppo.micro_batch_size
         zero = ppo.roles.zero_stage_of(role, stage)
         setup = common.changed(zero_stage=zero, world=world, micro_batch=micro, trains=trains)
         if role == "policy":
-            setup = setup.changed(peft=job.peft, generation_batch=samples // world)
+            generates = ppo.generation.engine == "hf"  # else the rollout engines do
+            setup = setup.changed(peft=job.peft, generation_batch=samples // world if generates else 0)
             shape = shapes.of(job.model)
         elif role == "critic":
             # auto starts from the reward model when it shares the policy's tokenizer; counted as it when present
@@ -64,10 +79,18 @@ def plan_ppo(job: JobConfig, hardware: Hardware, shapes: Shapes) -> JobPlan:
     for together in colocated_sets(ppo.colocate, roles):
         parts = [(role, memories[role] if i == 0 else frozen_part(memories[role])) for i, role in enumerate(together)]
         per_node = hardware.gpus_per_node or max(getattr(ppo.roles, r).workers for r in together)
-        devices.append(Device(" + ".join(together), parts, per_node))
+        host = None
+        if all(getattr(ppo.roles, r).gpus_per_worker == 0 for r in together):  # on CPUs: each role's own processes
+            parts = [(role, frozen_part(memory)) for role, memory in parts]  # no CUDA margin
+            held = sum(getattr(ppo.roles, r).workers * (WORKER_BASE_BYTES + host_bytes(m)) for r, m in parts)
+            host = held / per_node
+        devices.append(Device(" + ".join(together), parts, per_node, host_per_rank=host))
     policy_shape = shapes.of(job.model)
     role_list = ", ".join(
-        f"{r} {getattr(ppo.roles, r).workers} rank(s) ZeRO-{ppo.roles.zero_stage_of(r, stage)}" for r in memories
+        f"rollout {ppo.roles.rollout.workers} vLLM engine(s) x TP {ppo.roles.rollout.tensor_parallel_size}"
+        if r == "rollout"
+        else f"{r} {getattr(ppo.roles, r).workers} rank(s) ZeRO-{ppo.roles.zero_stage_of(r, stage)}"
+        for r in memories
     )
     summary = [
         model_text(policy_shape, job.model.name_or_path)
@@ -75,7 +98,7 @@ def plan_ppo(job: JobConfig, hardware: Hardware, shapes: Shapes) -> JobPlan:
         f"roles: {role_list}; colocate: {ppo.colocate}; "
         f"offload: {offload_text(offload_optimizer, offload_params)}; {common.precision}",
         f"micro-batch {ppo.micro_batch_size} x {seq} tokens (prompt + new tokens); "
-        f"policy generates {samples} sample(s) over its ranks; gradient checkpointing "
-        + ("on" if common.gradient_checkpointing else "off"),
+        f"{'policy' if ppo.generation.engine == 'hf' else 'vLLM'} generates {samples} sample(s) over its "
+        "ranks; gradient checkpointing " + ("on" if common.gradient_checkpointing else "off"),
     ]
     return JobPlan(devices, hardware, summary)

@@ -11,9 +11,10 @@ import logging
 import os
 
 from tuneyard.cluster.config import parse_size
+from tuneyard.cluster.resources import WORKER_BASE_BYTES
 from tuneyard.launch.config import JobConfig
 from tuneyard.launch.plan.job import plan_job
-from tuneyard.launch.plan.memory import gib
+from tuneyard.launch.plan.memory import gib, host_bytes
 from tuneyard.launch.plan.shapes import Shapes
 from tuneyard.launch.plan.suggestions import suggest
 from tuneyard.launch.plan.types import Device, Hardware, JobPlan, Suggestion
@@ -32,7 +33,10 @@ ROWS = (
 
 
 def format_device(device: Device, hardware: Hardware) -> list[str]:
-    """One device's table in GiB: a column per rank sharing it and the total; the activation row that counts is *."""
+    """One device's table in GiB: a column per rank sharing it and the total; the activation row that counts is *.
+
+    A CPU job's device is its worker: the rows are CPU memory, and the node's figure adds each worker's base.
+    """
     names = [name for name, _ in device.parts]
     columns = names + ["total"] if len(names) > 1 else names
     lines = [f"{device.name} (GiB)".ljust(34) + "".join(c.rjust(11) for c in columns)]
@@ -44,11 +48,18 @@ def format_device(device: Device, hardware: Hardware) -> list[str]:
             cells.append(sum(cells))
         mark = "*" if label.startswith("activations") and counts else " "
         lines.append(f"  {label}{mark}".ljust(34) + "".join(gib(c).rjust(11) for c in cells))
-    totals = [m.gpu for _, m in device.parts] + ([device.gpu] if len(device.parts) > 1 else [])
-    of = f"   of {gib(hardware.gpu_memory)}" if hardware.gpu_memory else ""
-    lines.append("  GPU total".ljust(34) + "".join(gib(t).rjust(11) for t in totals) + of)
-    cpu = [m.cpu * device.per_node for _, m in device.parts] + ([device.cpu] if len(device.parts) > 1 else [])
+    on_cpu = device.host_per_rank is not None
+    totals = [host_bytes(m) if on_cpu else m.gpu for _, m in device.parts]
+    totals += [sum(totals)] if len(device.parts) > 1 else []
+    of = f"   of {gib(hardware.gpu_memory)}" if hardware.gpu_memory and not on_cpu else ""
+    label = "  total, without the worker's base" if on_cpu else "  GPU total"
+    lines.append(label.ljust(34) + "".join(gib(t).rjust(11) for t in totals) + of)
     of = f"   of {gib(hardware.cpu_memory)}" if hardware.cpu_memory else ""
+    if on_cpu:
+        lines.append("  a worker's base".ljust(34) + gib(WORKER_BASE_BYTES).rjust(11))
+        lines.append(f"  CPU per node ({device.per_node} workers)".ljust(34) + gib(device.cpu).rjust(11) + of)
+        return lines
+    cpu = [m.cpu * device.per_node for _, m in device.parts] + ([device.cpu] if len(device.parts) > 1 else [])
     lines.append(f"  CPU per node ({device.per_node} GPUs)".ljust(34) + "".join(gib(c).rjust(11) for c in cpu) + of)
     return lines
 
@@ -71,6 +82,11 @@ def verdict(plan: JobPlan) -> str:
     """One line: fits (with the headroom), does not fit (which device, by how much), or not checked."""
     hardware = plan.hardware
     worst = max(plan.devices, key=lambda d: d.gpu)
+    if plan.on_cpu:
+        if hardware.cpu_memory is None:
+            return f"a CPU job; CPU memory per node not given: {gib(plan.peak_cpu)} GiB not checked"
+        fits = "fits" if plan.cpu_fits else "does NOT fit"
+        return f"a CPU job, {fits}: {gib(plan.peak_cpu)} GiB of {gib(hardware.cpu_memory)} GiB of CPU memory per node"
     if hardware.gpu_memory is None:
         text = f"GPU memory not given (--gpu-memory or cluster.gpu_memory): not checked; peak {gib(plan.peak_gpu)} GiB"
     elif plan.gpu_fits:

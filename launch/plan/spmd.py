@@ -6,8 +6,9 @@ adapter off is the reference), distill's teacher, and the reward model TRL's onl
 
 from __future__ import annotations
 
+from tuneyard.cluster.resources import WORKER_BASE_BYTES
 from tuneyard.launch.config import JobConfig
-from tuneyard.launch.plan.memory import Setup, rank_memory
+from tuneyard.launch.plan.memory import Setup, host_bytes, rank_memory
 from tuneyard.launch.plan.shapes import (
     Shapes,
     deepspeed_switches,
@@ -65,11 +66,16 @@ def plan_spmd(job: JobConfig, hardware: Hardware, shapes: Shapes) -> JobPlan:
         frozen = setup.changed(trains=False, peft=PeftSection(), generation_batch=0)
         parts.append(("reward", frozen_part(rank_memory(reward_shape, frozen))))
     parts = [(name, scaled(memory, per_gpu)) for name, memory in parts]
-    device = Device("each GPU" if per_gpu == 1 else f"each GPU ({per_gpu} ranks)", parts, per_node)
+    if job.cluster.gpus_per_worker == 0:  # on CPUs: one worker process per rank holds all of it in CPU memory
+        parts = [(name, frozen_part(memory)) for name, memory in parts]  # no CUDA margin
+        host = WORKER_BASE_BYTES + sum(host_bytes(memory) for _, memory in parts)
+        device = Device("each worker (CPU)", parts, per_node, host_per_rank=host)
+    else:
+        device = Device("each GPU" if per_gpu == 1 else f"each GPU ({per_gpu} ranks)", parts, per_node)
     trainable = trainable_text(shape, job.peft)
     summary = [
         model_text(shape, job.model.name_or_path) + f"; trainable {trainable}",
-        f"{world} rank(s), {per_node} GPU(s) per node; ZeRO-{stage}, "
+        f"{world} rank(s), {per_node} {'worker(s)' if device.host_per_rank else 'GPU(s)'} per node; ZeRO-{stage}, "
         f"offload: {offload_text(offload_optimizer, offload_params)}; {setup.precision}; optimizer {setup.optim}",
         f"micro-batch {setup.micro_batch} x {seq} tokens"
         + (" (chosen + rejected)" if pairs == 2 else "")

@@ -27,6 +27,7 @@ class Device:
     name: str
     parts: list[tuple[str, RankMemory]]
     per_node: int = 1
+    host_per_rank: float | None = None  # a CPU job: the CPU bytes of one rank's processes (their base included)
 
     @property
     def gpu(self) -> float:
@@ -35,7 +36,10 @@ class Device:
 
     @property
     def cpu(self) -> float:
-        """Bytes of CPU memory a node needs for its GPUs like this one (offloaded states, or loading)."""
+        """Bytes of CPU memory a node needs for its GPUs like this one (offloaded states, or loading); a CPU job's
+        ranks hold everything there."""
+        if self.host_per_rank is not None:
+            return self.host_per_rank * self.per_node
         return sum(memory.cpu for _, memory in self.parts) * self.per_node
 
 
@@ -48,19 +52,26 @@ class JobPlan:
     summary: list[str] = field(default_factory=list)
 
     @property
+    def on_cpu(self) -> bool:
+        """A job that trains on CPUs only: its figures are CPU memory."""
+        return all(d.host_per_rank is not None for d in self.devices)
+
+    @property
     def peak_gpu(self) -> float:
         """The fullest GPU's bytes."""
         return max(d.gpu for d in self.devices)
 
     @property
     def peak_cpu(self) -> float:
-        """The fullest node's CPU bytes."""
+        """The fullest node's CPU bytes (a CPU job: every device's ranks share the node)."""
+        if self.on_cpu:
+            return sum(d.cpu for d in self.devices)
         return max(d.cpu for d in self.devices)
 
     @property
     def gpu_fits(self) -> bool:
-        """Every GPU holds its figures (True when the GPU memory is unknown)."""
-        return self.hardware.gpu_memory is None or self.peak_gpu <= self.hardware.gpu_memory
+        """Every GPU holds its figures (True when the GPU memory is unknown, or the job has no GPU)."""
+        return self.on_cpu or self.hardware.gpu_memory is None or self.peak_gpu <= self.hardware.gpu_memory
 
     @property
     def cpu_fits(self) -> bool:

@@ -229,8 +229,11 @@ def policy_loss(
     *,
     dual_clip: float | None = None,
     aggregation: str = "sequence_mean",
+    token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO clipped surrogate loss and its stats (clip_frac, approx_kl, ratio_max_dev; dual_clip_frac if dual_clip)."""
+    """PPO clipped surrogate loss and its stats (clip_frac, approx_kl, ratio_max_dev; dual_clip_frac if dual_clip).
+
+    `token_weights` (constants, e.g. truncated importance weights) scale each token's loss before aggregation."""
     # at or below 1 the bound dual_clip * |A| would cut into the ordinary PPO objective at ratio 1 itself
     if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"dual_clip must be > 1 (or None), not {dual_clip}")
@@ -252,6 +255,8 @@ def policy_loss(
         per_token_dual = torch.where(dual_clipped, bound, per_token)
     else:
         per_token_dual = per_token
+    if token_weights is not None:
+        per_token_dual = per_token_dual * torch.where(keep, token_weights.to(logprobs.dtype), zero)
     loss = aggregate(per_token_dual, mask, aggregation)
     with torch.no_grad():
         deviation = torch.where(keep, (ratio - 1).abs(), zero)
@@ -264,6 +269,16 @@ def policy_loss(
         if dual_clip is not None:
             stats["dual_clip_frac"] = masked_mean(dual_clipped.to(logprobs.dtype), mask)
     return loss, stats
+
+
+def truncated_importance_weights(policy_logprobs: Tensor, engine_logprobs: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """TIS: min(p_policy / p_engine, cap) per sampled token (1 off the response), as OpenRLHF's and verl's.
+
+    The engine sampled from its own numbers; this reweights each token's loss toward the policy's distribution,
+    truncated so a token the engine found far likelier than the policy cannot dominate a batch."""
+    keep = _bool(mask)
+    log_ratio = torch.where(keep, policy_logprobs - engine_logprobs, torch.zeros_like(policy_logprobs))
+    return torch.exp(log_ratio).clamp(max=cap)
 
 
 def value_loss(

@@ -45,6 +45,15 @@ def right_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.T
     return ids, mask
 
 
+def right_pad_values(rows: list[list[float]]) -> torch.Tensor:
+    """Per-token values of the responses (e.g. an engine's log-probs) as one [B, R] tensor laid out like `right_pad`."""
+    width = max(1, max(len(r) for r in rows))
+    values = torch.zeros((len(rows), width), dtype=torch.float32)
+    for i, row in enumerate(rows):
+        values[i, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return values
+
+
 def build_samples(
     prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, responses: list[list[int]], pad_id: int
 ) -> dict[str, torch.Tensor]:

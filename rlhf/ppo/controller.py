@@ -3,15 +3,16 @@
 Read `ppo_iterations` first: one screen, one iteration a pass through the stages below it, each a function of its own
 in the order the loop calls them:
 
-    generate_rollout     prompts -> responses (the policy ranks' HF generate)           -> Rollout
+    sync_weights         (vLLM engines) the policy's current weights into every engine
+    generate_rollout     prompts -> responses (the policy ranks' HF generate, or the vLLM engines) -> Rollout
     score_rollout        [old log-probs | reference log-probs | values | rewards]      -> RolloutScores
                          every group at once
     estimate_advantages  KL-shaped per-token rewards -> GAE -> whitening               -> Experience
     ppo_update           ppo_epochs x mini-batches of (policy, critic) optimizer steps -> per-step figures
     then                 metrics, KL controller, checkpoint (or a requested stop)
 
-Another rollout engine (vLLM) answers in `generate_rollout` and another advantage estimator (grpo, rloo, ...) lives
-in `estimate_advantages`; the loop reads only their Rollout and Experience. `run_ppo` around the loop checks the
+The rollout engine (`ppo.generation.engine`) answers in `generate_rollout`, the advantage estimator (`ppo.advantage`)
+lives in `estimate_advantages`; the loop reads only their Rollout and Experience. `run_ppo` around the loop checks the
 input, places the roles, and restarts them after a lost actor.
 
 The maths is `tuneyard.rlhf.ppo.algorithms` (pure torch); the roles are `tuneyard.rlhf.ppo.roles`; placement is
@@ -20,9 +21,11 @@ The maths is `tuneyard.rlhf.ppo.algorithms` (pure torch); the roles are `tuneyar
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
+import re
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -34,7 +37,14 @@ from transformers import PreTrainedTokenizerBase
 from tuneyard.cluster.config import ClusterConfig
 from tuneyard.rlhf.config import PpoSection, RewardSection
 from tuneyard.rlhf.ppo import algorithms as algo
-from tuneyard.rlhf.ppo.batches import build_samples, concat_rows, left_pad, select_rows, split_rows
+from tuneyard.rlhf.ppo.batches import (
+    build_samples,
+    concat_rows,
+    left_pad,
+    right_pad_values,
+    select_rows,
+    split_rows,
+)
 from tuneyard.rlhf.ppo.groups import (
     RoleGroup,
     RoleStalled,
@@ -44,6 +54,7 @@ from tuneyard.rlhf.ppo.groups import (
     wait_until_fits,
 )
 from tuneyard.rlhf.ppo.roles import CriticWorker, PolicyWorker, ReferenceWorker, RewardWorker
+from tuneyard.rlhf.ppo.rollout_engine import RolloutWorker, check_rollout_engine, engine_env
 from tuneyard.rlhf.ppo.scoring import function_scores
 from tuneyard.training.config import TrainSpec
 from tuneyard.training.errors import TrainingFailed, UserError
@@ -64,7 +75,13 @@ from tuneyard.training.tracking import Trackers, tracked
 
 log = logging.getLogger(__name__)
 KLController = algo.FixedKLController | algo.AdaptiveKLController
-ROLE_CLASSES = {"policy": PolicyWorker, "critic": CriticWorker, "reference": ReferenceWorker, "reward": RewardWorker}
+ROLE_CLASSES = {
+    "policy": PolicyWorker,
+    "critic": CriticWorker,
+    "reference": ReferenceWorker,
+    "reward": RewardWorker,
+    "rollout": RolloutWorker,
+}
 
 
 @dataclass
@@ -92,6 +109,7 @@ class Rollout:
     samples: list[Prompt]  # one per sample: every prompt `ppo.samples_per_prompt` times in a row
     responses: list[list[int]]  # each cut after its first EOS
     batch: dict[str, torch.Tensor]  # the layout of tuneyard.rlhf.ppo.batches
+    engine_logprobs: torch.Tensor | None = None  # [B, R], the vLLM engines' log-probs of their sampled tokens
 
     @property
     def mask(self) -> torch.Tensor:
@@ -117,6 +135,7 @@ class Experience:
     batch: dict[str, torch.Tensor]
     kl: torch.Tensor  # [B, R] per-token KL estimate to the reference, 0 off the response
     mask: torch.Tensor
+    rollout_gap: torch.Tensor | None = None  # mean |engine - policy| log-prob of the sampled tokens (vLLM only)
 
     def sequence_kl(self) -> torch.Tensor:
         """The KL of each response, summed over its tokens."""
@@ -277,6 +296,8 @@ def prepare_ppo(
         lookup(function.name)
     if reward.model:
         check_reward_model(reward.model, allow_pickle=spec.model.allow_pickle)
+    if ppo.generation.engine == "vllm":
+        check_rollout_engine(spec, ppo)
     tokenizer = load_tokenizer(spec.model, spec.data.chat_template)
     train_rows, _ = read_splits(spec.data, spec.training.seed)
     prompts = tokenize_prompts(train_rows, tokenizer, ppo.max_prompt_length, "data.train")
@@ -316,7 +337,7 @@ def run_ppo(spec: TrainSpec, ppo: PpoSection, reward: RewardSection, run_dir: Pa
         )
         try:
             with (
-                start_role_groups(placement, classes, cluster, args, run_dir) as groups,
+                start_role_groups(placement, classes, cluster, args, run_dir, {"rollout": engine_env(ppo)}) as groups,
                 tracked(spec.training.report_to, run_dir) as trackers,
             ):
                 ppo_iterations(groups, spec, ppo, reward, run_dir, tokenizer, prompts, iterations, resume, trackers)
@@ -355,9 +376,13 @@ def ppo_iterations(
         metrics_path, {"event": "start", "step": state.iteration, "total_steps": iterations, "time": time.time()}
     )
     steps = StepCount(done=state.iteration * steps_per_iteration(ppo))
+    manifest = open_weight_sync(groups, ppo) if "rollout" in groups else None
 
     for iteration in range(state.iteration, iterations):
         started = time.perf_counter()
+        if manifest is not None:  # the engines answer with the weights the policy has now (also after a resume)
+            sync_weights(groups, manifest)
+        synced = time.perf_counter()
         rollout = generate_rollout(groups, ppo, tokenizer, prompts, iteration, spec.training.seed)
         generated = time.perf_counter()
         scores = score_rollout(groups, reward, tokenizer, rollout)
@@ -371,7 +396,8 @@ def ppo_iterations(
         record = {
             "step": iteration + 1,
             **iteration_figures(scores, experience, kl_coef, policy_stats, critic_stats),
-            "generate_s": generated - started,
+            **({"weight_sync_s": synced - started} if manifest is not None else {}),
+            "generate_s": generated - synced,
             "score_s": scored - generated,
             "train_s": trained - scored,
             "samples_per_s": len(rollout.samples) / (trained - started),
@@ -404,10 +430,67 @@ def resume_state(groups: dict[str, RoleGroup], run_dir: Path, resume: str, kl_ct
         return state
     state = ControllerState(**json.loads((checkpoint / "controller.json").read_text()))
     kl_ctl.load_state_dict(state.kl_controller or {"value": state.kl_coef})
-    for role in ("policy", "critic"):
+    for role in trained(groups):
         groups[role].results(groups[role].broadcast("load_checkpoint", str(checkpoint / role)))
     log.info("resumed from %s at iteration %d", checkpoint, state.iteration)
     return state
+
+
+def open_weight_sync(groups: dict[str, RoleGroup], ppo: PpoSection) -> list:
+    """Join policy rank 0 and every rollout engine's workers in a process group of their own; the sync's manifest."""
+    import ray
+
+    policy, rollout = groups["policy"], groups["rollout"]
+    shards = ppo.roles.rollout.tensor_parallel_size
+    world = 1 + shards * len(rollout.actors)
+    policy_gpus, engine_gpus = ppo.roles.policy.gpus_per_worker, ppo.roles.rollout.gpus_per_worker
+    # NCCL takes one rank per device: an engine that may share the policy's GPU syncs over gloo through host memory
+    own_gpus = policy_gpus >= 1 and engine_gpus >= 1 and ppo.colocate != "all"
+    backend = "nccl" if own_gpus else "gloo"
+    timeout = policy.timeout_s
+    address = ray.get(policy.actors[0].weight_sync_address.remote(world, timeout))
+    first_ranks = [1 + i * shards for i in range(len(rollout.actors))]
+    policy_joins = [policy.actors[0].join_weight_sync.remote(world, backend, timeout)]
+    engines_join = rollout.call(
+        "join_weight_sync", [(address, first, world, backend, timeout) for first in first_ranks]
+    )
+    rollout.results(engines_join)
+    ray.get(policy_joins)
+    return policy.results(policy.broadcast("weight_manifest"))[0]
+
+
+def sync_weights(groups: dict[str, RoleGroup], manifest: list) -> None:
+    """The policy's current weights into every rollout engine (ZeRO-3 shards gathered one parameter at a time).
+
+    Whichever side fails first says why, at once: an engine's own error, or its death (RayActorError: the groups
+    restart, as for any lost actor). A broadcast that times out names its parameter and the engines still silent."""
+    import ray
+
+    policy, rollout = groups["policy"], groups["rollout"]
+    sending = policy.broadcast("send_weights")
+    receiving = rollout.broadcast("receive_weights", manifest)
+    pending = [*sending, *receiving]
+    while any(ref in pending for ref in sending):
+        (done,), pending = ray.wait(pending, num_returns=1)
+        try:
+            ray.get(done)
+        except ray.exceptions.RayTaskError as exc:
+            timed_out = re.search(r"WeightSyncTimeout: (.*)", str(exc))
+            if done in receiving or timed_out is None:
+                raise
+            answered, silent = ray.wait(receiving, num_returns=len(receiving), timeout=10)
+            for ref in answered:
+                ray.get(ref)  # an engine that died while the policy waited: the restart path
+            raise RoleStalled(f"{timed_out.group(1).strip()}; " + rollout.silence(receiving, silent)) from None
+    # the sender can finish into the sockets' buffers first: an engine still receiving a timeout later is stuck
+    answered, silent = ray.wait(receiving, num_returns=len(receiving), timeout=rollout.timeout_s)
+    for ref in answered:
+        ray.get(ref)
+    if silent:
+        raise RoleStalled(
+            "the weight sync timed out: the policy sent every parameter, and an engine did not take them in within "
+            f"cluster.collective_timeout_s ({rollout.timeout_s:g} s); " + rollout.silence(receiving, silent)
+        )
 
 
 def generate_rollout(
@@ -418,20 +501,39 @@ def generate_rollout(
     iteration: int,
     seed: int,
 ) -> Rollout:
-    """The iteration's prompts, each answered `ppo.samples_per_prompt` times by the policy ranks' current weights.
+    """The iteration's prompts, each answered `ppo.samples_per_prompt` times with the policy's current weights: by
+    the policy ranks (`ppo.generation.engine: hf`) or the vLLM engines, each answering a consecutive share.
 
-    Each rank answers its consecutive share; the seed depends on the iteration only, so a resumed run samples
-    what the uninterrupted one would.
+    The seed depends on the iteration only, so a resumed run samples what the uninterrupted one would.
     """
-    policy = groups["policy"]
     batch_prompts = prompts_of_iteration(prompts, iteration, ppo.rollout_batch_size, seed)
     samples = [p for p in batch_prompts for _ in range(ppo.samples_per_prompt)]
     prompt_ids, prompt_mask = left_pad([p.ids for p in samples], tokenizer.pad_token_id)
     sampling_seed = seed + 100_003 * iteration
-    shards = split_rows({"ids": prompt_ids, "mask": prompt_mask}, len(policy.actors))
-    answers = policy.results(policy.call("generate", [(s["ids"], s["mask"], sampling_seed) for s in shards]))
-    responses = [r for part in answers for r in part]
-    return Rollout(samples, responses, build_samples(prompt_ids, prompt_mask, responses, tokenizer.pad_token_id))
+    engine_logprobs = None
+    if "rollout" in groups:
+        responses, logprobs = engine_answers(groups["rollout"], [p.ids for p in samples], sampling_seed)
+        engine_logprobs = right_pad_values(logprobs)
+    else:
+        policy = groups["policy"]
+        shards = split_rows({"ids": prompt_ids, "mask": prompt_mask}, len(policy.actors))
+        answers = policy.results(policy.call("generate", [(s["ids"], s["mask"], sampling_seed) for s in shards]))
+        responses = [r for part in answers for r in part]
+    batch = build_samples(prompt_ids, prompt_mask, responses, tokenizer.pad_token_id)
+    return Rollout(samples, responses, batch, engine_logprobs)
+
+
+def engine_answers(
+    rollout: RoleGroup, prompt_ids: list[list[int]], seed: int
+) -> tuple[list[list[int]], list[list[float]]]:
+    """The engines' responses and their sampled tokens' log-probs; engine i answers the i-th consecutive share.
+
+    Each prompt gets its own seed (seed + its index), so the answers do not depend on how many engines share them."""
+    engines = len(rollout.actors)
+    bounds = [round(i * len(prompt_ids) / engines) for i in range(engines + 1)]
+    shares = [(prompt_ids[a:b], [seed + i for i in range(a, b)]) for a, b in itertools.pairwise(bounds)]
+    answers = [pair for part in rollout.results(rollout.call("generate", shares)) for pair in part]
+    return [tokens for tokens, _ in answers], [logprobs for _, logprobs in answers]
 
 
 def score_rollout(
@@ -495,7 +597,13 @@ def estimate_advantages(rollout: Rollout, scores: RolloutScores, ppo: PpoSection
     batch = {**rollout.batch, "old_logprobs": scores.old_logprobs, "advantages": advantages, **critic_batch}
     if ppo.kl.in_ == "loss":
         batch |= {"ref_logprobs": scores.ref_logprobs, "kl_coef": torch.full((len(rollout.samples),), kl_coef)}
-    return Experience(batch, kl, mask)
+    gap = None
+    if rollout.engine_logprobs is not None:
+        gap = algo.masked_mean((rollout.engine_logprobs - scores.old_logprobs).abs(), mask)
+        if ppo.rollout_correction == "tis":
+            weights = algo.truncated_importance_weights(scores.old_logprobs, rollout.engine_logprobs, mask, ppo.tis_cap)
+            batch["tis_weights"] = weights
+    return Experience(batch, kl, mask, gap)
 
 
 def ppo_update(
@@ -567,6 +675,12 @@ def iteration_figures(
         "first_ratio_max_dev": first["ratio_max_dev"],
         "first_policy_loss": first["policy_loss"],
         **({"first_value_loss": critic_stats[0]["value_loss"]} if critic_stats else {}),
+        **({"rollout_logprob_gap": float(experience.rollout_gap)} if experience.rollout_gap is not None else {}),
+        **(
+            {"tis_weight": float(algo.masked_mean(tis, mask))}
+            if (tis := experience.batch.get("tis_weights")) is not None
+            else {}
+        ),
         "entropy": float(algo.masked_mean(scores.entropy, mask)),  # of the rollout's sampling distribution
         "response_length": float(mask.sum(dim=1).mean()),
     }

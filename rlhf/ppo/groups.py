@@ -22,7 +22,7 @@ from tuneyard.rlhf.ppo.batches import split_rows
 from tuneyard.training.config import TrainSpec
 from tuneyard.training.run_dir import last_sign_of
 
-ROLE_ORDER = ("policy", "critic", "reference", "reward")
+ROLE_ORDER = ("policy", "critic", "reference", "reward", "rollout")
 
 
 @dataclass
@@ -57,11 +57,13 @@ def colocated_sets(colocate: str, roles: list[str]) -> list[list[str]]:
 
 def present_roles(spec: TrainSpec, ppo: PpoSection, reward: RewardSection) -> list[str]:
     """The roles that run as actors: no critic for a group estimator, no reference for an adapter policy (its base
-    with the adapter off is the reference), no reward actor without a reward model."""
+    with the adapter off is the reference), no reward actor without a reward model, rollout engines only when
+    vLLM generates."""
     absent = {
         "critic": not ppo.has_critic,
         "reference": spec.peft.method in ("lora", "qlora"),
         "reward": not reward.model,
+        "rollout": ppo.generation.engine != "vllm",
     }
     return [role for role in ROLE_ORDER if not absent.get(role, False)]
 
@@ -212,11 +214,12 @@ def start_role_groups(
     cluster: ClusterConfig,
     actor_args: dict[str, tuple],
     run_dir: Path,
+    role_envs: dict[str, dict[str, str]] | None = None,
 ) -> Iterator[dict[str, RoleGroup]]:
     """Create the placement group and every role's actors, set the groups up in parallel; remove all after.
 
     The placement group's strategy is `cluster.placement`; each group's collectives wait up to
-    `cluster.collective_timeout_s` for a rank.
+    `cluster.collective_timeout_s` for a rank. `role_envs` adds variables to one role's actors' environment.
     """
     import ray
     from ray.util.placement_group import placement_group
@@ -237,7 +240,8 @@ def start_role_groups(
                 remote.options(
                     num_cpus=seat.cpus,
                     num_gpus=seat.gpus,
-                    runtime_env={"env_vars": role_env(seat)},  # before the role's module imports torch
+                    # before the role's module imports torch
+                    runtime_env={"env_vars": role_env(seat) | (role_envs or {}).get(role, {})},
                     scheduling_strategy=PlacementGroupSchedulingStrategy(
                         placement_group=group, placement_group_bundle_index=seat.bundle
                     ),

@@ -184,7 +184,9 @@ class RoleWorker:
 
     def load_checkpoint(self, folder: str) -> None:
         """Restore what `save_checkpoint` wrote."""
-        path, _ = self.engine.load_checkpoint(folder, tag="state")
+        from tuneyard.training.universal_checkpoint import load_engine_checkpoint
+
+        path, _ = load_engine_checkpoint(self.engine, folder, tag="state")  # another rank count: its universal copy
         if path is None:
             raise RuntimeError(f"{self.role}: no DeepSpeed checkpoint in {folder}")
 
@@ -248,6 +250,35 @@ class PolicyWorker(RoleWorker):
         """Responses to this rank's prompts (collective under ZeRO-3: the shards are gathered)."""
         return self.generator.generate(prompt_ids, prompt_mask, self.ppo.generation, seed + 7919 * self.rank)
 
+    def weight_sync_address(self, world_size: int, timeout_s: float) -> str:
+        """(rank 0) Open the store of the weight-sync group with the rollout engines; its tcp:// address."""
+        import ray
+
+        from tuneyard.rlhf.ppo.weight_sync import sync_store
+
+        self.sync_store, address = sync_store(ray.util.get_node_ip_address(), world_size, timeout_s)
+        return address
+
+    def join_weight_sync(self, world_size: int, backend: str, timeout_s: float) -> None:
+        """(rank 0) Join the weight-sync group as its rank 0 (blocks until every engine worker has joined)."""
+        from tuneyard.rlhf.ppo.weight_sync import open_sync_group
+
+        self.sync_group = open_sync_group("", 0, world_size, backend, timeout_s, store=self.sync_store)
+        self.sync_timeout_s = timeout_s
+
+    def weight_manifest(self) -> list:
+        """Name, shape and dtype of each tensor a sync sends (collective under ZeRO-3; rank 0's is the one used)."""
+        from tuneyard.rlhf.ppo.weight_sync import manifest_of
+
+        return manifest_of(self.engine.module)
+
+    def send_weights(self) -> int:
+        """Broadcast the current weights to the rollout engines (collective under ZeRO-3); the bytes sent."""
+        from tuneyard.rlhf.ppo.weight_sync import send_weights
+
+        group = getattr(self, "sync_group", None) if self.rank == 0 else None
+        return send_weights(self.engine.module, group, getattr(self, "sync_timeout_s", 1800.0))
+
     def logprobs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-token log-probs and entropy of the responses under the current weights (the rollout's "old")."""
         module = self.engine.module
@@ -288,6 +319,7 @@ class PolicyWorker(RoleWorker):
                 ppo.clip_range,
                 dual_clip=ppo.dual_clip,
                 aggregation=ppo.loss_aggregation,
+                token_weights=micro.get("tis_weights"),
             )
             entropy = algo.aggregate(algo.entropy_from_logits(logits.float()), mask, ppo.loss_aggregation)
             total = loss - ppo.entropy_coef * entropy if ppo.entropy_coef else loss

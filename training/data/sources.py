@@ -8,7 +8,8 @@ import random
 from pathlib import Path
 
 from tuneyard.training.config import DataConfig, DataSource
-from tuneyard.training.data.formats import normalize_row
+from tuneyard.training.data.formats import DEFAULT_SPEAKERS, normalize_row, speakers_from_tags
+from tuneyard.training.data.registries import check_fits, registry_rows
 from tuneyard.training.errors import UserError
 
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".txt")
@@ -152,7 +153,16 @@ def _hub_rows(source: DataSource, key: str) -> list[tuple[object, str]]:
 
 
 def source_fingerprint(source: DataSource) -> str:
-    """Content hash of a local file or dataset folder, or name/split/config of a hub dataset."""
+    """Content hash of a local file or dataset folder, or name/split/config of a hub dataset; for an LLaMA-Factory or
+    Axolotl entry, that of the data it points at and of how its rows are read."""
+    registry = registry_rows(source)
+    if registry is not None:
+        read = registry.source.model_copy(update={"weight": source.weight})
+        return hashlib.sha256((registry.described + _fingerprint(read)).encode()).hexdigest()
+    return _fingerprint(source)
+
+
+def _fingerprint(source: DataSource) -> str:
     path = Path(source.path).expanduser()
     h = hashlib.sha256(f"{source.weight}|{source.split}|{source.name}".encode())
     if path.is_file():
@@ -185,12 +195,24 @@ def read_sources(
 ) -> list[dict]:
     """Read, validate and mix the sources of one split (each row with its file:line as `where` if `keep_where`)."""
     rows = []
+    key = f"data.{role}"
+    speakers = speakers_from_tags(cfg.tags.model_dump()) if cfg.tags else DEFAULT_SPEAKERS
     for source in sources:
-        normalized = [
-            normalize_row(row, cfg.format, where, cfg.text_field, cfg.columns)
-            | ({"where": where} if keep_where else {})
-            for row, where in _raw_rows(source, f"data.{role}")
-        ]
+        registry = registry_rows(source)
+        if registry is None:
+            normalized = [
+                normalize_row(row, cfg.format, where, cfg.text_field, cfg.columns, speakers)
+                | ({"where": where} if keep_where else {})
+                for row, where in _raw_rows(source, key)
+            ]
+        else:  # an LLaMA-Factory or Axolotl entry: its own columns and speakers, not data.columns and data.tags
+            check_fits(registry, cfg.format, key)
+            normalized = [
+                normalize_row(registry.convert(row, where), registry.fmt, where, speakers=registry.speakers)
+                | registry.extra
+                | ({"where": where} if keep_where else {})
+                for row, where in _raw_rows(registry.source, key)
+            ]
         rows.extend(_mix(source, normalized, seed))
     if not rows:
         names = ", ".join(s.path for s in sources)

@@ -17,6 +17,7 @@ import datasets
 from transformers import PreTrainedTokenizerBase
 
 from tuneyard.training.config import DataConfig, OutputConfig
+from tuneyard.training.data.chat_templates import end_of_turn_id
 from tuneyard.training.data.packing import IGNORE_INDEX, labels_from_spans, pack_into_blocks
 from tuneyard.training.data.shards import (
     TaskRunner,
@@ -32,7 +33,7 @@ from tuneyard.training.errors import UserError
 log = logging.getLogger(__name__)
 CHAT_FORMATS = ("messages", "alpaca", "sharegpt")
 GENERATION_MARK = re.compile(r"{%-?\s*generation\s*-?%}")
-CACHE_VERSION = "2"  # bump when the tokenised layout changes, so stale caches are not reused
+CACHE_VERSION = "3"  # bump when the tokenised layout or a row's loss mask changes, so stale caches are not reused
 
 
 def default_cache_dir(data: DataConfig, output: OutputConfig) -> Path:
@@ -40,47 +41,91 @@ def default_cache_dir(data: DataConfig, output: OutputConfig) -> Path:
     return Path(data.cache_dir) if data.cache_dir else Path(output.dir).resolve().parent / ".tokenized"
 
 
-def _assistant_spans(
+def _turns_trained(messages: list[dict], train_on: str) -> list[bool]:
+    """Whether each turn carries loss: its loss_weight where it has one, else data.train_on's choice by role."""
+    assistant = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    chosen = (
+        set(range(len(messages)))
+        if train_on == "all"
+        else set(assistant[-1:] if train_on == "last_assistant" else assistant)
+    )
+    return [bool(m["loss_weight"]) if "loss_weight" in m else i in chosen for i, m in enumerate(messages)]
+
+
+def _trained_spans(
     tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list[dict] | None, train_on: str, text: str
 ) -> list[tuple[int, int]]:
-    """Character spans of the rendered conversation that carry loss under data.train_on.
+    """Character spans of the rendered conversation that carry loss under data.train_on and the turns' loss_weight.
 
-    A turn's span runs from the end of the conversation before it (with the generation prompt) to the end
-    of the conversation up to it; both renderings must be prefixes of the whole one.
+    A turn's span runs from the end of the conversation before it (an assistant turn's with the generation prompt,
+    so its header carries no loss) to the end of the conversation up to it; both renderings must be prefixes of
+    the whole one. Under train_on all, every character carries loss but those of turns with loss_weight 0.
     """
     render = functools.partial(tokenizer.apply_chat_template, tools=tools, tokenize=False)
-    if train_on == "all":
-        return [(0, len(text))]
-    turns = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
-    if train_on == "last_assistant":
-        turns = turns[-1:]
-    spans = []
-    for i in turns:
-        before, through = render(messages[:i], add_generation_prompt=True), render(messages[: i + 1])
+
+    def bounds(i: int, after_header: bool) -> tuple[int, int]:
+        before = render(messages[:i], add_generation_prompt=True) if after_header else render(messages[:i]) if i else ""
+        through = render(messages[: i + 1])
         if not (text.startswith(before) and text.startswith(through)):
             raise UserError(
                 "data.chat_template: the template renders a turn differently once later turns follow (as qwen3 "
-                "does with its thinking blocks), so the assistant turns cannot be located in the text; use the "
+                "does with its thinking blocks), so the turns that carry loss cannot be located in the text; use the "
                 "template's _training variant (e.g. qwen3_training, which marks them with {% generation %}) or "
                 "another template"
             )
-        spans.append((len(before), len(through)))
-    return spans
+        return len(before), len(through)
+
+    if train_on == "all":
+        spans, start = [], 0
+        for i in (i for i, message in enumerate(messages) if message.get("loss_weight") == 0):
+            masked_from, masked_to = bounds(i, after_header=False)
+            spans.append((start, masked_from))
+            start = masked_to
+        return [(lo, hi) for lo, hi in [*spans, (start, len(text))] if hi > lo]
+    trained = _turns_trained(messages, train_on)
+    return [bounds(i, messages[i]["role"] == "assistant") for i in range(len(messages)) if trained[i]]
 
 
-def _marked_labels(tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list[dict] | None, train_on: str):
-    """(input_ids, labels) from a template that marks assistant text with {% generation %} (TRL's _training ones)."""
+def _runs(mask: list[int]) -> list[tuple[int, int]]:
+    """The [start, end) runs of 1s in a 0/1 mask."""
+    runs, start = [], None
+    for i, bit in enumerate([*mask, 0]):
+        if bit and start is None:
+            start = i
+        elif not bit and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
+
+
+def _marked_labels(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], tools: list[dict] | None, train_on: str
+) -> tuple[list[int], list[int]] | None:
+    """(input_ids, labels) from a template that marks assistant text with {% generation %} (TRL's _training ones);
+    None when a turn's loss_weight asks for loss on a turn the template does not mark."""
+    trained = _turns_trained(messages, train_on)
+    assistant = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+    if any(on and messages[i]["role"] != "assistant" for i, on in enumerate(trained)):
+        return None
     encoded = tokenizer.apply_chat_template(
         messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
     ids, mask = list(encoded["input_ids"]), list(encoded["assistant_masks"])
-    if train_on == "last_assistant":  # only the last run of marked tokens
-        end = max(i for i, m in enumerate(mask) if m) + 1
-        start = end
-        while start > 0 and mask[start - 1]:
-            start -= 1
-        mask = [int(start <= i < end) for i in range(len(mask))]
-    return ids, [t if m else IGNORE_INDEX for t, m in zip(ids, mask, strict=True)]
+    runs = _runs(mask)
+    if not any("loss_weight" in message for message in messages):
+        keep = runs[-1:] if train_on == "last_assistant" else runs
+    elif len(runs) == len(assistant):  # one marked run per assistant turn, in order
+        keep = [run for run, i in zip(runs, assistant, strict=True) if trained[i]]
+    else:
+        raise UserError(
+            f"data.chat_template marks {len(runs)} runs of assistant text in a conversation of {len(assistant)} "
+            "assistant turns, so a turn's loss_weight cannot be matched to its tokens; use a template that renders "
+            "each assistant turn as one {% generation %} block"
+        )
+    labels = [IGNORE_INDEX] * len(ids)
+    for start, end in keep:
+        labels[start:end] = ids[start:end]
+    return ids, labels
 
 
 def check_tool_calls_render(messages: list[dict], text: str) -> None:
@@ -96,27 +141,49 @@ def check_tool_calls_render(messages: list[dict], text: str) -> None:
                 )
 
 
+def _eos_labels(tokenizer: PreTrainedTokenizerBase, ids: list[int], labels: list[int], train_on_eos: str) -> list[int]:
+    """Axolotl's train_on_eos on the EOS and end-of-turn tokens: turn (as the turns' spans say), all, last, none."""
+    if train_on_eos == "turn":
+        return labels
+    ends = {tokenizer.eos_token_id, end_of_turn_id(tokenizer)} - {None}
+    positions = [i for i, token in enumerate(ids) if token in ends]
+    labels = list(labels)
+    for i in positions:
+        keep = train_on_eos == "all" or (train_on_eos == "last" and i == positions[-1])
+        labels[i] = ids[i] if keep else IGNORE_INDEX
+    return labels
+
+
 def tokenize_chat(
     tokenizer: PreTrainedTokenizerBase,
     messages: list[dict],
     train_on: str = "assistant",
     tools: list[dict] | None = None,
+    train_on_eos: str = "turn",
 ) -> dict:
-    """input_ids of the chat-template rendering, and labels that keep the tokens data.train_on names."""
+    """input_ids of the chat-template rendering, and labels that keep the tokens data.train_on and the turns'
+    loss_weight name (and the EOS tokens `train_on_eos` names, as an Axolotl entry does)."""
     text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
     check_tool_calls_render(messages, text)
+    marked = None
     if train_on != "all" and GENERATION_MARK.search(tokenizer.chat_template or ""):
-        ids, labels = _marked_labels(tokenizer, messages, tools, train_on)
-        return {"input_ids": ids, "labels": labels}
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids = encoded["input_ids"]
-    spans = _assistant_spans(tokenizer, messages, tools, train_on, text)
-    return {"input_ids": ids, "labels": labels_from_spans(ids, encoded["offset_mapping"], spans)}
+        marked = _marked_labels(tokenizer, messages, tools, train_on)
+    if marked is not None:
+        ids, labels = marked
+    else:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = encoded["input_ids"]
+        spans = _trained_spans(tokenizer, messages, tools, train_on, text)
+        labels = labels_from_spans(ids, encoded["offset_mapping"], spans)
+    return {"input_ids": ids, "labels": _eos_labels(tokenizer, ids, labels, train_on_eos)}
 
 
 def _tokenize_chat_batch(batch: dict, tokenizer: PreTrainedTokenizerBase, train_on: str) -> dict:
     rows = [json.loads(conversation) for conversation in batch["conversation"]]
-    out = [tokenize_chat(tokenizer, row["messages"], train_on, row.get("tools")) for row in rows]
+    out = [
+        tokenize_chat(tokenizer, row["messages"], train_on, row.get("tools"), row.get("train_on_eos", "turn"))
+        for row in rows
+    ]
     return {"input_ids": [o["input_ids"] for o in out], "labels": [o["labels"] for o in out]}
 
 
@@ -154,6 +221,7 @@ def cache_key(stage: str, cfg: DataConfig, tokenizer: PreTrainedTokenizerBase, s
         tokenizer_fingerprint(tokenizer),
         *("train:" + source_fingerprint(s) for s in cfg.train),
         *("eval:" + source_fingerprint(s) for s in cfg.eval or []),
+        *([f"tags={cfg.tags.model_dump_json()}"] if cfg.tags else []),
     ]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
 

