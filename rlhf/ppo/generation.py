@@ -1,4 +1,5 @@
-"""Sampling responses from the policy, behind one small interface so a faster engine can replace it.
+"""Sampling responses inside the policy actors (`ppo.generation.engine: hf`; the vLLM engines are
+`tuneyard.rlhf.ppo.rollout_engine`, and the controller's `generate_rollout` chooses between them).
 
 `HFGenerator` runs Hugging Face `generate` in the policy actor on the current weights; under ZeRO-3
 the shards are gathered for the duration (and DeepSpeed's fetch hooks taken off, as TRL does), so
@@ -9,19 +10,10 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Protocol
 
 import torch
 
 from tuneyard.rlhf.config import GenerationSection
-
-
-class Generator(Protocol):
-    """Turns left-padded prompts into response token lists (each cut after its first EOS)."""
-
-    def generate(
-        self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: GenerationSection, seed: int
-    ) -> list[list[int]]: ...
 
 
 @contextlib.contextmanager
