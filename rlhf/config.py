@@ -71,6 +71,15 @@ class RewardSection(BaseModel):
     model: str | None = Field(default=None, description="a sequence-classification folder, e.g. runs/reward/final")
     model_weight: float = 1.0
     functions: list[RewardFunction] = Field(default_factory=list)
+    timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="ppo: the longest one call of a reward function (one answer) may take; a call that takes longer "
+        "or raises ends the run naming the function and the prompt (it is never scored as 0)",
+    )
+    parallel_calls: int = Field(
+        default=8, ge=1, description="ppo: reward function calls (one answer each) that run at once, in threads"
+    )
 
 
 class GrpoSection(BaseModel):
@@ -152,14 +161,41 @@ class GenerationSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     max_new_tokens: int = Field(default=16, ge=1)
-    temperature: float = Field(default=1.0, ge=0, description="0: greedy")
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    stop_at_eos: bool = True
+    temperature: float = Field(
+        default=1.0, ge=0, description="0: greedy; every log-prob of the update is taken at this temperature"
+    )
+    top_p: float = Field(
+        default=1.0, gt=0, le=1, description="nucleus sampling; the update scores the same nucleus (see README)"
+    )
+    stop_at_eos: bool = Field(
+        default=True,
+        description="end an answer at the first stop id: the tokenizer's EOS, every eos_token_id of the model's "
+        "generation_config.json and the chat template's end of turn (false: answers run to max_new_tokens)",
+    )
+    stop: list[str] = Field(
+        default_factory=list,
+        description="strings that also end an answer (both engines): it keeps the token that completes one",
+    )
     engine: Literal["hf", "vllm"] = Field(
         default="hf",
         description="hf: Hugging Face generate inside the policy actors; vllm: vLLM engines as a role of their own "
         "(ppo.roles.rollout), the policy's weights synced into them after every update",
     )
+
+
+class OverlongSection(BaseModel):
+    """DAPO's treatment of answers that hit generation.max_new_tokens without a stop (truncated answers)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    filter: bool = Field(default=False, description="truncated answers are taken out of the policy and value loss")
+    buffer: int = Field(
+        default=0,
+        ge=0,
+        description="soft penalty: an answer longer than max_new_tokens - buffer tokens loses up to `penalty` of its "
+        "reward, linearly over the buffer (0: no penalty)",
+    )
+    penalty: float = Field(default=1.0, gt=0, description="the penalty of an answer of max_new_tokens tokens")
 
 
 class RoleSection(BaseModel):
@@ -242,7 +278,11 @@ class PpoSection(BaseModel):
     ppo_epochs: int = Field(default=1, ge=1)
     iterations: int = Field(default=0, ge=0, description="iterations to run; 0: `epochs` passes over the prompts")
     epochs: float = Field(default=1.0, gt=0, description="passes over the prompts when iterations is 0")
-    clip_range: float = Field(default=0.2, gt=0)
+    clip_range: float = Field(default=0.2, gt=0, description="the ratio is clipped to [1 - clip_range, 1 + clip_range]")
+    clip_range_low: float | None = Field(default=None, gt=0, lt=1, description="the lower bound's width (clip_range)")
+    clip_range_high: float | None = Field(
+        default=None, gt=0, description="the upper bound's width (clip_range); DAPO's clip-higher: 0.28 with 0.2"
+    )
     value_clip_range: float | None = Field(default=0.2, gt=0, description="none: unclipped value loss")
     gamma: float = Field(default=1.0, ge=0, le=1)
     lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda")
@@ -274,12 +314,24 @@ class PpoSection(BaseModel):
         description="engine vllm: tis weighs each token's policy loss by min(p_policy / p_engine, tis_cap), "
         "correcting for what the engine sampled with slightly other numbers than the policy's (truncated IS)",
     )
-    tis_cap: float = Field(default=2.0, gt=0, description="the truncation of the TIS weight")
+    tis_cap: float = Field(default=2.0, ge=1, description="the truncation of the TIS weight (at least 1)")
     entropy_coef: float = Field(default=0.0, ge=0)
     value_loss_coef: float = Field(default=1.0, gt=0, description="scales the critic's loss")
     critic_learning_rate: float | None = Field(default=None, gt=0, description="defaults to training.learning_rate")
     max_prompt_length: int = Field(default=128, ge=1, description="a longer prompt is an error, reported before start")
     save_every: int = Field(default=0, ge=0, description="checkpoint every N iterations (0: output.save_steps)")
+    overlong: OverlongSection = Field(default_factory=OverlongSection)
+    dynamic_sampling: bool = Field(
+        default=False,
+        description="DAPO: drop the groups whose answers all got the same reward (no signal) and draw more prompts "
+        "until the batch is full (samples_per_prompt >= 2)",
+    )
+    dynamic_sampling_max_rounds: int = Field(
+        default=4,
+        ge=1,
+        description="draws of rollout_batch_size prompts per iteration at most; then the batch is "
+        "filled up with uninformative groups",
+    )
     generation: GenerationSection = Field(default_factory=GenerationSection)
     kl: KlSection = Field(default_factory=KlSection)
     roles: RolesSection = Field(default_factory=RolesSection)
@@ -303,6 +355,21 @@ class PpoSection(BaseModel):
             raise ValueError(
                 f"ppo.mini_batch_size ({self.mini_batch_size}) must divide the samples of an iteration "
                 f"(rollout_batch_size x samples_per_prompt = {samples})"
+            )
+        if self.dynamic_sampling and self.samples_per_prompt < 2:
+            raise ValueError(
+                "ppo.dynamic_sampling keeps the prompts whose answers got different rewards, so it needs "
+                f"ppo.samples_per_prompt >= 2 (it is {self.samples_per_prompt})"
+            )
+        if self.overlong.buffer > self.generation.max_new_tokens:
+            raise ValueError(
+                f"ppo.overlong.buffer ({self.overlong.buffer}) must not exceed ppo.generation.max_new_tokens "
+                f"({self.generation.max_new_tokens}): the penalty ramps over the last `buffer` tokens of an answer"
+            )
+        if self.overlong.filter and not self.generation.stop_at_eos and not self.generation.stop:
+            raise ValueError(
+                "ppo.overlong.filter takes truncated answers out of the loss, and with generation.stop_at_eos false "
+                "and no generation.stop every answer runs to max_new_tokens: nothing would train; set stop_at_eos: true"
             )
         if self.rollout_correction == "tis" and self.generation.engine != "vllm":
             raise ValueError(

@@ -26,7 +26,7 @@ from tuneyard.launch.config import job_from_dict
 from tuneyard.launch.run_job import run_job
 from tuneyard.rlhf.config import PpoSection
 from tuneyard.rlhf.ppo.batches import build_samples, left_pad, split_rows
-from tuneyard.rlhf.ppo.controller import Prompt, prompts_of_iteration
+from tuneyard.rlhf.ppo.prompts import Prompt, prompts_at
 from tuneyard.rlhf.ppo.groups import check_fits, plan_placement, role_env
 from tuneyard.rlhf.ppo.scoring import render_for_reward_model, reward_model_scores
 from tuneyard.rlhf.rewards import reward_function
@@ -97,13 +97,15 @@ def test_batch_sizes_must_divide():
         PpoSection(rollout_batch_size=16, mini_batch_size=16, roles={"policy": {"workers": 3}})
 
 
-def test_prompt_order_is_a_function_of_the_iteration():
+def test_prompt_order_is_a_function_of_the_position():
     prompts = [Prompt([{"role": "user", "content": str(i)}], [i]) for i in range(10)]
-    first_pass = [p.ids[0] for i in range(5) for p in prompts_of_iteration(prompts, i, 2, seed=3)]
+    first_pass = [p.ids[0] for i in range(5) for p in prompts_at(prompts, 2 * i, 2, seed=3)]
     assert sorted(first_pass) == list(range(10))  # one pass sees every prompt once
-    assert prompts_of_iteration(prompts, 7, 2, seed=3) == prompts_of_iteration(prompts, 7, 2, seed=3)
-    second_pass = [p.ids[0] for i in range(5, 10) for p in prompts_of_iteration(prompts, i, 2, seed=3)]
+    assert prompts_at(prompts, 14, 2, seed=3) == prompts_at(prompts, 14, 2, seed=3)
+    second_pass = [p.ids[0] for i in range(5, 10) for p in prompts_at(prompts, 2 * i, 2, seed=3)]
     assert sorted(second_pass) == list(range(10)) and second_pass != first_pass  # reshuffled
+    # a draw across the end of a pass reads the last prompts of one shuffle and the first of the next
+    assert [p.ids[0] for p in prompts_at(prompts, 9, 2, seed=3)] == [first_pass[-1], second_pass[0]]
 
 
 @pytest.fixture(scope="session")

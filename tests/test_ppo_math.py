@@ -1,6 +1,8 @@
 """PPO maths (rlhf/ppo/algorithms.py) against numbers worked out by hand: masked statistics, KL estimators,
 reward shaping, GAE, the clipped policy and value losses, entropy/log-probs and the KL controllers; then the
-group estimators, returns-to-go, reward/KL clipping, loss aggregation, dual clip and the KL loss."""
+group estimators, returns-to-go, reward/KL clipping, loss aggregation, dual clip and the KL loss; then the sampling
+distribution (temperature, top-p) and DAPO's pieces, held against transformers', vLLM's, verl's and OpenRLHF's own
+code where they have it."""
 
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from tuneyard.rlhf.ppo.algorithms import (
     entropy_from_logits,
     gae_advantages,
     group_relative_scores,
+    informative_groups,
     kl_estimate,
     kl_loss,
     logprobs_from_logits,
@@ -28,8 +31,10 @@ from tuneyard.rlhf.ppo.algorithms import (
     masked_sum,
     masked_var,
     masked_whiten,
+    overlong_penalty,
     policy_loss,
     returns_to_go,
+    sampling_logits,
     sequence_mean,
     shape_rewards,
     value_loss,
@@ -774,3 +779,128 @@ def test_kl_loss_clamp_bounds_the_term_and_stops_its_gradient():
     loss.backward()
     assert logprobs.grad.item() == 0.0
     assert kl_loss(logprobs, t([[0.0]]), lengths_mask([1], 1)).item() == pytest.approx(99 - math.log(100.0))
+
+
+# the sampling distribution: temperature and top-p
+
+
+def test_sampling_logits_divide_by_the_temperature():
+    logits = torch.tensor([[[2.0, 1.0, 0.0, -1.0]]])
+    scaled = sampling_logits(logits, temperature=0.5)
+    assert_close(scaled, [[[4.0, 2.0, 0.0, -2.0]]])
+    # log-probs at T: log softmax(l / T); at T = 0.5 the likeliest token gains what the others lose
+    logp = logprobs_from_logits(scaled, torch.tensor([[0]]))
+    expected = 4.0 - math.log(math.exp(4) + math.exp(2) + 1 + math.exp(-2))
+    assert logp.item() == pytest.approx(expected, abs=1e-6)
+    assert logp.item() > logprobs_from_logits(logits, torch.tensor([[0]])).item()
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        sampling_logits(logits, temperature=0.0)
+
+
+def test_top_p_keeps_the_nucleus_by_hand():
+    # probabilities 0.5, 0.3, 0.15, 0.05 (logits are their logs): top_p 0.8 keeps the first two (0.5 + 0.3 >= 0.8)
+    probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    logits = probs.log().reshape(1, 1, 4)
+    kept = sampling_logits(logits, top_p=0.8)
+    assert torch.isinf(kept[0, 0, 2:]).all() and torch.isfinite(kept[0, 0, :2]).all()
+    assert_close(kept.softmax(-1)[0, 0, :2], [0.5 / 0.8, 0.3 / 0.8], atol=1e-6)
+    # 0.81 needs the third token too; the likeliest token always stays, however small top_p
+    assert torch.isfinite(sampling_logits(logits, top_p=0.81)[0, 0, :3]).all()
+    assert torch.isfinite(sampling_logits(logits, top_p=0.01)).sum() == 1
+    # the sampled token stays in the nucleus even where the weights that score it would cut it
+    rescued = sampling_logits(logits, top_p=0.8, keep=torch.tensor([[3]]))
+    assert torch.isfinite(rescued[0, 0, [0, 1, 3]]).all() and torch.isinf(rescued[0, 0, 2])
+    logp = logprobs_from_logits(rescued, torch.tensor([[3]]))
+    assert logp.item() == pytest.approx(math.log(0.05 / 0.85), abs=1e-6)
+    assert torch.isfinite(entropy_from_logits(rescued)).all()
+
+
+def test_top_p_cuts_as_transformers_and_vllm_cut():
+    """The nucleus equals HF's TopPLogitsWarper's (what the policy's generate samples from) and vLLM's own top-p
+    (what the engines sample from) on random logits at several temperatures."""
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 50, generator=gen) * 3
+    for temperature, top_p in [(1.0, 0.9), (0.7, 0.8), (1.5, 0.5)]:
+        ours = sampling_logits(logits, temperature, top_p)
+        hf = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits.clone()))
+        assert torch.equal(torch.isinf(ours), torch.isinf(hf))
+        assert torch.allclose(ours.log_softmax(-1).exp(), hf.log_softmax(-1).exp(), atol=1e-6)
+        vllm_sampler = pytest.importorskip("vllm.v1.sample.ops.topk_topp_sampler")
+        p = torch.full((64,), top_p)
+        theirs = vllm_sampler.apply_top_k_top_p_pytorch(logits.clone() / temperature, None, p, allow_cpu_sync=True)
+        assert torch.equal(torch.isinf(ours), torch.isinf(theirs))
+
+
+def test_sampling_logits_keep_the_gradient_of_the_kept_tokens():
+    logits = torch.randn(2, 3, 6, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    tokens = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    logp = logprobs_from_logits(sampling_logits(logits, 0.7, 0.6, keep=tokens), tokens)
+    logp.sum().backward()
+    assert torch.isfinite(logp).all() and torch.isfinite(logits.grad).all() and logits.grad.abs().sum() > 0
+
+
+# DAPO: overlong penalty, informative groups, clip-higher
+
+
+def test_overlong_penalty_by_hand_and_as_openrlhf_computes_it():
+    from tests.reference_rl import openrlhf_overlong_penalties
+
+    lengths = torch.tensor([1, 12, 13, 14, 15, 16])
+    # max 16, buffer 4: 0 up to 12 tokens, then -1/4 per token to -1 (x factor 2) at 16
+    penalty = overlong_penalty(lengths, 16, 4, 2.0)
+    assert_close(penalty, [0.0, 0.0, -0.5, -1.0, -1.5, -2.0], atol=1e-6)
+    for buffer, factor in [(4, 2.0), (1, 1.0), (16, 0.5), (7, 1.0)]:
+        theirs = openrlhf_overlong_penalties(lengths.tolist(), 16, buffer, factor)
+        assert torch.allclose(overlong_penalty(lengths, 16, buffer, factor).double(), theirs, atol=1e-6)
+    with pytest.raises(ValueError, match="buffer must be in 1..16"):
+        overlong_penalty(lengths, 16, 17, 1.0)
+
+
+def test_informative_groups_by_hand_and_as_verl_keeps_them():
+    from tests.reference_rl import verl_kept_trajectories
+
+    scores = torch.tensor([1.0, 1.0, 0.0, 1.0, 0.2, 0.2, 0.0, 0.0])
+    assert informative_groups(scores, 2).tolist() == [False, True, False, False]
+    assert informative_groups(scores, 4).tolist() == [True, True]
+    gen = torch.Generator().manual_seed(3)
+    for _ in range(20):
+        scores = torch.randint(0, 2, (24,), generator=gen).float()
+        kept = informative_groups(scores, 4).repeat_interleave(4).nonzero().flatten().tolist()
+        uids = [i // 4 for i in range(24)]
+        assert kept == verl_kept_trajectories(uids, scores.tolist())
+
+
+def test_clip_higher_widens_only_the_upper_bound_by_hand():
+    # ratios 1.25 and 0.75; clip_range 0.2 low, 0.28 high
+    old = torch.zeros(1, 2)
+    new = torch.tensor([[math.log(1.25), math.log(0.75)]])
+    mask = torch.ones(1, 2)
+    positive = torch.tensor([[1.0, 1.0]])
+    # A > 0: the high token may rise to 1.25 (under 1.28) instead of being cut at 1.2; the low one is unclipped
+    loss, stats = policy_loss(new, old, positive, mask, 0.2, clip_range_high=0.28, aggregation="token_mean")
+    assert loss.item() == pytest.approx(-(1.25 + 0.75) / 2)
+    assert stats["clip_frac"].item() == 0.0
+    symmetric, stats = policy_loss(new, old, positive, mask, 0.2, aggregation="token_mean")
+    assert symmetric.item() == pytest.approx(-(1.2 + 0.75) / 2) and stats["clip_frac"].item() == 0.5
+    # A < 0: the low bound (0.8) still clips the 0.75 token; the high one takes its full ratio
+    negative = -positive
+    loss, _ = policy_loss(new, old, negative, mask, 0.2, clip_range_high=0.28, aggregation="token_mean")
+    assert loss.item() == pytest.approx((1.25 + 0.8) / 2)
+
+
+def test_clip_higher_and_dual_clip_equal_verls_policy_loss():
+    from tests.reference_rl import verl_compute_policy_loss
+
+    gen = torch.Generator().manual_seed(5)
+    for _ in range(12):
+        old = torch.randn(6, 9, generator=gen, dtype=torch.float64) * 0.3
+        new = old + torch.randn(6, 9, generator=gen, dtype=torch.float64) * 0.4
+        advantages = torch.randn(6, 9, generator=gen, dtype=torch.float64)
+        mask = lengths_mask(torch.randint(1, 10, (6,), generator=gen).tolist(), 9, torch.float64)
+        ours, _ = policy_loss(
+            new, old, advantages, mask, 0.2, clip_range_high=0.28, dual_clip=3.0, aggregation="token_mean"
+        )
+        theirs = verl_compute_policy_loss(old, new, advantages, mask, cliprange_low=0.2, cliprange_high=0.28)
+        assert ours.item() == pytest.approx(theirs.item(), abs=1e-7)

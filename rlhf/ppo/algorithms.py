@@ -1,7 +1,8 @@
 """PPO maths for RLHF as pure torch functions: masked statistics, loss aggregation, KL estimators and the KL
-loss, reward clipping and shaping, GAE and the critic-free group estimators (GRPO, Dr. GRPO, RLOO,
-REINFORCE++-baseline) with returns-to-go, the clipped (and dual-clipped) policy loss and the value loss,
-entropy/log-probs from logits, and the KL-coefficient controllers.
+loss, reward clipping and shaping, DAPO's overlong penalty and group filter, GAE and the critic-free group
+estimators (GRPO, Dr. GRPO, RLOO, REINFORCE++-baseline) with returns-to-go, the clipped (clip-higher, dual-clipped)
+policy loss and the value loss, the sampling distribution's logits (temperature, top-p) with entropy/log-probs
+from logits, and the KL-coefficient controllers.
 
 Conventions: per-token tensors are float [B, T] over response positions only (index t is the t-th response
 token), and `mask` is a [B, T] bool or 0/1 float tensor that is 1 on real tokens, contiguous from t=0
@@ -152,6 +153,27 @@ def shape_rewards(scores: Tensor, kl: Tensor, mask: Tensor, kl_coef: float) -> T
     return rewards.scatter_add(-1, last, score)
 
 
+def overlong_penalty(lengths: Tensor, max_length: int, buffer: int, factor: float) -> Tensor:
+    """DAPO's soft overlong punishment of each answer: 0 up to `max_length - buffer` tokens, then falling linearly
+    to -factor at `max_length` (Yu et al. 2025, eq. 13; verl's and OpenRLHF's overlong buffer)."""
+    if not 0 < buffer <= max_length:
+        raise ValueError(f"the overlong buffer must be in 1..{max_length} tokens, not {buffer}")
+    exceed = (lengths.to(torch.float64) - (max_length - buffer)).clamp(min=0)
+    # answers never run past max_length here (generation stops there), so the penalty bottoms out at -factor
+    return -(exceed.clamp(max=buffer) / buffer * factor).to(torch.float32)
+
+
+def informative_groups(scores: Tensor, group_size: int) -> Tensor:
+    """One bool per group of `group_size` consecutive answers: True where their rewards differ.
+
+    A group of equal rewards has a group-relative advantage of 0 for every answer, so it carries no learning signal;
+    DAPO's dynamic sampling drops such groups (verl keeps the groups whose metric has std > 0)."""
+    if scores.dim() != 1 or scores.numel() % group_size:
+        raise ValueError(f"{tuple(scores.shape)} scores do not split into groups of {group_size} consecutive answers")
+    groups = scores.reshape(-1, group_size)
+    return groups.amax(-1) > groups.amin(-1)
+
+
 def group_relative_scores(scores: Tensor, group_size: int, estimator: str, eps: float = 1e-6) -> Tensor:
     """Each score relative to the other answers to its prompt; the group_size answers of a prompt are consecutive."""
     if estimator not in GROUP_ESTIMATORS:
@@ -227,13 +249,16 @@ def policy_loss(
     mask: Tensor,
     clip_range: float,
     *,
+    clip_range_high: float | None = None,
     dual_clip: float | None = None,
     aggregation: str = "sequence_mean",
     token_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """PPO clipped surrogate loss and its stats (clip_frac, approx_kl, ratio_max_dev; dual_clip_frac if dual_clip).
 
-    `token_weights` (constants, e.g. truncated importance weights) scale each token's loss before aggregation."""
+    The ratio is clipped to [1 - clip_range, 1 + clip_range_high] (clip_range_high None: clip_range; DAPO's
+    clip-higher raises only the upper bound). `token_weights` (constants, e.g. truncated importance weights) scale
+    each token's loss before aggregation."""
     # at or below 1 the bound dual_clip * |A| would cut into the ordinary PPO objective at ratio 1 itself
     if dual_clip is not None and not dual_clip > 1:
         raise ValueError(f"dual_clip must be > 1 (or None), not {dual_clip}")
@@ -244,7 +269,8 @@ def policy_loss(
     advantages = torch.where(keep, advantages.to(logprobs.dtype), zero)
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
-    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    high = clip_range if clip_range_high is None else clip_range_high
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + high)
     per_token = torch.maximum(unclipped, clipped)
     if dual_clip is not None:
         # dual-clip PPO (Ye et al. 2020), as OpenRLHF's PolicyLoss: with A < 0 the PPO loss -A * r grows without
@@ -306,6 +332,30 @@ def value_loss(
     with torch.no_grad():
         stats = {"value_clip_frac": masked_mean((clipped > unclipped).to(values.dtype), mask)}
     return loss, stats
+
+
+def sampling_logits(logits: Tensor, temperature: float = 1.0, top_p: float = 1.0, keep: Tensor | None = None) -> Tensor:
+    """The logits of the distribution the rollout engines sample from: logits / temperature, and with top_p < 1 the
+    tokens outside the nucleus at -inf, the nucleus cut as HF's TopPLogitsWarper and vLLM's sampler cut it.
+
+    Log-probs, entropy, KL and importance weights are all taken from these logits, so they describe the distribution
+    the answers came from. `keep` [...] holds one token id per position (the sampled one) that stays in the nucleus:
+    a token the old weights sampled can fall just outside the new weights' nucleus, and a log-prob of -inf there
+    would make the PPO ratio 0 and its gradient nan."""
+    if not temperature > 0:
+        raise ValueError(f"the sampling temperature must be > 0, not {temperature} (greedy answers are scored at 1)")
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature
+    if top_p >= 1.0:
+        return scaled
+    with torch.no_grad():
+        ascending, order = scaled.sort(dim=-1)
+        # the mass of the tokens below each one: those whose tail mass is <= 1 - top_p fall outside the nucleus
+        outside_sorted = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1.0 - top_p
+        outside_sorted[..., -1] = False  # the likeliest token always stays
+        outside = torch.zeros_like(outside_sorted).scatter(-1, order, outside_sorted)
+        if keep is not None:
+            outside.scatter_(-1, keep.long().unsqueeze(-1), False)
+    return scaled.masked_fill(outside, float("-inf"))
 
 
 def entropy_from_logits(logits: Tensor) -> Tensor:

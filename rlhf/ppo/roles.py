@@ -21,6 +21,7 @@ from tuneyard.rlhf.config import PpoSection, RewardSection
 from tuneyard.rlhf.ppo import algorithms as algo
 from tuneyard.rlhf.ppo.batches import response_logits, select_rows
 from tuneyard.rlhf.ppo.generation import HFGenerator, whole_weights
+from tuneyard.rlhf.ppo.sampling import StopSet, scoring_distribution
 from tuneyard.training.config import ModelConfig, TrainSpec
 from tuneyard.training.deepspeed_config import build_deepspeed_config, import_deepspeed_without_mlflow
 from tuneyard.training.faults import apply_faults, nan_loss_steps, step_end_faults
@@ -71,6 +72,8 @@ class RoleWorker:
         self.reward = RewardSection.model_validate(payload["reward"])
         self.total_iterations: int = payload["total_iterations"]
         self.critic_source: str | None = payload.get("critic_source")
+        # every log-prob is scored under the distribution the answers were sampled from
+        self.distribution = scoring_distribution(self.ppo.generation)
         self.engine = None
         self.skipped_now = False  # the current optimizer step met a NaN/inf loss or gradient
 
@@ -209,18 +212,32 @@ def sequence_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
     )
 
 
+def answer_logits(
+    model: torch.nn.Module, micro: dict[str, torch.Tensor], distribution: tuple[float, float]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(the logits of the sampling distribution (temperature, top_p) at each response position, the response tokens)."""
+    width = micro["action_mask"].shape[1]
+    tokens = micro["sequences"][:, -width:]
+    logits = response_logits(sequence_forward(model, micro).logits, width)
+    return algo.sampling_logits(logits, *distribution, keep=tokens), tokens
+
+
 @torch.no_grad()
 def response_logprobs(
-    model: torch.nn.Module, batch: dict[str, torch.Tensor], micro_size: int, entropy: bool = False
+    model: torch.nn.Module,
+    batch: dict[str, torch.Tensor],
+    micro_size: int,
+    distribution: tuple[float, float],
+    entropy: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Per-token log-probs of the responses under `model` (and the entropy of its distribution), micro-batched."""
-    width = batch["action_mask"].shape[1]
+    """Per-token log-probs of the responses under `model`'s sampling distribution (temperature, top_p), and its
+    entropy, micro-batched."""
     out: dict[str, list[torch.Tensor]] = {"logprobs": [], "entropy": []}
     for micro in micro_batches(batch, micro_size):
-        logits = response_logits(sequence_forward(model, micro).logits, width)
-        out["logprobs"].append(algo.logprobs_from_logits(logits, micro["sequences"][:, -width:]))
+        logits, tokens = answer_logits(model, micro, distribution)
+        out["logprobs"].append(algo.logprobs_from_logits(logits, tokens))
         if entropy:
-            out["entropy"].append(algo.entropy_from_logits(logits.float()))
+            out["entropy"].append(algo.entropy_from_logits(logits))
     return {k: torch.cat(v) for k, v in out.items() if v}
 
 
@@ -232,6 +249,11 @@ class PolicyWorker(RoleWorker):
 
     role = "policy"
 
+    def __init__(self, rank: int, world_size: int, run_dir: str, payload: dict):
+        super().__init__(rank, world_size, run_dir, payload)
+        self.stops = StopSet.from_dict(payload["stops"])
+        self.send_tied_head = True  # until the engines say whether their heads keep copies (weight_manifest)
+
     def build(self) -> None:
         spec, peft = self.spec, self.spec.peft
         self.tokenizer = load_tokenizer(spec.model, spec.data.chat_template)
@@ -242,9 +264,7 @@ class PolicyWorker(RoleWorker):
         if peft.method == "qlora":
             keep_adapters_in_fp32(model)
         self.engine = self._train_engine(model, self.zero_stage(), spec.training.learning_rate)
-        self.generator = HFGenerator(
-            lambda: whole_weights(self.engine), self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        )
+        self.generator = HFGenerator(lambda: whole_weights(self.engine), self.tokenizer, self.stops)
 
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, seed: int) -> list[list[int]]:
         """Responses to this rank's prompts (collective under ZeRO-3: the shards are gathered)."""
@@ -266,25 +286,27 @@ class PolicyWorker(RoleWorker):
         self.sync_group = open_sync_group("", 0, world_size, backend, timeout_s, store=self.sync_store)
         self.sync_timeout_s = timeout_s
 
-    def weight_manifest(self) -> list:
-        """Name, shape and dtype of each tensor a sync sends (collective under ZeRO-3; rank 0's is the one used)."""
+    def weight_manifest(self, tied_head: bool) -> list:
+        """Name, shape and dtype of each tensor a sync sends (collective under ZeRO-3; rank 0's is the one used);
+        `tied_head`: a tied output head is sent too (the engines keep a copy of their own)."""
         from tuneyard.rlhf.ppo.weight_sync import manifest_of
 
-        return manifest_of(self.engine.module)
+        self.send_tied_head = tied_head
+        return manifest_of(self.engine.module, tied_head)
 
     def send_weights(self) -> int:
         """Broadcast the current weights to the rollout engines (collective under ZeRO-3); the bytes sent."""
         from tuneyard.rlhf.ppo.weight_sync import send_weights
 
         group = getattr(self, "sync_group", None) if self.rank == 0 else None
-        return send_weights(self.engine.module, group, getattr(self, "sync_timeout_s", 1800.0))
+        return send_weights(self.engine.module, group, getattr(self, "sync_timeout_s", 1800.0), self.send_tied_head)
 
     def logprobs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-token log-probs and entropy of the responses under the current weights (the rollout's "old")."""
         module = self.engine.module
         was_training = module.training
         module.eval()
-        out = response_logprobs(module, batch, self.ppo.micro_batch_size, entropy=True)
+        out = response_logprobs(module, batch, self.ppo.micro_batch_size, self.distribution, entropy=True)
         module.train(was_training)
         return out
 
@@ -294,7 +316,7 @@ class PolicyWorker(RoleWorker):
         was_training = module.training
         module.eval()
         with module.disable_adapter():
-            out = response_logprobs(module, batch, self.ppo.micro_batch_size)
+            out = response_logprobs(module, batch, self.ppo.micro_batch_size, self.distribution)
         module.train(was_training)
         return out
 
@@ -302,26 +324,29 @@ class PolicyWorker(RoleWorker):
         """One optimizer step on this rank's share of a mini-batch (micro-batches accumulate)."""
         step = self.began_step()
         self.engine.train()
-        width = batch["action_mask"].shape[1]
         totals: dict[str, float] = {}
         skipped_before = self.engine.skipped_steps
         chunks = micro_batches(batch, self.engine.train_micro_batch_size_per_gpu())
+        ppo = self.ppo
+        # clip-higher: each bound its own width where set, else clip_range's
+        low = ppo.clip_range if ppo.clip_range_low is None else ppo.clip_range_low
+        high = ppo.clip_range if ppo.clip_range_high is None else ppo.clip_range_high
         for micro in chunks:
-            logits = response_logits(sequence_forward(self.engine, micro).logits, width)
-            logprobs = algo.logprobs_from_logits(logits, micro["sequences"][:, -width:])
+            logits, tokens = answer_logits(self.engine, micro, self.distribution)
+            logprobs = algo.logprobs_from_logits(logits, tokens)
             mask = micro["action_mask"]
-            ppo = self.ppo
             loss, stats = algo.policy_loss(
                 logprobs,
                 micro["old_logprobs"],
                 micro["advantages"],
                 mask,
-                ppo.clip_range,
+                low,
+                clip_range_high=high,
                 dual_clip=ppo.dual_clip,
                 aggregation=ppo.loss_aggregation,
                 token_weights=micro.get("tis_weights"),
             )
-            entropy = algo.aggregate(algo.entropy_from_logits(logits.float()), mask, ppo.loss_aggregation)
+            entropy = algo.aggregate(algo.entropy_from_logits(logits), mask, ppo.loss_aggregation)
             total = loss - ppo.entropy_coef * entropy if ppo.entropy_coef else loss
             if "kl_coef" in micro:  # ppo.kl.in: loss, the KL to the reference as a term of the policy's loss
                 kl = algo.kl_loss(
@@ -434,7 +459,7 @@ class ReferenceWorker(RoleWorker):
     def logprobs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-token reference log-probs of the responses."""
         model = self.engine.module if self.engine is not None else self.model
-        return response_logprobs(model, batch, self.ppo.micro_batch_size)
+        return response_logprobs(model, batch, self.ppo.micro_batch_size, self.distribution)
 
 
 class RewardWorker(RoleWorker):

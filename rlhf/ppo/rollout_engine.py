@@ -2,8 +2,9 @@
 
 Each actor holds one `vllm.LLM` built from the policy's starting folder; the policy's current weights arrive
 before every rollout through `tuneyard.rlhf.ppo.weight_sync` (the engine's worker extension receives them),
-so an engine never answers with stale weights. Engines return each sampled token's log-probability (of the
-raw logits, as the policy computes its own), which the controller compares with the policy's numbers.
+so an engine never answers with stale weights. Engines stop at the run's stop ids and return each sampled token's
+log-probability under the distribution it was sampled from (vLLM's processed log-probs: after temperature and
+top-p, as the policy scores its own), which the controller compares with the policy's numbers.
 
 vLLM is imported inside the actor only: the driver and the other roles never load it.
 """
@@ -29,11 +30,14 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 def check_rollout_engine(spec: TrainSpec, ppo: PpoSection) -> None:
-    """Refuse, before any actor starts, vLLM engines this environment or this model cannot run."""
+    """Refuse, before any actor starts, vLLM engines this environment or this model cannot run (nothing to check
+    when the policy generates)."""
     import importlib.util
 
     from tuneyard.training.errors import UserError
 
+    if ppo.generation.engine != "vllm":
+        return
     if importlib.util.find_spec("vllm") is None:
         raise UserError(
             "ppo.generation.engine is vllm, but vLLM is not installed in this environment: `make install-vllm` "
@@ -90,7 +94,7 @@ def engine_env(ppo: PpoSection) -> dict[str, str]:
     }
 
 
-def sampling_params(cfg: GenerationSection, eos_id: int, seed: int):
+def sampling_params(cfg: GenerationSection, stop_ids: list[int], seed: int):
     """vLLM's SamplingParams for the job's generation settings, with the sampled tokens' log-probs."""
     from vllm import SamplingParams
 
@@ -99,10 +103,12 @@ def sampling_params(cfg: GenerationSection, eos_id: int, seed: int):
         max_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature if sampling else 0.0,
         top_p=cfg.top_p if sampling else 1.0,
+        top_k=0,
         seed=seed,
         logprobs=0,  # the sampled token's own log-prob only
-        stop_token_ids=[eos_id] if cfg.stop_at_eos else None,
-        ignore_eos=not cfg.stop_at_eos,
+        # the run's stop ids and nothing else: vLLM's own EOS (and generation_config's) would be a second set
+        stop_token_ids=stop_ids,
+        ignore_eos=True,
         detokenize=False,
     )
 
@@ -117,6 +123,7 @@ class RolloutWorker:
         apply_faults(payload.get("faults", {}))
         self.spec = TrainSpec.model_validate(payload["spec"])
         self.ppo = PpoSection.model_validate(payload["ppo"])
+        self.stop_ids = list(payload["stops"]["token_ids"])
         self.llm = None
         self.syncs = 0
 
@@ -126,7 +133,6 @@ class RolloutWorker:
 
     def setup(self, address: str, timeout_s: float = 1800) -> None:
         """Start the engine from the policy's starting folder."""
-        from tuneyard.training.model import load_tokenizer
         from tuneyard.training.run_dir import set_status
         from tuneyard.training.worker_start import redirect_output, watch_start_up
 
@@ -137,8 +143,6 @@ class RolloutWorker:
             set_status(self.run_dir, "rollout: starting the vLLM engines")
         from vllm import LLM
 
-        tokenizer = load_tokenizer(self.spec.model, self.spec.data.chat_template)
-        self.eos_id = tokenizer.eos_token_id
         section = self.ppo.roles.rollout
         precision = resolved_precision(self.spec.training.precision)
         self.llm = LLM(
@@ -151,6 +155,9 @@ class RolloutWorker:
             enable_sleep_mode=self.sleeps,
             seed=self.spec.training.seed + self.rank,
             skip_tokenizer_init=True,  # prompts arrive as token ids, answers leave as token ids
+            # the sampled tokens' log-probs after temperature and top-p: the distribution the update scores
+            logprobs_mode="processed_logprobs",
+            generation_config="vllm",  # the job's sampling settings alone, none from generation_config.json
             trust_remote_code=self.spec.model.trust_remote_code,
             worker_extension_cls=RECEIVER,
         )
@@ -160,14 +167,19 @@ class RolloutWorker:
         """Whether the engine frees its GPU memory while the policy trains (colocated with it on GPUs)."""
         return torch.cuda.is_available() and self.ppo.colocate == "all"
 
-    def generate(self, prompt_ids: list[list[int]], seeds: list[int]) -> list[tuple[list[int], list[float]]]:
-        """Each prompt's response token ids (cut after the first EOS) and their log-probs; one seed per prompt."""
+    def generate(
+        self, prompt_ids: list[list[int]], seeds: list[int], generation: GenerationSection | None = None
+    ) -> list[tuple[list[int], list[float]]]:
+        """Each prompt's sampled token ids (ending at a stop id or max_new_tokens) and their log-probs; a seed each.
+
+        `generation`: the sampling settings (the job's ppo.generation when None)."""
         from vllm.inputs import TokensPrompt
 
         if self.sleeps:
             self.llm.wake_up()  # the KV cache (the weights are awake since the sync before this rollout)
         prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
-        params = [sampling_params(self.ppo.generation, self.eos_id, seed) for seed in seeds]
+        settings = generation or self.ppo.generation
+        params = [sampling_params(settings, self.stop_ids, seed) for seed in seeds]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         if self.sleeps:
             self.llm.sleep(level=1)
@@ -179,9 +191,12 @@ class RolloutWorker:
             answers.append((tokens, logprobs))
         return answers
 
-    def join_weight_sync(self, address: str, first_rank: int, world_size: int, backend: str, timeout_s: float) -> None:
-        """Every worker of this engine joins the weight-sync group (ranks first_rank ... + tensor_parallel_size)."""
-        self.llm.collective_rpc("join_weight_sync", args=(address, first_rank, world_size, backend, timeout_s))
+    def join_weight_sync(
+        self, address: str, first_rank: int, world_size: int, backend: str, timeout_s: float
+    ) -> list[bool]:
+        """Every worker of this engine joins the weight-sync group (ranks first_rank ... + tensor_parallel_size);
+        whether each one's output head keeps a copy of its own (`weight_sync.output_head_keeps_own_copy`)."""
+        return self.llm.collective_rpc("join_weight_sync", args=(address, first_rank, world_size, backend, timeout_s))
 
     def receive_weights(self, manifest: list) -> None:
         """Reload the engine's weights from the policy's broadcast."""

@@ -4,12 +4,12 @@ Policy rank 0 and every engine worker form a separate, stateless group that neve
 groups: NCCL between GPUs of their own, gloo on CPU and where an engine shares the policy's GPU (NCCL refuses two
 ranks on one device), the tensors then staged through host memory. A sync is a broadcast from policy rank 0 of
 one tensor at a time, in the order of a manifest both sides hold; each engine worker hands the tensors to vLLM's
-`reload_weights` as they arrive, so no side holds a second copy of the model.
+`reload_weights` as they arrive, so no side holds a second copy of the model, and then checks what vLLM loaded.
 
 Under ZeRO-3 every policy rank walks the same parameters, gathering one at a time (a collective over the
 policy's ranks); a LoRA/QLoRA policy sends its merged weights (the 4-bit base dequantized, the adapter's
-delta added, nothing written back into the model); a model with tied embeddings sends `lm_head.weight`
-explicitly, or the engine would keep its old output head.
+delta added, nothing written back into the model) and the trained copies of its modules_to_save; a model with tied
+embeddings sends `lm_head.weight` too where the engine's head keeps a copy of its own (`output_head_keeps_own_copy`).
 """
 
 from __future__ import annotations
@@ -72,34 +72,44 @@ def broadcast(group: dist.ProcessGroup, tensor: torch.Tensor, name: str, timeout
 WeightUnit = tuple[str, list[torch.nn.Parameter], Callable[[], torch.Tensor]]
 
 
-def weight_units(model: torch.nn.Module) -> list[WeightUnit]:
-    """The tensors a serving engine loads, in checkpoint names: merged LoRA layers, plus a tied output head."""
-    lora_layers, inner = {}, model
+def weight_units(model: torch.nn.Module, tied_head: bool) -> list[WeightUnit]:
+    """The tensors a serving engine loads, in checkpoint names: merged LoRA layers, the trained copies of PEFT's
+    modules_to_save under their modules' own names, and (`tied_head`) a tied output head."""
+    lora_layers, saved_copies, inner = {}, {}, model
     if hasattr(model, "peft_config"):
         from peft.tuners.lora import LoraLayer
+        from peft.utils.other import ModulesToSaveWrapper
 
         inner = model.get_base_model()
         lora_layers = {name: m for name, m in inner.named_modules() if isinstance(m, LoraLayer)}
+        saved_copies = {name: m for name, m in inner.named_modules() if isinstance(m, ModulesToSaveWrapper)}
     units: list[WeightUnit] = []
     for prefix, layer in lora_layers.items():
         base = layer.get_base_layer()
         units.append((f"{prefix}.weight", list(layer.parameters()), lambda layer=layer: merged_lora_weight(layer)))
         if getattr(base, "bias", None) is not None:
             units.append((f"{prefix}.bias", [base.bias], lambda b=base.bias: b.data))
-    inside_lora = tuple(f"{prefix}." for prefix in lora_layers)
+    for prefix, wrapper in saved_copies.items():
+        # the copy that trains stands in for the module the engine knows; the frozen original is not sent
+        active = (
+            wrapper.modules_to_save[wrapper.active_adapters[0]] if wrapper.active_adapters else wrapper.original_module
+        )
+        units.extend((f"{prefix}.{name}", [param], lambda p=param: p.data) for name, param in active.named_parameters())
+    handled = tuple(f"{prefix}." for prefix in [*lora_layers, *saved_copies])
     # a 4/8-bit linear outside the adapter's target modules holds packed bytes: it is sent dequantized too
     quantized = {
         f"{name}.weight": module
         for name, module in inner.named_modules()
-        if hasattr(getattr(module, "weight", None), "quant_state") and not f"{name}.".startswith(inside_lora)
+        if hasattr(getattr(module, "weight", None), "quant_state") and not f"{name}.".startswith(handled)
     }
     for name, param in inner.named_parameters():
         if name in quantized:
             units.append((name, [param], lambda m=quantized[name]: dequantized_weight(m)))
-        elif not name.startswith(inside_lora):
+        elif not name.startswith(handled):
             units.append((name, [param], lambda p=param: p.data))
     config = getattr(inner, "config", None)
-    if config is not None and getattr(config, "tie_word_embeddings", False) and inner.get_output_embeddings():
+    tied = config is not None and getattr(config, "tie_word_embeddings", False) and inner.get_output_embeddings()
+    if tied and tied_head:
         head = inner.get_output_embeddings().weight
         units.append(("lm_head.weight", [head], lambda p=head: p.data))
     return units
@@ -137,10 +147,10 @@ def whole(params: list[torch.nn.Parameter]) -> Iterator[None]:
 
 
 @torch.no_grad()
-def manifest_of(model: torch.nn.Module) -> Manifest:
+def manifest_of(model: torch.nn.Module, tied_head: bool) -> Manifest:
     """Each tensor's name, shape and dtype, in the order `send_weights` sends them (collective under ZeRO-3)."""
     manifest = []
-    for name, params, make in weight_units(model):
+    for name, params, make in weight_units(model, tied_head):
         with whole(params):
             tensor = make()
             manifest.append((name, list(tensor.shape), str(tensor.dtype).removeprefix("torch.")))
@@ -148,13 +158,13 @@ def manifest_of(model: torch.nn.Module) -> Manifest:
 
 
 @torch.no_grad()
-def send_weights(model: torch.nn.Module, group: dist.ProcessGroup | None, timeout_s: float) -> int:
+def send_weights(model: torch.nn.Module, group: dist.ProcessGroup | None, timeout_s: float, tied_head: bool) -> int:
     """Broadcast every tensor of the manifest to the engines (group is None on the policy ranks past 0); bytes sent.
 
     Over gloo a GPU tensor goes through host memory."""
     sent = 0
     staged = group is not None and group.name() == "gloo"
-    for name, params, make in weight_units(model):
+    for name, params, make in weight_units(model, tied_head):
         with whole(params):
             if group is None:
                 continue
@@ -176,21 +186,87 @@ def received_weights(
         yield name, tensor.to(device)
 
 
+class WeightSyncMismatch(RuntimeError):
+    """What an engine loaded from a sync differs from what the policy sent."""
+
+
+def output_head_keeps_own_copy(model: torch.nn.Module) -> bool:
+    """Whether a served model's output head computes from a copy of its own rather than the tied embeddings' storage.
+
+    Probed, not assumed: one row of the shared weight is changed for a moment and the head's own matmul is asked
+    whether it saw the change. vLLM's CPU layers repack every weight after loading, so there the head keeps its own
+    copy, which an in-place reload refreshes only when `lm_head.weight` itself is sent; on GPUs the head reads the
+    embeddings' storage and sending it again would be wasted bytes."""
+    head = getattr(model, "lm_head", None)
+    weight = getattr(head, "weight", None)
+    if weight is None or getattr(head, "quant_method", None) is None:
+        return True  # nothing to probe with: send the head, which is always correct
+    if not any(m is not head and getattr(m, "weight", None) is weight for m in model.modules()):
+        return True  # the engine holds the head as a parameter of its own
+    with torch.no_grad():
+        probe = torch.zeros(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        probe[0, 0] = 1.0
+        saved = weight[0].clone()
+        before = head.quant_method.apply(head, probe)[0, 0].item()
+        weight[0, 0] += 1.0
+        after = head.quant_method.apply(head, probe)[0, 0].item()
+        weight[0].copy_(saved)
+    return after == before
+
+
+def loaded_names(model: torch.nn.Module, load: Callable[[], None]) -> set[str] | None:
+    """The parameter names `model.load_weights` reported loading while `load()` ran (None: the model reports none)."""
+    original, seen = model.load_weights, {}
+
+    def recording(weights):
+        seen["names"] = original(weights)
+        return seen["names"]
+
+    model.load_weights = recording
+    try:
+        load()
+    finally:
+        del model.load_weights
+    return seen.get("names")
+
+
 class WeightReceiver:
-    """vLLM worker extension (`LLM(worker_extension_cls=...)`): joins the sync group, reloads the weights it receives.
+    """vLLM worker extension (`LLM(worker_extension_cls=...)`): joins the sync group, reloads the weights it receives
+    and checks that the engine took every one of its parameters from them.
 
     Its methods run inside vLLM's worker, reached by `LLM.collective_rpc`.
     """
 
-    def join_weight_sync(self, address: str, first_rank: int, world_size: int, backend: str, timeout_s: float) -> None:
-        """Join the sync group as rank `first_rank` + this worker's tensor-parallel rank."""
+    def join_weight_sync(self, address: str, first_rank: int, world_size: int, backend: str, timeout_s: float) -> bool:
+        """Join the sync group as rank `first_rank` + this worker's tensor-parallel rank; whether the engine's output
+        head keeps a copy of its own (then a tied model's head is sent with every sync)."""
         from vllm.distributed import get_tensor_model_parallel_rank
 
         rank = first_rank + get_tensor_model_parallel_rank()
         self.weight_sync_group = open_sync_group(address, rank, world_size, backend, timeout_s)
         self.weight_sync_timeout_s = timeout_s
+        return output_head_keeps_own_copy(self.model_runner.get_model())
 
     def receive_weights(self, manifest: Manifest) -> None:
-        """Reload the model in place from the broadcasts of the manifest's tensors."""
+        """Reload the model in place from the broadcasts of the manifest's tensors; refuse a sync that leaves any of
+        the engine's parameters as they were, or that sends a tensor the engine has no place for."""
+        model = self.model_runner.get_model()
+        expected = {name for name, _ in model.named_parameters()}
         stream = received_weights(self.weight_sync_group, manifest, self.device, self.weight_sync_timeout_s)
-        self.model_runner.reload_weights(weights_iterator=stream)
+        try:
+            loaded = loaded_names(model, lambda: self.model_runner.reload_weights(weights_iterator=stream))
+        except (ValueError, KeyError) as exc:  # vLLM's loaders name a tensor they have no parameter for
+            raise WeightSyncMismatch(
+                f"the rollout engine cannot load what the policy sends: {str(exc).splitlines()[0][:300]}; the sync "
+                "sends the policy's parameter names (merged LoRA/QLoRA layers and modules_to_save copies under their "
+                "modules' names), and other adapters or models whose checkpoints transformers renames on load are "
+                "not served by the engines: use ppo.generation.engine: hf for this policy"
+            ) from None
+        missing = sorted(expected - loaded) if loaded is not None else []
+        if missing:
+            raise WeightSyncMismatch(
+                f"the weight sync left {len(missing)} of the rollout engine's parameters as they were "
+                f"({', '.join(missing[:8])}{' ...' if len(missing) > 8 else ''}): the policy sent no tensor that "
+                "vLLM loads into them, so the engine would answer with other weights than the policy's; use "
+                "ppo.generation.engine: hf for this policy"
+            )

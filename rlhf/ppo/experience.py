@@ -1,0 +1,199 @@
+"""From a rollout to the training batch: rewards, the roles' per-token scores, and advantages.
+
+    score_rollout        [old log-probs | reference log-probs | values] on the role groups, the rewards on the driver
+                         meanwhile (`RewardScorer`: weighted functions, the reward model, DAPO's overlong penalty)
+    estimate_advantages  KL estimate (in the reward or the loss), advantages (gae | grpo | dr_grpo | rloo |
+                         reinforce_baseline), whitening, TIS weights, DAPO's overlong filter -> Experience
+    iteration_figures    what an iteration logs
+
+Every log-prob here was taken at the sampling temperature (and top-p) by the roles, so the KL, the PPO ratio and
+the TIS weights describe the distribution the answers came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tuneyard.rlhf.config import PpoSection, RewardSection
+from tuneyard.rlhf.ppo import algorithms as algo
+from tuneyard.rlhf.ppo.batches import concat_rows
+from tuneyard.rlhf.ppo.groups import RoleGroup
+from tuneyard.rlhf.ppo.rollout import Rollout, Sample
+from tuneyard.rlhf.ppo.scoring import function_scores
+
+
+@dataclass
+class RolloutScores:
+    """What the roles say of a rollout: sequence rewards and, per response token, log-probs, entropy and values."""
+
+    rewards: torch.Tensor  # [B], the weighted reward functions plus the reward model (and any overlong penalty)
+    old_logprobs: torch.Tensor  # [B, R], the policy's before this iteration's updates
+    entropy: torch.Tensor  # [B, R], of the policy's sampling distribution
+    ref_logprobs: torch.Tensor  # [B, R]
+    values: torch.Tensor | None  # [B, R], the critic's (None without a critic)
+
+
+@dataclass
+class Experience:
+    """The training batch of an iteration (layout, old log-probs and values, advantages, returns) and its KL."""
+
+    batch: dict[str, torch.Tensor]
+    kl: torch.Tensor  # [B, R] per-token KL estimate to the reference, 0 off the response
+    mask: torch.Tensor  # [B, R] every sampled token (the batch's action_mask may leave filtered answers out)
+    rollout_gap: torch.Tensor | None = None  # mean |engine - policy| log-prob of the sampled tokens (vLLM only)
+
+    def sequence_kl(self) -> torch.Tensor:
+        """The KL of each response, summed over its tokens."""
+        return (self.kl * self.mask).sum(dim=1)
+
+
+@dataclass
+class RewardScorer:
+    """A sample's reward: the weighted named functions (threads on the driver, a timeout per call), plus the reward
+    model's score at its weight (the reward group), plus DAPO's soft overlong penalty."""
+
+    section: RewardSection
+    model_group: RoleGroup | None
+    ppo: PpoSection
+
+    def score(self, samples: list[Sample]) -> None:
+        """Set each sample's reward (the reward model scores while the functions run)."""
+        conversations, texts = [s.prompt.messages for s in samples], [s.text for s in samples]
+        group = self.model_group
+        if group is not None:
+            # rewards read text: a reward model re-tokenises it with its own tokenizer (rlhf/ppo/scoring.py)
+            per_rank = len(texts) // len(group.actors)
+            model_refs = group.call(
+                "score",
+                [(conversations[i : i + per_rank], texts[i : i + per_rank]) for i in range(0, len(texts), per_rank)],
+            )
+        section = self.section
+        rewards = torch.tensor(
+            function_scores(section.functions, conversations, texts, section.timeout_s, section.parallel_calls)
+        )
+        if group is not None:
+            model_scores = torch.tensor([s for part in group.results(model_refs) for s in part])
+            rewards = rewards + section.model_weight * model_scores
+        rewards = rewards + self.overlong_penalties(samples)
+        for sample, reward in zip(samples, rewards.tolist(), strict=True):
+            sample.reward = reward
+
+    def overlong_penalties(self, samples: list[Sample]) -> torch.Tensor:
+        """[B] DAPO's soft overlong penalty of each answer (0 without `ppo.overlong.buffer`)."""
+        overlong = self.ppo.overlong
+        lengths = torch.tensor([len(s.tokens) for s in samples])
+        if not overlong.buffer:
+            return torch.zeros(len(samples))
+        return algo.overlong_penalty(lengths, self.ppo.generation.max_new_tokens, overlong.buffer, overlong.penalty)
+
+
+def gather(group: RoleGroup, refs: list) -> dict[str, torch.Tensor]:
+    """The ranks' answers to one call of `group` (dicts of tensors) joined in rank order."""
+    return concat_rows(group.results(refs))
+
+
+def score_rollout(groups: dict[str, RoleGroup], rollout: Rollout, rewards: RewardScorer) -> RolloutScores:
+    """Old log-probs, reference log-probs and values of the rollout, every group computing at once, and the rewards
+    on the driver meanwhile (unless dynamic sampling scored them already).
+
+    An adapter policy is its own reference (its base with the adapter off).
+    """
+    policy, critic = groups["policy"], groups.get("critic")
+    reference = groups.get("reference", policy)
+    batch = rollout.batch
+    old_refs = policy.scatter("logprobs", batch)
+    ref_refs = reference.scatter("logprobs" if reference is not policy else "reference_logprobs", batch)
+    value_refs = critic.scatter("values", batch) if critic is not None else None
+    if rollout.rewards is None:
+        rewards.score(rollout.samples)
+    old = gather(policy, old_refs)
+    return RolloutScores(
+        rewards=rollout.rewards,
+        old_logprobs=old["logprobs"],
+        entropy=old["entropy"],
+        ref_logprobs=gather(reference, ref_refs)["logprobs"],
+        values=gather(critic, value_refs)["values"] if critic is not None else None,
+    )
+
+
+def estimate_advantages(rollout: Rollout, scores: RolloutScores, ppo: PpoSection, kl_coef: float) -> Experience:
+    """Per-token rewards (the sample's reward on its last token, minus kl_coef x KL when the KL is in the reward),
+    then the advantages of `ppo.advantage`: GAE on the critic's values, or a group estimator's reward relative to
+    the other answers to the same prompt, carried to every token as the return from it on. With
+    `ppo.overlong.filter` a truncated answer still counts in its group's baseline, but not in the loss."""
+    mask = rollout.mask
+    kl = algo.clamp_kl(algo.kl_estimate(scores.old_logprobs, scores.ref_logprobs, ppo.kl.estimator), ppo.kl.clamp)
+    kl = kl * mask
+    # clipped before any group baseline, so one outlier answer cannot move its whole group's baseline
+    sample_rewards = algo.clip_scores(scores.rewards, ppo.reward_clip)
+    kl_in_reward = kl_coef if ppo.kl.in_ == "reward" else 0.0
+    if ppo.has_critic:
+        rewards = algo.shape_rewards(sample_rewards, kl, mask, kl_in_reward)
+        advantages, returns = algo.gae_advantages(rewards, scores.values * mask, mask, ppo.gamma, ppo.lam)
+        critic_batch = {"old_values": scores.values, "returns": returns}
+    else:
+        relative = algo.group_relative_scores(sample_rewards, ppo.samples_per_prompt, ppo.advantage)
+        rewards = algo.shape_rewards(relative, kl, mask, kl_in_reward)
+        advantages, critic_batch = algo.returns_to_go(rewards, mask, ppo.gamma), {}
+    # GRPO, Dr. GRPO and RLOO are already on a per-group scale; GAE and REINFORCE++'s baseline are whitened
+    if ppo.whiten_advantages and ppo.advantage in ("gae", "reinforce_baseline"):
+        advantages = algo.masked_whiten(advantages, mask, unbiased=ppo.whiten_variance == "unbiased")
+    batch = {**rollout.batch, "old_logprobs": scores.old_logprobs, "advantages": advantages, **critic_batch}
+    if ppo.kl.in_ == "loss":
+        batch |= {"ref_logprobs": scores.ref_logprobs, "kl_coef": torch.full((len(rollout.samples),), kl_coef)}
+    gap = None
+    behaviour = rollout.behaviour_logprobs
+    if behaviour is not None:
+        gap = algo.masked_mean((behaviour - scores.old_logprobs).abs(), mask)
+        if ppo.rollout_correction == "tis":
+            batch["tis_weights"] = algo.truncated_importance_weights(scores.old_logprobs, behaviour, mask, ppo.tis_cap)
+    if ppo.overlong.filter:
+        # DAPO's overlong filtering: a truncated answer's tokens leave the policy's and the critic's loss
+        batch["action_mask"] = batch["action_mask"] * rollout.finished.unsqueeze(1).to(batch["action_mask"].dtype)
+    return Experience(batch, kl, mask, gap)
+
+
+def mean_of(dicts: list[dict[str, float]]) -> dict[str, float]:
+    """Key-wise mean of the ranks' (or steps') figures; ratio_max_dev is a max."""
+    keys = dicts[0].keys()
+    return {
+        k: max(d[k] for d in dicts) if k == "ratio_max_dev" else sum(d[k] for d in dicts) / len(dicts) for k in keys
+    }
+
+
+def iteration_figures(
+    rollout: Rollout,
+    scores: RolloutScores,
+    experience: Experience,
+    kl_coef: float,
+    policy_stats: list[dict[str, float]],
+    critic_stats: list[dict[str, float]],
+) -> dict[str, float]:
+    """An iteration's figures: reward, KL, the updates' means and their first step's (where the ratio is 1), how the
+    answers ended; the critic's only when there is one, the engine's log-prob gap only with engine log-probs."""
+    rewards, mask = scores.rewards, experience.mask
+    first, policy_means = policy_stats[0], mean_of(policy_stats)
+    return {
+        "reward": float(rewards.mean()),
+        "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+        "kl": float(experience.sequence_kl().mean()),
+        "kl_coef": kl_coef,
+        **policy_means,
+        **(mean_of(critic_stats) if critic_stats else {}),  # no critic: a group estimator
+        "loss": policy_means["policy_loss"],
+        "first_ratio_max_dev": first["ratio_max_dev"],
+        "first_policy_loss": first["policy_loss"],
+        **({"first_value_loss": critic_stats[0]["value_loss"]} if critic_stats else {}),
+        **({"rollout_logprob_gap": float(experience.rollout_gap)} if experience.rollout_gap is not None else {}),
+        **(
+            {"tis_weight": float(algo.masked_mean(tis, mask))}
+            if (tis := experience.batch.get("tis_weights")) is not None
+            else {}
+        ),
+        "entropy": float(algo.masked_mean(scores.entropy, mask)),  # of the rollout's sampling distribution
+        "response_length": float(mask.sum(dim=1).mean()),
+        "truncated_frac": float((~rollout.finished).float().mean()),
+        **rollout.figures,
+    }

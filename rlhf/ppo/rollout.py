@@ -1,0 +1,243 @@
+"""Rollouts: one object per engine, chosen once when the run starts, each owning its engine's whole lifecycle.
+
+    PolicyRollout   HF generate inside the policy actors, on the weights they train (nothing to sync)
+    EngineRollout   vLLM engines (role `rollout`): the weight-sync group, a sync before each rollout, generation
+
+Both answer `sample(prompts, seed, version)` with the same `Sample`s: each answer's token ids as sampled, ending at
+the run's first stop (`tuneyard.rlhf.ppo.sampling`), whether it finished or was truncated, the behaviour log-probs
+where the engine returns them, and the policy version that produced it. `Rollout.of` lays samples out as the batch
+every role's forward reads (`tuneyard.rlhf.ppo.batches`). `make_rollout` is the one place that asks which engine
+the job chose.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+import time
+from dataclasses import dataclass, field
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from tuneyard.rlhf.config import PpoSection
+from tuneyard.rlhf.ppo.batches import build_samples, left_pad, right_pad_values, split_rows
+from tuneyard.rlhf.ppo.groups import RoleGroup, RoleStalled
+from tuneyard.rlhf.ppo.prompts import Prompt
+from tuneyard.rlhf.ppo.sampling import StopSet, end_of_answer
+from tuneyard.training.errors import TrainingFailed
+
+
+@dataclass
+class Sample:
+    """One sampled answer to one prompt, kept as the token ids the engine drew."""
+
+    prompt: Prompt
+    tokens: list[int]  # ending at the first stop (included), or at generation.max_new_tokens
+    finished: bool  # ended at a stop; False: truncated at max_new_tokens
+    version: int  # the policy version (iterations trained) whose weights sampled it
+    text: str  # the decoded answer, for the reward functions and the reward model
+    logprobs: list[float] | None = None  # the engine's log-prob of each token (vLLM); the policy's own: None
+    reward: float | None = None  # set once scored (before the batch is built under dynamic sampling)
+
+
+@dataclass
+class Rollout:
+    """An iteration's samples and their batch layout (left-padded prompts, right-padded answers)."""
+
+    samples: list[Sample]
+    batch: dict[str, torch.Tensor]
+    behaviour_logprobs: torch.Tensor | None = None  # [B, R], the engine's log-probs of its sampled tokens
+    figures: dict[str, float] = field(default_factory=dict)  # how the samples were drawn (dynamic sampling)
+
+    @classmethod
+    def of(cls, samples: list[Sample], pad_id: int, figures: dict[str, float] | None = None) -> Rollout:
+        """The batch of `samples`, in their order."""
+        prompt_ids, prompt_mask = left_pad([s.prompt.ids for s in samples], pad_id)
+        batch = build_samples(prompt_ids, prompt_mask, [s.tokens for s in samples], pad_id)
+        engine = samples[0].logprobs is not None
+        behaviour = right_pad_values([s.logprobs for s in samples]) if engine else None
+        return cls(samples, batch, behaviour, figures or {})
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """The action mask as floats: 1 on the response tokens that count."""
+        return self.batch["action_mask"].float()
+
+    @property
+    def finished(self) -> torch.Tensor:
+        """[B] bool: which answers ended at a stop (the others were truncated)."""
+        return torch.tensor([s.finished for s in self.samples])
+
+    @property
+    def rewards(self) -> torch.Tensor | None:
+        """[B] the samples' rewards, where every one has been scored."""
+        if any(s.reward is None for s in self.samples):
+            return None
+        return torch.tensor([s.reward for s in self.samples], dtype=torch.float32)
+
+
+def finished_samples(
+    prompts: list[Prompt],
+    drawn: list[list[int]],
+    logprobs: list[list[float]] | None,
+    stops: StopSet,
+    tokenizer: PreTrainedTokenizerBase,
+    version: int,
+) -> list[Sample]:
+    """The engine's draws as Samples: each cut at its first stop id or stop string, its finish reason, its text."""
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    samples = []
+    for i, (prompt, tokens) in enumerate(zip(prompts, drawn, strict=True)):
+        end, finished = end_of_answer(tokens, stops, decode)
+        kept = tokens[:end]
+        samples.append(
+            Sample(
+                prompt=prompt,
+                tokens=kept,
+                finished=finished,
+                version=version,
+                text=decode(kept).strip(),
+                logprobs=logprobs[i][:end] if logprobs is not None else None,
+            )
+        )
+    return samples
+
+
+class PolicyRollout:
+    """HF `generate` inside the policy actors: each rank answers an equal, consecutive share of the prompts."""
+
+    def __init__(self, groups: dict[str, RoleGroup], ppo: PpoSection, tokenizer: PreTrainedTokenizerBase, stops):
+        self.policy, self.tokenizer, self.stops = groups["policy"], tokenizer, stops
+
+    def start(self) -> None:
+        """Nothing to open: the policy samples with the weights it trains."""
+
+    def update_weights(self) -> dict[str, float]:
+        """Nothing to send (the figures of a sync: none)."""
+        return {}
+
+    def sample(self, prompts: list[Prompt], seed: int, version: int) -> list[Sample]:
+        """One answer to each prompt (a prompt repeated is answered again), seeded."""
+        prompt_ids, prompt_mask = left_pad([p.ids for p in prompts], self.tokenizer.pad_token_id)
+        shards = split_rows({"ids": prompt_ids, "mask": prompt_mask}, len(self.policy.actors))
+        answers = self.policy.results(self.policy.call("generate", [(s["ids"], s["mask"], seed) for s in shards]))
+        drawn = [tokens for part in answers for tokens in part]
+        return finished_samples(prompts, drawn, None, self.stops, self.tokenizer, version)
+
+
+class EngineRollout:
+    """vLLM engines (role `rollout`): each answers a consecutive share of the prompts, each prompt with its own seed,
+    on the policy's weights as of the last `update_weights`."""
+
+    def __init__(self, groups: dict[str, RoleGroup], ppo: PpoSection, tokenizer: PreTrainedTokenizerBase, stops):
+        self.groups, self.ppo, self.tokenizer, self.stops = groups, ppo, tokenizer, stops
+        self.engines = groups["rollout"]
+        self.manifest: list | None = None
+
+    def start(self) -> None:
+        """Join policy rank 0 and every engine worker in the weight-sync group, and agree on what a sync sends."""
+        self.manifest = open_weight_sync(self.groups, self.ppo)
+
+    def update_weights(self) -> dict[str, float]:
+        """The policy's current weights into every engine (also after a resume); the sync's seconds."""
+        started = time.perf_counter()
+        sync_weights(self.groups, self.manifest)
+        return {"weight_sync_s": time.perf_counter() - started}
+
+    def sample(self, prompts: list[Prompt], seed: int, version: int) -> list[Sample]:
+        """One answer to each prompt; prompt i is sampled with seed + i, so the answers do not depend on how many
+        engines share them."""
+        engines = len(self.engines.actors)
+        bounds = [round(i * len(prompts) / engines) for i in range(engines + 1)]
+        shares = [
+            ([p.ids for p in prompts[a:b]], [seed + i for i in range(a, b)]) for a, b in itertools.pairwise(bounds)
+        ]
+        answers = [pair for part in self.engines.results(self.engines.call("generate", shares)) for pair in part]
+        drawn, logprobs = [tokens for tokens, _ in answers], [values for _, values in answers]
+        return finished_samples(prompts, drawn, logprobs, self.stops, self.tokenizer, version)
+
+
+def make_rollout(
+    groups: dict[str, RoleGroup], ppo: PpoSection, tokenizer: PreTrainedTokenizerBase, stops: StopSet
+) -> PolicyRollout | EngineRollout:
+    """The rollout object of the job's engine (`ppo.generation.engine`), started."""
+    rollout = (EngineRollout if ppo.generation.engine == "vllm" else PolicyRollout)(groups, ppo, tokenizer, stops)
+    rollout.start()
+    return rollout
+
+
+def open_weight_sync(groups: dict[str, RoleGroup], ppo: PpoSection) -> list:
+    """Join policy rank 0 and every rollout engine's workers in a process group of their own; the sync's manifest.
+
+    A tied output head is part of the manifest only where an engine reports that its head keeps a copy of its own."""
+    import ray
+
+    policy, rollout = groups["policy"], groups["rollout"]
+    shards = ppo.roles.rollout.tensor_parallel_size
+    world = 1 + shards * len(rollout.actors)
+    policy_gpus, engine_gpus = ppo.roles.policy.gpus_per_worker, ppo.roles.rollout.gpus_per_worker
+    # NCCL takes one rank per device: an engine that may share the policy's GPU syncs over gloo through host memory
+    own_gpus = policy_gpus >= 1 and engine_gpus >= 1 and ppo.colocate != "all"
+    backend = "nccl" if own_gpus else "gloo"
+    timeout = policy.timeout_s
+    address = ray.get(policy.actors[0].weight_sync_address.remote(world, timeout))
+    first_ranks = [1 + i * shards for i in range(len(rollout.actors))]
+    policy_joins = [policy.actors[0].join_weight_sync.remote(world, backend, timeout)]
+    engines_join = rollout.call(
+        "join_weight_sync", [(address, first, world, backend, timeout) for first in first_ranks]
+    )
+    own_heads = [keeps for worker_reports in rollout.results(engines_join) for keeps in worker_reports]
+    ray.get(policy_joins)
+    return policy.results(policy.broadcast("weight_manifest", any(own_heads)))[0]
+
+
+def sync_weights(groups: dict[str, RoleGroup], manifest: list) -> None:
+    """The policy's current weights into every rollout engine (ZeRO-3 shards gathered one parameter at a time).
+
+    Whichever side fails first says why, at once: an engine's own error (one that could not load what was sent ends
+    the run), or its death (RayActorError: the groups restart, as for any lost actor). A broadcast that times out
+    names its parameter and the engines still silent."""
+    import ray
+
+    policy, rollout = groups["policy"], groups["rollout"]
+    sending = policy.broadcast("send_weights")
+    receiving = rollout.broadcast("receive_weights", manifest)
+    pending = [*sending, *receiving]
+    while any(ref in pending for ref in sending):
+        (done,), pending = ray.wait(pending, num_returns=1)
+        try:
+            refused_sync(ray.get, done)
+        except ray.exceptions.RayTaskError as exc:
+            timed_out = re.search(r"WeightSyncTimeout: (.*)", str(exc))
+            if done in receiving or timed_out is None:
+                raise
+            answered, silent = ray.wait(receiving, num_returns=len(receiving), timeout=10)
+            for ref in answered:
+                ray.get(ref)  # an engine that died while the policy waited: the restart path
+            raise RoleStalled(f"{timed_out.group(1).strip()}; " + rollout.silence(receiving, silent)) from None
+    # the sender can finish into the sockets' buffers first: an engine still receiving a timeout later is stuck
+    answered, silent = ray.wait(receiving, num_returns=len(receiving), timeout=rollout.timeout_s)
+    for ref in answered:
+        refused_sync(ray.get, ref)
+    if silent:
+        raise RoleStalled(
+            "the weight sync timed out: the policy sent every parameter, and an engine did not take them in within "
+            f"cluster.collective_timeout_s ({rollout.timeout_s:g} s); " + rollout.silence(receiving, silent)
+        )
+
+
+def refused_sync(get, ref) -> None:
+    """`get(ref)`; an engine that could not load what the policy sent ends the run with its one paragraph."""
+    import ray
+
+    try:
+        get(ref)
+    except ray.exceptions.RayTaskError as exc:
+        mismatch = re.search(r"WeightSyncMismatch: (.*)", str(exc))
+        if mismatch is None:
+            raise
+        raise TrainingFailed(mismatch.group(1).strip()) from None
