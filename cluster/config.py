@@ -27,9 +27,11 @@ class ClusterConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     address: str | None = Field(default=None, description="ray://host:port or host:port; none starts a local Ray")
-    workers: int = Field(default=1, ge=1)
-    cpus_per_worker: float = Field(default=1.0, gt=0)
-    gpus_per_worker: float = Field(default=0.0, ge=0)
+    workers: int = Field(default=1, ge=1, description="training workers (ranks), one Ray actor each")
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs each worker asks Ray for")
+    gpus_per_worker: float = Field(
+        default=0.0, ge=0, description="GPUs each worker asks for; > 0 selects NCCL, else gloo"
+    )
     dashboard: bool = Field(default=False, description="local Ray only; bound to 127.0.0.1")
     placement: Literal["pack", "spread", "strict_spread"] = Field(
         default="pack", description="workers on as few nodes as fit (pack), spread, or one per node (strict_spread)"

@@ -1,4 +1,5 @@
-"""The `tuneyard` command: train, validate, prepare, plan, pipeline, runs, plot, chat, generate, export, submit."""
+"""The `tuneyard` command: train, validate, schema, prepare, plan, pipeline, runs, plot, chat, generate, export and
+submit."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     validate = commands.add_parser("validate", help="print the resolved job, or its errors")
     validate.add_argument("job")
     validate.add_argument("overrides", nargs="*")
+    commands.add_parser("schema", help="print the job file's JSON Schema: tuneyard schema > tuneyard.schema.json")
     prepare = commands.add_parser("prepare", help="tokenise and pack a job's data into its cache ahead of the run")
     prepare.add_argument("job")
     prepare.add_argument("overrides", nargs="*")
@@ -77,6 +79,11 @@ def _dispatch(args: argparse.Namespace) -> int:
 
     if args.command in COMMANDS:
         return run_submit_command(args)
+    if args.command == "schema":
+        from tuneyard.launch.schema import schema_text
+
+        print(schema_text(), end="")
+        return 0
     if args.command == "validate":
         print(dump_job(load_job(args.job, args.overrides)), end="")
         return 0

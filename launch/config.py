@@ -36,14 +36,22 @@ class JobConfig(StageSections):
 
     model_config = ConfigDict(extra="forbid")
 
-    stage: Stage
-    model: ModelConfig
-    data: DataConfig
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    peft: PeftSection = Field(default_factory=PeftSection)
-    deepspeed: DeepSpeedSection = Field(default_factory=DeepSpeedSection)
-    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
-    output: OutputConfig
+    stage: Stage = Field(description="what the job trains: one of the registered stages (training/stages.py)")
+    model: ModelConfig = Field(description="which model and tokenizer to start from")
+    data: DataConfig = Field(description="the rows, their format, and how they become token sequences")
+    training: TrainingConfig = Field(
+        default_factory=TrainingConfig, description="optimisation: schedule, batch, run length, precision, eval"
+    )
+    peft: PeftSection = Field(
+        default_factory=PeftSection, description="how much of the model trains: all of it, its top blocks, an adapter"
+    )
+    deepspeed: DeepSpeedSection = Field(
+        default_factory=DeepSpeedSection, description="ZeRO stage and offloads, or a raw DeepSpeed JSON"
+    )
+    cluster: ClusterConfig = Field(
+        default_factory=ClusterConfig, description="where the workers run (a Ray address) and what each one gets"
+    )
+    output: OutputConfig = Field(description="the run directory, checkpoints and resume")
 
     @model_validator(mode="after")
     def _sections_agree(self) -> JobConfig:

@@ -30,11 +30,16 @@ class DpoSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    beta: float = Field(default=0.1, gt=0)
-    loss_type: DPO_LOSSES = "sigmoid"
+    beta: float = Field(default=0.1, gt=0, description="DPO's beta: higher keeps the policy closer to the reference")
+    loss_type: DPO_LOSSES = Field(
+        default="sigmoid", description="TRL's DPO loss: sigmoid (DPO), ipo, hinge, robust, ... (any TRL names)"
+    )
     label_smoothing: float = Field(default=0.0, ge=0.0, lt=0.5, description="sigmoid: cDPO's assumed flip rate")
     sft_weight: float = Field(default=0.0, ge=0, description="adds NLL on the chosen answers (RPO) at this weight")
-    precompute_ref_log_probs: bool = False
+    precompute_ref_log_probs: bool = Field(
+        default=False,
+        description="score the pairs with the reference once before training, so no reference model stays loaded",
+    )
 
 
 class KtoSection(BaseModel):
@@ -43,7 +48,9 @@ class KtoSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     beta: float = Field(default=0.1, gt=0, description="higher: stay closer to the reference")
-    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field(
+        default="kto", description="kto (with its KL term, from other rows of the batch) or apo_zero_unpaired (none)"
+    )
     desirable_weight: float = Field(default=1.0, gt=0, description="scales the loss of the desirable rows")
     undesirable_weight: float = Field(
         default=1.0,
@@ -51,7 +58,10 @@ class KtoSection(BaseModel):
         description="scales the loss of the undesirable rows; KTO's paper keeps "
         "desirable_weight x desirable rows / (undesirable_weight x undesirable rows) in [1, 4/3]",
     )
-    precompute_ref_log_probs: bool = False
+    precompute_ref_log_probs: bool = Field(
+        default=False,
+        description="score the rows with the reference once before training, so no reference model stays loaded",
+    )
 
 
 class RewardFunction(BaseModel):
@@ -59,8 +69,8 @@ class RewardFunction(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str
-    weight: float = 1.0
+    name: str = Field(description="a function registered in rlhf/rewards.py (@reward_function), e.g. last_word_exact")
+    weight: float = Field(default=1.0, description="the reward is the sum of each function's score times its weight")
 
 
 class RewardSection(BaseModel):
@@ -69,8 +79,10 @@ class RewardSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(default=None, description="a sequence-classification folder, e.g. runs/reward/final")
-    model_weight: float = 1.0
-    functions: list[RewardFunction] = Field(default_factory=list)
+    model_weight: float = Field(default=1.0, description="the reward model's score is added at this weight")
+    functions: list[RewardFunction] = Field(
+        default_factory=list, description="named reward functions, each scoring one answer, summed by weight"
+    )
     timeout_s: float = Field(
         default=60.0,
         gt=0,
@@ -87,10 +99,12 @@ class GrpoSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    num_generations: int = Field(default=8, ge=2)
-    max_completion_length: int = Field(default=16, ge=1)
-    temperature: float = Field(default=1.0, gt=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
+    num_generations: int = Field(
+        default=8, ge=2, description="answers sampled per prompt: the group each answer is measured against"
+    )
+    max_completion_length: int = Field(default=16, ge=1, description="tokens an answer may have")
+    temperature: float = Field(default=1.0, gt=0, description="sampling temperature of the answers")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling of the answers (1: off)")
     beta: float = Field(default=0.0, ge=0, description="KL weight against the reference; 0 loads no reference")
     epsilon: float = Field(default=0.2, gt=0, description="clipping range")
 
@@ -102,9 +116,9 @@ class RlooSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     num_generations: int = Field(default=2, ge=2, description="k: samples per prompt (the baseline is the others')")
-    max_completion_length: int = Field(default=16, ge=1)
-    temperature: float = Field(default=1.0, gt=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
+    max_completion_length: int = Field(default=16, ge=1, description="tokens an answer may have")
+    temperature: float = Field(default=1.0, gt=0, description="sampling temperature of the answers")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling of the answers (1: off)")
     beta: float = Field(default=0.05, ge=0, description="KL weight against the reference; 0 loads no reference")
     epsilon: float = Field(default=0.2, gt=0, description="clipping range")
     num_iterations: int = Field(default=1, ge=1, description="updates per generated batch")
@@ -120,7 +134,7 @@ class DistillSection(BaseModel):
     teacher: str | None = Field(default=None, description="the teacher: a local model folder or a hub id")
     beta: float = Field(default=1.0, ge=0, le=1, description="0: forward KL, 0.5: JSD, 1: reverse KL (TRL's default)")
     temperature: float = Field(default=1.0, gt=0, description="for the student's sampling and both distributions")
-    top_p: float = Field(default=1.0, gt=0, le=1)
+    top_p: float = Field(default=1.0, gt=0, le=1, description="nucleus sampling of the student's answers (1: off)")
     max_completion_length: int = Field(default=16, ge=1, description="tokens the student samples per prompt")
 
 
@@ -143,7 +157,11 @@ class KlSection(BaseModel):
     clamp: float | None = Field(
         default=None, gt=0, description="clamp each token's KL estimate to +-clamp (none: unclamped; OpenRLHF: 10)"
     )
-    controller: Literal["fixed", "adaptive"] = "fixed"
+    controller: Literal["fixed", "adaptive"] = Field(
+        default="fixed",
+        description="fixed: coef throughout; adaptive: coef is scaled each iteration toward `target` KL over `horizon` "
+        "samples",
+    )
     target: float = Field(default=6.0, gt=0, description="adaptive: the KL (summed over a response) to hold")
     horizon: int = Field(default=10000, ge=1, description="adaptive: samples over which the coefficient adapts")
 
@@ -160,12 +178,14 @@ class GenerationSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int = Field(default=16, ge=1)
+    max_new_tokens: int = Field(
+        default=16, ge=1, description="tokens an answer may have; one that reaches it before a stop is truncated"
+    )
     temperature: float = Field(
         default=1.0, ge=0, description="0: greedy; every log-prob of the update is taken at this temperature"
     )
     top_p: float = Field(
-        default=1.0, gt=0, le=1, description="nucleus sampling; the update scores the same nucleus (see README)"
+        default=1.0, gt=0, le=1, description="nucleus sampling; the update scores the same nucleus it sampled from"
     )
     stop_at_eos: bool = Field(
         default=True,
@@ -203,9 +223,11 @@ class RoleSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    workers: int = Field(default=1, ge=1)
-    cpus_per_worker: float = Field(default=1.0, gt=0)
-    gpus_per_worker: float = Field(default=0.0, ge=0)
+    workers: int = Field(default=1, ge=1, description="Ray actors (ranks) of this role")
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs each actor asks for (its threads)")
+    gpus_per_worker: float = Field(
+        default=0.0, ge=0, description="GPUs each actor asks for (fractions share one GPU); > 0: NCCL"
+    )
     zero_stage: Literal[0, 1, 2, 3] | None = Field(
         default=None, description="policy/critic: defaults to deepspeed.zero_stage; reference/reward: 0 or 3"
     )
@@ -228,7 +250,7 @@ class RolloutRoleSection(BaseModel):
 
     workers: int = Field(default=1, ge=1, description="engines; each answers an equal share of the prompts")
     tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs one engine shards its model over")
-    cpus_per_worker: float = Field(default=1.0, gt=0)
+    cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs each engine asks for")
     gpus_per_worker: float = Field(default=0.0, ge=0, description="on GPUs: tensor_parallel_size")
     gpu_memory_utilization: float = Field(
         default=0.5, gt=0, le=1, description="GPU: the share of its GPU memory an engine takes (weights + KV cache)"
@@ -251,11 +273,18 @@ class RolesSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    policy: RoleSection = Field(default_factory=RoleSection)
-    critic: CriticRoleSection = Field(default_factory=CriticRoleSection)
-    reference: RoleSection = Field(default_factory=RoleSection)
-    reward: RoleSection = Field(default_factory=RoleSection)
-    rollout: RolloutRoleSection = Field(default_factory=RolloutRoleSection)
+    policy: RoleSection = Field(default_factory=RoleSection, description="the model being trained")
+    critic: CriticRoleSection = Field(
+        default_factory=CriticRoleSection, description="the value model (advantage gae only)"
+    )
+    reference: RoleSection = Field(
+        default_factory=RoleSection,
+        description="the frozen start, for the KL penalty (none with a LoRA/QLoRA policy: its base is the reference)",
+    )
+    reward: RoleSection = Field(default_factory=RoleSection, description="the reward model (with reward.model)")
+    rollout: RolloutRoleSection = Field(
+        default_factory=RolloutRoleSection, description="the vLLM engines (generation.engine: vllm)"
+    )
 
     def zero_stage_of(self, role: str, job_zero_stage: int) -> int:
         """A role's ZeRO stage: its own `zero_stage`, else the job's `deepspeed.zero_stage` for the trained roles
@@ -272,10 +301,12 @@ class PpoSection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     rollout_batch_size: int = Field(default=16, ge=1, description="prompts per iteration")
-    samples_per_prompt: int = Field(default=1, ge=1)
+    samples_per_prompt: int = Field(
+        default=1, ge=1, description="answers per prompt (at least 2 for the group estimators and dynamic sampling)"
+    )
     mini_batch_size: int = Field(default=16, ge=1, description="samples per optimizer step, over all policy ranks")
     micro_batch_size: int = Field(default=4, ge=1, description="samples per forward/backward on one rank")
-    ppo_epochs: int = Field(default=1, ge=1)
+    ppo_epochs: int = Field(default=1, ge=1, description="passes of clipped updates over an iteration's samples")
     iterations: int = Field(default=0, ge=0, description="iterations to run; 0: `epochs` passes over the prompts")
     epochs: float = Field(default=1.0, gt=0, description="passes over the prompts when iterations is 0")
     clip_range: float = Field(default=0.2, gt=0, description="the ratio is clipped to [1 - clip_range, 1 + clip_range]")
@@ -284,7 +315,7 @@ class PpoSection(BaseModel):
         default=None, gt=0, description="the upper bound's width (clip_range); DAPO's clip-higher: 0.28 with 0.2"
     )
     value_clip_range: float | None = Field(default=0.2, gt=0, description="none: unclipped value loss")
-    gamma: float = Field(default=1.0, ge=0, le=1)
+    gamma: float = Field(default=1.0, ge=0, le=1, description="discount of later tokens' rewards (GAE's gamma)")
     lam: float = Field(default=0.95, ge=0, le=1, description="GAE lambda")
     advantage: Literal["gae", "grpo", "dr_grpo", "rloo", "reinforce_baseline"] = Field(
         default="gae",
@@ -315,12 +346,16 @@ class PpoSection(BaseModel):
         "correcting for what the engine sampled with slightly other numbers than the policy's (truncated IS)",
     )
     tis_cap: float = Field(default=2.0, ge=1, description="the truncation of the TIS weight (at least 1)")
-    entropy_coef: float = Field(default=0.0, ge=0)
+    entropy_coef: float = Field(
+        default=0.0, ge=0, description="entropy bonus: the policy loss minus entropy_coef x the sampling entropy"
+    )
     value_loss_coef: float = Field(default=1.0, gt=0, description="scales the critic's loss")
     critic_learning_rate: float | None = Field(default=None, gt=0, description="defaults to training.learning_rate")
     max_prompt_length: int = Field(default=128, ge=1, description="a longer prompt is an error, reported before start")
     save_every: int = Field(default=0, ge=0, description="checkpoint every N iterations (0: output.save_steps)")
-    overlong: OverlongSection = Field(default_factory=OverlongSection)
+    overlong: OverlongSection = Field(
+        default_factory=OverlongSection, description="DAPO: truncated answers out of the loss, a length penalty"
+    )
     dynamic_sampling: bool = Field(
         default=False,
         description="DAPO: drop the groups whose answers all got the same reward (no signal) and draw more prompts "
@@ -332,10 +367,18 @@ class PpoSection(BaseModel):
         description="draws of rollout_batch_size prompts per iteration at most; then the batch is "
         "filled up with uninformative groups",
     )
-    generation: GenerationSection = Field(default_factory=GenerationSection)
-    kl: KlSection = Field(default_factory=KlSection)
-    roles: RolesSection = Field(default_factory=RolesSection)
-    colocate: Literal["all", "policy_reference", "none"] = "none"
+    generation: GenerationSection = Field(
+        default_factory=GenerationSection, description="how the rollouts sample answers, and which engine"
+    )
+    kl: KlSection = Field(default_factory=KlSection, description="the KL penalty against the reference")
+    roles: RolesSection = Field(
+        default_factory=RolesSection, description="each role's Ray actors: workers, CPUs, GPUs, ZeRO stage"
+    )
+    colocate: Literal["all", "policy_reference", "none"] = Field(
+        default="none",
+        description="none: a bundle per rank of every role; all: rank i of every role shares bundle i; "
+        "policy_reference: only those two share",
+    )
 
     @property
     def has_critic(self) -> bool:
@@ -402,10 +445,14 @@ class StageSections(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dpo: DpoSection = Field(default_factory=DpoSection)
-    kto: KtoSection = Field(default_factory=KtoSection)
-    grpo: GrpoSection = Field(default_factory=GrpoSection)
-    rloo: RlooSection = Field(default_factory=RlooSection)
-    ppo: PpoSection = Field(default_factory=PpoSection)
-    reward: RewardSection = Field(default_factory=RewardSection)
-    distill: DistillSection = Field(default_factory=DistillSection)
+    dpo: DpoSection = Field(default_factory=DpoSection, description="stage dpo's settings")
+    kto: KtoSection = Field(default_factory=KtoSection, description="stage kto's settings")
+    grpo: GrpoSection = Field(default_factory=GrpoSection, description="stage grpo's settings")
+    rloo: RlooSection = Field(default_factory=RlooSection, description="stage rloo's settings")
+    ppo: PpoSection = Field(
+        default_factory=PpoSection, description="stage ppo's settings: the controller, its roles and estimators"
+    )
+    reward: RewardSection = Field(
+        default_factory=RewardSection, description="where grpo's, rloo's and ppo's rewards come from"
+    )
+    distill: DistillSection = Field(default_factory=DistillSection, description="stage distill's settings")

@@ -31,14 +31,28 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name_or_path: str | None = None
-    init: Literal["pretrained", "scratch"] = "pretrained"
+    name_or_path: str | None = Field(
+        default=None, description="the model to start from: a local Hugging Face folder or a hub id (org/name)"
+    )
+    init: Literal["pretrained", "scratch"] = Field(
+        default="pretrained",
+        description="pretrained: load name_or_path; scratch: a new model from architecture and tokenizer",
+    )
     architecture: dict | None = Field(default=None, description="a transformers config dict (with model_type)")
     tokenizer: str | None = Field(default=None, description="defaults to name_or_path")
-    dtype: Precision = "auto"
-    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = "auto"
-    strict_attention: bool = False
-    trust_remote_code: bool = False
+    dtype: Precision = Field(
+        default="auto", description="the dtype the weights load in; auto: bf16 on a CUDA GPU that has it, else fp32"
+    )
+    attn_implementation: Literal["auto", "flash_attention_2", "sdpa", "eager"] = Field(
+        default="auto", description="auto: flash_attention_2 when flash-attn imports and CUDA is present, else sdpa"
+    )
+    strict_attention: bool = Field(
+        default=False,
+        description="a requested attention kernel that cannot run here is an error, not a fallback to sdpa/eager",
+    )
+    trust_remote_code: bool = Field(
+        default=False, description="run the model's own modelling code from its folder or hub repository"
+    )
     allow_pickle: bool = Field(
         default=False,
         description="load .bin/.pt/.pkl weights (unpickling runs code), else safetensors only; covers reward.model",
@@ -74,7 +88,9 @@ class DataSource(BaseModel):
 
     path: str = Field(description="the data file or folder, or hub name; with dataset_info: that file")
     weight: float = Field(default=1.0, gt=0, description="2.0 repeats the source twice, 0.5 keeps a seeded half")
-    split: str = "train"
+    split: str = Field(
+        default="train", description="the split of a hub dataset, or of a save_to_disk folder holding several"
+    )
     name: str | None = Field(default=None, description="hub dataset config name; with dataset_info: the entry's name")
     dataset_info: str | None = Field(
         default=None, description="LLaMA-Factory's dataset_info.json: its entry `name` gives file, format and columns"
@@ -129,11 +145,11 @@ class ShareGptTags(BaseModel):
 
     role_tag: str = Field(default="from", description="the key that names the speaker")
     content_tag: str = Field(default="value", description="the key that holds the text")
-    user_tag: str = "human"
-    assistant_tag: str = "gpt"
+    user_tag: str = Field(default="human", description="the speaker name of the user's turns")
+    assistant_tag: str = Field(default="gpt", description="the speaker name of the assistant's turns")
     observation_tag: str = Field(default="observation", description="a tool's result")
     function_tag: str = Field(default="function_call", description="a tool call, its text the call as JSON")
-    system_tag: str = "system"
+    system_tag: str = Field(default="system", description="the speaker name of a system turn")
 
 
 def _as_sources(value: object) -> object:
@@ -152,15 +168,33 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    format: DataFormat
-    train: list[DataSource]
-    eval: list[DataSource] | None = None
-    eval_fraction: float = Field(default=0.0, ge=0.0, lt=1.0)
-    text_field: str = "text"
-    max_length: int = Field(default=512, gt=8)
-    overlength: Literal["error", "drop", "truncate"] = "error"
-    packing: bool = True
-    num_proc: int = Field(default=1, ge=1)
+    format: DataFormat = Field(
+        description="the rows' shape: text, alpaca, sharegpt, messages, preference, unpaired_preference, prompt, "
+        "classification or bio"
+    )
+    train: list[DataSource] = Field(
+        description="the training data: a file, folder or hub name, a source entry, or a list of them"
+    )
+    eval: list[DataSource] | None = Field(
+        default=None, description="held-out data, given as train is; none: eval_fraction, or no eval"
+    )
+    eval_fraction: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="the share of the train rows held out when eval is not given"
+    )
+    text_field: str = Field(default="text", description="the key of the text in text and classification rows")
+    max_length: int = Field(
+        default=512, gt=8, description="tokens per sequence: pretrain's block length, the longest example otherwise"
+    )
+    overlength: Literal["error", "drop", "truncate"] = Field(
+        default="error", description="SFT examples longer than max_length: an error naming them, dropped, or cut"
+    )
+    packing: bool = Field(
+        default=True,
+        description="SFT: several examples in a row, padding-free, no attention across them (pretrain always packs)",
+    )
+    num_proc: int = Field(
+        default=1, ge=1, description="processes that tokenise on the driver (used from 1,000 rows on)"
+    )
     streaming: bool = Field(
         default=False,
         description="pretrain on corpora larger than memory: tokenise into memory-mapped shards by parallel tasks",
@@ -221,8 +255,8 @@ class EarlyStopping(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    metric: str = "eval_loss"
-    mode: Literal["min", "max"] = "min"
+    metric: str = Field(default="eval_loss", description="the eval metric watched (a key the evaluation logs)")
+    mode: Literal["min", "max"] = Field(default="min", description="min: lower is better; max: higher is better")
     patience: int = Field(default=3, ge=1, description="evaluations without improvement before stopping")
     threshold: float = Field(default=0.0, ge=0.0, description="an improvement smaller than this does not count")
 
@@ -232,21 +266,27 @@ class TrainingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    learning_rate: float = Field(default=1e-4, gt=0)
-    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "polynomial"] = "cosine"
-    warmup_steps: int = Field(default=0, ge=0)
-    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0)
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
+    learning_rate: float = Field(default=1e-4, gt=0, description="the peak learning rate, after warm-up")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup", "polynomial"] = Field(
+        default="cosine", description="the learning-rate schedule after warm-up (transformers' schedulers)"
+    )
+    warmup_steps: int = Field(default=0, ge=0, description="steps of linear warm-up; wins over warmup_ratio when > 0")
+    warmup_ratio: float = Field(default=0.0, ge=0.0, lt=1.0, description="warm-up as a share of the run's steps")
+    weight_decay: float = Field(default=0.0, description="the optimizer's decoupled weight decay (AdamW's)")
+    max_grad_norm: float = Field(default=1.0, description="gradients are clipped to this global norm")
     batch_size: int = Field(default=8, ge=1, description="per worker")
-    grad_accum: int = Field(default=1, ge=1)
-    epochs: float = Field(default=1.0, gt=0)
+    grad_accum: int = Field(default=1, ge=1, description="micro-batches accumulated into one optimizer step")
+    epochs: float = Field(default=1.0, gt=0, description="passes over the training data (unless max_steps > 0)")
     max_steps: int = Field(default=-1, description="wins over epochs when > 0")
-    seed: int = 42
-    precision: Precision = "auto"
-    gradient_checkpointing: bool = False
+    seed: int = Field(default=42, description="seeds initialisation, data order and sampling")
+    precision: Precision = Field(
+        default="auto", description="the training precision; auto: bf16 on a GPU that has it, fp32 otherwise"
+    )
+    gradient_checkpointing: bool = Field(
+        default=False, description="recompute activations in the backward pass: less memory, more compute"
+    )
     eval_steps: int | None = Field(default=None, ge=1, description="None: evaluate at start and end only")
-    logging_steps: int = Field(default=1, ge=1)
+    logging_steps: int = Field(default=1, ge=1, description="optimizer steps between logged training figures")
     max_failures: int = Field(
         default=2, ge=0, description="restarts after a lost worker (or PPO role actor), each from the newest checkpoint"
     )
@@ -258,7 +298,9 @@ class TrainingConfig(BaseModel):
     )
     optim: str = Field(default="adamw_torch_fused", description="a transformers optimizer, e.g. adamw_bnb_8bit")
     neftune_noise_alpha: float | None = Field(default=None, gt=0, description="NEFTune embedding noise (SFT)")
-    early_stopping: EarlyStopping | None = None
+    early_stopping: EarlyStopping | None = Field(
+        default=None, description="stop when an eval metric stops improving (needs eval_steps); none: off"
+    )
 
 
 class DeepSpeedSection(BaseModel):
@@ -266,9 +308,12 @@ class DeepSpeedSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    zero_stage: Literal[0, 1, 2, 3] = Field(
+        default=2,
+        description="what ZeRO shards over the workers: 0 nothing, 1 optimizer state, 2 and gradients, 3 and weights",
+    )
+    offload_optimizer: bool = Field(default=False, description="keep the optimizer state in CPU memory (ZeRO 1-3)")
+    offload_params: bool = Field(default=False, description="keep the weights in CPU memory (ZeRO-3 only)")
     config: str | None = Field(default=None, description="path to a DeepSpeed JSON dict; wins when set")
 
     @model_validator(mode="after")
@@ -285,15 +330,21 @@ class OutputConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    dir: str
+    dir: str = Field(description="the run directory: job.yaml, metrics, logs, checkpoints and final/")
     save_steps: int = Field(default=0, ge=0, description="0: no intermediate checkpoints")
-    keep_last: int = Field(default=2, ge=1)
+    keep_last: int = Field(
+        default=2, ge=1, description="complete checkpoints kept; an older one goes once a newer one is complete"
+    )
     keep_best: str | None = Field(
         default=None, description="also keep the checkpoint with the best value of this eval metric (e.g. eval_loss)"
     )
-    best_mode: Literal["min", "max"] = "min"
+    best_mode: Literal["min", "max"] = Field(
+        default="min", description="keep_best: min (lower is better) or max (higher is better)"
+    )
     resume: str = Field(default="auto", description="auto | never | PATH to a checkpoint folder")
-    overwrite: bool = False
+    overwrite: bool = Field(
+        default=False, description="empty the run directory (another job's, or a finished run) and start again"
+    )
 
 
 class PeftSection(BaseModel):
@@ -304,21 +355,34 @@ class PeftSection(BaseModel):
 
     method: Literal[
         "full", "freeze", "lora", "qlora", "adalora", "ia3", "prompt_tuning", "prefix_tuning", "feature-based"
-    ] = "full"
+    ] = Field(
+        default="full",
+        description="full: every weight; freeze: the top blocks; lora, qlora (on a 4-bit base), adalora, ia3: an "
+        "adapter; prompt_tuning, prefix_tuning: virtual tokens; feature-based (classify): logistic regression on "
+        "the frozen model's embeddings",
+    )
     trainable_layers: int = Field(
         default=2, ge=0, description="freeze: the last N blocks (plus the head) train; 0: the head alone"
     )
     r: int = Field(default=8, ge=1, description="LoRA's rank; adalora: the average rank it prunes down to")
     init_r: int | None = Field(default=None, ge=1, description="adalora: each layer's starting rank (default 1.5 r)")
-    alpha: int = Field(default=16, ge=1)
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    rslora: bool = False
-    dora: bool = False
-    modules_to_save: list[str] | None = None
-    quant_type: Literal["nf4", "fp4"] = "nf4"
-    double_quant: bool = True
-    compute_dtype: Precision = "auto"
+    alpha: int = Field(default=16, ge=1, description="LoRA's scale: the update is multiplied by alpha / r")
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0, description="dropout on the adapter's input (LoRA)")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default="all-linear", description="the layers that get an adapter: all-linear, or module names (q_proj, ...)"
+    )
+    rslora: bool = Field(default=False, description="rank-stabilised LoRA: scale by alpha / sqrt(r)")
+    dora: bool = Field(default=False, description="DoRA: learn each weight's magnitude beside LoRA's direction")
+    modules_to_save: list[str] | None = Field(
+        default=None,
+        description="modules trained in full beside the adapter and saved with it (a classifier's head: score)",
+    )
+    quant_type: Literal["nf4", "fp4"] = Field(default="nf4", description="qlora: the 4-bit type (bitsandbytes)")
+    double_quant: bool = Field(default=True, description="qlora: quantise the quantisation constants too")
+    compute_dtype: Precision = Field(
+        default="auto",
+        description="qlora: the dtype the 4-bit layers compute in; auto: bf16 on a GPU that has it, fp32 otherwise",
+    )
     num_virtual_tokens: int = Field(
         default=16,
         ge=1,
@@ -351,10 +415,10 @@ class TrainSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stage: str
-    model: ModelConfig
-    data: DataConfig
-    training: TrainingConfig = Field(default_factory=TrainingConfig)
-    peft: PeftSection = Field(default_factory=PeftSection)
+    stage: str = Field(description="the job's stage")
+    model: ModelConfig = Field(description="the job's model section")
+    data: DataConfig = Field(description="the job's data section")
+    training: TrainingConfig = Field(default_factory=TrainingConfig, description="the job's training section")
+    peft: PeftSection = Field(default_factory=PeftSection, description="the job's peft section")
     deepspeed: DeepSpeedSection | None = Field(default_factory=DeepSpeedSection, description="None: no DeepSpeed")
-    output: OutputConfig
+    output: OutputConfig = Field(description="the job's output section")
