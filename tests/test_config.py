@@ -96,8 +96,13 @@ def test_every_example_config_validates(path):
 def test_every_example_pipeline_validates():
     from tuneyard.launch.pipeline import load_pipeline
 
-    for path in (Path(__file__).parent.parent / "examples" / "pipelines").glob("*.yaml"):
-        assert load_pipeline(path)[-1].stage == "ppo"
+    stages = {
+        "tiny.yaml": ["pretrain", "sft", "reward", "dpo"],
+        "rl-tiny.yaml": ["pretrain", "sft", "ppo"],
+        "rl-vllm-tiny.yaml": ["pretrain", "sft", "ppo"],
+    }
+    paths = sorted((Path(__file__).parent.parent / "examples" / "pipelines").glob("*.yaml"))
+    assert {p.name: [job.stage for job in load_pipeline(p)] for p in paths} == stages
 
 
 def test_qlora_policy_under_zero3_is_refused_for_ppo(tmp_path):

@@ -26,8 +26,8 @@ from tuneyard.launch.config import job_from_dict
 from tuneyard.launch.run_job import run_job
 from tuneyard.rlhf.config import PpoSection
 from tuneyard.rlhf.ppo.batches import build_samples, left_pad, split_rows
-from tuneyard.rlhf.ppo.prompts import Prompt, prompts_at
 from tuneyard.rlhf.ppo.groups import check_fits, plan_placement, role_env
+from tuneyard.rlhf.ppo.prompts import Prompt, prompts_at
 from tuneyard.rlhf.ppo.scoring import render_for_reward_model, reward_model_scores
 from tuneyard.rlhf.rewards import reward_function
 from tuneyard.training.errors import TrainingFailed
