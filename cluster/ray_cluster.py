@@ -111,7 +111,8 @@ def ray_starting(cfg: ClusterConfig, demand: LocalDemand | None = None) -> Itera
         dashboard_host="127.0.0.1",
         log_to_driver=False,
     )
-    if threading.current_thread() is threading.main_thread():  # what ray.init does when called from it
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        # what ray.init does when called from it; a handler the program set itself (the CLI's) stays
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
     local.start()
     _local_ray = local
@@ -134,6 +135,8 @@ def connect_to_cluster(address: str) -> None:
             f"cannot reach the Ray cluster at cluster.address={address} ({why}); check the address "
             "(the head's GCS, host:6379 by default) and that the cluster is up"
         )
+    sigterm = signal.getsignal(signal.SIGTERM)
+    leave_signals_to_python()
     try:
         ray.init(address=address, log_to_driver=False)
     except Exception as exc:  # ray raises ConnectionError, TimeoutError or RuntimeError here
@@ -142,6 +145,18 @@ def connect_to_cluster(address: str) -> None:
             f"{str(exc).splitlines()[0] if str(exc) else ''}); check the address, that the cluster is up, "
             "and the auth token (RAY_AUTH_TOKEN or ~/.ray/auth_token)"
         ) from None
+    if sigterm not in (signal.SIG_DFL, None) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, sigterm)  # ray.init replaces it with sys.exit; the program's own handler stays
+
+
+def leave_signals_to_python() -> None:
+    """Keep Ray's C++ failure-signal handler out of this (driver) process: it takes SIGTERM from Python's handler,
+    logs a stack trace and aborts the process (exit 134) before the driver has stopped its workers and said why.
+    Ray's own switch for it (RAY_DISABLE_FAILURE_SIGNAL_HANDLER) is read into this constant; set here, it holds
+    for the driver only, while Ray's daemons and workers keep their crash reports."""
+    from ray._private import ray_constants
+
+    ray_constants.RAY_DISABLE_FAILURE_SIGNAL_HANDLER = True
 
 
 _local_ray: LocalRay | None = None  # the local Ray a `ray_starting` block of this process is starting or running
@@ -174,6 +189,7 @@ class LocalRay(threading.Thread):
         ray_log = logging.getLogger("ray._private.worker")
         ray_log.addFilter(sigterm_warning := lambda record: "SIGTERM handler is not set" not in record.getMessage())
         try:
+            leave_signals_to_python()
             ray.init(**self.init_args)
             log.info("started a local Ray on 127.0.0.1")
         except BaseException as exc:  # handed to the driver's thread by wait_until_up

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import logging
 import os
 import sys
@@ -166,7 +167,12 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the console script; a user's mistake is one paragraph on stderr and exit 2."""
+    """Entry point of the console script; a user's mistake is one paragraph on stderr and exit 2, an interrupt one
+    line naming the phase it stopped and exit 130 (143 after SIGTERM)."""
+    from tuneyard.training.interrupts import INTERRUPTED_EXIT_CODE, Terminated, answer_interrupts, current_phase
+
+    answer_interrupts()
+    faulthandler.enable()  # a crash of the driver prints Python's traceback (Ray's C++ handler is kept out of it)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # bitsandbytes warns at import that the optional `kernels` hub package is absent; we keep it out on purpose
@@ -179,24 +185,26 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
     if extras:
         args.overrides += extras
-    if args.command in ("train", "export", "chat", "generate"):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()  # the "Loading weights" bars; our own progress line says enough
     from tuneyard.cluster.ray_cluster import ClusterError
 
     try:
+        if args.command in ("train", "export", "chat", "generate"):
+            from transformers.utils import logging as hf_logging
+
+            hf_logging.disable_progress_bar()  # the "Loading weights" bars; our own progress line says enough
         return _dispatch(args)
     except (UserError, ClusterError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
         print(
-            "interrupted: the workers were stopped; run the same command again to continue from the newest "
-            "complete checkpoint (output.resume: auto)",
+            f"interrupted: {'SIGTERM' if terminated else 'SIGINT'} while {current_phase()}; Ray and the workers were "
+            "stopped. Run the same command again to continue from the newest complete checkpoint "
+            "(output.resume: auto)",
             file=sys.stderr,
         )
-        return 130
+        return exc.exit_code if terminated else INTERRUPTED_EXIT_CODE
     except Exception as exc:
         # an outcome that is not a failure but has its own exit code (tuneyard.training.preemption.Preempted: 75)
         if getattr(exc, "exit_code", None) is None:

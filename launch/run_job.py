@@ -23,8 +23,9 @@ from tuneyard.launch.prepare import prepare_data
 from tuneyard.launch.progress import ProgressFollower
 from tuneyard.training.errors import TrainingFailed, UserError
 from tuneyard.training.faults import forwarded_faults
+from tuneyard.training.interrupts import driver_phase
 from tuneyard.training.metrics import append_metrics, read_metrics
-from tuneyard.training.preemption import preemption_watch
+from tuneyard.training.preemption import Preempted, preemption_watch
 from tuneyard.training.run_dir import (
     clear_heartbeats,
     finished_run,
@@ -204,18 +205,34 @@ def run_job(job: JobConfig, show_progress: bool = True, single: bool = False) ->
         )
     started = time.time()
     dump = job.identity_dump()
-    finished = finished_run(job.output, job_identity(dump))
+    identity = job_identity(dump)
+    finished = finished_run(job.output, identity)
     if finished is not None:  # resuming its last checkpoint would train past the end (step 151/150)
         return finished_result(finished.resolve())
-    run_dir = prepare_run_dir(job.output, job_identity(dump), run_lineage(dump)).resolve()
+    run_dir = prepare_run_dir(job.output, identity, run_lineage(dump)).resolve()
+    # an attempt that trained and published final/, then was stopped while scoring, leaves only the figures to do
+    trained = read_outcome(run_dir).get("trained") == identity
     (run_dir / "job.yaml").write_text(dump_job(job))
     record_outcome(run_dir, "running", pid=os.getpid(), host=socket.gethostname(), started=started)
     try:
-        figures = train_and_score(job, run_dir, show_progress, single)
+        if trained:
+            log.info("%s: trained and published earlier; scoring its figures", run_dir)
+            start, before = starting_point(job), None
+        else:
+            start, before = train(job, run_dir, show_progress, single)
+            trained = True
+        figures = score_figures(job, run_dir, start, before)
     except BaseException as exc:
-        status = {"Preempted": "preempted", "KeyboardInterrupt": "interrupted"}.get(type(exc).__name__, "failed")
+        status = (
+            "preempted"
+            if isinstance(exc, Preempted)
+            else "interrupted"
+            if isinstance(exc, KeyboardInterrupt)
+            else "failed"
+        )
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        record_outcome(run_dir, status, started=started, seconds=time.time() - started, message=message)
+        facts = {"trained": identity} if trained else {}
+        record_outcome(run_dir, status, started=started, seconds=time.time() - started, message=message, **facts)
         raise
     record_outcome(run_dir, "finished", started=started, seconds=time.time() - started, figures=figures)
     return RunResult(run_dir=run_dir, seconds=time.time() - started, figures=figures)
@@ -234,12 +251,13 @@ def finished_result(run_dir: Path) -> RunResult:
     return RunResult(run_dir=run_dir, seconds=0.0, figures=figures, note=note)
 
 
-def train_and_score(job: JobConfig, run_dir: Path, show_progress: bool, single: bool) -> dict[str, tuple]:
-    """Check, train and publish final/ in `run_dir`; the before/after figures of the job's stage."""
+def train(job: JobConfig, run_dir: Path, show_progress: bool, single: bool) -> tuple[str | None, dict | None]:
+    """Check, train and publish final/ in `run_dir`; the starting model, and its figures where scored already."""
     # A local Ray starts in the background while the driver checks the job (the CLI starts it sooner still);
     # the workers start only once the checks pass.
     ray_session = contextlib.nullcontext(lambda: None) if single else ray_starting(job.cluster, base_demand(job))
     with ray_session as wait_for_ray:
+        driver_phase("checking the job", run_dir)
         preflight(job)
         prepare_resume_world_size(job, run_dir, single)
         check_disk(job, run_dir)
@@ -247,8 +265,10 @@ def train_and_score(job: JobConfig, run_dir: Path, show_progress: bool, single: 
         # The starting model does not change while the workers train, so it is scored after them: the first
         # step comes sooner and the driver holds no model while the workers load theirs. A start inside
         # this run's folder (a final/ that this run replaces) is scored first.
-        scored_first = start is not None and Path(start).resolve().is_relative_to(run_dir)
-        before = stage_figures(job, start) if scored_first else None
+        before = None
+        if start is not None and Path(start).resolve().is_relative_to(run_dir):
+            driver_phase("scoring the starting model", run_dir)
+            before = stage_figures(job, start)
         follow = ProgressFollower(run_dir / "metrics.jsonl", job.stage) if show_progress else contextlib.nullcontext()
         if not single and local_ray_starting():  # a local Ray was sized to the job: does this machine hold it?
             check_local_memory(job)
@@ -260,26 +280,40 @@ def train_and_score(job: JobConfig, run_dir: Path, show_progress: bool, single: 
         # the progress line comes first, so it shows what start-up is doing while the data and Ray get ready
         with follow:
             if tokenise and not streamed:  # outside the preemption watch: a stop now has nothing to save
+                driver_phase("tokenising the data", run_dir)
                 log.info("%s", prepare_data(job).summary())
                 set_status(run_dir, starting)
+            driver_phase(starting, run_dir)
             wait_for_ray()
             if single:
                 with preemption_watch(run_dir):
+                    driver_phase("training", run_dir)
                     run_single(job, run_dir)
             elif stage_spec(job.stage).controller:
                 with preemption_watch(run_dir):
                     run_ppo_on_ray(job, run_dir)
             else:
                 if streamed:  # an interrupted preparation keeps its finished shards for the rerun
+                    driver_phase("tokenising the data", run_dir)
                     log.info(
                         "%s", prepare_data(job, on_ray=True, report=lambda line: set_status(run_dir, line)).summary()
                     )
                 with preemption_watch(run_dir):
+                    driver_phase("running the workers", run_dir)
                     run_on_ray(job, run_dir)
+    return start, before
+
+
+def score_figures(job: JobConfig, run_dir: Path, start: str | None, before: dict | None) -> dict[str, tuple]:
+    """The before/after figures of the job's stage: the trained final/ against the starting model."""
+    driver_phase("scoring the figures", run_dir)
     figures = eval_loss_figure(run_dir)
     figures.update(eval_metric_figures(run_dir))
     after = stage_figures(job, final_folder(run_dir))
-    before = stage_figures(job, start) if before is None else before
+    if before is None:
+        # a start inside the run's folder is replaced by now: only a figure scored before training has it
+        inside = start is not None and Path(start).resolve().is_relative_to(run_dir)
+        before = {} if inside else stage_figures(job, start)
     figures.update({name: (before[name], after[name]) for name in before})
     return figures
 

@@ -202,6 +202,16 @@ class GenerationSection(BaseModel):
         "(ppo.roles.rollout), the policy's weights synced into them after every update",
     )
 
+    @model_validator(mode="after")
+    def _a_temperature_both_engines_sample_at(self) -> GenerationSection:
+        # vLLM raises a temperature below 0.01 to 0.01 and would sample from another distribution than the one scored
+        if 0 < self.temperature < 0.01:
+            raise ValueError(
+                f"ppo.generation.temperature {self.temperature:g} is below 0.01, where vLLM samples at 0.01 instead: "
+                "use 0 for greedy answers, or at least 0.01"
+            )
+        return self
+
 
 class OverlongSection(BaseModel):
     """DAPO's treatment of answers that hit generation.max_new_tokens without a stop (truncated answers)."""

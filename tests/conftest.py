@@ -134,6 +134,19 @@ def sft_base(pretrained_base, tmp_path_factory) -> str:
 
 
 SFT_BASE_STEPS = 120
+# vLLM's CPU attention serves head sizes 32, 64, ...; the shared tiny model's 4 heads are 16 wide, these 2 are 32
+VLLM_ARCH = {**TINY_ARCH, "num_attention_heads": 2, "num_key_value_heads": 1}
+
+
+@pytest.fixture(scope="session")
+def vllm_base(tmp_path_factory) -> str:
+    """The weak SFT model of sft_base, with heads vLLM's CPU kernels serve."""
+    root = tmp_path_factory.mktemp("vllm-base")
+    pretrain = {**PRETRAIN_JOB, "model": {**PRETRAIN_JOB["model"], "architecture": VLLM_ARCH}}
+    pretrained = _single_run(pretrain, root / "pretrain", training={"max_steps": 60})
+    sft = {**SFT_JOB, "model": {"name_or_path": str(pretrained)}}
+    steps = {"max_steps": SFT_BASE_STEPS, "learning_rate": 3e-3, "batch_size": 8}
+    return str(_single_run(sft, root / "sft", training=steps))
 
 
 def processes_of_session(sid: int) -> list[str]:

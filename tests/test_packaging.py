@@ -82,3 +82,24 @@ def test_imports_point_down_the_layers_and_form_no_circle():
 
     for name in sorted(modules):
         visit(name, ())
+
+
+def test_the_wheel_carries_the_job_schema(tmp_path):
+    """The schema the examples name for editor completion ships in the package (package-data), current."""
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    source = tmp_path / "source"  # a copy, so the build leaves nothing in the repository
+    for name in PACKAGES:
+        shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, source / name)
+    command = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)]
+    proc = subprocess.run([*command, str(source)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (wheel,) = tmp_path.glob("tuneyard-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        shipped = archive.read("tuneyard/launch/tuneyard.schema.json").decode()
+    assert shipped == (ROOT / "launch" / "tuneyard.schema.json").read_text()

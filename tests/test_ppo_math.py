@@ -385,8 +385,12 @@ def test_entropy_of_a_known_distribution():
 
 def test_entropy_gradient_is_finite_with_filtered_logits():
     logits = torch.tensor([[0.3, -1.0, float("-inf")]], requires_grad=True)
-    entropy_from_logits(logits).sum().backward()
-    assert torch.isfinite(logits.grad).all()
+    entropy = entropy_from_logits(logits)
+    p = torch.tensor([0.3, -1.0]).softmax(-1)
+    assert entropy.item() == pytest.approx(float(-(p * p.log()).sum()), abs=1e-6)
+    # an upstream gradient far above 1, as fp16's loss scale (2^16) makes it
+    (65536.0 * entropy).sum().backward()
+    assert torch.isfinite(logits.grad).all() and logits.grad[0, 2] == 0
 
 
 def test_logprobs_from_logits_by_hand():

@@ -181,6 +181,16 @@ def returns_text(prompts: list, completions: list, **_: object) -> list:
     return ["1.0"]
 
 
+@reward_function("test_returns_nan")
+def returns_nan(prompts: list, completions: list, **_: object) -> list:
+    return [float("nan")]
+
+
+@reward_function("test_raises_a_long_story")
+def raises_a_long_story(prompts: list, completions: list, **_: object) -> list:
+    raise RuntimeError("HTTP 503\n<html>\n  <body>the verifier is down</body>\n</html>")
+
+
 PROMPTS = [[{"role": "user", "content": f"Say the last word: w{i}"}] for i in range(8)]
 
 
@@ -201,6 +211,8 @@ def test_reward_calls_run_side_by_side_and_add_up_with_their_weights():
         ("test_raises_on_bad", "bad", ["'test_raises_on_bad' on prompt 'Say the last word: w3'", "ConnectionError"]),
         ("test_sleeps_past_the_timeout", "hang", ["did not return within reward.timeout_s (1 s)", "w3'"]),
         ("test_returns_text", "ok", ["it returned ['1.0'], not a list of one number"]),
+        ("test_returns_nan", "ok", ["it returned nan (a reward must be a finite number)"]),
+        ("test_raises_a_long_story", "ok", ["RuntimeError: HTTP 503 <html> <body>the verifier is down</body> </html>"]),
     ],
 )
 def test_a_failed_reward_call_is_one_paragraph_never_a_zero(function, answer, fragments):
@@ -405,6 +417,10 @@ def test_a_failing_reward_function_ends_the_run_and_keeps_the_checkpoint(ray_ses
     "ppo, fragment",
     [
         ({"tis_cap": 0.5}, "'ppo.tis_cap': Input should be greater than or equal to 1"),
+        (
+            {"generation": {"temperature": 0.005}},
+            "ppo.generation.temperature 0.005 is below 0.01, where vLLM samples at 0.01 instead",
+        ),
         ({"clip_range_low": 1.2}, "'ppo.clip_range_low': Input should be less than 1"),
         (
             {"dynamic_sampling": True, "samples_per_prompt": 1},

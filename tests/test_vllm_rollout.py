@@ -20,7 +20,6 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.conftest import PRETRAIN_JOB, SFT_BASE_STEPS, SFT_JOB, TINY_ARCH, _single_run
 from tests.ppo_jobs import DATA, assert_user_error, iterations_of, ppo_job, run_cli
 from tuneyard.launch.config import job_from_dict
 from tuneyard.launch.run_job import run_job
@@ -37,20 +36,7 @@ from tuneyard.training.metrics import read_metrics
 needs_vllm = pytest.mark.skipif(
     importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (make install-vllm)"
 )
-# vLLM's CPU attention serves head sizes 32, 64, ...; the shared tiny model's 4 heads are 16 wide, these 2 are 32
-VLLM_ARCH = {**TINY_ARCH, "num_attention_heads": 2, "num_key_value_heads": 1}
 ENGINE = {"generation": {"engine": "vllm"}, "roles": {"rollout": {"cpus_per_worker": 0.5}}}
-
-
-@pytest.fixture(scope="session")
-def vllm_base(tmp_path_factory) -> str:
-    """The weak SFT model of conftest's sft_base, with heads vLLM's CPU kernels serve."""
-    root = tmp_path_factory.mktemp("vllm-base")
-    pretrain = {**PRETRAIN_JOB, "model": {**PRETRAIN_JOB["model"], "architecture": VLLM_ARCH}}
-    pretrained = _single_run(pretrain, root / "pretrain", training={"max_steps": 60})
-    sft = {**SFT_JOB, "model": {"name_or_path": str(pretrained)}}
-    steps = {"max_steps": SFT_BASE_STEPS, "learning_rate": 3e-3, "batch_size": 8}
-    return str(_single_run(sft, root / "sft", training=steps))
 
 
 def engine_job(tmp_path, policy: str, name: str, **ppo) -> dict:
@@ -125,6 +111,33 @@ def test_engines_this_machine_cannot_run_are_refused(tmp_path, sft_base, ppo, fr
     proc = run_cli(tmp_path, engine_job(tmp_path, sft_base, "run", **ppo))
     assert_user_error(proc, *fragments)
     assert not list((tmp_path / "run" / "logs").glob("*.log"))  # no actor started
+
+
+@needs_vllm
+def test_a_lora_policy_that_unties_the_embeddings_is_refused(tmp_path, sft_base):
+    """modules_to_save on the head of a tied model: PEFT trains a copy of it apart, which an engine that serves one
+    matrix for both cannot hold."""
+    job = engine_job(tmp_path, sft_base, "run")
+    job["peft"] = {"method": "lora", "r": 4, "alpha": 8, "modules_to_save": ["lm_head"]}
+    proc = run_cli(tmp_path, job)
+    assert_user_error(proc, "peft (modules_to_save: lm_head) trains the input or output embeddings", "tied")
+
+
+def test_the_head_probe_on_models_without_a_shared_head():
+    from tuneyard.rlhf.ppo.weight_sync import output_head_keeps_own_copy
+
+    class NoHead(torch.nn.Module):  # Gemma-2 in vLLM: logits from the embeddings, no lm_head module
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens = torch.nn.Embedding(8, 4)
+
+    class OwnHead(NoHead):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = torch.nn.Linear(4, 8, bias=False)
+
+    assert output_head_keeps_own_copy(NoHead()) is False
+    assert output_head_keeps_own_copy(OwnHead()) is True
 
 
 def test_vllm_missing_is_one_paragraph(tmp_path, sft_base, monkeypatch):

@@ -15,11 +15,15 @@ workers (`forwarded_faults` -> payload -> `apply_faults`), so a test sets them w
   weights of its second sync (the policy's broadcast times out, naming the parameter; the controller names the engine).
 - `TUNEYARD_FAULT_RAISE="3"`: every rank raises ValueError("injected") after step 3 (for PPO the policy's
   ranks after their optimizer step 3): an error of the training code itself, the same on every attempt.
+- `TUNEYARD_FAULT_PARK="generating@2"`: the driver stops when it enters that phase (`driver_phase`) for the Nth
+  time (1 without @N), writes RUN_DIR/faults/parked-PHASE and sleeps until a signal ends it: a test interrupts a
+  phase on purpose instead of racing the clock.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 
@@ -75,3 +79,20 @@ def engine_sync_faults(sync: int, rank: int) -> None:
     """A rollout engine's hold before it receives the weights of its sync number `sync` (TUNEYARD_FAULT_ENGINE_HOLD)."""
     if os.environ.get(PREFIX + "ENGINE_HOLD") == f"{rank}@{sync}":
         time.sleep(HOLD_SECONDS)
+
+
+def parked_name(phase: str) -> str:
+    """The phase as a file name: RUN_DIR/faults/parked-NAME says the driver is parked there."""
+    return re.sub(r"[^a-z0-9]+", "-", phase.lower()).strip("-")
+
+
+def park_at(phase: str, times: int, run_dir: Path) -> None:
+    """Sleep until a signal ends the driver, when TUNEYARD_FAULT_PARK names `phase` entered for the `times`-th time."""
+    name, _, nth = os.environ.get(PREFIX + "PARK", "").partition("@")
+    if name != phase or times != int(nth or 1):
+        return
+    marker = Path(run_dir) / "faults" / f"parked-{parked_name(phase)}"
+    marker.parent.mkdir(exist_ok=True)
+    marker.write_text(str(os.getpid()))
+    while True:
+        time.sleep(0.1)  # short sleeps: the signal's handler runs between them

@@ -364,12 +364,13 @@ def entropy_from_logits(logits: Tensor) -> Tensor:
     # entropy is shift-invariant; shifting the max to 0 avoids the cancellation of two large terms in
     # logZ - sum p * logits when logits are large (the shift is a constant, so it is detached)
     logits = logits - logits.amax(dim=-1, keepdim=True).detach()
-    # top-k/top-p filtered entries arrive as -inf and 0 * -inf would be nan; the most negative finite
-    # float gives them probability exactly 0 and a 0 contribution instead
-    logits = logits.clamp(min=torch.finfo(logits.dtype).min)
     probs = torch.softmax(logits, dim=-1)
+    # top-k/top-p filtered entries arrive as -inf: their probability is 0 and so is their term, selected away
+    # rather than multiplied (0 * -inf is nan, and so would be the backward of any finite stand-in times a large
+    # upstream gradient, such as a loss scale's)
+    finite = torch.where(torch.isfinite(logits), logits, torch.zeros((), dtype=logits.dtype, device=logits.device))
     # H = logZ - sum p * logits: no log of a probability, so no log(0) for vanishing ones
-    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * finite).sum(-1)
 
 
 def logprobs_from_logits(logits: Tensor, tokens: Tensor) -> Tensor:

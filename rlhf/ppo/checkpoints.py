@@ -14,6 +14,7 @@ from tuneyard.rlhf.config import PpoSection
 from tuneyard.rlhf.ppo import algorithms as algo
 from tuneyard.rlhf.ppo.groups import RoleGroup
 from tuneyard.training.config import TrainSpec
+from tuneyard.training.interrupts import driver_phase
 from tuneyard.training.metrics import COMPLETE_MARKER
 from tuneyard.training.preemption import RECORD_FILE, REQUEST_FILE
 from tuneyard.training.run_dir import (
@@ -95,6 +96,7 @@ def checkpoint_or_stop(
     stop_requested = (run_dir / REQUEST_FILE).exists()
     last = state.iteration == iterations
     if stop_requested or (save_every and state.iteration % save_every == 0 and not last):
+        driver_phase("saving a checkpoint", run_dir, f"checkpoint-{state.iteration}")
         folder = save_checkpoint(groups, run_dir, state, spec.output.keep_last)
     if stop_requested and not last:
         (run_dir / RECORD_FILE).write_text(

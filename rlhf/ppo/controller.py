@@ -63,6 +63,7 @@ from tuneyard.rlhf.ppo.sampling import StopSet, stop_set
 from tuneyard.training.config import TrainSpec
 from tuneyard.training.errors import TrainingFailed, UserError
 from tuneyard.training.faults import forwarded_faults
+from tuneyard.training.interrupts import driver_phase
 from tuneyard.training.metrics import append_metrics
 from tuneyard.training.nonfinite import NonFiniteTraining, nonfinite_stop_message
 from tuneyard.training.run_dir import set_status
@@ -192,6 +193,7 @@ def run_ppo(spec: TrainSpec, ppo: PpoSection, reward: RewardSection, run_dir: Pa
         set_status(
             run_dir, f"starting the PPO role actors ({actors})" + (f", attempt {attempt + 1}" if attempt else "")
         )
+        driver_phase("starting the role actors", run_dir)
         try:
             with (
                 start_role_groups(placement, classes, cluster, args, run_dir, {"rollout": engine_env(ppo)}) as groups,
@@ -236,17 +238,22 @@ def ppo_iterations(
     rewards = RewardScorer(reward, groups.get("reward"), ppo)
 
     for iteration in range(state.iteration, iterations):
+        at = f"iteration {iteration + 1} of {iterations}"
         started = time.perf_counter()
+        driver_phase("syncing weights", run_dir, at)
         sync_figures = rollout_source.update_weights()  # the engines answer with the policy's weights as they are now
         synced = time.perf_counter()
+        driver_phase("generating", run_dir, at)
         rollout, position = collect_rollout(
             rollout_source, rewards, inputs, ppo, state.data_position, iteration, spec.training.seed
         )
         generated = time.perf_counter()
+        driver_phase("scoring", run_dir, at)
         scores = score_rollout(groups, rollout, rewards)
         scored = time.perf_counter()
         kl_coef = kl_ctl.value
         experience = estimate_advantages(rollout, scores, ppo, kl_coef)
+        driver_phase("updating", run_dir, at)
         policy_stats, critic_stats = ppo_update(groups, experience, ppo, spec, iteration, steps, run_dir)
         trained = time.perf_counter()
 
@@ -269,6 +276,7 @@ def ppo_iterations(
         )
         if checkpoint_or_stop(groups, spec, ppo, run_dir, state, iterations):
             return
+    driver_phase("publishing final/", run_dir)
     publish_models(groups, run_dir)
 
 
@@ -304,7 +312,9 @@ def collect_rollout(
         samples = draw(position)
         draws, position = draws + 1, position + wanted
         rewards.score(samples)
-        informative = algo.informative_groups(torch.tensor([s.reward for s in samples]), group).tolist()
+        # as the advantages will see them: clipped first, so rewards that differ only beyond the clip are equal
+        scores = algo.clip_scores(torch.tensor([s.reward for s in samples]), ppo.reward_clip)
+        informative = algo.informative_groups(scores, group).tolist()
         for i, useful in enumerate(informative):
             (kept if useful else set_aside).append(samples[i * group : (i + 1) * group])
     if len(kept) < wanted:

@@ -137,9 +137,12 @@ def estimate_advantages(rollout: Rollout, scores: RolloutScores, ppo: PpoSection
         relative = algo.group_relative_scores(sample_rewards, ppo.samples_per_prompt, ppo.advantage)
         rewards = algo.shape_rewards(relative, kl, mask, kl_in_reward)
         advantages, critic_batch = algo.returns_to_go(rewards, mask, ppo.gamma), {}
+    # DAPO's overlong filtering: a truncated answer's tokens leave the policy's and the critic's loss (and the
+    # whitening's statistics), while its reward still counted in its group's baseline above
+    trained = mask * rollout.finished.unsqueeze(1).to(mask.dtype) if ppo.overlong.filter else mask
     # GRPO, Dr. GRPO and RLOO are already on a per-group scale; GAE and REINFORCE++'s baseline are whitened
     if ppo.whiten_advantages and ppo.advantage in ("gae", "reinforce_baseline"):
-        advantages = algo.masked_whiten(advantages, mask, unbiased=ppo.whiten_variance == "unbiased")
+        advantages = algo.masked_whiten(advantages, trained, unbiased=ppo.whiten_variance == "unbiased")
     batch = {**rollout.batch, "old_logprobs": scores.old_logprobs, "advantages": advantages, **critic_batch}
     if ppo.kl.in_ == "loss":
         batch |= {"ref_logprobs": scores.ref_logprobs, "kl_coef": torch.full((len(rollout.samples),), kl_coef)}
@@ -149,9 +152,7 @@ def estimate_advantages(rollout: Rollout, scores: RolloutScores, ppo: PpoSection
         gap = algo.masked_mean((behaviour - scores.old_logprobs).abs(), mask)
         if ppo.rollout_correction == "tis":
             batch["tis_weights"] = algo.truncated_importance_weights(scores.old_logprobs, behaviour, mask, ppo.tis_cap)
-    if ppo.overlong.filter:
-        # DAPO's overlong filtering: a truncated answer's tokens leave the policy's and the critic's loss
-        batch["action_mask"] = batch["action_mask"] * rollout.finished.unsqueeze(1).to(batch["action_mask"].dtype)
+    batch["action_mask"] = trained.to(batch["action_mask"].dtype)
     return Experience(batch, kl, mask, gap)
 
 

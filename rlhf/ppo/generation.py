@@ -73,7 +73,8 @@ class HFGenerator:
             top_k=0,
             eos_token_id=list(self.stops.token_ids) or None,
             pad_token_id=self.tokenizer.pad_token_id,
-            stop_strings=list(self.stops.strings) or None,
+            # no stop_strings: HF's criterion reads the prompt's text too, and pads a row it stops; the driver cuts
+            # the strings from the sampled tokens, for both engines alike
             use_cache=True,
         )
 
@@ -81,8 +82,8 @@ class HFGenerator:
     def generate(
         self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: GenerationSection, seed: int
     ) -> list[list[int]]:
-        """The sampled answers to the prompts, each cut after its first stop id (the driver cuts stop strings); the
-        seed makes a rerun (or a resumed run) sample the same tokens."""
+        """The sampled answers to the prompts, each cut after its first stop id (the driver cuts at stop strings);
+        the seed makes a rerun (or a resumed run) sample the same tokens."""
         torch.manual_seed(seed)
         config = self.generation_config(cfg)
         with self.model_of() as model, job_settings_only(model):
@@ -92,7 +93,6 @@ class HFGenerator:
                 input_ids=prompt_ids.to(model.device),
                 attention_mask=prompt_mask.to(model.device),
                 generation_config=config,
-                tokenizer=self.tokenizer if self.stops.strings else None,
             )
             model.train(was_training)
         responses = []

@@ -49,6 +49,14 @@ def check_rollout_engine(spec: TrainSpec, ppo: PpoSection) -> None:
             "peft.dora with ppo.generation.engine vllm: the weight sync merges LoRA's delta into the base, and DoRA's "
             "magnitude vectors are not part of that merge; set peft.dora: false, or ppo.generation.engine: hf"
         )
+    untied = untied_embeddings(spec)
+    if untied:
+        raise UserError(
+            f"peft ({untied}) trains the input or output embeddings of a model whose two are tied "
+            f"(tie_word_embeddings in {spec.model.name_or_path}'s config), so the policy ends with two different "
+            "matrices where a vLLM engine serves one; leave the embeddings and the head out of peft.modules_to_save "
+            "and peft.target_modules, or use ppo.generation.engine: hf"
+        )
     if rollout.tensor_parallel_size > 1 and ppo.colocate == "all":
         raise UserError(
             f"ppo.roles.rollout.tensor_parallel_size is {rollout.tensor_parallel_size} with ppo.colocate all: a "
@@ -79,6 +87,29 @@ def check_rollout_engine(spec: TrainSpec, ppo: PpoSection) -> None:
             f"serves {', '.join(map(str, CPU_HEAD_SIZES))}: use ppo.generation.engine: hf for this model on CPUs, "
             "or a model whose head_dim is one of those (GPU engines serve more sizes)"
         )
+
+
+EMBEDDING_MODULES = ("embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out")
+
+
+def untied_embeddings(spec: TrainSpec) -> str:
+    """The peft key that trains a tied model's embeddings or head apart (PEFT then unties them), or ''."""
+    from transformers import AutoConfig
+
+    peft = spec.peft
+    if peft.method not in ("lora", "qlora"):
+        return ""
+    targets = peft.target_modules if isinstance(peft.target_modules, list) else []
+    named = [
+        f"{key}: {name}"
+        for key, names in (("modules_to_save", peft.modules_to_save or []), ("target_modules", targets))
+        for name in names
+        if name.rsplit(".", 1)[-1] in EMBEDDING_MODULES
+    ]
+    if not named:
+        return ""
+    config = AutoConfig.from_pretrained(spec.model.name_or_path, trust_remote_code=spec.model.trust_remote_code)
+    return ", ".join(named) if getattr(config.get_text_config(), "tie_word_embeddings", False) else ""
 
 
 def engine_env(ppo: PpoSection) -> dict[str, str]:

@@ -76,8 +76,8 @@ def end_of_answer(tokens: list[int], stops: StopSet, decode: Callable[[list[int]
     reaches neither (the engine stopped at generation.max_new_tokens) is truncated."""
     end = next((i + 1 for i, token in enumerate(tokens) if token in stops.token_ids), None)
     if stops.strings:
-        # a stop string is in the text of a prefix once it is in the text of every longer prefix, so the shortest
-        # prefix holding one is found by bisection
+        # once a prefix's text holds a stop string, every longer prefix's text does, so the shortest prefix
+        # holding one is found by bisection
         limit = end or len(tokens)
         if any(s in decode(tokens[:limit]) for s in stops.strings):
             low, high = 1, limit

@@ -3,6 +3,7 @@ weighted named functions of `tuneyard.rlhf.rewards`, called per answer in thread
 
 from __future__ import annotations
 
+import math
 import numbers
 import threading
 import time
@@ -77,6 +78,8 @@ def function_scores(
         )
         if not isinstance(values, list | tuple) or len(values) != 1 or not isinstance(values[0], numbers.Real):
             raise TypeError(f"it returned {values!r:.100}, not a list of one number for one completion")
+        if not math.isfinite(values[0]):
+            raise ValueError(f"it returned {values[0]} (a reward must be a finite number)")
         return float(values[0])
 
     def described(index: int) -> str:
@@ -128,8 +131,9 @@ def call_in_threads(
                 stopped.set()
                 index = min(errors)
                 exc = errors[index]
+                said = " ".join(str(exc).split())[:200]  # one paragraph, whatever the exception's text holds
                 raise RewardCallFailed(
-                    f"{described(index)} raised {type(exc).__name__}: {str(exc)[:200]}; a failed call is never scored "
+                    f"{described(index)} raised {type(exc).__name__}: {said}; a failed call is never scored "
                     "as 0 (that would teach the policy the answer was wrong): fix the function or the service it "
                     "calls, then run the job again to resume from its newest checkpoint"
                 )

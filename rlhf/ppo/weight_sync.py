@@ -199,10 +199,12 @@ def output_head_keeps_own_copy(model: torch.nn.Module) -> bool:
     embeddings' storage and sending it again would be wasted bytes."""
     head = getattr(model, "lm_head", None)
     weight = getattr(head, "weight", None)
-    if weight is None or getattr(head, "quant_method", None) is None:
-        return True  # nothing to probe with: send the head, which is always correct
+    if weight is None:
+        return False  # no head of its own (Gemma-2 computes its logits with the embeddings): nothing to send it to
     if not any(m is not head and getattr(m, "weight", None) is weight for m in model.modules()):
         return True  # the engine holds the head as a parameter of its own
+    if getattr(head, "quant_method", None) is None:
+        return True  # nothing to probe with: send the head, which the engine loads like any tensor
     with torch.no_grad():
         probe = torch.zeros(1, weight.shape[1], dtype=weight.dtype, device=weight.device)
         probe[0, 0] = 1.0
@@ -255,9 +257,10 @@ class WeightReceiver:
         stream = received_weights(self.weight_sync_group, manifest, self.device, self.weight_sync_timeout_s)
         try:
             loaded = loaded_names(model, lambda: self.model_runner.reload_weights(weights_iterator=stream))
-        except (ValueError, KeyError) as exc:  # vLLM's loaders name a tensor they have no parameter for
+        except (ValueError, KeyError, AssertionError) as exc:  # no parameter for a tensor, or one of another shape
+            what = " ".join(str(exc).split())[:300] or f"{type(exc).__name__} (a tensor of another shape)"
             raise WeightSyncMismatch(
-                f"the rollout engine cannot load what the policy sends: {str(exc).splitlines()[0][:300]}; the sync "
+                f"the rollout engine cannot load what the policy sends: {what}; the sync "
                 "sends the policy's parameter names (merged LoRA/QLoRA layers and modules_to_save copies under their "
                 "modules' names), and other adapters or models whose checkpoints transformers renames on load are "
                 "not served by the engines: use ppo.generation.engine: hf for this policy"
