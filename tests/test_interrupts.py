@@ -3,9 +3,9 @@ naming the phase, no process of the run left, outcome.json saying interrupted, a
 on from where the run stood (its newest complete checkpoint, or only its figures left to score).
 
 Each phase is reached on purpose: TUNEYARD_FAULT_PARK stops the driver as it enters a phase, TUNEYARD_FAULT_PAUSE
-stops rank 0 inside a checkpoint's save, and TUNEYARD_FAULT_HOLD keeps training from running past a step. The runs of one test
-form a chain: each run is the rerun of the one interrupted before it, so every interrupt is followed by the proof
-that the run goes on from there."""
+stops rank 0 inside a checkpoint's save, and TUNEYARD_FAULT_HOLD keeps training from running past a step. The runs
+of one test form a chain: each run is the rerun of the one interrupted before it, so every interrupt is followed by
+the proof that the run goes on from there."""
 
 from __future__ import annotations
 
@@ -148,18 +148,20 @@ def test_an_interrupt_in_every_phase_of_an_spmd_run(tmp_path):
     assert set(steps) == set(range(1, 9)), steps
 
 
+def grpo_job_file(tmp_path: Path, policy: str, iterations: int, **ppo: dict) -> Path:
+    """A small critic-free PPO job (a checkpoint after every iteration) written to tmp_path/job.yaml."""
+    settings = {"advantage": "grpo", "iterations": iterations, "rollout_batch_size": 4, "mini_batch_size": 8}
+    job = ppo_job(tmp_path, policy, "run", ppo={**settings, "save_every": 1, **ppo})
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(job))
+    return path
+
+
 @pytest.mark.integration
 def test_an_interrupt_in_every_phase_of_a_ppo_run(tmp_path, sft_base):
     """PPO (GRPO's estimator, HF generate), 4 iterations, a checkpoint after each."""
     run_dir = tmp_path / "run"
-    job = ppo_job(
-        tmp_path,
-        sft_base,
-        "run",
-        ppo={"advantage": "grpo", "iterations": 4, "rollout_batch_size": 4, "mini_batch_size": 8, "save_every": 1},
-    )
-    job_path = tmp_path / "job.yaml"
-    job_path.write_text(yaml.safe_dump(job))
+    job_path = grpo_job_file(tmp_path, sft_base, iterations=4)
     for phase, park, signum, shown in [
         ("starting the role actors", "starting the role actors", signal.SIGINT, "starting the role actors"),
         ("generating", "generating@2", signal.SIGINT, "generating (iteration 2 of 4)"),
@@ -185,16 +187,8 @@ def test_an_interrupt_in_every_phase_of_a_ppo_run(tmp_path, sft_base):
 def test_an_interrupt_during_the_weight_sync_stops_the_engines(tmp_path, vllm_base):
     """PPO with a vLLM engine parked as it syncs the weights of iteration 2: the engine goes with the run."""
     run_dir = tmp_path / "run"
-    job = ppo_job(
-        tmp_path,
-        vllm_base,
-        "run",
-        ppo={"advantage": "grpo", "iterations": 2, "rollout_batch_size": 4, "mini_batch_size": 8, "save_every": 1},
-    )
-    job["ppo"] |= {"generation": {**job["ppo"]["generation"], "engine": "vllm"}}
-    job["ppo"]["roles"]["rollout"] = {"cpus_per_worker": 0.5}
-    job_path = tmp_path / "job.yaml"
-    job_path.write_text(yaml.safe_dump(job))
+    engine = {"generation": {"engine": "vllm"}, "roles": {"rollout": {"cpus_per_worker": 0.5}}}
+    job_path = grpo_job_file(tmp_path, vllm_base, iterations=2, **engine)
     run = Train(job_path, run_dir, park="syncing weights@2")
     run.wait_for(parked(run_dir, "syncing weights"))
     run.interrupt(signal.SIGINT, "syncing weights (iteration 2 of 2)")
