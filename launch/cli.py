@@ -172,7 +172,10 @@ def main(argv: list[str] | None = None) -> int:
     from tuneyard.training.interrupts import INTERRUPTED_EXIT_CODE, Terminated, answer_interrupts, current_phase
 
     answer_interrupts()
-    faulthandler.enable()  # a crash of the driver prints Python's traceback (Ray's C++ handler is kept out of it)
+    # a crash of the driver prints Python's traceback (Ray's C++ handler is kept out of it); a stderr without a file
+    # descriptor (main() called in-process under a capture) has nowhere to write it
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        faulthandler.enable()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     # bitsandbytes warns at import that the optional `kernels` hub package is absent; we keep it out on purpose
