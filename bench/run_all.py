@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
 from bench import (  # noqa: E402
+    bench_async,
     bench_classic,
     bench_data_prep,
     bench_dpo,
@@ -43,6 +44,7 @@ def main() -> None:
         "dpo": bench_dpo,
         "ppo": bench_ppo,
         "rollout": bench_rollout,
+        "async": bench_async,
         "startup": bench_startup,
         "zero_memory": bench_zero_memory,
         "data_prep": bench_data_prep,

@@ -228,6 +228,19 @@ class OverlongSection(BaseModel):
     penalty: float = Field(default=1.0, gt=0, description="the penalty of an answer of max_new_tokens tokens")
 
 
+class AsyncSection(BaseModel):
+    """Rollouts generated ahead of training: the engines sample the next batches while the policy trains."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_staleness: int = Field(
+        default=0,
+        ge=0,
+        description="how many policy versions (iterations) a trained sample may lag the policy that trains on it: "
+        "the engines run up to this many batches ahead; 0: generate, then train (the synchronous loop)",
+    )
+
+
 class RoleSection(BaseModel):
     """One PPO role group: its workers, what each gets, and its ZeRO stage."""
 
@@ -308,7 +321,7 @@ class RolesSection(BaseModel):
 class PpoSection(BaseModel):
     """PPO with a critic: rollouts, KL-shaped rewards, GAE, clipped policy and value updates."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
 
     rollout_batch_size: int = Field(default=16, ge=1, description="prompts per iteration")
     samples_per_prompt: int = Field(
@@ -350,12 +363,17 @@ class PpoSection(BaseModel):
     reward_clip: float | None = Field(
         default=None, gt=0, description="clamp each sample's reward to +-reward_clip (none: unclipped; OpenRLHF: 10)"
     )
-    rollout_correction: Literal["none", "tis"] = Field(
+    rollout_correction: Literal["none", "tis", "decoupled"] = Field(
         default="none",
-        description="engine vllm: tis weighs each token's policy loss by min(p_policy / p_engine, tis_cap), "
-        "correcting for what the engine sampled with slightly other numbers than the policy's (truncated IS)",
+        description="engine vllm: weigh each token's policy loss by w = p_policy / p_engine, the engine's log-probs "
+        "being the behaviour's; tis: min(w, tis_cap) (truncated IS); decoupled: w, and a token with w > tis_cap "
+        "leaves the loss (AReaL's decoupled PPO, made for the stale samples of async.max_staleness > 0)",
     )
-    tis_cap: float = Field(default=2.0, ge=1, description="the truncation of the TIS weight (at least 1)")
+    tis_cap: float = Field(
+        default=2.0,
+        ge=1,
+        description="the bound of the behaviour weight w (at least 1): tis truncates, decoupled masks",
+    )
     entropy_coef: float = Field(
         default=0.0, ge=0, description="entropy bonus: the policy loss minus entropy_coef x the sampling entropy"
     )
@@ -380,6 +398,11 @@ class PpoSection(BaseModel):
     generation: GenerationSection = Field(
         default_factory=GenerationSection, description="how the rollouts sample answers, and which engine"
     )
+    async_: AsyncSection = Field(
+        default_factory=AsyncSection,
+        alias="async",
+        description="engine vllm: the engines generate the next batches while the policy trains on this one",
+    )
     kl: KlSection = Field(default_factory=KlSection, description="the KL penalty against the reference")
     roles: RolesSection = Field(
         default_factory=RolesSection, description="each role's Ray actors: workers, CPUs, GPUs, ZeRO stage"
@@ -394,6 +417,35 @@ class PpoSection(BaseModel):
     def has_critic(self) -> bool:
         """Whether a critic role trains beside the policy (GAE's values); the group estimators need none."""
         return self.advantage == "gae"
+
+    @model_validator(mode="after")
+    def _generating_ahead_fits(self) -> PpoSection:
+        """What generating ahead of training needs: engines of their own and a correction for stale samples."""
+        if not self.async_.max_staleness:
+            return self
+        ahead = f"ppo.async.max_staleness {self.async_.max_staleness} generates batches while the policy trains"
+        if self.generation.engine != "vllm":
+            raise ValueError(
+                f"{ahead}, and with ppo.generation.engine hf the policy actors generate themselves, so they cannot "
+                "train meanwhile: set generation.engine: vllm, or async.max_staleness: 0"
+            )
+        if self.colocate == "all":
+            raise ValueError(
+                f"{ahead}, and ppo.colocate all puts the engines on the policy's own devices (and CPU cores), so the "
+                "two would take turns anyway: set ppo.colocate: none (or policy_reference)"
+            )
+        if self.rollout_correction == "none":
+            raise ValueError(
+                f"{ahead}: its samples come from older weights than the policy that trains on them, so the loss "
+                "needs the engine's log-probs as the behaviour's: set ppo.rollout_correction: decoupled (AReaL's "
+                "decoupled PPO) or tis"
+            )
+        if self.dynamic_sampling:
+            raise ValueError(
+                f"{ahead}, and ppo.dynamic_sampling decides from each draw's rewards how many more prompts an "
+                "iteration draws, which the batches generated ahead cannot know: use one of the two"
+            )
+        return self
 
     @model_validator(mode="after")
     def _batches_divide(self) -> PpoSection:
@@ -424,10 +476,10 @@ class PpoSection(BaseModel):
                 "ppo.overlong.filter takes truncated answers out of the loss, and with generation.stop_at_eos false "
                 "and no generation.stop every answer runs to max_new_tokens: nothing would train; set stop_at_eos: true"
             )
-        if self.rollout_correction == "tis" and self.generation.engine != "vllm":
+        if self.rollout_correction != "none" and self.generation.engine != "vllm":
             raise ValueError(
-                "ppo.rollout_correction tis corrects for the vLLM engines' sampling numbers; with "
-                "ppo.generation.engine hf the policy samples itself: set engine: vllm, or rollout_correction: none"
+                f"ppo.rollout_correction {self.rollout_correction} corrects for the vLLM engines' sampling numbers; "
+                "with ppo.generation.engine hf the policy samples itself: set engine: vllm, or rollout_correction: none"
             )
         for role in ("reference", "reward"):
             if getattr(self.roles, role).zero_stage not in (None, 0, 3):

@@ -5,9 +5,13 @@ another name (which would register its test reward functions again, bound to ano
 
 from __future__ import annotations
 
+import importlib.util
+import os
+import signal
 import subprocess
 import sys
 
+import pytest
 import yaml
 
 from tests.conftest import EXAMPLES, job_dict
@@ -74,3 +78,24 @@ def assert_user_error(proc: subprocess.CompletedProcess, *fragments: str) -> Non
     assert "Traceback" not in proc.stderr + proc.stdout
     for fragment in fragments:
         assert fragment in proc.stderr, proc.stderr
+
+
+needs_vllm = pytest.mark.skipif(
+    importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (make install-vllm)"
+)
+ENGINE = {"generation": {"engine": "vllm"}, "roles": {"rollout": {"cpus_per_worker": 0.5}}}
+
+
+def engine_job(tmp_path, policy: str, name: str, **ppo) -> dict:
+    """A critic-free PPO job (GRPO's estimator, 2 answers per prompt) whose rollouts come from one vLLM engine."""
+    settings = {"advantage": "grpo", "iterations": 3, **ENGINE}
+    for key, value in ppo.items():
+        settings[key] = {**settings.get(key, {}), **value} if isinstance(value, dict) else value
+    return ppo_job(tmp_path, policy, name, ppo=settings)
+
+
+def kill_engine(run_dir) -> None:
+    """SIGKILL the rollout engine's actor (its pid is in its log)."""
+    lines = (run_dir / "logs" / "rollout-0.log").read_text().splitlines()
+    pid = int([x for x in lines if "rollout engine 0 of 1: pid" in x][-1].rsplit(" ", 1)[-1])
+    os.kill(pid, signal.SIGKILL)

@@ -9,9 +9,7 @@ import contextlib
 import importlib.util
 import json
 import math
-import os
 import shutil
-import signal
 import time
 from collections import Counter
 from pathlib import Path
@@ -20,7 +18,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from tests.ppo_jobs import DATA, assert_user_error, iterations_of, ppo_job, run_cli
+from tests.ppo_jobs import DATA, assert_user_error, engine_job, iterations_of, kill_engine, needs_vllm, ppo_job, run_cli
 from tuneyard.launch.config import job_from_dict
 from tuneyard.launch.run_job import run_job
 from tuneyard.rlhf.config import GenerationSection
@@ -32,20 +30,6 @@ from tuneyard.rlhf.ppo.sampling import StopSet, stop_set
 from tuneyard.rlhf.rewards import reward_function
 from tuneyard.training.errors import TrainingFailed
 from tuneyard.training.metrics import read_metrics
-
-needs_vllm = pytest.mark.skipif(
-    importlib.util.find_spec("vllm") is None, reason="vLLM is not installed (make install-vllm)"
-)
-ENGINE = {"generation": {"engine": "vllm"}, "roles": {"rollout": {"cpus_per_worker": 0.5}}}
-
-
-def engine_job(tmp_path, policy: str, name: str, **ppo) -> dict:
-    """A critic-free PPO job (GRPO's estimator, 2 answers per prompt) whose rollouts come from one vLLM engine."""
-    settings = {"advantage": "grpo", "iterations": 3, **ENGINE}
-    for key, value in ppo.items():
-        settings[key] = {**settings.get(key, {}), **value} if isinstance(value, dict) else value
-    return ppo_job(tmp_path, policy, name, ppo=settings)
-
 
 # --- pure pieces
 
@@ -424,13 +408,6 @@ def kill_the_engine_in_iteration_three(prompts: list, completions: list, **_: ob
         HOOK["run_dir"] = None
         kill_engine(run_dir)
     return [0.0] * len(completions)
-
-
-def kill_engine(run_dir) -> None:
-    """SIGKILL the rollout engine's actor (its pid is in its log)."""
-    lines = (run_dir / "logs" / "rollout-0.log").read_text().splitlines()
-    pid = int([x for x in lines if "rollout engine 0 of 1: pid" in x][-1].rsplit(" ", 1)[-1])
-    os.kill(pid, signal.SIGKILL)
 
 
 @needs_vllm

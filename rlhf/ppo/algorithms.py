@@ -307,6 +307,28 @@ def truncated_importance_weights(policy_logprobs: Tensor, engine_logprobs: Tenso
     return torch.exp(log_ratio).clamp(max=cap)
 
 
+def decoupled_behaviour_weights(
+    proximal_logprobs: Tensor, behaviour_logprobs: Tensor, mask: Tensor, cap: float
+) -> Tensor:
+    """Decoupled PPO's behaviour weight (AReaL): w = p_proximal / p_behaviour per sampled token, 0 where w > cap.
+
+    With samples from older weights than the policy's, PPO's objective splits in two (Hilton et al. 2021, "Batch
+    size-invariance for policy optimization"; AReaL, Fu et al. 2025):
+
+        loss = -w * min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A),   r = p_theta / p_proximal
+
+    The trust region is kept around the proximal policy (the policy's own log-probs of the samples, recomputed at the
+    start of the iteration: `old_logprobs`), and w corrects for the behaviour policy that sampled them (the engine's
+    log-probs, taken with the weights it had). Unlike TIS, a token whose weight exceeds the cap is masked out of the
+    loss rather than truncated, as AReaL's `behav_imp_weight_cap`; off the response w is 1. The weight scales the
+    PPO term only: a masked token still counts in the aggregation's denominator (as AReaL's), and the KL-in-loss
+    and entropy terms still see it."""
+    keep = _bool(mask)
+    log_ratio = torch.where(keep, proximal_logprobs - behaviour_logprobs, torch.zeros_like(proximal_logprobs))
+    weights = torch.exp(log_ratio)
+    return torch.where(keep & (weights > cap), torch.zeros_like(weights), weights)
+
+
 def value_loss(
     values: Tensor,
     old_values: Tensor,

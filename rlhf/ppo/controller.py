@@ -5,16 +5,19 @@ Read `ppo_iterations` first: one screen, one iteration a pass through the stages
     rollout.update_weights   the policy's current weights into the engines (vLLM; nothing for HF generate)
     collect_rollout          prompts -> sampled answers (token ids as sampled, stops, finish reasons) -> Rollout;
                              with dynamic sampling more draws until the batch holds informative groups
+      or RolloutsAhead       with ppo.async.max_staleness > 0 both of the above: the engines sample the next batches
+                             while the policy trains (`tuneyard.rlhf.ppo.ahead`)
     score_rollout            [old log-probs | reference log-probs | values] on the groups, rewards meanwhile
-    estimate_advantages      KL, advantages, TIS weights, overlong filter                   -> Experience
+    estimate_advantages      KL, advantages, behaviour weights, overlong filter             -> Experience
     ppo_update               ppo_epochs x mini-batches of (policy, critic) optimizer steps  -> per-step figures
     then                     metrics, KL controller, checkpoint (or a requested stop)
 
 The rollout object (`tuneyard.rlhf.ppo.rollout.make_rollout`) is chosen once, from `ppo.generation.engine`; the loop
-never asks which engine it has. Scoring and advantages are `tuneyard.rlhf.ppo.experience`, checkpoints
-`tuneyard.rlhf.ppo.checkpoints`, the maths `tuneyard.rlhf.ppo.algorithms` (pure torch), the roles
-`tuneyard.rlhf.ppo.roles`, placement `tuneyard.rlhf.ppo.groups`. `run_ppo` around the loop checks the input, places
-the roles, and restarts them after a lost actor. Tensors travel between driver and actors through Ray's object store.
+never asks which engine it has, only whether batches are generated ahead. Scoring and advantages are
+`tuneyard.rlhf.ppo.experience`, checkpoints `tuneyard.rlhf.ppo.checkpoints`, the maths `tuneyard.rlhf.ppo.algorithms`
+(pure torch), the roles `tuneyard.rlhf.ppo.roles`, placement `tuneyard.rlhf.ppo.groups`. `run_ppo` around the loop
+checks the input, places the roles, and restarts them after a lost actor. Tensors travel between driver and actors
+through Ray's object store.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from transformers import PreTrainedTokenizerBase
 from tuneyard.cluster.config import ClusterConfig
 from tuneyard.rlhf.config import PpoSection, RewardSection
 from tuneyard.rlhf.ppo import algorithms as algo
+from tuneyard.rlhf.ppo.ahead import RolloutsAhead
 from tuneyard.rlhf.ppo.batches import select_rows
 from tuneyard.rlhf.ppo.checkpoints import (
     ControllerState,
@@ -55,7 +59,7 @@ from tuneyard.rlhf.ppo.groups import (
     start_role_groups,
     wait_until_fits,
 )
-from tuneyard.rlhf.ppo.prompts import Prompt, prompts_at, tokenize_prompts
+from tuneyard.rlhf.ppo.prompts import Prompt, batch_prompts, batch_seed, tokenize_prompts
 from tuneyard.rlhf.ppo.roles import CriticWorker, PolicyWorker, ReferenceWorker, RewardWorker
 from tuneyard.rlhf.ppo.rollout import EngineRollout, PolicyRollout, Rollout, Sample, make_rollout
 from tuneyard.rlhf.ppo.rollout_engine import RolloutWorker, check_rollout_engine, engine_env
@@ -236,17 +240,35 @@ def ppo_iterations(
     steps = StepCount(done=state.iteration * steps_per_iteration(ppo))
     rollout_source = make_rollout(groups, ppo, inputs.tokenizer, inputs.stops)
     rewards = RewardScorer(reward, groups.get("reward"), ppo)
+    ahead = None
+    if generates_ahead(ppo):  # the config allows it with vLLM engines only
+        assert isinstance(rollout_source, EngineRollout)
+        ahead = RolloutsAhead(
+            source=rollout_source,
+            prompts=inputs.prompts,
+            pad_id=inputs.tokenizer.pad_token_id,
+            ppo=ppo,
+            seed=spec.training.seed,
+            iterations=iterations,
+            iteration=state.iteration,
+            position=state.data_position,
+        )
 
     for iteration in range(state.iteration, iterations):
         at = f"iteration {iteration + 1} of {iterations}"
         started = time.perf_counter()
-        driver_phase("syncing weights", run_dir, at)
-        sync_figures = rollout_source.update_weights()  # the engines answer with the policy's weights as they are now
-        synced = time.perf_counter()
-        driver_phase("generating", run_dir, at)
-        rollout, position = collect_rollout(
-            rollout_source, rewards, inputs, ppo, state.data_position, iteration, spec.training.seed
-        )
+        if ahead is None:
+            driver_phase("syncing weights", run_dir, at)
+            sync_figures = rollout_source.update_weights()  # the engines answer with the policy's weights as they are
+            synced = time.perf_counter()
+            driver_phase("generating", run_dir, at)
+            rollout, position = collect_rollout(
+                rollout_source, rewards, inputs, ppo, state.data_position, iteration, spec.training.seed
+            )
+        else:
+            driver_phase("generating", run_dir, at)  # the syncs are between the engines' batches
+            rollout, position = ahead.rollout(iteration)
+            sync_figures, synced = {}, started + rollout.figures["weight_sync_s"]
         generated = time.perf_counter()
         driver_phase("scoring", run_dir, at)
         scores = score_rollout(groups, rollout, rewards)
@@ -266,6 +288,7 @@ def ppo_iterations(
             "score_s": scored - generated,
             "train_s": trained - scored,
             "samples_per_s": len(rollout.samples) / (trained - started),
+            **(engine_idle(rollout.figures, trained - started) if ahead is not None else {}),
             "time": time.time(),
         }
         append_metrics(metrics_path, record)
@@ -278,6 +301,17 @@ def ppo_iterations(
             return
     driver_phase("publishing final/", run_dir)
     publish_models(groups, run_dir)
+
+
+def generates_ahead(ppo: PpoSection) -> bool:
+    """Whether the engines generate batches ahead of training (`RolloutsAhead`), or the loop takes turns."""
+    return ppo.async_.max_staleness > 0
+
+
+def engine_idle(figures: dict[str, float], iteration_s: float) -> dict[str, float]:
+    """The engines' idle seconds in an iteration generating ahead: its length less their busy time on a batch and
+    the sync (the batch is the one trained now, generated during the iteration before: equal in a steady run)."""
+    return {"engine_idle_s": max(0.0, iteration_s - figures["engine_busy_s"] - figures["weight_sync_s"])}
 
 
 def collect_rollout(
@@ -300,8 +334,8 @@ def collect_rollout(
     group, wanted, pad_id = ppo.samples_per_prompt, ppo.rollout_batch_size, inputs.tokenizer.pad_token_id
 
     def draw(at: int) -> list[Sample]:
-        prompts = prompts_at(inputs.prompts, at, wanted, seed)
-        return source.sample([p for p in prompts for _ in range(group)], seed + 100_003 * (at // wanted), iteration)
+        prompts = batch_prompts(inputs.prompts, at, wanted, group, seed)
+        return source.sample(prompts, batch_seed(seed, at, wanted), iteration)
 
     if not ppo.dynamic_sampling:
         return Rollout.of(draw(position), pad_id), position + wanted

@@ -151,9 +151,26 @@ def estimate_advantages(rollout: Rollout, scores: RolloutScores, ppo: PpoSection
     if behaviour is not None:
         gap = algo.masked_mean((behaviour - scores.old_logprobs).abs(), mask)
         if ppo.rollout_correction == "tis":
-            batch["tis_weights"] = algo.truncated_importance_weights(scores.old_logprobs, behaviour, mask, ppo.tis_cap)
+            batch["behaviour_weights"] = algo.truncated_importance_weights(
+                scores.old_logprobs, behaviour, mask, ppo.tis_cap
+            )
+        elif ppo.rollout_correction == "decoupled":
+            batch["behaviour_weights"] = algo.decoupled_behaviour_weights(
+                scores.old_logprobs, behaviour, mask, ppo.tis_cap
+            )
     batch["action_mask"] = trained.to(batch["action_mask"].dtype)
     return Experience(batch, kl, mask, gap)
+
+
+def behaviour_figures(weights: torch.Tensor | None, mask: torch.Tensor) -> dict[str, float]:
+    """The mean behaviour weight of the trained tokens (`tis_weight`), and the share decoupled PPO masked out."""
+    if weights is None:
+        return {}
+    masked = (weights == 0) & (mask > 0)
+    return {
+        "tis_weight": float(algo.masked_mean(weights, mask)),
+        "behaviour_masked_frac": float(algo.masked_mean(masked.float(), mask)),
+    }
 
 
 def mean_of(dicts: list[dict[str, float]]) -> dict[str, float]:
@@ -188,11 +205,7 @@ def iteration_figures(
         "first_policy_loss": first["policy_loss"],
         **({"first_value_loss": critic_stats[0]["value_loss"]} if critic_stats else {}),
         **({"rollout_logprob_gap": float(experience.rollout_gap)} if experience.rollout_gap is not None else {}),
-        **(
-            {"tis_weight": float(algo.masked_mean(tis, mask))}
-            if (tis := experience.batch.get("tis_weights")) is not None
-            else {}
-        ),
+        **behaviour_figures(experience.batch.get("behaviour_weights"), experience.batch["action_mask"].float()),
         "entropy": float(algo.masked_mean(scores.entropy, mask)),  # of the rollout's sampling distribution
         "response_length": float(mask.sum(dim=1).mean()),
         "truncated_frac": float((~rollout.finished).float().mean()),

@@ -50,3 +50,14 @@ def prompts_at(prompts: list[Prompt], position: int, count: int, seed: int) -> l
         order = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed + epoch))
         chosen.append(prompts[int(order[offset])])
     return chosen
+
+
+def batch_seed(seed: int, position: int, wanted: int) -> int:
+    """The sampling seed of the batch of `wanted` prompts at `position` in the stream (an engine adds each prompt's
+    index), so a resumed or a generated-ahead batch samples what the synchronous loop's would."""
+    return seed + 100_003 * (position // wanted)
+
+
+def batch_prompts(prompts: list[Prompt], position: int, wanted: int, group: int, seed: int) -> list[Prompt]:
+    """The `wanted` prompts at `position` in the stream, each repeated `group` times (samples_per_prompt)."""
+    return [p for p in prompts_at(prompts, position, wanted, seed) for _ in range(group)]

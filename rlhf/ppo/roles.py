@@ -344,7 +344,7 @@ class PolicyWorker(RoleWorker):
                 clip_range_high=high,
                 dual_clip=ppo.dual_clip,
                 aggregation=ppo.loss_aggregation,
-                token_weights=micro.get("tis_weights"),
+                token_weights=micro.get("behaviour_weights"),
             )
             entropy = algo.aggregate(algo.entropy_from_logits(logits), mask, ppo.loss_aggregation)
             total = loss - ppo.entropy_coef * entropy if ppo.entropy_coef else loss

@@ -2,6 +2,7 @@
 
     PolicyRollout   HF generate inside the policy actors, on the weights they train (nothing to sync)
     EngineRollout   vLLM engines (role `rollout`): the weight-sync group, a sync before each rollout, generation
+                    (`sample`, or `launch` now and `collect` later: `tuneyard.rlhf.ppo.ahead` generates ahead)
 
 Both answer `sample(prompts, seed, version)` with the same `Sample`s: each answer's token ids as sampled, ending at
 the run's first stop (`tuneyard.rlhf.ppo.sampling`), whether it finished or was truncated, the behaviour log-probs
@@ -48,7 +49,7 @@ class Rollout:
     samples: list[Sample]
     batch: dict[str, torch.Tensor]
     behaviour_logprobs: torch.Tensor | None = None  # [B, R], the engine's log-probs of its sampled tokens
-    figures: dict[str, float] = field(default_factory=dict)  # how the samples were drawn (dynamic sampling)
+    figures: dict[str, float] = field(default_factory=dict)  # how they were drawn (dynamic sampling, generating ahead)
 
     @classmethod
     def of(cls, samples: list[Sample], pad_id: int, figures: dict[str, float] | None = None) -> Rollout:
@@ -107,6 +108,15 @@ def finished_samples(
     return samples
 
 
+@dataclass
+class Generating:
+    """A batch on its way: its prompts, the policy version the engines sample it with, the engines' calls."""
+
+    prompts: list[Prompt]
+    version: int
+    refs: list  # ray.ObjectRef, one per engine
+
+
 class PolicyRollout:
     """HF `generate` inside the policy actors: each rank answers an equal, consecutive share of the prompts."""
 
@@ -151,14 +161,25 @@ class EngineRollout:
     def sample(self, prompts: list[Prompt], seed: int, version: int) -> list[Sample]:
         """One answer to each prompt; prompt i is sampled with seed + i, so the answers do not depend on how many
         engines share them."""
+        return self.collect(self.launch(prompts, seed, version))[0]
+
+    def launch(self, prompts: list[Prompt], seed: int, version: int) -> Generating:
+        """Start `sample` on the engines and return at once; `collect` waits for the answers. An engine takes its
+        calls in turn, so a batch launched behind others starts when they end."""
         engines = len(self.engines.actors)
         bounds = [round(i * len(prompts) / engines) for i in range(engines + 1)]
         shares = [
             ([p.ids for p in prompts[a:b]], [seed + i for i in range(a, b)]) for a, b in itertools.pairwise(bounds)
         ]
-        answers = [pair for part in self.engines.results(self.engines.call("generate", shares)) for pair in part]
+        return Generating(prompts, version, self.engines.call("generate_timed", shares))
+
+    def collect(self, generating: Generating) -> tuple[list[Sample], float]:
+        """A launched batch's samples, and the seconds the engines were busy with it (their mean)."""
+        parts = self.engines.results(generating.refs)
+        answers = [pair for part, _ in parts for pair in part]
         drawn, logprobs = [tokens for tokens, _ in answers], [values for _, values in answers]
-        return finished_samples(prompts, drawn, logprobs, self.stops, self.tokenizer, version)
+        samples = finished_samples(generating.prompts, drawn, logprobs, self.stops, self.tokenizer, generating.version)
+        return samples, sum(busy for _, busy in parts) / len(parts)
 
 
 def make_rollout(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -221,6 +222,14 @@ class RolloutWorker:
             logprobs = [step[token].logprob for step, token in zip(completion.logprobs, tokens, strict=True)]
             answers.append((tokens, logprobs))
         return answers
+
+    def generate_timed(
+        self, prompt_ids: list[list[int]], seeds: list[int]
+    ) -> tuple[list[tuple[list[int], list[float]]], float]:
+        """`generate`'s answers, and the seconds the engine spent on them (its busy time, for the idle figures)."""
+        started = time.perf_counter()
+        answers = self.generate(prompt_ids, seeds)
+        return answers, time.perf_counter() - started
 
     def join_weight_sync(
         self, address: str, first_rank: int, world_size: int, backend: str, timeout_s: float
