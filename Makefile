@@ -52,9 +52,9 @@ IN_PRIVATE_NET := unshare -n sh -c 'ip link set lo up && ip addr add 10.254.254.
 
 test: $(VLLM_STAMP)
 ifeq ($(PRIVATE_NET),yes)
-	$(IN_PRIVATE_NET) $(BIN)/python -m pytest -q -ra
+	$(IN_PRIVATE_NET) $(BIN)/python -m pytest -q -ra --durations=25
 else
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra --durations=25
 endif
 
 unit: $(STAMP)

@@ -9,6 +9,7 @@ import contextlib
 import importlib.util
 import json
 import math
+import os
 import shutil
 import time
 from collections import Counter
@@ -25,6 +26,7 @@ from tuneyard.rlhf.config import GenerationSection
 from tuneyard.rlhf.ppo import algorithms as algo
 from tuneyard.rlhf.ppo.batches import build_samples, left_pad, right_pad_values
 from tuneyard.rlhf.ppo.generation import HFGenerator
+from tuneyard.rlhf.ppo.groups import RoleGroup
 from tuneyard.rlhf.ppo.prompts import tokenize_prompts
 from tuneyard.rlhf.ppo.sampling import StopSet, stop_set
 from tuneyard.rlhf.rewards import reward_function
@@ -395,6 +397,33 @@ def test_the_weight_sync_checks_what_the_engine_loaded(engine, two_stop_model):
     message = str(unknown.value)
     assert "cannot load what the policy sends" in message and "extra_proj" in message, message
     assert "ppo.generation.engine: hf" in message and "\n" not in message
+
+
+@pytest.mark.integration
+def test_an_engine_dying_mid_sync_is_its_death_not_the_policys_broken_socket(ray_session, tmp_path):
+    """The policy's broadcast fails first (the dead engine reset its socket), the engine's death is reported
+    later: sync_weights raises the death (RayActorError, which restarts the groups), not the socket error."""
+    import ray
+
+    from tuneyard.rlhf.ppo.rollout import sync_weights
+
+    class SyncSender:  # defined here so that Ray pickles it by value (the tests are no package on the workers)
+        def send_weights(self) -> None:
+            time.sleep(0.5)
+            raise RuntimeError("Read error [127.0.0.1]:33003: Connection reset by peer")
+
+    class SyncReceiver:
+        def receive_weights(self, manifest: list) -> None:
+            time.sleep(2.0)
+            os._exit(1)
+
+    groups = {
+        "policy": RoleGroup("policy", [ray.remote(SyncSender).remote()], tmp_path, timeout_s=30),
+        "rollout": RoleGroup("rollout", [ray.remote(max_restarts=0)(SyncReceiver).remote()], tmp_path, timeout_s=30),
+    }
+    with pytest.raises(ray.exceptions.RayActorError) as died:
+        sync_weights(groups, [])
+    assert "SyncReceiver" in str(died.value) and "Connection reset" not in str(died.value), died.value
 
 
 HOOK: dict = {"run_dir": None}

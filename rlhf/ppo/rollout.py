@@ -233,12 +233,16 @@ def sync_weights(groups: dict[str, RoleGroup], manifest: list) -> None:
         try:
             refused_sync(ray.get, done)
         except ray.exceptions.RayTaskError as exc:
-            timed_out = re.search(r"WeightSyncTimeout: (.*)", str(exc))
-            if done in receiving or timed_out is None:
+            if done in receiving:
                 raise
+            # an engine that dies mid-sync breaks the policy's sockets first ("Connection reset by peer"): its
+            # death, once Ray reports it, is what the run answers (the restart path), not the policy's error
             answered, silent = ray.wait(receiving, num_returns=len(receiving), timeout=10)
             for ref in answered:
-                ray.get(ref)  # an engine that died while the policy waited: the restart path
+                ray.get(ref)
+            timed_out = re.search(r"WeightSyncTimeout: (.*)", str(exc))
+            if timed_out is None:
+                raise
             raise RoleStalled(f"{timed_out.group(1).strip()}; " + rollout.silence(receiving, silent)) from None
     # the sender can finish into the sockets' buffers first: an engine still receiving a timeout later is stuck
     answered, silent = ray.wait(receiving, num_returns=len(receiving), timeout=rollout.timeout_s)
