@@ -329,6 +329,12 @@ class PpoSection(BaseModel):
     )
     mini_batch_size: int = Field(default=16, ge=1, description="samples per optimizer step, over all policy ranks")
     micro_batch_size: int = Field(default=4, ge=1, description="samples per forward/backward on one rank")
+    logprob_chunk_tokens: int = Field(
+        default=1024,
+        ge=0,
+        description="response tokens whose logits exist at once when the policy and reference score them and when "
+        "the policy trains; bounds that memory at long responses; 0: a micro-batch's whole [samples, tokens, vocab]",
+    )
     ppo_epochs: int = Field(default=1, ge=1, description="passes of clipped updates over an iteration's samples")
     iterations: int = Field(default=0, ge=0, description="iterations to run; 0: `epochs` passes over the prompts")
     epochs: float = Field(default=1.0, gt=0, description="passes over the prompts when iterations is 0")

@@ -18,6 +18,8 @@ from tuneyard.launch.config import job_from_dict
 from tuneyard.launch.plan import Hardware, plan_job, run_plan
 from tuneyard.launch.plan.memory import (
     GPU_MARGIN,
+    LOGIT_BYTES_INFER,
+    LOGIT_BYTES_TRAIN,
     GiB,
     Setup,
     adapter_parameters,
@@ -195,6 +197,26 @@ def test_ppo_rollout_engines_are_a_device_of_their_own(tmp_path):
     policy, engine = vllm.devices[0].parts[0][1], vllm.devices[3].parts[0][1]
     assert engine.weights == pytest.approx(policy.weights) and engine.optimizer == engine.gradients == 0
     assert engine.weights + engine.activations == pytest.approx(0.4 * 80 * GiB)
+
+
+def test_ppo_log_probs_in_chunks_plan_the_logits_of_one_chunk(tmp_path):
+    """A 7B Llama answering 4096 new tokens, micro-batch 4: with whole logits the policy's and the reference's
+    activations hold [4 x 4352, 32000] logits; in chunks of 1024 tokens they hold 1024 + 4 positions' (the last
+    one the model computes itself), and nothing else of the plan changes."""
+    plans = {}
+    for chunk in (0, 1024):
+        job = ppo_job(tmp_path, "none")
+        job["model"] = {"name_or_path": "meta-llama/Llama-2-7b-hf", "architecture": LLAMA_7B}
+        job["ppo"].update(logprob_chunk_tokens=chunk, max_prompt_length=256, generation={"max_new_tokens": 4096})
+        plans[chunk] = plan_job(job_from_dict(job), Hardware(gpu_memory=80 * GiB))
+    for index, bytes_per_logit in ((0, LOGIT_BYTES_TRAIN), (2, LOGIT_BYTES_INFER)):  # policy, reference
+        whole, chunked = (plans[c].devices[index].parts[0][1] for c in (0, 1024))
+        saved = (4 * 4352 - (1024 + 4)) * 32000 * bytes_per_logit
+        assert whole.activations - chunked.activations == pytest.approx(saved)
+        assert whole.weights == chunked.weights and whole.optimizer == chunked.optimizer
+    critic = [plans[c].devices[1].parts[0][1].activations for c in (0, 1024)]
+    assert critic[0] == critic[1]
+    assert any("1024 response tokens at a time" in line for line in plans[1024].summary)
 
 
 # --- the CLI: plan, and the check before train

@@ -291,10 +291,13 @@ def test_plot_overlays_runs_with_each_stages_figures(learning_run, sft_base, tmp
 @pytest.mark.integration
 def test_two_rank_zero3_equals_one_rank_zero0(ray_session, sft_base, reward_models, tmp_path):
     """Greedy rollouts, so both runs see the same samples; the reward model shares the policy's tokenizer,
-    so the critic starts from it. colocate all (2-rank groups) and none (1-rank groups) both finish."""
+    so the critic starts from it. colocate all (2-rank groups) and none (1-rank groups) both finish; the
+    one-rank run takes its log-probs from whole logits, the two-rank run in chunks of 7 response tokens."""
     common = {"iterations": 1, "generation": {"temperature": 0.0}, "rollout_batch_size": 8, "mini_batch_size": 16}
     reward = {"model": reward_models["same"], "model_weight": 0.5}
-    one = ppo_job(tmp_path, sft_base, "one", deepspeed={"zero_stage": 0}, reward=reward, ppo=common)
+    one = ppo_job(
+        tmp_path, sft_base, "one", deepspeed={"zero_stage": 0}, reward=reward, ppo={**common, "logprob_chunk_tokens": 0}
+    )
     two = ppo_job(
         tmp_path,
         sft_base,
@@ -303,6 +306,7 @@ def test_two_rank_zero3_equals_one_rank_zero0(ray_session, sft_base, reward_mode
         reward=reward,
         ppo={
             **common,
+            "logprob_chunk_tokens": 7,  # the tied head called chunk by chunk, its ZeRO-3 shards gathered each time
             "colocate": "all",
             "roles": {"policy": {"workers": 2}, "critic": {"workers": 2}, "reference": {"workers": 2, "zero_stage": 3}},
         },

@@ -287,11 +287,12 @@ def engine_answers(
 
 def policy_logprobs(model, prompts, answers, distribution: tuple[float, float]) -> torch.Tensor:
     """The policy's log-probs of the engine's tokens, as its roles take them (sampling logits, micro-batched)."""
+    from tuneyard.rlhf.ppo.chunked_logprobs import ChunkedScorer
     from tuneyard.rlhf.ppo.roles import response_logprobs
 
     ids, mask = left_pad([p.ids for p in prompts], 0)
     batch = build_samples(ids, mask, [tokens for tokens, _ in answers], 0)
-    return response_logprobs(model, batch, 4, distribution)["logprobs"], batch["action_mask"]
+    return response_logprobs(model, batch, 4, ChunkedScorer(1024, distribution))["logprobs"], batch["action_mask"]
 
 
 @needs_vllm

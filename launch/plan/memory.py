@@ -258,21 +258,28 @@ def layer_activation_bytes(shape: ModelShape, batch: int, seq: int, eager_attent
 
 
 def activation_bytes(
-    shape: ModelShape, batch: int, seq: int, checkpointing: bool, eager_attention: bool = False
+    shape: ModelShape,
+    batch: int,
+    seq: int,
+    checkpointing: bool,
+    eager_attention: bool = False,
+    logit_tokens: int | None = None,
 ) -> float:
     """Activation bytes of one training micro-batch: every layer's, or under gradient checkpointing each layer's
-    input (2sbh, Korthikanti's "full recomputation") plus one layer recomputed in the backward; and the logits."""
+    input (2sbh, Korthikanti's "full recomputation") plus one layer recomputed in the backward; and the logits of
+    `logit_tokens` tokens at once (None: every token of the micro-batch)."""
     layer = layer_activation_bytes(shape, batch, seq, eager_attention)
-    logits = batch * seq * shape.vocab * LOGIT_BYTES_TRAIN
+    logits = (batch * seq if logit_tokens is None else logit_tokens) * shape.vocab * LOGIT_BYTES_TRAIN
     if checkpointing:
         return shape.layers * 2 * seq * batch * shape.hidden + layer + logits
     return shape.layers * layer + logits
 
 
-def inference_activation_bytes(shape: ModelShape, batch: int, seq: int) -> float:
-    """A frozen model's forward (no grad): one layer's working set at a time, and the logits' log-probs."""
+def inference_activation_bytes(shape: ModelShape, batch: int, seq: int, logit_tokens: int | None = None) -> float:
+    """A frozen model's forward (no grad): one layer's working set at a time, and the log-probs of the logits of
+    `logit_tokens` tokens at once (None: every token of the batch)."""
     layer = layer_activation_bytes(shape, batch, seq, eager_attention=False)
-    return layer + batch * seq * shape.vocab * LOGIT_BYTES_INFER
+    return layer + (batch * seq if logit_tokens is None else logit_tokens) * shape.vocab * LOGIT_BYTES_INFER
 
 
 def generation_bytes(shape: ModelShape, batch: int, seq: int) -> float:
@@ -301,6 +308,7 @@ class Setup:
     eager_attention: bool = False
     trains: bool = True  # False: a frozen model that only runs forward (reference, reward)
     generation_batch: int = 0  # sequences generated at once (a policy's KV cache)
+    logit_tokens: int | None = None  # tokens whose logits exist at once (RL log-probs in chunks); None: all of them
     reduce_bucket: float | None = None  # elements; None: HF's "auto" (hidden^2)
     prefetch_bucket: float | None = None  # elements; None: HF's "auto" (0.9 hidden^2)
 
@@ -410,15 +418,17 @@ def rank_memory(shape: ModelShape, setup: Setup) -> RankMemory:
     if stage == 3:
         buckets += width * (setup.prefetch_bucket if setup.prefetch_bucket is not None else 0.9 * shape.hidden**2)
     if setup.trains:
-        full = activation_bytes(shape, setup.micro_batch, setup.seq, False, setup.eager_attention)
-        checkpointed = activation_bytes(shape, setup.micro_batch, setup.seq, True, setup.eager_attention)
+        full = activation_bytes(shape, setup.micro_batch, setup.seq, False, setup.eager_attention, setup.logit_tokens)
+        checkpointed = activation_bytes(
+            shape, setup.micro_batch, setup.seq, True, setup.eager_attention, setup.logit_tokens
+        )
         if setup.generation_batch:  # a policy generates before it trains: the larger of the two phases counts
             generation = generation_bytes(shape, setup.generation_batch, setup.seq)
             if stage == 3:  # PPO's policy gathers its whole weights to generate (rlhf/ppo/generation.py)
                 generation += weights - shard
             full, checkpointed = max(full, generation), max(checkpointed, generation)
     else:
-        full = checkpointed = inference_activation_bytes(shape, setup.micro_batch, setup.seq)
+        full = checkpointed = inference_activation_bytes(shape, setup.micro_batch, setup.seq, setup.logit_tokens)
     return RankMemory(
         weights=gpu_weights,
         gradients=gpu_grads,

@@ -15,11 +15,20 @@ from tuneyard.launch.plan.shapes import (
     trainable_text,
 )
 from tuneyard.launch.plan.types import Device, Hardware, JobPlan
+from tuneyard.rlhf.config import PpoSection
 from tuneyard.rlhf.ppo.groups import colocated_sets, present_roles
 
 # DeepSpeed's own defaults, which PPO's role engines get (their dict has no "auto" for a trainer to fill)
 DEEPSPEED_REDUCE_BUCKET = 5e8
 DEEPSPEED_PREFETCH_BUCKET = 5e7
+
+
+def logit_tokens(ppo: PpoSection, micro: int) -> int | None:
+    """Tokens whose logits the policy's and reference's log-prob passes hold at once: a chunk of the response
+    tokens (ppo.logprob_chunk_tokens), or with 0 the whole micro-batch's (None)."""
+    if not ppo.logprob_chunk_tokens:
+        return None
+    return min(ppo.logprob_chunk_tokens, micro * ppo.generation.max_new_tokens) + micro  # + the last position's
 
 
 def plan_ppo(job: JobConfig, hardware: Hardware, shapes: Shapes) -> JobPlan:
@@ -61,6 +70,8 @@ def plan_ppo(job: JobConfig, hardware: Hardware, shapes: Shapes) -> JobPlan:
         micro = min(ppo.micro_batch_size, ppo.mini_batch_size // world) if trains else ppo.micro_batch_size
         zero = ppo.roles.zero_stage_of(role, stage)
         setup = common.changed(zero_stage=zero, world=world, micro_batch=micro, trains=trains)
+        if role in ("policy", "reference"):
+            setup = setup.changed(logit_tokens=logit_tokens(ppo, micro))
         if role == "policy":
             generates = ppo.generation.engine == "hf"  # else the rollout engines do
             setup = setup.changed(peft=job.peft, generation_batch=samples // world if generates else 0)
@@ -100,5 +111,11 @@ def plan_ppo(job: JobConfig, hardware: Hardware, shapes: Shapes) -> JobPlan:
         f"micro-batch {ppo.micro_batch_size} x {seq} tokens (prompt + new tokens); "
         f"{'policy' if ppo.generation.engine == 'hf' else 'vLLM'} generates {samples} sample(s) over its "
         "ranks; gradient checkpointing " + ("on" if common.gradient_checkpointing else "off"),
+        "log-probs from "
+        + (
+            f"the logits of {ppo.logprob_chunk_tokens} response tokens at a time (ppo.logprob_chunk_tokens)"
+            if ppo.logprob_chunk_tokens
+            else "whole logits (ppo.logprob_chunk_tokens: 0)"
+        ),
     ]
     return JobPlan(devices, hardware, summary)

@@ -68,11 +68,6 @@ def build_samples(
     }
 
 
-def response_logits(logits: torch.Tensor, response_width: int) -> torch.Tensor:
-    """The logits that predict the R response tokens: positions P - 1 ... P + R - 2."""
-    return logits[:, -response_width - 1 : -1]
-
-
 def select_rows(batch: dict[str, torch.Tensor], rows: torch.Tensor | slice) -> dict[str, torch.Tensor]:
     """The same rows of every [B, ...] tensor of a batch."""
     return {k: v[rows] for k, v in batch.items()}

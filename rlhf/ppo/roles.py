@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -19,7 +20,8 @@ import torch.distributed as dist
 from tuneyard.cluster.worker_group import join_process_group, rendezvous_address
 from tuneyard.rlhf.config import PpoSection, RewardSection
 from tuneyard.rlhf.ppo import algorithms as algo
-from tuneyard.rlhf.ppo.batches import response_logits, select_rows
+from tuneyard.rlhf.ppo.batches import select_rows
+from tuneyard.rlhf.ppo.chunked_logprobs import ChunkedScorer
 from tuneyard.rlhf.ppo.generation import HFGenerator, whole_weights
 from tuneyard.rlhf.ppo.sampling import StopSet, scoring_distribution
 from tuneyard.training.config import ModelConfig, TrainSpec
@@ -74,6 +76,7 @@ class RoleWorker:
         self.critic_source: str | None = payload.get("critic_source")
         # every log-prob is scored under the distribution the answers were sampled from
         self.distribution = scoring_distribution(self.ppo.generation)
+        self.scorer = ChunkedScorer(self.ppo.logprob_chunk_tokens, self.distribution)
         self.engine = None
         self.skipped_now = False  # the current optimizer step met a NaN/inf loss or gradient
 
@@ -212,14 +215,9 @@ def sequence_forward(model: torch.nn.Module, batch: dict[str, torch.Tensor]):
     )
 
 
-def answer_logits(
-    model: torch.nn.Module, micro: dict[str, torch.Tensor], distribution: tuple[float, float]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the logits of the sampling distribution (temperature, top_p) at each response position, the response tokens)."""
-    width = micro["action_mask"].shape[1]
-    tokens = micro["sequences"][:, -width:]
-    logits = response_logits(sequence_forward(model, micro).logits, width)
-    return algo.sampling_logits(logits, *distribution, keep=tokens), tokens
+def response_tokens(micro: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The response tokens of a micro-batch [B, R]: the last R positions of its sequences."""
+    return micro["sequences"][:, -micro["action_mask"].shape[1] :]
 
 
 @torch.no_grad()
@@ -227,17 +225,17 @@ def response_logprobs(
     model: torch.nn.Module,
     batch: dict[str, torch.Tensor],
     micro_size: int,
-    distribution: tuple[float, float],
+    scorer: ChunkedScorer,
     entropy: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Per-token log-probs of the responses under `model`'s sampling distribution (temperature, top_p), and its
-    entropy, micro-batched."""
+    """Per-token log-probs of the responses under `model`'s sampling distribution (the scorer's temperature and
+    top_p), and its entropy, micro-batched."""
     out: dict[str, list[torch.Tensor]] = {"logprobs": [], "entropy": []}
     for micro in micro_batches(batch, micro_size):
-        logits, tokens = answer_logits(model, micro, distribution)
-        out["logprobs"].append(algo.logprobs_from_logits(logits, tokens))
+        logprobs, entropies = scorer(model, partial(sequence_forward, model, micro), response_tokens(micro), entropy)
+        out["logprobs"].append(logprobs)
         if entropy:
-            out["entropy"].append(algo.entropy_from_logits(logits))
+            out["entropy"].append(entropies)
     return {k: torch.cat(v) for k, v in out.items() if v}
 
 
@@ -306,7 +304,7 @@ class PolicyWorker(RoleWorker):
         module = self.engine.module
         was_training = module.training
         module.eval()
-        out = response_logprobs(module, batch, self.ppo.micro_batch_size, self.distribution, entropy=True)
+        out = response_logprobs(module, batch, self.ppo.micro_batch_size, self.scorer, entropy=True)
         module.train(was_training)
         return out
 
@@ -316,7 +314,7 @@ class PolicyWorker(RoleWorker):
         was_training = module.training
         module.eval()
         with module.disable_adapter():
-            out = response_logprobs(module, batch, self.ppo.micro_batch_size, self.distribution)
+            out = response_logprobs(module, batch, self.ppo.micro_batch_size, self.scorer)
         module.train(was_training)
         return out
 
@@ -332,8 +330,8 @@ class PolicyWorker(RoleWorker):
         low = ppo.clip_range if ppo.clip_range_low is None else ppo.clip_range_low
         high = ppo.clip_range if ppo.clip_range_high is None else ppo.clip_range_high
         for micro in chunks:
-            logits, tokens = answer_logits(self.engine, micro, self.distribution)
-            logprobs = algo.logprobs_from_logits(logits, tokens)
+            forward = partial(sequence_forward, self.engine, micro)
+            logprobs, entropies = self.scorer(self.engine, forward, response_tokens(micro), entropy=True)
             mask = micro["action_mask"]
             loss, stats = algo.policy_loss(
                 logprobs,
@@ -346,7 +344,7 @@ class PolicyWorker(RoleWorker):
                 aggregation=ppo.loss_aggregation,
                 token_weights=micro.get("behaviour_weights"),
             )
-            entropy = algo.aggregate(algo.entropy_from_logits(logits), mask, ppo.loss_aggregation)
+            entropy = algo.aggregate(entropies, mask, ppo.loss_aggregation)
             total = loss - ppo.entropy_coef * entropy if ppo.entropy_coef else loss
             if "kl_coef" in micro:  # ppo.kl.in: loss, the KL to the reference as a term of the policy's loss
                 kl = algo.kl_loss(
@@ -459,7 +457,7 @@ class ReferenceWorker(RoleWorker):
     def logprobs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-token reference log-probs of the responses."""
         model = self.engine.module if self.engine is not None else self.model
-        return response_logprobs(model, batch, self.ppo.micro_batch_size, self.distribution)
+        return response_logprobs(model, batch, self.ppo.micro_batch_size, self.scorer)
 
 
 class RewardWorker(RoleWorker):
