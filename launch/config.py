@@ -82,6 +82,10 @@ class JobConfig(StageSections):
                 "stage distill needs a teacher: set distill.teacher to the teacher's model folder (e.g. "
                 "runs/sft-tiny/final) or a hub id; it must share the student's tokenizer"
             )
+        if self.training.sequence_parallel > 1:
+            problem = sequence_parallel_problem(self)
+            if problem:
+                raise ValueError(problem)
         if self.data.streaming and not (spec.streaming and self.data.format == "text"):
             streamed = " and ".join(stages_where(lambda s: s.streaming))
             raise ValueError(
@@ -118,6 +122,54 @@ def peft_method_problem(method: str, stage: str) -> str:
     also = f" (it also trains in stages {' and '.join(heads)})" if heads and causal else ""
     where = " and ".join(causal or heads)
     return f"peft.method {method} trains in stages {where}; for stage {stage} use peft.method lora or qlora{also}"
+
+
+SEQUENCE_PARALLEL_STAGES = ("pretrain", "sft")
+
+
+def sequence_parallel_problem(job: JobConfig) -> str | None:
+    """Why the job cannot share its sequences over training.sequence_parallel ranks (None: it can)."""
+    n = job.training.sequence_parallel
+    key = f"training.sequence_parallel ({n})"
+    if job.stage not in SEQUENCE_PARALLEL_STAGES:
+        return (
+            f"{key} runs in stages pretrain and sft: DeepSpeed's sequence-parallel data adapter shards the input_ids "
+            f"and labels of a causal-LM batch, and stage {job.stage}'s trainer feeds its model other batches "
+            "(chosen/rejected pairs, prompts and completions, roles' rollouts); set it to 1"
+        )
+    if job.cluster.workers % n:
+        return (
+            f"{key} must divide cluster.workers ({job.cluster.workers}): each group of {n} consecutive ranks shares "
+            f"a sequence; use {n * max(1, job.cluster.workers // n)} workers, or another sequence_parallel"
+        )
+    if job.data.max_length % n:
+        return (
+            f"{key} must divide data.max_length ({job.data.max_length}): each rank of a group takes an equal slice "
+            f"of every sequence; use a max_length that is a multiple of {n}"
+        )
+    if job.deepspeed.config is None and job.deepspeed.zero_stage == 0:
+        return (
+            f"{key} runs under DeepSpeed ZeRO 1-3 (its sequence-parallel groups are built with ZeRO's): set "
+            "deepspeed.zero_stage to 1, 2 or 3"
+        )
+    if job.stage == "sft" and job.data.packing:
+        return (
+            f"{key} cannot keep packed SFT rows apart: the Ulysses attention drops the per-row block masks that keep "
+            "one packed example from attending to the one before it, so set data.packing: false"
+        )
+    if job.model.attn_implementation == "eager":
+        return f"{key} needs model.attn_implementation sdpa, flash_attention_2 or auto (Ulysses wraps those, not eager)"
+    if job.peft.method in PROMPT_METHODS:
+        return (
+            f"{key} shares each sequence's tokens over ranks, and peft.method {job.peft.method} adds its virtual "
+            "tokens on every rank's share: use peft.method lora or qlora, or sequence_parallel 1"
+        )
+    if job.training.neftune_noise_alpha is not None:
+        return (
+            f"{key}: NEFTune scales its noise by each rank's share of the sequence, not by the sequence; remove "
+            "training.neftune_noise_alpha"
+        )
+    return None
 
 
 def prompt_methods_fit(job: JobConfig) -> None:

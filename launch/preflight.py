@@ -28,6 +28,7 @@ def preflight(job: JobConfig) -> None:
         assert job.model.name_or_path is not None
         check_model_source(job.model.name_or_path, allow_pickle=job.model.allow_pickle)
     check_length_fits_model(job)
+    check_sequence_parallel_heads(job)
     check_training_options(job)
     check_trackers(job.training)
     module, _, function = stage_spec(job.stage).preflight.partition(":")
@@ -154,6 +155,26 @@ def check_ppo_job(job: JobConfig) -> None:
     from tuneyard.rlhf.ppo.controller import prepare_ppo
 
     prepare_ppo(job.train_spec(), job.ppo, job.reward)
+
+
+def check_sequence_parallel_heads(job: JobConfig) -> None:
+    """Ulysses attention gives each of training.sequence_parallel ranks an equal share of the attention heads."""
+    n = job.training.sequence_parallel
+    config = model_config_for_length(job) if n > 1 else None
+    if config is None:
+        return
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = getattr(config, "num_attention_heads", None)
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    if heads is None:
+        return
+    source = job.model.name_or_path if job.model.init == "pretrained" else "model.architecture"
+    if heads % n or (kv_heads % n and n % kv_heads):
+        raise UserError(
+            f"training.sequence_parallel ({n}) must divide the model's {heads} attention heads, and divide its "
+            f"{kv_heads} key/value heads or be a multiple of them ({source}): Ulysses attention gives each rank an "
+            f"equal share of the heads; choose a sequence_parallel that does"
+        )
 
 
 def check_training_options(job: JobConfig) -> None:

@@ -203,6 +203,12 @@ def run_job(job: JobConfig, show_progress: bool = True, single: bool = False) ->
         raise UserError(
             f"stage {job.stage} runs its roles as Ray actors; --single is not supported for it (drop --single)"
         )
+    if single and job.training.sequence_parallel > 1:
+        raise UserError(
+            f"training.sequence_parallel ({job.training.sequence_parallel}) shares each sequence over that many "
+            "ranks, and --single runs one: drop --single (a local Ray runs cluster.workers ranks on this machine), or "
+            "set training.sequence_parallel: 1"
+        )
     started = time.time()
     dump = job.identity_dump()
     identity = job_identity(dump)

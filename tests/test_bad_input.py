@@ -476,6 +476,49 @@ def _(tmp, models):
     return ["train", write_job(tmp, job)], ["data.train: prompt 1", "over ppo.max_prompt_length 8"]
 
 
+def sharing(tmp: Path, stage_job: dict, n: int, workers: int, **training: object) -> dict:
+    """`stage_job` with training.sequence_parallel n over `workers` workers."""
+    stage_job["training"].update(sequence_parallel=n, **training)
+    stage_job["cluster"] = {"workers": workers}
+    return stage_job
+
+
+@case("training.sequence_parallel in stage dpo")
+def _(tmp, models):
+    job = sharing(tmp, pretrained(tmp, models["causal"], stage="dpo"), 2, 2)
+    return ["validate", write_job(tmp, job)], ["training.sequence_parallel (2) runs in stages pretrain and sft"]
+
+
+@case("training.sequence_parallel that does not divide the workers")
+def _(tmp, models):
+    job = sharing(tmp, sft(tmp, data={"packing": False}), 2, 3)
+    return ["validate", write_job(tmp, job)], ["training.sequence_parallel (2) must divide cluster.workers (3)"]
+
+
+@case("training.sequence_parallel that does not divide data.max_length")
+def _(tmp, models):
+    job = sharing(tmp, sft(tmp, data={"packing": False, "max_length": 101}), 2, 2)
+    return ["validate", write_job(tmp, job)], ["training.sequence_parallel (2) must divide data.max_length (101)"]
+
+
+@case("training.sequence_parallel with packed SFT rows")
+def _(tmp, models):
+    job = sharing(tmp, sft(tmp), 2, 2)
+    return ["validate", write_job(tmp, job)], ["cannot keep packed SFT rows apart", "data.packing: false"]
+
+
+@case("training.sequence_parallel that does not divide the attention heads")
+def _(tmp, models):
+    job = sharing(tmp, sft(tmp, data={"packing": False, "max_length": 120, "cache_dir": str(tmp / ".tokenized")}), 3, 3)
+    return ["train", write_job(tmp, job)], ["training.sequence_parallel (3) must divide the model's 4 attention heads"]
+
+
+@case("training.sequence_parallel with --single")
+def _(tmp, models):
+    job = sharing(tmp, sft(tmp, data={"packing": False}), 2, 2)
+    return ["train", write_job(tmp, job), "--single"], ["training.sequence_parallel (2)", "drop --single"]
+
+
 @case("pretrain with a format other than text")
 def _(tmp, models):
     job = job_dict(PRETRAIN_JOB, tmp / "run", cluster={"workers": 1}, data={"eval": None, "format": "messages"})

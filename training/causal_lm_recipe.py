@@ -25,6 +25,11 @@ from tuneyard.training.finetune_method import (
 from tuneyard.training.model import load_tokenizer
 from tuneyard.training.nonfinite import NonFiniteGuard
 from tuneyard.training.run_dir import set_status
+from tuneyard.training.sequence_parallel import (
+    attention_functions_restored,
+    sequence_parallel_args,
+    with_sequence_parallel,
+)
 from tuneyard.training.stages import stage_spec
 from tuneyard.training.trainer_setup import (
     DEEPSPEED_STATUS,
@@ -49,6 +54,7 @@ def build_trainer_args(spec: TrainSpec, run_dir: Path, has_eval: bool):
         max_length=spec.data.max_length,
         packing=False,  # SFT rows were packed (and cached) at tokenisation; see training/data/packing.py
         dataset_num_proc=spec.data.num_proc if spec.data.num_proc > 1 else None,
+        **sequence_parallel_args(spec),
     )
 
 
@@ -93,7 +99,8 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
     if rank != 0:
         splits, _ = prepare_datasets(spec.stage, data, tokenizer, training.seed, cache_dir)
 
-    samples_per_step = training.batch_size * training.grad_accum * world
+    # the ranks of a sequence-parallel group train on the same rows: world / N different batches per step
+    samples_per_step = training.batch_size * training.grad_accum * (world // training.sequence_parallel)
     steps = training.max_steps
     if steps <= 0:
         steps = math.ceil(training.epochs * math.ceil(len(splits["train"]) / samples_per_step))
@@ -106,7 +113,7 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
     preemption = PreemptionCallback(run_dir)
     if rank == 0:
         set_status(run_dir, DEEPSPEED_STATUS)
-    trainer = guarded(SFTTrainer)(
+    trainer = with_sequence_parallel(guarded(SFTTrainer), spec)(
         nonfinite_guard=NonFiniteGuard(run_dir, training.max_nonfinite_steps, rank),
         model=model,
         args=args,
@@ -120,7 +127,8 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
     if peft.method == "qlora" and not args.bf16:
         keep_adapters_in_fp32(trainer.model)
 
-    return train_and_publish(trainer, tokenizer, run_dir, output.resume, has_eval, rank, preemption)
+    with attention_functions_restored():
+        return train_and_publish(trainer, tokenizer, run_dir, output.resume, has_eval, rank, preemption)
 
 
 def ray_worker(payload: dict, rank: int) -> None:

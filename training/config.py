@@ -285,6 +285,12 @@ class TrainingConfig(BaseModel):
     gradient_checkpointing: bool = Field(
         default=False, description="recompute activations in the backward pass: less memory, more compute"
     )
+    sequence_parallel: int = Field(
+        default=1,
+        ge=1,
+        description="ranks that share each sequence (Ulysses attention, DeepSpeed's ALST; stages pretrain and sft): "
+        "each holds 1/N of its tokens' activations, and the data-parallel degree is cluster.workers / N",
+    )
     eval_steps: int | None = Field(default=None, ge=1, description="None: evaluate at start and end only")
     logging_steps: int = Field(default=1, ge=1, description="optimizer steps between logged training figures")
     max_failures: int = Field(

@@ -36,6 +36,8 @@ def plan_spmd(job: JobConfig, hardware: Hardware, shapes: Shapes) -> JobPlan:
     seq = job.data.max_length + completion  # the sampling stages append their completions
     if job.peft.method == "prompt_tuning":
         seq += job.peft.num_virtual_tokens  # its virtual tokens go through every layer with the row
+    sharing = job.training.sequence_parallel
+    rank_seq = -(-seq // sharing)  # Ulysses: each rank of a group holds its share of every sequence's tokens
     setup = Setup(
         zero_stage=stage,
         world=world,
@@ -45,7 +47,7 @@ def plan_spmd(job: JobConfig, hardware: Hardware, shapes: Shapes) -> JobPlan:
         peft=job.peft,
         optim=job.training.optim,
         micro_batch=job.training.batch_size * pairs,
-        seq=seq,
+        seq=rank_seq,
         gradient_checkpointing=job.training.gradient_checkpointing,
         eager_attention=job.model.attn_implementation == "eager",
         generation_batch=job.training.batch_size if completion else 0,
@@ -79,6 +81,7 @@ def plan_spmd(job: JobConfig, hardware: Hardware, shapes: Shapes) -> JobPlan:
         f"offload: {offload_text(offload_optimizer, offload_params)}; {setup.precision}; optimizer {setup.optim}",
         f"micro-batch {setup.micro_batch} x {seq} tokens"
         + (" (chosen + rejected)" if pairs == 2 else "")
+        + (f", each sequence shared by {sharing} ranks ({rank_seq} tokens each)" if sharing > 1 else "")
         + f"; gradient checkpointing {'on' if setup.gradient_checkpointing else 'off'}",
     ]
     return JobPlan([device], hardware, summary)

@@ -8,14 +8,15 @@ import itertools
 
 from pydantic import ValidationError
 
-from tuneyard.launch.config import JobConfig, apply_override
+from tuneyard.launch.config import SEQUENCE_PARALLEL_STAGES, JobConfig, apply_override
 from tuneyard.launch.plan.job import plan_job
 from tuneyard.launch.plan.shapes import Shapes, deepspeed_switches
 from tuneyard.launch.plan.types import Hardware, JobPlan, Suggestion
 
 
-def candidate_changes(job: JobConfig) -> list[list[str]]:
-    """The single changes worth trying, as overrides: ZeRO-3, offloads, checkpointing, half the micro-batch, QLoRA."""
+def candidate_changes(job: JobConfig, heads: int = 0) -> list[list[str]]:
+    """The single changes worth trying, as overrides: ZeRO-3, offloads, checkpointing, half the micro-batch, QLoRA,
+    and twice the sequence parallelism where the workers and the model's `heads` divide by it."""
     stage, offload_optimizer, offload_params = deepspeed_switches(job)
     raw = bool(job.deepspeed.config)  # a raw DeepSpeed JSON wins over the switches: changing them does nothing
     changes: list[list[str]] = []
@@ -39,6 +40,9 @@ def candidate_changes(job: JobConfig) -> list[list[str]]:
         changes.append([f"training.batch_size={batch // 2}", f"training.grad_accum={accumulation * 2}"])
     if job.peft.method != "qlora":
         changes.append(["peft.method=qlora"])
+    sharing = 2 * job.training.sequence_parallel
+    if job.stage in SEQUENCE_PARALLEL_STAGES and job.cluster.workers % sharing == 0 and heads % sharing == 0:
+        changes.append([f"training.sequence_parallel={sharing}"])
     return changes
 
 
@@ -64,7 +68,7 @@ def suggest(job: JobConfig, plan: JobPlan, shapes: Shapes, limit: int = 3) -> li
 
     Single changes first, then two or three together, each size ranked by the peak GPU memory it leads to.
     """
-    changes = candidate_changes(job)
+    changes = candidate_changes(job, shapes.of(job.model).heads)
     fitting: list[Suggestion] = []
     singles: list[Suggestion] = []
     for size in (1, 2, 3):

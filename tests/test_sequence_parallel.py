@@ -1,0 +1,154 @@
+"""Ulysses sequence parallelism (`training.sequence_parallel`) on two gloo ranks with real DeepSpeed: the same
+steps as one rank that holds whole sequences, under ZeRO-2 and ZeRO-3; and what `tuneyard plan` makes of it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import PRETRAIN_JOB, SFT_JOB, TINY_ARCH, job_dict
+from tests.test_faults import kill_when_paused
+from tuneyard.launch.config import job_from_dict
+from tuneyard.launch.plan import Hardware, plan_job
+from tuneyard.launch.plan.memory import GiB
+from tuneyard.launch.run_job import run_job
+from tuneyard.training.metrics import read_metrics
+
+LENGTH = 2048
+
+
+def pretrain_job(tmp_path, name: str, workers: int, sharing: int, zero: int) -> dict:
+    """Five SGD steps on two 2048-token rows of the tiny corpus (rows of packed text), fp32.
+
+    SGD makes every weight move by lr x its gradient, so equal final weights mean equal gradients at every step;
+    `max_grad_norm` stays on, so a gradient N times too large would also be clipped differently."""
+    job = job_dict(PRETRAIN_JOB, tmp_path / name)
+    job["model"]["architecture"] = {**TINY_ARCH, "max_position_embeddings": LENGTH}
+    job["data"]["max_length"] = LENGTH
+    job["data"]["eval"] = None
+    job["training"].update(
+        batch_size=2,
+        max_steps=5,
+        sequence_parallel=sharing,
+        optim="sgd",
+        learning_rate=0.5,
+        warmup_steps=0,
+        lr_scheduler="constant",
+        max_grad_norm=1.0,
+    )
+    job["cluster"] = {"workers": workers}
+    job["deepspeed"] = {"zero_stage": zero}
+    return job
+
+
+def steps_of(run_dir) -> list[tuple[int, float, float]]:
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r]
+
+
+@pytest.fixture(scope="module")
+def one_rank(ray_session, tmp_path_factory):
+    """The reference: one rank, whole sequences, ZeRO-2."""
+    job = pretrain_job(tmp_path_factory.mktemp("sp"), "one", workers=1, sharing=1, zero=2)
+    return run_job(job_from_dict(job), show_progress=False).run_dir
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("zero", [2, 3])
+def test_two_ranks_sharing_each_sequence_train_as_one_rank(one_rank, tmp_path, zero):
+    """Per-step losses and gradient norms equal to 1e-4 and the final weights to 1e-5: the loss is the whole
+    sequence's, and the gradient too (ZeRO-2 alone would make it twice as large, training/sequence_parallel.py)."""
+    shared = run_job(job_from_dict(pretrain_job(tmp_path, "two", 2, 2, zero)), show_progress=False).run_dir
+    want, got = steps_of(one_rank), steps_of(shared)
+    assert [s for s, _, _ in got] == [1, 2, 3, 4, 5]
+    assert want[-1][1] < want[0][1] - 0.3  # the steps learn: equal numbers are not equal no-ops
+    for (_, loss_a, norm_a), (_, loss_b, norm_b) in zip(want, got, strict=True):
+        assert loss_b == pytest.approx(loss_a, rel=1e-4) and norm_b == pytest.approx(norm_a, rel=1e-4)
+    a, b = load_file(one_rank / "final" / "model.safetensors"), load_file(shared / "final" / "model.safetensors")
+    common = a.keys() & b.keys()  # ZeRO-3's save leaves the tied head to the embeddings
+    assert len(common) >= len(a) - 1
+    for name in common:
+        torch.testing.assert_close(b[name], a[name], atol=1e-5, rtol=1e-5, msg=name)
+
+
+@pytest.mark.integration
+def test_sft_rows_of_every_length_share_their_sequences(ray_session, tmp_path):
+    """Unpacked SFT rows, each batch of its own length (the loss on the answers only): two ranks sharing each
+    sequence give one rank's losses and gradient norms to 1e-4. (On gloo every batch is padded to data.max_length:
+    the group's batches of different lengths could not be gathered otherwise.)"""
+    runs = {}
+    for workers in (1, 2):
+        job = job_dict(SFT_JOB, tmp_path / f"sft{workers}")
+        job["data"].update(packing=False, eval=None)
+        job["training"].update(batch_size=2, max_steps=4, sequence_parallel=workers)
+        job["cluster"] = {"workers": workers}
+        runs[workers] = steps_of(run_job(job_from_dict(job), show_progress=False).run_dir)
+    assert len(runs[1]) == 4
+    for (_, loss_a, norm_a), (_, loss_b, norm_b) in zip(runs[1], runs[2], strict=True):
+        assert loss_b == pytest.approx(loss_a, rel=1e-4) and norm_b == pytest.approx(norm_a, rel=1e-4)
+
+
+@pytest.mark.integration
+def test_a_sequence_parallel_run_killed_after_a_checkpoint_resumes_mid_epoch(one_rank, tmp_path, monkeypatch):
+    """Rank 0 is killed once checkpoint-3 is complete: the restart resumes there, skipping the trained batches
+    through the sequence-parallel data adapter (one whole batch of each rank's loader, then one shard: the group
+    trains on its ranks' batches in turn), and its steps 4 and 5 equal the straight run's."""
+    monkeypatch.setenv("TUNEYARD_FAULT_PAUSE", "marked@3")
+    job = pretrain_job(tmp_path, "killed", 2, 2, 2)
+    job["training"]["max_failures"] = 1
+    job["output"].update(save_steps=3, keep_last=1)
+    run_dir = tmp_path / "killed"
+    killed = kill_when_paused(run_dir, "marked", 3)
+    run_job(job_from_dict(job), show_progress=False)
+    assert killed["pid"] is not None
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records if r.get("event") == "start"] == [0, 3]
+    want, got = (
+        dict((s, loss) for s, loss, _ in steps_of(one_rank)),
+        dict((s, loss) for s, loss, _ in steps_of(run_dir)),
+    )
+    assert got[4] == pytest.approx(want[4], rel=1e-4) and got[5] == pytest.approx(want[5], rel=1e-4)
+
+
+def test_the_plan_shares_activations_and_suggests_sequence_parallel(tmp_path):
+    """At 32k tokens a 7B Llama's activations do not fit an 80 GiB GPU; sequence_parallel 4 holds a quarter of the
+    tokens on each rank, and the suggestions offer it among the changes."""
+    llama_7b = {
+        "model_type": "llama",
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "vocab_size": 32000,
+        "max_position_embeddings": 32768,
+    }
+    plans = {}
+    for sharing in (1, 4):
+        job = job_dict(PRETRAIN_JOB, tmp_path / f"sp{sharing}")
+        job["model"] = {"name_or_path": "meta-llama/Llama-2-7b-hf", "architecture": llama_7b}
+        job["data"]["max_length"] = 32768
+        job["training"].update(batch_size=1, sequence_parallel=sharing, precision="bf16")
+        job["cluster"] = {"workers": 4, "gpus_per_worker": 1}
+        job["deepspeed"] = {"zero_stage": 3}
+        plans[sharing] = plan_job(job_from_dict(job), Hardware(gpu_memory=80 * GiB))
+    whole, shared = (plans[s].devices[0].parts[0][1] for s in (1, 4))
+    assert shared.activations == pytest.approx(whole.activations / 4, rel=0.02)
+    assert any("each sequence shared by 4 ranks (8192 tokens each)" in line for line in plans[4].summary)
+
+    from tuneyard.launch.plan.shapes import Shapes
+    from tuneyard.launch.plan.suggestions import suggest
+
+    job = job_from_dict(
+        {
+            **job_dict(PRETRAIN_JOB, tmp_path / "big"),
+            "model": {"name_or_path": "meta-llama/Llama-2-7b-hf", "architecture": llama_7b},
+            "data": {**PRETRAIN_JOB["data"], "max_length": 32768},
+            "training": {**PRETRAIN_JOB["training"], "batch_size": 1, "precision": "bf16"},
+            "cluster": {"workers": 4, "gpus_per_worker": 1},
+            "deepspeed": {"zero_stage": 3},
+        }
+    )
+    plan = plan_job(job, Hardware(gpu_memory=80 * GiB))
+    assert not plan.fits
+    suggestions = suggest(job, plan, Shapes(), limit=10)
+    assert any("training.sequence_parallel=2" in s.overrides for s in suggestions), [s.overrides for s in suggestions]
