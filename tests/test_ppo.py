@@ -409,16 +409,25 @@ def test_a_lost_role_actor_restarts_the_groups_from_the_last_checkpoint(
 
 @pytest.mark.integration
 def test_lora_policy_is_its_own_reference(ray_session, sft_base, tmp_path):
-    job = ppo_job(
-        tmp_path,
-        sft_base,
-        "lora",
-        peft={"method": "lora", "r": 4, "alpha": 8},
-        ppo={"iterations": 2, "roles": {"policy": {"zero_stage": 3}}},
-        training={"learning_rate": 5e-3},
-    )
-    result = run_job(job_from_dict(job), show_progress=False)
-    rows = iterations_of(result.run_dir)
+    """A LoRA policy under ZeRO-3 with a tied head: its reference is the base with the adapter off, and its
+    log-probs and update in chunks of 5 response tokens equal the whole logits' (the frozen tied head's shards are
+    gathered again for each recomputed chunk)."""
+    rows = {}
+    for chunk in (0, 5):
+        job = ppo_job(
+            tmp_path,
+            sft_base,
+            f"lora-{chunk}",
+            peft={"method": "lora", "r": 4, "alpha": 8},
+            ppo={"iterations": 2, "logprob_chunk_tokens": chunk, "roles": {"policy": {"zero_stage": 3}}},
+            training={"learning_rate": 5e-3},
+        )
+        result = run_job(job_from_dict(job), show_progress=False)
+        rows[chunk] = iterations_of(result.run_dir)
+    for want, got in zip(rows[0], rows[5], strict=True):
+        for key in ("reward", "kl", "policy_loss", "entropy"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5, abs=1e-6), (want["step"], key)
+    rows = rows[5]
     # the fresh adapter is the identity, so the policy starts as its reference; after an update it is not
     assert rows[0]["kl"] == 0.0 and abs(rows[1]["kl"]) > 0
     assert not (result.run_dir / "logs" / "reference-0.log").exists()  # no reference actor, no second copy

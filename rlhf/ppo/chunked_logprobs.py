@@ -108,11 +108,18 @@ def chunked_figures(
     `chunk_tokens` positions at a time; with gradients on, each chunk is recomputed in the backward pass."""
     batch, width = tokens.shape
     flat_hidden, flat_tokens = hidden.reshape(batch * width, -1), tokens.reshape(batch * width)
+    # ZeRO-3 releases a frozen weight (a LoRA head's base, or the embeddings it is tied to) as soon as a recomputed
+    # chunk has used it, before checkpoint compares what the recomputation saved with the forward's; it gathers it
+    # again before the chunk's backward needs it, so the comparison alone is skipped there
+    frozen_zero3 = any(hasattr(p, "ds_id") and not p.requires_grad for p in head.parameters())
+    check = "none" if frozen_zero3 else "default"
     logprobs, entropies = [], []
     for start in range(0, batch * width, chunk_tokens):
         part = (head, config, flat_hidden[start : start + chunk_tokens], flat_tokens[start : start + chunk_tokens])
         if torch.is_grad_enabled():
-            lp, ent = checkpoint(_chunk_figures, *part, distribution, entropy, use_reentrant=False)
+            lp, ent = checkpoint(
+                _chunk_figures, *part, distribution, entropy, use_reentrant=False, determinism_check=check
+            )
         else:
             lp, ent = _chunk_figures(*part, distribution, entropy)
         logprobs.append(lp)
