@@ -8,8 +8,8 @@ position. The response positions then go through the head `chunk_tokens` at a ti
 recomputed in the backward pass (activation checkpointing), so at most one [chunk, vocab] block is alive at once.
 
 The head's output is post-processed the way the model's own forward does it (softcapping, logit scales); the last
-position, which the model computed itself, checks that on every call. A model family whose post-processing is not
-reproduced here is scored with its whole logits instead, with a warning once.
+position, which the model computed itself, checks that on a scorer's first call. A model family whose
+post-processing is not reproduced here is scored with its whole logits instead, with a warning once.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from tuneyard.rlhf.ppo import algorithms as algo
 
 log = logging.getLogger(__name__)
 
-# model_type -> the post-processing of its head's output, where the config's field names do not say it
+# the model types that multiply their logits by config.logits_scaling (Granite's family divides by it)
 _MULTIPLIED_LOGITS_SCALING = {"hyperclovax"}
 
 
