@@ -2,10 +2,11 @@
 holds whole sequences, side by side in one run.
 
 Each configuration runs the pretrain recipe itself (`training.causal_lm_recipe.run_training`: TRL's SFTTrainer,
-DeepSpeed ZeRO-2, DeepSpeed's ALST) in processes of its own for a few steps of one row, on a tiny Llama at long
-lengths. A rank's peak memory is the peak resident memory of its process (what it measured, not an estimate);
-its activation peak is that minus the peak of the same configuration at 512 tokens (the model, the optimizer,
-DeepSpeed and the data, which the length does not change).
+DeepSpeed ZeRO-2, DeepSpeed's ALST) in processes of its own for a few steps of one row, on a small Llama (hidden
+256, 4 layers: its activations, not its fixed costs, fill memory at these lengths). A rank's peak memory is the peak
+resident memory of its process (what it measured, not an estimate); its activation peak is that minus the peak of
+the same configuration at 512 tokens (the model, the optimizer, DeepSpeed and the data, which the length does not
+change).
 
 - ratio: the longest of the lengths tried that trains within the memory budget, 2 ranks sharing each sequence
   against one rank; the budget is one rank's peak at the first length, so one rank reaches exactly that length.
@@ -39,9 +40,9 @@ def job_dict(run_dir: Path, length: int, workers: int, sharing: int) -> dict:
             "tokenizer": str(examples / "tiny" / "tokenizer"),
             "architecture": {
                 "model_type": "llama",
-                "hidden_size": 64,
-                "intermediate_size": 128,
-                "num_hidden_layers": 2,
+                "hidden_size": 256,
+                "intermediate_size": 1024,
+                "num_hidden_layers": 4,
                 "num_attention_heads": 4,
                 "num_key_value_heads": 2,
                 "max_position_embeddings": length,
