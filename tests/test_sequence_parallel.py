@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import PRETRAIN_JOB, SFT_JOB, TINY_ARCH, job_dict
 from tests.test_faults import kill_when_paused
+from tests.test_plan import LLAMA_7B
 from tuneyard.launch.config import job_from_dict
 from tuneyard.launch.plan import Hardware, plan_job
 from tuneyard.launch.plan.memory import GiB
@@ -106,15 +107,7 @@ def test_sft_rows_of_every_length_share_their_sequences(ray_session, tmp_path):
 def test_the_plan_shares_activations_and_suggests_sequence_parallel(tmp_path):
     """At 32k tokens a 7B Llama's activations do not fit an 80 GiB GPU; sequence_parallel 4 holds a quarter of the
     tokens on each rank, and the suggestions offer it among the changes."""
-    llama_7b = {
-        "model_type": "llama",
-        "hidden_size": 4096,
-        "intermediate_size": 11008,
-        "num_hidden_layers": 32,
-        "num_attention_heads": 32,
-        "vocab_size": 32000,
-        "max_position_embeddings": 32768,
-    }
+    llama_7b = {**LLAMA_7B, "max_position_embeddings": 32768}
     plans = {}
     for sharing in (1, 4):
         job = job_dict(PRETRAIN_JOB, tmp_path / f"sp{sharing}")
