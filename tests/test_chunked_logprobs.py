@@ -173,3 +173,28 @@ def test_the_chunked_pass_at_vocab_32k_and_4k_response_tokens_peaks_at_a_quarter
     assert chunked["logprob_sum"] == pytest.approx(whole["logprob_sum"], rel=1e-5)
     assert whole["peak_kib"] > 1_000_000, figures  # the whole pass holds at least two [4096, 32000] float32 blocks
     assert whole["peak_kib"] >= 4 * chunked["peak_kib"], figures
+
+
+def test_the_fused_head_our_sft_and_pretrain_losses_go_through_equals_the_plain_loss():
+    """TRL's SFTTrainer patches a fused, tiled output head into the model it trains (so no [tokens, vocab] logits of
+    a long row exist); over 2 x 2600 tokens (two 4096-token tiles) with the prompt's labels masked, its loss and every
+    gradient equal the plain cross-entropy's to 1e-5."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    model = tiny_model("llama", {"tie_word_embeddings": True, "max_position_embeddings": 4096})
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, 300, (2, 2600), generator=generator)
+    labels = ids.clone()
+    labels[:, :700] = -100  # a prompt the loss skips
+    model.zero_grad()
+    model(input_ids=ids, labels=labels).loss.backward()
+    plain = {n: p.grad.clone() for n, p in model.named_parameters()}
+    plain_loss = model(input_ids=ids, labels=labels).loss.item()
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    model.zero_grad()
+    fused = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    fused.loss.backward()
+    assert fused.loss.item() == pytest.approx(plain_loss, rel=1e-5)
+    assert getattr(fused, "logits", None) is None  # no logits tensor came back
+    for name, grad in plain.items():
+        torch.testing.assert_close(model.get_parameter(name).grad, grad, atol=1e-5, rtol=1e-4, msg=name)
