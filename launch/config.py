@@ -152,11 +152,6 @@ def sequence_parallel_problem(job: JobConfig) -> str | None:
             f"{key} runs under DeepSpeed ZeRO 1-3 (its sequence-parallel groups are built with ZeRO's): set "
             "deepspeed.zero_stage to 1, 2 or 3"
         )
-    if job.stage == "sft" and job.data.packing:
-        return (
-            f"{key} cannot keep packed SFT rows apart: the Ulysses attention drops the per-row block masks that keep "
-            "one packed example from attending to the one before it, so set data.packing: false"
-        )
     if job.model.attn_implementation == "eager":
         return f"{key} needs model.attn_implementation sdpa, flash_attention_2 or auto (Ulysses wraps those, not eager)"
     if job.peft.method in PROMPT_METHODS:

@@ -501,12 +501,6 @@ def _(tmp, models):
     return ["validate", write_job(tmp, job)], ["training.sequence_parallel (2) must divide data.max_length (101)"]
 
 
-@case("training.sequence_parallel with packed SFT rows")
-def _(tmp, models):
-    job = sharing(tmp, sft(tmp), 2, 2)
-    return ["validate", write_job(tmp, job)], ["cannot keep packed SFT rows apart", "data.packing: false"]
-
-
 @case("training.sequence_parallel that does not divide the attention heads")
 def _(tmp, models):
     job = sharing(tmp, sft(tmp, data={"packing": False, "max_length": 120, "cache_dir": str(tmp / ".tokenized")}), 3, 3)

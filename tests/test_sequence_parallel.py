@@ -104,6 +104,50 @@ def test_sft_rows_of_every_length_share_their_sequences(ray_session, tmp_path):
         assert loss_b == pytest.approx(loss_a, rel=1e-4) and norm_b == pytest.approx(norm_a, rel=1e-4)
 
 
+@pytest.mark.integration
+def test_packed_sft_rows_keep_their_examples_apart_when_shared(ray_session, tmp_path):
+    """Packed SFT rows (several examples per row, position ids restarting at each): two ranks sharing each row
+    give one rank's losses and gradient norms to 1e-4. One rank keeps the examples apart with a block-diagonal
+    mask; the shared row's attention, which sees no mask, with `attention_within_documents`: an example attending
+    to the one before it would change every loss."""
+    runs = {}
+    for workers in (1, 2):
+        job = job_dict(SFT_JOB, tmp_path / f"packed{workers}")
+        job["data"].update(packing=True, eval=None)
+        job["training"].update(batch_size=2, max_steps=4, sequence_parallel=workers)
+        job["cluster"] = {"workers": workers}
+        runs[workers] = steps_of(run_job(job_from_dict(job), show_progress=False).run_dir)
+    assert len(runs[1]) == 4
+    for (_, loss_a, norm_a), (_, loss_b, norm_b) in zip(runs[1], runs[2], strict=True):
+        assert loss_b == pytest.approx(loss_a, rel=1e-4) and norm_b == pytest.approx(norm_a, rel=1e-4)
+
+
+def test_attention_within_documents_is_the_block_diagonal_mask():
+    """Per-example causal sdpa over a row whose position ids restart equals sdpa with the block-diagonal causal
+    mask (grouped-query heads, two rows with different example boundaries), and differs from one causal pass."""
+    from types import SimpleNamespace
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from tuneyard.training.data.packing import restarting_positions
+    from tuneyard.training.sequence_parallel import attention_within_documents
+
+    torch.manual_seed(0)
+    module = SimpleNamespace(is_causal=True, num_key_value_groups=2, training=False)
+    q = torch.randn(2, 4, 12, 8)
+    k, v = torch.randn(2, 2, 12, 8), torch.randn(2, 2, 12, 8)
+    position_ids = torch.tensor([restarting_positions([5, 4], 12), restarting_positions([1, 7, 2], 12)])
+    same_example = (position_ids.unsqueeze(2) - position_ids.unsqueeze(1)) == (
+        torch.arange(12).view(1, 12, 1) - torch.arange(12).view(1, 1, 12)
+    )
+    mask = (same_example & torch.ones(12, 12, dtype=torch.bool).tril()).unsqueeze(1)
+    want, _ = sdpa_attention_forward(module, q, k, v, mask)
+    got, _ = attention_within_documents(module, q, k, v, None, position_ids=position_ids)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    causal, _ = sdpa_attention_forward(module, q, k, v, None)
+    assert (causal - want).abs().max() > 0.1
+
+
 def test_the_plan_shares_activations_and_suggests_sequence_parallel(tmp_path):
     """At 32k tokens a 7B Llama's activations do not fit an 80 GiB GPU; sequence_parallel 4 holds a quarter of the
     tokens on each rank, and the suggestions offer it among the changes."""

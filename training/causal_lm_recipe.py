@@ -27,6 +27,7 @@ from tuneyard.training.nonfinite import NonFiniteGuard
 from tuneyard.training.run_dir import set_status
 from tuneyard.training.sequence_parallel import (
     attention_functions_restored,
+    keep_packed_examples_apart,
     sequence_parallel_args,
     with_sequence_parallel,
 )
@@ -58,15 +59,18 @@ def build_trainer_args(spec: TrainSpec, run_dir: Path, has_eval: bool):
     )
 
 
-def choose_collator(spec: TrainSpec, model: torch.nn.Module, pad_token_id: int):
-    """Packed SFT rows: flattened varlen for flash-attn, per-row block masks otherwise; else TRL's default."""
+def choose_collator(spec: TrainSpec, model: torch.nn.Module, pad_token_id: int, pad_to_multiple_of: int = 1):
+    """Packed SFT rows: flattened varlen for flash-attn, per-row block masks otherwise; else TRL's default.
+
+    Under sequence parallelism packed rows stay [rows, width] for every kernel (each rank takes a slice of every
+    row, so the width is padded to `pad_to_multiple_of`); the examples are told apart by their position ids."""
     if spec.stage != "sft" or not spec.data.packing:
         return None
-    if model.config._attn_implementation == "flash_attention_2":
+    if model.config._attn_implementation == "flash_attention_2" and spec.training.sequence_parallel == 1:
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
         return DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=True)
-    return PackedRowsCollator(pad_token_id=pad_token_id)
+    return PackedRowsCollator(pad_token_id=pad_token_id, pad_to_multiple_of=pad_to_multiple_of)
 
 
 def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
@@ -117,7 +121,7 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
         nonfinite_guard=NonFiniteGuard(run_dir, training.max_nonfinite_steps, rank),
         model=model,
         args=args,
-        data_collator=choose_collator(spec, model, tokenizer.pad_token_id),
+        data_collator=choose_collator(spec, model, tokenizer.pad_token_id, args.pad_to_multiple_of or 1),
         train_dataset=splits["train"],
         eval_dataset=splits.get("eval"),
         processing_class=tokenizer,
@@ -128,6 +132,7 @@ def run_training(spec: TrainSpec, run_dir: Path, rank: int) -> dict:
         keep_adapters_in_fp32(trainer.model)
 
     with attention_functions_restored():
+        keep_packed_examples_apart(spec, model.config._attn_implementation)
         return train_and_publish(trainer, tokenizer, run_dir, output.resume, has_eval, rank, preemption)
 
 

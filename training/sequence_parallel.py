@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 
+import torch
 import torch.distributed as dist
 
 from tuneyard.training.attention import resolve_attn_implementation
@@ -128,6 +129,51 @@ def resumable_sequence_shards() -> None:
 
     skip_first_batches.handles_sequence_shards = True
     hf_trainer.skip_first_batches = skip_first_batches
+
+
+def attention_within_documents(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' sdpa attention in which a token of a packed row attends only to the earlier tokens of its own
+    example: an example starts where `position_ids` restart at 0, and each example runs causal sdpa on its own.
+
+    Ulysses attention passes the core attention the whole sequence's position ids (gathered from the group) and no
+    mask, as a block mask built on one rank's shard would be wrong for the whole sequence; flash-attn reads the
+    examples from the position ids itself, sdpa needs this. No [tokens x tokens] mask is built."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None or position_ids.shape[-1] != query.shape[2]:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    length = query.shape[2]
+    rows = []
+    for b in range(query.shape[0]):
+        starts = [0, *(i for i in (position_ids[b] == 0).nonzero().flatten().tolist() if i > 0), length]
+        row = slice(b, b + 1)
+        examples = [
+            sdpa_attention_forward(
+                module, query[row, :, lo:hi], key[row, :, lo:hi], value[row, :, lo:hi], None, **kwargs
+            )[0]
+            for lo, hi in zip(starts, starts[1:], strict=False)
+        ]
+        rows.append(torch.cat(examples, dim=1))  # sdpa returns [batch, tokens, heads, head_dim]
+    return torch.cat(rows, dim=0), None
+
+
+def keep_packed_examples_apart(spec: TrainSpec, attention: str) -> None:
+    """Under sequence parallelism with packed SFT rows and sdpa, make `attention_within_documents` the sdpa that
+    Ulysses wraps (it takes the function registered under the model's kernel when the Trainer prepares the model;
+    call this inside `attention_functions_restored`)."""
+    if spec.training.sequence_parallel == 1 or spec.stage != "sft" or not spec.data.packing or attention != "sdpa":
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ALL_ATTENTION_FUNCTIONS["sdpa"] = attention_within_documents
 
 
 @contextlib.contextmanager

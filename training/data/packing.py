@@ -49,12 +49,15 @@ def restarting_positions(seq_lengths: Sequence[int], width: int) -> list[int]:
 @dataclass
 class PackedRowsCollator:
     """Batch packed rows as [rows, width]: position ids restart per example and there is no attention mask,
-    so the model builds a block-diagonal causal mask per row and no token attends across examples."""
+    so the model builds a block-diagonal causal mask per row and no token attends across examples. The width is
+    the longest row's, rounded up to `pad_to_multiple_of` (sequence parallelism slices rows into equal shares)."""
 
     pad_token_id: int
+    pad_to_multiple_of: int = 1
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        width = max(len(row["input_ids"]) for row in rows)
+        longest = max(len(row["input_ids"]) for row in rows)
+        width = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
         input_ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
         position_ids = torch.zeros((len(rows), width), dtype=torch.long)
