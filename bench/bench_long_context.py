@@ -9,8 +9,11 @@ the same configuration at 512 tokens (the model, the optimizer, DeepSpeed and th
 change).
 
 - ratio: the longest of the lengths tried that trains within the memory budget, 2 ranks sharing each sequence
-  against one rank; the budget is one rank's peak at the first length, so one rank reaches exactly that length.
-- checks: the activation peak per rank at that first length (2 ranks / 1), and tokens per second of both.
+  against one rank, both with whole MLPs; the budget is one rank's peak at the first length, so one rank reaches
+  exactly that length.
+- checks: the activation peak per rank at that first length (2 ranks / 1), and tokens per second of both; tiled
+  MLPs (`training.tiled_mlp`) on one rank at that length against whole ones (activation peak, tokens/s); and the
+  longest length within the budget for 2 ranks sharing each sequence with tiled MLPs.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ LENGTHS = (8192, 12288, 16384)  # the first is one rank's budget
 STEPS = 2
 
 
-def job_dict(run_dir: Path, length: int, workers: int, sharing: int) -> dict:
+def job_dict(run_dir: Path, length: int, workers: int, sharing: int, tiled: bool) -> dict:
     """A pretrain job on the shipped corpus: rows of `length` tokens, one per step, fp32, ZeRO-2."""
     examples = ROOT / "examples"
     return {
@@ -60,6 +63,7 @@ def job_dict(run_dir: Path, length: int, workers: int, sharing: int) -> dict:
             "max_steps": STEPS,
             "learning_rate": 1e-3,
             "sequence_parallel": sharing,
+            "tiled_mlp": tiled,
             "report_to": [],
         },
         "cluster": {"workers": workers},
@@ -86,7 +90,7 @@ def rank_main(rank: int, world: int, address: str, payload: dict, results: str) 
     )
 
 
-def measure(work: Path, length: int, workers: int, sharing: int) -> dict:
+def measure(work: Path, length: int, workers: int, sharing: int, tiled: bool) -> dict:
     """Peak memory per rank (the largest) and tokens per second of one configuration."""
     import torch.multiprocessing as mp
 
@@ -94,9 +98,9 @@ def measure(work: Path, length: int, workers: int, sharing: int) -> dict:
     from tuneyard.launch.config import job_from_dict
     from tuneyard.launch.prepare import prepare_data
 
-    run_dir = work / f"len{length}-sp{sharing}"
+    run_dir = work / f"len{length}-sp{sharing}{'-tiled' if tiled else ''}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    job = job_from_dict(job_dict(run_dir, length, workers, sharing))
+    job = job_from_dict(job_dict(run_dir, length, workers, sharing, tiled))
     prepare_data(job)  # the tokenised cache, as `tuneyard train` builds it before the workers start
     results = run_dir / "ranks"
     results.mkdir(exist_ok=True)
@@ -116,27 +120,30 @@ def main(work: Path) -> dict:
     """The longest length within one rank's budget, 2 ranks sharing each sequence against 1 rank, and more."""
     work.mkdir(parents=True, exist_ok=True)
     figures = {}
-    for workers, sharing in ((1, 1), (2, 2)):
+    for sharing, tiled in ((1, False), (2, False), (1, True), (2, True)):
         lengths = (BASE_LENGTH, LENGTHS[0]) if sharing == 1 else (BASE_LENGTH, *LENGTHS)
         for length in lengths:
-            figures[f"sp{sharing}_len{length}"] = measure(work, length, workers, sharing)
-            print(f"  sp {sharing} length {length}: {figures[f'sp{sharing}_len{length}']}", flush=True)
+            key = f"sp{sharing}{'_tiled' if tiled else ''}_len{length}"
+            figures[key] = measure(work, length, sharing, sharing, tiled)
+            print(f"  {key}: {figures[key]}", flush=True)
     budget = figures[f"sp1_len{LENGTHS[0]}"]["peak_MiB"]
-    within = [length for length in LENGTHS if figures[f"sp2_len{length}"]["peak_MiB"] <= budget]
-    longest = max(within, default=0)
+
+    def longest(config: str) -> int:
+        return max((n for n in LENGTHS if figures[f"{config}_len{n}"]["peak_MiB"] <= budget), default=0)
+
     activation = {
-        s: figures[f"sp{s}_len{LENGTHS[0]}"]["peak_MiB"] - figures[f"sp{s}_len{BASE_LENGTH}"]["peak_MiB"]
-        for s in (1, 2)
+        config: figures[f"{config}_len{LENGTHS[0]}"]["peak_MiB"] - figures[f"{config}_len{BASE_LENGTH}"]["peak_MiB"]
+        for config in ("sp1", "sp2", "sp1_tiled")
     }
     return {
-        "ratio": longest / LENGTHS[0],
+        "ratio": longest("sp2") / LENGTHS[0],
         "target": ">= 1.8x",
         "note": f"longest of {list(LENGTHS)} tokens within one rank's peak at {LENGTHS[0]} ({budget:.0f} MiB), "
         "2 ranks sharing each sequence / 1 rank (the ladder tops out at 2x)",
         "checks": [
             {
                 "name": f"activation peak per rank at {LENGTHS[0]} tokens",
-                "ratio": activation[2] / activation[1],
+                "ratio": activation["sp2"] / activation["sp1"],
                 "target": "<= 0.6x",
             },
             {
@@ -144,6 +151,22 @@ def main(work: Path) -> dict:
                 "ratio": figures[f"sp2_len{LENGTHS[0]}"]["tokens_per_s"]
                 / figures[f"sp1_len{LENGTHS[0]}"]["tokens_per_s"],
                 "target": "as fast as it goes (2 ranks on 2 cores)",
+            },
+            {
+                "name": f"tiled MLPs, one rank: activation peak at {LENGTHS[0]} tokens",
+                "ratio": activation["sp1_tiled"] / activation["sp1"],
+                "target": "lower",
+            },
+            {
+                "name": f"tiled MLPs, one rank: tokens/s at {LENGTHS[0]} tokens",
+                "ratio": figures[f"sp1_tiled_len{LENGTHS[0]}"]["tokens_per_s"]
+                / figures[f"sp1_len{LENGTHS[0]}"]["tokens_per_s"],
+                "target": "the price of one more MLP forward",
+            },
+            {
+                "name": "2 ranks sharing each sequence with tiled MLPs: longest length within the budget / 1 rank",
+                "ratio": longest("sp2_tiled") / LENGTHS[0],
+                "target": ">= 1.8x",
             },
         ],
         "activation_MiB": activation,

@@ -94,6 +94,13 @@ CHECKS = [
         timeout_cpu_s=600.0,
     ),
     Check(
+        "tiled_loss_32k",
+        "1B Llama, one 32k-token row: fused head + tiled MLPs vs plain head (loss, peak)",
+        "check_tiled_loss",
+        timeout_gpu_s=120.0,
+        timeout_cpu_s=240.0,
+    ),
+    Check(
         "planner_vs_peak",
         "memory planner vs the 1B run's measured peak",
         "check_planner",

@@ -895,3 +895,72 @@ def check_planner(ctx: Context) -> Outcome:
     )
     out.update(max_memory_allocated=allocated, max_memory_reserved=reserved, problems=problems)
     return Outcome(ctx.verdict(not problems), figure + (f"; {problems[0]}" if problems else ""), out)
+
+
+TILED_LOSS_TOKENS = 32768  # the long row of the tiled-loss check on one GPU (2048 in the rehearsal)
+
+
+def check_tiled_loss(ctx: Context) -> Outcome:
+    """One 32k-token row through the 1B Llama on one GPU, as pretrain and SFT train it on long rows (bf16, gradient
+    checkpointing, tiled MLPs, TRL's fused output head): its loss equals the plain head's, and its peak memory is
+    below the plain head's, which builds the [tokens x vocab] logits. Sequence parallelism needs two GPUs; this
+    check is the one-GPU half of long sequences (the two-rank path is tested on CPU)."""
+    from types import SimpleNamespace
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from tuneyard.training.attention import resolve_attn_implementation
+    from tuneyard.training.tiled_mlp import tile_mlps
+
+    device = torch.device("cuda" if ctx.gpu else "cpu")
+    length = TILED_LOSS_TOKENS if ctx.gpu else 2048
+    arch = {k: v for k, v in (LLAMA_1B if ctx.gpu else REHEARSAL_1B).items() if k != "model_type"}
+    config = LlamaConfig(**{**arch, "max_position_embeddings": length})
+    config._attn_implementation = resolve_attn_implementation("auto")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16)
+    model.gradient_checkpointing_enable()
+    model.train()
+    tiled = tile_mlps(model, SimpleNamespace(training=SimpleNamespace(tiled_mlp=True)))
+    add_fused_lm_head(model, outputs=("log_probs",))
+    ids = torch.randint(3, config.vocab_size, (1, length), generator=torch.Generator().manual_seed(1)).to(device)
+
+    def step(fused: bool) -> tuple[float, int]:
+        model.zero_grad(set_to_none=True)
+        if ctx.gpu:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        loss = (
+            model(input_ids=ids, labels=ids, fused_lm_head=True).loss
+            if fused
+            else model(input_ids=ids, labels=ids).loss
+        )
+        loss.backward()
+        peak = torch.cuda.max_memory_allocated() if ctx.gpu else 0
+        return loss.item(), peak
+
+    started = time.perf_counter()
+    fused_loss, fused_peak = step(True)
+    fused_s = time.perf_counter() - started
+    plain_loss, plain_peak = step(False)
+    details = {
+        "tokens": length,
+        "attention": config._attn_implementation,
+        "tiled_mlps": tiled,
+        "fused_loss": fused_loss,
+        "plain_loss": plain_loss,
+        "fused_peak_bytes": fused_peak,
+        "plain_peak_bytes": plain_peak,
+        "fused_step_s": fused_s,
+    }
+    equal = math.isfinite(fused_loss) and abs(fused_loss - plain_loss) <= 1e-2 * abs(plain_loss)
+    figure = f"{length} tokens, loss {fused_loss:.4f} fused vs {plain_loss:.4f} plain"
+    if not ctx.gpu:
+        return Outcome("rehearsed", figure + " (CPU: no CUDA peak)", details)
+    figure += (
+        f"; peak {fused_peak / GiB:.1f} vs {plain_peak / GiB:.1f} GiB ({fused_peak / plain_peak:.2f}x), "
+        f"{fused_s:.1f} s; sequence parallelism needs 2 GPUs"
+    )
+    return Outcome(ctx.verdict(equal and fused_peak < plain_peak), figure, details)

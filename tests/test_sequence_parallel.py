@@ -62,8 +62,10 @@ def test_two_ranks_sharing_each_sequence_train_as_one_rank(one_rank, tmp_path, m
 
     The ZeRO-2 run is also killed once checkpoint-3 is complete: its restart resumes there mid-epoch, skipping the
     trained batches through the sequence-parallel data adapter (one whole batch of each rank's loader, then one
-    shard: the group trains on its ranks' batches in turn), and its steps 4 and 5 are the straight run's too."""
+    shard: the group trains on its ranks' batches in turn), and its steps 4 and 5 are the straight run's too.
+    The ZeRO-3 run's MLPs run in tiles (`training.tiled_mlp`), the one rank's whole."""
     job = pretrain_job(tmp_path, "two", 2, 2, zero)
+    job["training"]["tiled_mlp"] = zero == 3  # ZeRO-3 gathers the MLP's weights for every tile
     killed = None
     if zero == 2:
         monkeypatch.setenv("TUNEYARD_FAULT_PAUSE", "marked@3")
@@ -75,6 +77,8 @@ def test_two_ranks_sharing_each_sequence_train_as_one_rank(one_rank, tmp_path, m
         assert killed["pid"] is not None
         records = read_metrics(shared / "metrics.jsonl")
         assert [r["step"] for r in records if r.get("event") == "start"] == [0, 3]
+    tiling = "tiled MLP: 2 layers' MLPs run in tiles" in (shared / "logs" / "worker-1.log").read_text()
+    assert tiling == (zero == 3)
     want, got = steps_of(one_rank), steps_of(shared)
     assert [s for s, _, _ in got] == [1, 2, 3, 4, 5]
     assert want[-1][1] < want[0][1] - 0.3  # the steps learn: equal numbers are not equal no-ops
@@ -150,20 +154,25 @@ def test_attention_within_documents_is_the_block_diagonal_mask():
 
 def test_the_plan_shares_activations_and_suggests_sequence_parallel(tmp_path):
     """At 32k tokens a 7B Llama's activations do not fit an 80 GiB GPU; sequence_parallel 4 holds a quarter of the
-    tokens on each rank, and the suggestions offer it among the changes."""
+    tokens' activations on each rank (the fused loss head's 4096 tokens of logits stay whole), and the suggestions
+    offer it among the changes. Tiled MLPs keep under half the activations again."""
+    from tuneyard.launch.plan.memory import LOGIT_BYTES_TRAIN
+
     llama_7b = {**LLAMA_7B, "max_position_embeddings": 32768}
     plans = {}
-    for sharing in (1, 4):
-        job = job_dict(PRETRAIN_JOB, tmp_path / f"sp{sharing}")
+    for sharing, tiled in ((1, False), (4, False), (4, True)):
+        job = job_dict(PRETRAIN_JOB, tmp_path / f"sp{sharing}{tiled}")
         job["model"] = {"name_or_path": "meta-llama/Llama-2-7b-hf", "architecture": llama_7b}
         job["data"]["max_length"] = 32768
-        job["training"].update(batch_size=1, sequence_parallel=sharing, precision="bf16")
+        job["training"].update(batch_size=1, sequence_parallel=sharing, precision="bf16", tiled_mlp=tiled)
         job["cluster"] = {"workers": 4, "gpus_per_worker": 1}
         job["deepspeed"] = {"zero_stage": 3}
-        plans[sharing] = plan_job(job_from_dict(job), Hardware(gpu_memory=80 * GiB))
-    whole, shared = (plans[s].devices[0].parts[0][1] for s in (1, 4))
-    assert shared.activations == pytest.approx(whole.activations / 4, rel=0.02)
-    assert any("each sequence shared by 4 ranks (8192 tokens each)" in line for line in plans[4].summary)
+        plans[sharing, tiled] = plan_job(job_from_dict(job), Hardware(gpu_memory=80 * GiB))
+    whole, shared, tiled = (plans[key].devices[0].parts[0][1] for key in ((1, False), (4, False), (4, True)))
+    logits = 4096 * LLAMA_7B["vocab_size"] * LOGIT_BYTES_TRAIN
+    assert shared.activations - logits == pytest.approx((whole.activations - logits) / 4, rel=1e-6)
+    assert any("each sequence shared by 4 ranks (8192 tokens each)" in line for line in plans[4, False].summary)
+    assert tiled.activations < 0.6 * shared.activations
 
     from tuneyard.launch.plan.shapes import Shapes
     from tuneyard.launch.plan.suggestions import suggest

@@ -291,6 +291,12 @@ class TrainingConfig(BaseModel):
         description="ranks that share each sequence (Ulysses attention, DeepSpeed's ALST; stages pretrain and sft): "
         "each holds 1/N of its tokens' activations, and the data-parallel degree is cluster.workers / N",
     )
+    tiled_mlp: bool | Literal["auto"] = Field(
+        default="auto",
+        description="run each gated MLP (Llama, Qwen, Mistral, Gemma families) over the sequence in tiles of "
+        "max(hidden_size, 512) tokens (DeepSpeed's TiledMLP): its intermediates exist for one tile at a time, for "
+        "one more MLP forward per step; auto: on for data.max_length >= 8192 or sequence_parallel > 1",
+    )
     eval_steps: int | None = Field(default=None, ge=1, description="None: evaluate at start and end only")
     logging_steps: int = Field(default=1, ge=1, description="optimizer steps between logged training figures")
     max_failures: int = Field(

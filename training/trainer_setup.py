@@ -35,6 +35,7 @@ from tuneyard.training.run_dir import (
     publish_final,
     resume_checkpoint,
 )
+from tuneyard.training.tiled_mlp import tile_mlps
 from tuneyard.training.universal_checkpoint import loads_universal, universal_copy, untie_step_counters
 
 log = logging.getLogger(__name__)
@@ -208,6 +209,8 @@ def load_trained_model(
             quantization.llm_int8_skip_modules = list(whole_modules)
         model = load_model(model_cfg, tokenizer, quantization, task=task, labels=labels)
     model.config.use_cache = False  # no KV cache while training (and packed batches need it off)
+    if task == "causal-lm":
+        tile_mlps(model, spec)
     return model, args
 
 

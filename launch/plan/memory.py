@@ -240,19 +240,24 @@ def optimizer_state_bytes(optim: str, mixed_precision: bool, offloaded: bool) ->
 # ------------------------------------------------------------------------------------------------ activations
 
 
-def layer_activation_bytes(shape: ModelShape, batch: int, seq: int, eager_attention: bool) -> float:
+def layer_activation_bytes(
+    shape: ModelShape, batch: int, seq: int, eager_attention: bool, tiled_mlp: bool = False
+) -> float:
     """Bytes one decoder layer keeps for its backward, with 16-bit activations.
 
     Korthikanti et al. 2022, eq. (1), per layer: attention 11sbh + 5as^2b, MLP 19sbh, two norms 4sbh = sbh(34 + 5as/h).
     Adapted to today's decoders: no dropout masks (attention 10sbh, the K/V part scaled to the GQA width);
     the MLP counted from its own width (2sbh input + 2sbI per saved I-wide tensor: two for GELU, four for
     SwiGLU's gate, up, activation and product); the s^2 scores only with eager attention (flash and sdpa keep none).
+    A tiled gated MLP (training/tiled_mlp.py) keeps its input only (a tile's intermediates live while it runs).
     """
     s, b, h = seq, batch, shape.hidden
     attention = s * b * (2 * h + 2 * h + 2 * 2 * shape.kv_dim + 2 * h + 2 * h)  # input, q, k and v, output, o_proj in
     if eager_attention:
         attention += 5 * shape.heads * s * s * b
     mlp = s * b * (2 * h + (8 if shape.gated_mlp else 4) * shape.intermediate)
+    if tiled_mlp and shape.gated_mlp:
+        mlp = s * b * 2 * h
     norms = 4 * s * b * h
     return attention + mlp + norms
 
@@ -264,11 +269,12 @@ def activation_bytes(
     checkpointing: bool,
     eager_attention: bool = False,
     logit_tokens: int | None = None,
+    tiled_mlp: bool = False,
 ) -> float:
     """Activation bytes of one training micro-batch: every layer's, or under gradient checkpointing each layer's
     input (2sbh, Korthikanti's "full recomputation") plus one layer recomputed in the backward; and the logits of
     `logit_tokens` tokens at once (None: every token of the micro-batch)."""
-    layer = layer_activation_bytes(shape, batch, seq, eager_attention)
+    layer = layer_activation_bytes(shape, batch, seq, eager_attention, tiled_mlp)
     logits = (batch * seq if logit_tokens is None else logit_tokens) * shape.vocab * LOGIT_BYTES_TRAIN
     if checkpointing:
         return shape.layers * 2 * seq * batch * shape.hidden + layer + logits
@@ -308,7 +314,8 @@ class Setup:
     eager_attention: bool = False
     trains: bool = True  # False: a frozen model that only runs forward (reference, reward)
     generation_batch: int = 0  # sequences generated at once (a policy's KV cache)
-    logit_tokens: int | None = None  # tokens whose logits exist at once (RL log-probs in chunks); None: all of them
+    logit_tokens: int | None = None  # tokens whose logits exist at once (a tiled loss or log-probs); None: all
+    tiled_mlp: bool = False  # gated MLPs run in tiles (training.tiled_mlp)
     reduce_bucket: float | None = None  # elements; None: HF's "auto" (hidden^2)
     prefetch_bucket: float | None = None  # elements; None: HF's "auto" (0.9 hidden^2)
 
@@ -418,9 +425,17 @@ def rank_memory(shape: ModelShape, setup: Setup) -> RankMemory:
     if stage == 3:
         buckets += width * (setup.prefetch_bucket if setup.prefetch_bucket is not None else 0.9 * shape.hidden**2)
     if setup.trains:
-        full = activation_bytes(shape, setup.micro_batch, setup.seq, False, setup.eager_attention, setup.logit_tokens)
-        checkpointed = activation_bytes(
-            shape, setup.micro_batch, setup.seq, True, setup.eager_attention, setup.logit_tokens
+        full, checkpointed = (
+            activation_bytes(
+                shape,
+                setup.micro_batch,
+                setup.seq,
+                checkpointing,
+                setup.eager_attention,
+                setup.logit_tokens,
+                setup.tiled_mlp,
+            )
+            for checkpointing in (False, True)
         )
         if setup.generation_batch:  # a policy generates before it trains: the larger of the two phases counts
             generation = generation_bytes(shape, setup.generation_batch, setup.seq)

@@ -23,6 +23,12 @@ from tuneyard.launch.plan.shapes import (
 from tuneyard.launch.plan.types import Device, Hardware, JobPlan
 from tuneyard.training.config import ADAPTER_METHODS, PeftSection
 from tuneyard.training.stages import stage_spec
+from tuneyard.training.tiled_mlp import tiled_mlp_wanted
+
+# TRL's SFTTrainer (stages pretrain and sft) computes its loss through a fused output head that projects 4096
+# tokens at a time (trl.kernels.chunked_logprob.TOKEN_CHUNK_SIZE): no [tokens x vocab] logits for the whole batch
+SFT_TRAINER = ("pretrain", "sft")
+FUSED_HEAD_TOKENS = 4096
 
 
 def plan_spmd(job: JobConfig, hardware: Hardware, shapes: Shapes) -> JobPlan:
@@ -51,6 +57,8 @@ def plan_spmd(job: JobConfig, hardware: Hardware, shapes: Shapes) -> JobPlan:
         gradient_checkpointing=job.training.gradient_checkpointing,
         eager_attention=job.model.attn_implementation == "eager",
         generation_batch=job.training.batch_size if completion else 0,
+        logit_tokens=min(job.training.batch_size * rank_seq, FUSED_HEAD_TOKENS) if job.stage in SFT_TRAINER else None,
+        tiled_mlp=spec.task == "causal-lm" and tiled_mlp_wanted(job),
     )
     parts = [("rank", rank_memory(shape, setup))]
     adapter = job.peft.method in ADAPTER_METHODS  # the reference is the base with the adapter off: no copy
