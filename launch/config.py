@@ -82,6 +82,12 @@ class JobConfig(StageSections):
                 "stage distill needs a teacher: set distill.teacher to the teacher's model folder (e.g. "
                 "runs/sft-tiny/final) or a hub id; it must share the student's tokenizer"
             )
+        if self.reward.remote is not None and self.stage != "ppo" and "reward" in spec.sections:
+            raise ValueError(
+                f"reward.remote is scored by stage ppo's own loop, which leaves an answer whose call failed out of "
+                f"the loss; stage {self.stage} runs TRL's trainer, which has no such answer. Use stage ppo (with "
+                f"ppo.advantage: {'rloo' if self.stage == 'rloo' else 'grpo'} for this method), or remove reward.remote"
+            )
         if self.training.sequence_parallel > 1:
             problem = sequence_parallel_problem(self)
             if problem:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DPO_LOSSES = Literal[
     "sigmoid",
@@ -73,6 +73,45 @@ class RewardFunction(BaseModel):
     weight: float = Field(default=1.0, description="the reward is the sum of each function's score times its weight")
 
 
+class RemoteReward(BaseModel):
+    """A reward or verifier service over HTTP: one POST per answer, retried with backoff; an answer whose call
+    still fails is left out of the loss (counted as reward_failures), never scored as 0."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    url: str = Field(
+        pattern=r"^https?://", description='the endpoint, http:// or https://; it answers a POST with {"reward": x}'
+    )
+    weight: float = Field(default=1.0, description="the service's reward is added at this weight")
+    timeout_s: float = Field(default=10.0, gt=0, description="the longest one attempt may take")
+    retries: int = Field(
+        default=2, ge=0, description="attempts after the first, for timeouts, lost connections, HTTP 429 and 5xx"
+    )
+    backoff_s: float = Field(default=0.5, ge=0, description="the wait before retry k is backoff_s x 2^(k-1)")
+    token_env: str | None = Field(
+        default=None,
+        description="the environment variable that holds a bearer token (sent as Authorization: Bearer; never logged)",
+    )
+    max_failed_frac: float = Field(
+        default=0.2,
+        ge=0,
+        le=1,
+        description="an iteration with a larger share of answers whose calls failed after their retries ends the "
+        "run, naming the endpoint and the last error",
+    )
+
+    @field_validator("url")
+    @classmethod
+    def no_credentials_in_url(cls, url: str) -> str:
+        # the job file is copied into the run folder and its values are logged: a secret has no place in it
+        if "@" in url.split("://", 1)[1].split("/", 1)[0]:
+            raise ValueError(
+                "reward.remote.url carries credentials (user:password@), which would be written to the run folder; "
+                "remove them and put a bearer token in an environment variable named by reward.remote.token_env"
+            )
+        return url
+
+
 class RewardSection(BaseModel):
     """Where GRPO's, RLOO's and PPO's rewards come from: a reward-model folder, and/or weighted named functions."""
 
@@ -91,6 +130,9 @@ class RewardSection(BaseModel):
     )
     parallel_calls: int = Field(
         default=8, ge=1, description="ppo: reward function calls (one answer each) that run at once, in threads"
+    )
+    remote: RemoteReward | None = Field(
+        default=None, description="ppo: a reward or verifier service over HTTP, its score added at its weight"
     )
 
 

@@ -441,6 +441,26 @@ def _(tmp, models):
     return ["train", write_job(tmp, job)], ["unknown reward function 'last_word_exactly'", "last_word_exact"]
 
 
+@case("grpo with reward.remote")
+def _(tmp, models):
+    job = grpo(tmp, models, remote={"url": "http://127.0.0.1:9/score"})
+    return ["validate", write_job(tmp, job)], ["reward.remote is scored by stage ppo's own loop", "ppo.advantage: grpo"]
+
+
+@case("ppo reward.remote with credentials in its url")
+def _(tmp, models):
+    job = ppo(tmp, models)
+    job["reward"]["remote"] = {"url": "https://me:hunter2@example.org/score"}
+    return ["validate", write_job(tmp, job)], ["reward.remote.url carries credentials", "reward.remote.token_env"]
+
+
+@case("ppo reward.remote.token_env that is not set")
+def _(tmp, models):
+    job = ppo(tmp, models)
+    job["reward"]["remote"] = {"url": "http://127.0.0.1:9/score", "token_env": "TUNEYARD_TEST_UNSET_TOKEN"}
+    return ["train", write_job(tmp, job)], ["reward.remote.token_env names TUNEYARD_TEST_UNSET_TOKEN, which is not set"]
+
+
 @case("grpo reward.model that is a causal LM")
 def _(tmp, models):
     job = grpo(tmp, models, model=str(models["causal"]))

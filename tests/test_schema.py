@@ -32,6 +32,8 @@ ENTRY_SEEDS = {
     ("data", "eval"): {"path": "examples/data/last-word-eval.jsonl"},
     ("reward", "functions"): {"name": "last_word_exact"},
 }
+# the required keys of a section that has some, seeded when a test sets another of its keys
+SECTION_SEEDS = {("reward", "remote"): {"url": "http://127.0.0.1:9/score"}}
 UNKNOWN = "no_such_key"
 
 
@@ -128,7 +130,7 @@ def _with(path: tuple, value: object) -> dict:
         elif isinstance(part, int):
             pass
         elif not isinstance(node.get(part), dict):
-            node[part] = {}
+            node[part] = copy.deepcopy(SECTION_SEEDS.get(tuple(p for p in path[: i + 1] if isinstance(p, str)), {}))
         node = node[part]
     node[path[-1]] = value
     return tree

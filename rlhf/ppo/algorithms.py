@@ -171,7 +171,8 @@ def informative_groups(scores: Tensor, group_size: int) -> Tensor:
     if scores.dim() != 1 or scores.numel() % group_size:
         raise ValueError(f"{tuple(scores.shape)} scores do not split into groups of {group_size} consecutive answers")
     groups = scores.reshape(-1, group_size)
-    return groups.amax(-1) > groups.amin(-1)
+    scored = groups.isfinite()  # an answer without a reward (its remote call failed) tells nothing
+    return groups.where(scored, -math.inf).amax(-1) > groups.where(scored, math.inf).amin(-1)
 
 
 def group_relative_scores(scores: Tensor, group_size: int, estimator: str, eps: float = 1e-6) -> Tensor:
@@ -186,6 +187,8 @@ def group_relative_scores(scores: Tensor, group_size: int, estimator: str, eps: 
         raise ValueError(f"{tuple(scores.shape)} scores do not split into groups of {group_size} consecutive answers")
     # verifiable rewards may arrive as integers, and a mean needs a float
     groups = (scores if scores.is_floating_point() else scores.float()).reshape(-1, group_size)
+    if not groups.isfinite().all():
+        return relative_to_scored(groups, estimator, eps).reshape(scores.shape)
     mean = groups.mean(-1, keepdim=True)
     if estimator == "grpo":
         # Shao et al. 2024 as TRL and OpenRLHF's group_norm do it: the unbiased (Bessel) std of the group. eps is
@@ -201,6 +204,25 @@ def group_relative_scores(scores: Tensor, group_size: int, estimator: str, eps: 
         # whole batch later (OpenRLHF computes the two identically and whitens only reinforce_baseline)
         relative = groups - mean
     return relative.reshape(scores.shape)
+
+
+def relative_to_scored(groups: Tensor, estimator: str, eps: float) -> Tensor:
+    """`group_relative_scores` of [prompts, group_size] scores where some answers have none (nan: their remote
+    reward call failed): each group's statistics over its scored answers alone, as if the others had not been
+    sampled, and 0 for the unscored answers and for a group with fewer than two scored ones (no comparison)."""
+    scored = groups.isfinite()
+    count = scored.sum(-1, keepdim=True)
+    values = groups.where(scored, 0.0)
+    total = values.sum(-1, keepdim=True)
+    mean = total / count.clamp(min=1)
+    if estimator == "grpo":
+        variance = ((values - mean) ** 2 * scored).sum(-1, keepdim=True) / (count - 1).clamp(min=1)
+        relative = (values - mean) / (variance.sqrt() + eps)
+    elif estimator == "rloo":
+        relative = values - (total - values) / (count - 1).clamp(min=1)
+    else:
+        relative = values - mean
+    return relative.where(scored & (count >= 2), 0.0)
 
 
 @torch.no_grad()

@@ -141,6 +141,7 @@ class PpoInputs:
 def prepare_ppo(spec: TrainSpec, ppo: PpoSection, reward: RewardSection) -> PpoInputs:
     """The checks of the user's input (on the driver, before any actor): tokenizer, prompts, critic's start, stops."""
     from tuneyard.rlhf.preference_recipe import check_reward_model
+    from tuneyard.rlhf.remote_reward import RemoteRewardClient
     from tuneyard.rlhf.rewards import lookup
     from tuneyard.training.data.sources import read_splits
     from tuneyard.training.model import check_model_source, load_tokenizer
@@ -151,8 +152,12 @@ def prepare_ppo(spec: TrainSpec, ppo: PpoSection, reward: RewardSection) -> PpoI
         raise UserError("stage ppo starts from a trained policy: set model.name_or_path (e.g. runs/sft-tiny/final)")
     assert spec.model.name_or_path is not None
     check_model_source(spec.model.name_or_path, allow_pickle=spec.model.allow_pickle)
-    if not reward.functions and not reward.model:
-        raise UserError("stage ppo needs rewards: set reward.functions (named functions) and/or reward.model")
+    if not reward.functions and not reward.model and not reward.remote:
+        raise UserError(
+            "stage ppo needs rewards: set reward.functions (named functions), reward.model and/or reward.remote"
+        )
+    if reward.remote:
+        RemoteRewardClient(reward.remote)  # its token is in the environment
     for function in reward.functions:
         lookup(function.name)
     if reward.model:

@@ -12,6 +12,8 @@ the TIS weights describe the distribution the answers came from.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -21,7 +23,8 @@ from tuneyard.rlhf.ppo import algorithms as algo
 from tuneyard.rlhf.ppo.batches import concat_rows
 from tuneyard.rlhf.ppo.groups import RoleGroup
 from tuneyard.rlhf.ppo.rollout import Rollout, Sample
-from tuneyard.rlhf.ppo.scoring import function_scores
+from tuneyard.rlhf.ppo.scoring import RewardCallFailed, function_scores
+from tuneyard.rlhf.remote_reward import RemoteRewardClient, RemoteScore
 
 
 @dataclass
@@ -52,14 +55,21 @@ class Experience:
 @dataclass
 class RewardScorer:
     """A sample's reward: the weighted named functions (threads on the driver, a timeout per call), plus the reward
-    model's score at its weight (the reward group), plus DAPO's soft overlong penalty."""
+    model's score at its weight (the reward group), plus a remote service's at its weight, plus DAPO's soft
+    overlong penalty. An answer whose remote call failed after its retries has no reward (nan): it is left out of
+    the loss and of its group's baseline, and counted."""
 
     section: RewardSection
     model_group: RoleGroup | None
     ppo: PpoSection
+    remote: RemoteRewardClient | None = None
+
+    def __post_init__(self) -> None:
+        if self.section.remote is not None and self.remote is None:
+            self.remote = RemoteRewardClient(self.section.remote)
 
     def score(self, samples: list[Sample]) -> None:
-        """Set each sample's reward (the reward model scores while the functions run)."""
+        """Set each sample's reward (the reward model and the remote service score while the functions run)."""
         conversations, texts = [s.prompt.messages for s in samples], [s.text for s in samples]
         group = self.model_group
         if group is not None:
@@ -70,15 +80,50 @@ class RewardScorer:
                 [(conversations[i : i + per_rank], texts[i : i + per_rank]) for i in range(0, len(texts), per_rank)],
             )
         section = self.section
+        remote_calls = self.call_remote(samples) if self.remote is not None else None
         rewards = torch.tensor(
             function_scores(section.functions, conversations, texts, section.timeout_s, section.parallel_calls)
         )
         if group is not None:
             model_scores = torch.tensor([s for part in group.results(model_refs) for s in part])
             rewards = rewards + section.model_weight * model_scores
+        if remote_calls is not None:
+            rewards = rewards + section.remote.weight * self.remote_rewards(remote_calls)
         rewards = rewards + self.overlong_penalties(samples)
         for sample, reward in zip(samples, rewards.tolist(), strict=True):
             sample.reward = reward
+
+    def call_remote(self, samples: list[Sample]) -> Iterator[RemoteScore]:
+        """Start the remote service's calls, `reward.parallel_calls` at a time; their scores, in order, as they end."""
+        pool = ThreadPoolExecutor(max_workers=self.section.parallel_calls, thread_name_prefix="tuneyard-remote")
+
+        def one(sample: Sample) -> RemoteScore:
+            metadata = {
+                **sample.prompt.metadata,
+                "finished": sample.finished,
+                "tokens": len(sample.tokens),
+                "version": sample.version,
+            }
+            return self.remote.score(sample.prompt.messages, sample.text, metadata)
+
+        calls = pool.map(one, samples)  # every call is bounded by its attempts' timeouts and backoffs
+        pool.shutdown(wait=False)
+        return calls
+
+    def remote_rewards(self, calls: Iterator[RemoteScore]) -> torch.Tensor:
+        """[B] the remote service's rewards, nan where a call failed; too many failures end the run."""
+        scores = list(calls)
+        failed = [s for s in scores if s.reward is None]
+        limit = self.section.remote.max_failed_frac
+        if failed and len(failed) > limit * len(scores):
+            raise RewardCallFailed(
+                f"reward.remote: {len(failed)} of {len(scores)} answers got no reward from {self.remote.url} after "
+                f"{self.section.remote.retries + 1} attempts each, over reward.remote.max_failed_frac ({limit:g}); the "
+                f"last error: {failed[-1].error}. Check that the service is up and answers POST requests with "
+                '{"reward": <number>} within reward.remote.timeout_s, then run the job again to resume from its '
+                "newest checkpoint"
+            )
+        return torch.tensor([float("nan") if s.reward is None else s.reward for s in scores])
 
     def overlong_penalties(self, samples: list[Sample]) -> torch.Tensor:
         """[B] DAPO's soft overlong penalty of each answer (0 without `ppo.overlong.buffer`)."""
@@ -122,15 +167,17 @@ def estimate_advantages(rollout: Rollout, scores: RolloutScores, ppo: PpoSection
     """Per-token rewards (the sample's reward on its last token, minus kl_coef x KL when the KL is in the reward),
     then the advantages of `ppo.advantage`: GAE on the critic's values, or a group estimator's reward relative to
     the other answers to the same prompt, carried to every token as the return from it on. With
-    `ppo.overlong.filter` a truncated answer still counts in its group's baseline, but not in the loss."""
+    `ppo.overlong.filter` a truncated answer still counts in its group's baseline, but not in the loss. An answer
+    without a reward (nan: its remote reward call failed) is in neither."""
     mask = rollout.mask
     kl = algo.clamp_kl(algo.kl_estimate(scores.old_logprobs, scores.ref_logprobs, ppo.kl.estimator), ppo.kl.clamp)
     kl = kl * mask
     # clipped before any group baseline, so one outlier answer cannot move its whole group's baseline
     sample_rewards = algo.clip_scores(scores.rewards, ppo.reward_clip)
+    scored = sample_rewards.isfinite()
     kl_in_reward = kl_coef if ppo.kl.in_ == "reward" else 0.0
     if ppo.has_critic:
-        rewards = algo.shape_rewards(sample_rewards, kl, mask, kl_in_reward)
+        rewards = algo.shape_rewards(sample_rewards.nan_to_num(0.0), kl, mask, kl_in_reward)
         advantages, returns = algo.gae_advantages(rewards, scores.values * mask, mask, ppo.gamma, ppo.lam)
         critic_batch = {"old_values": scores.values, "returns": returns}
     else:
@@ -140,6 +187,7 @@ def estimate_advantages(rollout: Rollout, scores: RolloutScores, ppo: PpoSection
     # DAPO's overlong filtering: a truncated answer's tokens leave the policy's and the critic's loss (and the
     # whitening's statistics), while its reward still counted in its group's baseline above
     trained = mask * rollout.finished.unsqueeze(1).to(mask.dtype) if ppo.overlong.filter else mask
+    trained = trained * scored.unsqueeze(1).to(mask.dtype)
     # GRPO, Dr. GRPO and RLOO are already on a per-group scale; GAE and REINFORCE++'s baseline are whitened
     if ppo.whiten_advantages and ppo.advantage in ("gae", "reinforce_baseline"):
         advantages = algo.masked_whiten(advantages, trained, unbiased=ppo.whiten_variance == "unbiased")
@@ -191,11 +239,13 @@ def iteration_figures(
 ) -> dict[str, float]:
     """An iteration's figures: reward, KL, the updates' means and their first step's (where the ratio is 1), how the
     answers ended; the critic's only when there is one, the engine's log-prob gap only with engine log-probs."""
-    rewards, mask = scores.rewards, experience.mask
+    mask = experience.mask
+    rewards = scores.rewards[scores.rewards.isfinite()]  # an answer whose remote call failed has none
     first, policy_means = policy_stats[0], mean_of(policy_stats)
     return {
-        "reward": float(rewards.mean()),
+        "reward": float(rewards.mean()) if len(rewards) else float("nan"),
         "reward_std": float(rewards.std()) if len(rewards) > 1 else 0.0,
+        "reward_failures": len(scores.rewards) - len(rewards),
         "kl": float(experience.sequence_kl().mean()),
         "kl_coef": kl_coef,
         **policy_means,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -16,6 +16,7 @@ class Prompt:
 
     messages: list[dict]
     ids: list[int]
+    metadata: dict = field(default_factory=dict)  # the row's other columns (sent to a remote reward service)
 
 
 def tokenize_prompts(
@@ -35,7 +36,7 @@ def tokenize_prompts(
                 f"{source}: prompt {i + 1} ({messages[-1]['content'][:60]!r}...) is {len(ids)} tokens, over "
                 f"ppo.max_prompt_length {max_prompt_length}; raise ppo.max_prompt_length or shorten that prompt"
             )
-        prompts.append(Prompt(messages, ids))
+        prompts.append(Prompt(messages, ids, {k: v for k, v in row.items() if k != "prompt"}))
     return prompts
 
 
