@@ -360,6 +360,39 @@ class RolesSection(BaseModel):
         return job_zero_stage if role in ("policy", "critic") else 0
 
 
+class SandboxSection(BaseModel):
+    """The limits a tool call runs under, in a process of its own (rlhf/sandbox.py)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    timeout_s: float = Field(default=5.0, gt=0, description="wall-clock seconds a tool call may take")
+    memory_mb: int = Field(default=1024, ge=64, description="its address-space limit (RLIMIT_AS), MiB")
+    cpu_s: float = Field(default=5.0, gt=0, description="CPU seconds it may use (RLIMIT_CPU)")
+    command: list[str] = Field(
+        default_factory=list,
+        description="a command line the child's `python -m tuneyard.rlhf.sandbox_child` is appended to (a container "
+        "or nsjail wrapper, for isolation of the network and filesystem); empty: run it directly",
+    )
+
+
+class EnvironmentSection(BaseModel):
+    """The environment an episode runs in: one answer (single_turn), or turns with tool calls (tools)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(default="single_turn", description="a registered environment: single_turn, tools, or yours")
+    max_turns: int = Field(default=1, ge=1, description="assistant turns an episode may take")
+    max_tokens: int = Field(
+        default=1024,
+        ge=1,
+        description="tokens an episode may hold after its prompt (its turns and the environment's messages); one "
+        "whose next turn could pass it ends there",
+    )
+    tools: list[str] = Field(default_factory=list, description="the registered tools the tools environment offers")
+    sandbox: SandboxSection = Field(default_factory=SandboxSection, description="the limits of each tool call")
+    options: dict = Field(default_factory=dict, description="the environment's own options")
+
+
 class PpoSection(BaseModel):
     """PPO with a critic: rollouts, KL-shaped rewards, GAE, clipped policy and value updates."""
 
@@ -452,6 +485,11 @@ class PpoSection(BaseModel):
         description="engine vllm: the engines generate the next batches while the policy trains on this one",
     )
     kl: KlSection = Field(default_factory=KlSection, description="the KL penalty against the reference")
+    environment: EnvironmentSection = Field(
+        default_factory=EnvironmentSection,
+        description="what an episode is: one answer to the prompt (single_turn), or assistant turns with tool calls "
+        "and their results between them (tools); only the sampled tokens are trained on",
+    )
     roles: RolesSection = Field(
         default_factory=RolesSection, description="each role's Ray actors: workers, CPUs, GPUs, ZeRO stage"
     )
@@ -493,6 +531,22 @@ class PpoSection(BaseModel):
                 f"{ahead}, and ppo.dynamic_sampling decides from each draw's rewards how many more prompts an "
                 "iteration draws, which the batches generated ahead cannot know: use one of the two"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _episodes_fit(self) -> PpoSection:
+        """What multi-turn episodes need: a group estimator, and no batches generated ahead (yet)."""
+        if self.environment.max_turns == 1 and self.environment.name == "single_turn":
+            return self
+        episodes = f"ppo.environment {self.environment.name} (max_turns {self.environment.max_turns})"
+        if self.has_critic:
+            raise ValueError(
+                f"{episodes} puts the environment's tokens between the sampled turns, where a critic's GAE would "
+                "bootstrap across tokens the policy did not choose: use a group estimator (ppo.advantage: grpo, "
+                "dr_grpo, rloo or reinforce_baseline)"
+            )
+        if self.async_.max_staleness:
+            raise ValueError(f"{episodes} runs its turns in the synchronous loop: set ppo.async.max_staleness: 0")
         return self
 
     @model_validator(mode="after")

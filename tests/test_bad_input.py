@@ -461,6 +461,19 @@ def _(tmp, models):
     return ["train", write_job(tmp, job)], ["reward.remote.token_env names TUNEYARD_TEST_UNSET_TOKEN, which is not set"]
 
 
+@case("ppo.environment with tools and a critic")
+def _(tmp, models):
+    job = ppo(tmp, models, environment={"name": "tools", "max_turns": 3, "tools": ["calculate"]})
+    return ["validate", write_job(tmp, job)], ["ppo.environment tools (max_turns 3)", "ppo.advantage: grpo"]
+
+
+@case("ppo.environment offering an unknown tool")
+def _(tmp, models):
+    environment = {"name": "tools", "max_turns": 2, "tools": ["calculator"]}
+    job = ppo(tmp, models, advantage="grpo", samples_per_prompt=2, environment=environment)
+    return ["train", write_job(tmp, job)], ["ppo.environment.tools: unknown tool 'calculator'", "calculate"]
+
+
 @case("grpo reward.model that is a causal LM")
 def _(tmp, models):
     job = grpo(tmp, models, model=str(models["causal"]))

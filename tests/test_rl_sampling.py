@@ -278,6 +278,7 @@ class ScriptedRollout:
 
     def __init__(self, draws: list[list[str]]):
         self.draws, self.seeds = draws, []
+        self.figures: dict[str, float] = {}
 
     def sample(self, prompts: list[Prompt], seed: int, version: int) -> list[Sample]:
         self.seeds.append(seed)

@@ -140,9 +140,11 @@ class PpoInputs:
 
 def prepare_ppo(spec: TrainSpec, ppo: PpoSection, reward: RewardSection) -> PpoInputs:
     """The checks of the user's input (on the driver, before any actor): tokenizer, prompts, critic's start, stops."""
+    from tuneyard.rlhf.environments import environment_class
     from tuneyard.rlhf.preference_recipe import check_reward_model
     from tuneyard.rlhf.remote_reward import RemoteRewardClient
     from tuneyard.rlhf.rewards import lookup
+    from tuneyard.rlhf.tools import tool_schemas
     from tuneyard.training.data.sources import read_splits
     from tuneyard.training.model import check_model_source, load_tokenizer
 
@@ -165,7 +167,9 @@ def prepare_ppo(spec: TrainSpec, ppo: PpoSection, reward: RewardSection) -> PpoI
     check_rollout_engine(spec, ppo)
     tokenizer = load_tokenizer(spec.model, spec.data.chat_template)
     train_rows, _ = read_splits(spec.data, spec.training.seed)
-    prompts = tokenize_prompts(train_rows, tokenizer, ppo.max_prompt_length, "data.train")
+    environment_class(ppo.environment)  # a registered one
+    tools = tool_schemas(ppo.environment.tools) if ppo.environment.tools else None
+    prompts = tokenize_prompts(train_rows, tokenizer, ppo.max_prompt_length, "data.train", tools)
     critic = critic_source(spec, ppo, reward, tokenizer.get_vocab()) if ppo.has_critic else None
     stops = stop_set(tokenizer, spec.model.name_or_path, ppo.generation, spec.model.trust_remote_code)
     return PpoInputs(tokenizer, prompts, critic, stops)
@@ -343,7 +347,7 @@ def collect_rollout(
         return source.sample(prompts, batch_seed(seed, at, wanted), iteration)
 
     if not ppo.dynamic_sampling:
-        return Rollout.of(draw(position), pad_id), position + wanted
+        return Rollout.of(draw(position), pad_id, dict(source.figures)), position + wanted
     kept: list[list[Sample]] = []
     set_aside: list[list[Sample]] = []
     draws = 0
@@ -365,6 +369,7 @@ def collect_rollout(
             draws,
         )
     figures = {
+        **source.figures,
         "groups_kept_frac": len(kept) / (draws * wanted),  # the informative share of the draws: DAPO's cost is 1 / it
         "sampling_rounds": float(draws),
         "batch_informative_frac": min(len(kept), wanted) / wanted,  # below 1 only when the draws ran out

@@ -90,6 +90,7 @@ class RewardScorer:
         if remote_calls is not None:
             rewards = rewards + section.remote.weight * self.remote_rewards(remote_calls)
         rewards = rewards + self.overlong_penalties(samples)
+        rewards = rewards + torch.tensor([s.environment_reward for s in samples])
         for sample, reward in zip(samples, rewards.tolist(), strict=True):
             sample.reward = reward
 

@@ -20,14 +20,19 @@ class Prompt:
 
 
 def tokenize_prompts(
-    rows: list[dict], tokenizer: PreTrainedTokenizerBase, max_prompt_length: int, source: str
+    rows: list[dict],
+    tokenizer: PreTrainedTokenizerBase,
+    max_prompt_length: int,
+    source: str,
+    tools: list[dict] | None = None,
 ) -> list[Prompt]:
-    """Render each prompt with the chat template (ready for the answer) and refuse one over the limit."""
+    """Render each prompt with the chat template (ready for the answer, showing `tools`' JSON schemas where the
+    template shows tools) and refuse one over the limit."""
     prompts = []
     for i, row in enumerate(rows):
         messages = row["prompt"] if isinstance(row["prompt"], list) else [{"role": "user", "content": row["prompt"]}]
         if tokenizer.chat_template:
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False, add_generation_prompt=True)
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         else:
             ids = tokenizer("\n".join(m["content"] for m in messages))["input_ids"]

@@ -17,6 +17,7 @@ import itertools
 import re
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -27,6 +28,9 @@ from tuneyard.rlhf.ppo.groups import RoleGroup, RoleStalled
 from tuneyard.rlhf.ppo.prompts import Prompt
 from tuneyard.rlhf.ppo.sampling import StopSet, end_of_answer
 from tuneyard.training.errors import TrainingFailed
+
+if TYPE_CHECKING:
+    from tuneyard.rlhf.ppo.episodes import EpisodeRollout
 
 
 @dataclass
@@ -40,6 +44,8 @@ class Sample:
     text: str  # the decoded answer, for the reward functions and the reward model
     logprobs: list[float] | None = None  # the engine's log-prob of each token (vLLM); the policy's own: None
     reward: float | None = None  # set once scored (before the batch is built under dynamic sampling)
+    sampled: list[bool] | None = None  # which tokens the engine sampled (an episode's); None: every one
+    environment_reward: float = 0.0  # what an episode's environment gave, added to the reward functions' score
 
 
 @dataclass
@@ -58,6 +64,10 @@ class Rollout:
         batch = build_samples(prompt_ids, prompt_mask, [s.tokens for s in samples], pad_id)
         engine = samples[0].logprobs is not None
         behaviour = right_pad_values([s.logprobs for s in samples]) if engine else None
+        if any(s.sampled is not None for s in samples):
+            # an episode's environment tokens are context (attended to) but not actions: out of the action mask
+            sampled = right_pad_values([[float(x) for x in (s.sampled or [True] * len(s.tokens))] for s in samples])
+            batch["action_mask"] = batch["action_mask"] * sampled.to(batch["action_mask"].dtype)
         return cls(samples, batch, behaviour, figures or {})
 
     @property
@@ -120,6 +130,8 @@ class Generating:
 class PolicyRollout:
     """HF `generate` inside the policy actors: each rank answers an equal, consecutive share of the prompts."""
 
+    figures: dict[str, float] = {}  # noqa: RUF012  (how the last batch was drawn: none to tell)
+
     def __init__(self, groups: dict[str, RoleGroup], ppo: PpoSection, tokenizer: PreTrainedTokenizerBase, stops):
         self.policy, self.tokenizer, self.stops = groups["policy"], tokenizer, stops
 
@@ -142,6 +154,8 @@ class PolicyRollout:
 class EngineRollout:
     """vLLM engines (role `rollout`): each answers a consecutive share of the prompts, each prompt with its own seed,
     on the policy's weights as of the last `update_weights`."""
+
+    figures: dict[str, float] = {}  # noqa: RUF012  (how the last batch was drawn: none to tell)
 
     def __init__(self, groups: dict[str, RoleGroup], ppo: PpoSection, tokenizer: PreTrainedTokenizerBase, stops):
         self.groups, self.ppo, self.tokenizer, self.stops = groups, ppo, tokenizer, stops
@@ -184,9 +198,14 @@ class EngineRollout:
 
 def make_rollout(
     groups: dict[str, RoleGroup], ppo: PpoSection, tokenizer: PreTrainedTokenizerBase, stops: StopSet
-) -> PolicyRollout | EngineRollout:
-    """The rollout object of the job's engine (`ppo.generation.engine`), started."""
+) -> PolicyRollout | EngineRollout | EpisodeRollout:
+    """The rollout object of the job's engine (`ppo.generation.engine`), its episodes run in `ppo.environment`
+    when that is more than one answer, started."""
+    from tuneyard.rlhf.ppo.episodes import EpisodeRollout
+
     rollout = (EngineRollout if ppo.generation.engine == "vllm" else PolicyRollout)(groups, ppo, tokenizer, stops)
+    if ppo.environment.name != "single_turn" or ppo.environment.max_turns > 1:
+        rollout = EpisodeRollout(rollout, ppo.environment, tokenizer, ppo.generation.max_new_tokens)
     rollout.start()
     return rollout
 

@@ -1,0 +1,148 @@
+"""Multi-turn episodes, token in and token out, over either rollout object (HF generate or vLLM).
+
+An episode is kept as token ids: the prompt's, then for each turn the tokens the engine sampled (as sampled,
+ending at the end-of-turn stop), then what the environment adds, rendered by the chat template once as a delta
+(`message_delta`) and tokenised once. The conversation is never re-tokenised from text, so a template that renders
+earlier turns differently from how they were sampled (Qwen3's drops earlier reasoning) cannot change what is
+trained on. The episode's `Sample` holds all its tokens after the prompt, with `sampled` marking the engine's: the
+loss, the KL and the entropy see those only; the environment's tokens are context.
+
+Each turn is one `sample` call of the inner rollout on every episode still running (its prompt the episode so
+far), so both engines, their stops, behaviour log-probs and seeds work unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import PreTrainedTokenizerBase
+
+from tuneyard.rlhf.config import EnvironmentSection
+from tuneyard.rlhf.environments import environment_class
+from tuneyard.rlhf.ppo.prompts import Prompt
+from tuneyard.rlhf.ppo.rollout import Sample
+from tuneyard.training.data.chat_templates import SENTINEL, end_of_turn_id
+from tuneyard.training.errors import UserError
+
+TURN_SEED_STRIDE = 7_919_993  # turn t of a batch samples with seed + t x this (+ the episode's index)
+
+
+def message_delta(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> list[int]:
+    """The token ids the chat template puts after an assistant turn's end-of-turn token when `messages` follow it,
+    up to the next assistant turn's generation prompt.
+
+    Rendered after a fixed stand-in conversation (a user turn and an assistant turn) and cut after that assistant
+    turn's end-of-turn marker in the same rendering, so what the template does to earlier turns (Qwen3 renders an
+    assistant turn with an empty reasoning block only while it is the last message) cannot reach the delta."""
+    base = [{"role": "user", "content": "?"}, {"role": "assistant", "content": SENTINEL}]
+    rendered = tokenizer.apply_chat_template(base + messages, tokenize=False, add_generation_prompt=True)
+    end = end_of_turn_id(tokenizer)
+    marker = tokenizer.decode([end]) if end is not None else None
+    cut = rendered.find(marker, rendered.rindex(SENTINEL)) if marker else -1
+    if cut < 0:
+        raise UserError(
+            "ppo.environment: the chat template has no end-of-turn token after an assistant turn, so an episode "
+            "cannot tell where a turn ends and the environment's messages begin; use a template that ends each turn "
+            "with a special token (chatml, qwen2_5, qwen3, llama3)"
+        )
+    return tokenizer(rendered[cut + len(marker) :], add_special_tokens=False)["input_ids"]
+
+
+@dataclass
+class Episode:
+    """One episode on its way: its prompt, environment, tokens so far, and what it has gathered."""
+
+    prompt: Prompt
+    environment: object
+    tokens: list[int] = field(default_factory=list)
+    sampled: list[bool] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    text: str = ""
+    finished: bool = True
+    done: bool = False
+    reward: float = 0.0
+    turns: int = 0
+    figures: dict[str, float] = field(default_factory=dict)
+
+    def add(self, tokens: list[int], sampled: bool, logprobs: list[float] | None = None) -> None:
+        self.tokens += tokens
+        self.sampled += [sampled] * len(tokens)
+        self.logprobs += logprobs if logprobs is not None else [0.0] * len(tokens)
+
+    def sample(self, version: int, engine_logprobs: bool) -> Sample:
+        return Sample(
+            prompt=self.prompt,
+            tokens=self.tokens,
+            finished=self.finished,
+            version=version,
+            text=self.text,
+            logprobs=self.logprobs if engine_logprobs else None,
+            sampled=self.sampled,
+            environment_reward=self.reward,
+        )
+
+
+class EpisodeRollout:
+    """Episodes of `ppo.environment` over a rollout object: `sample` runs every episode's turns and answers one
+    `Sample` per prompt, as a single-turn rollout does; `figures` holds the last batch's turns and tool counts."""
+
+    def __init__(
+        self, inner, section: EnvironmentSection, tokenizer: PreTrainedTokenizerBase, max_new_tokens: int
+    ) -> None:
+        self.inner, self.section, self.tokenizer = inner, section, tokenizer
+        self.max_new_tokens = max_new_tokens  # a turn's; the next turn starts only if it fits section.max_tokens
+        self.environment_class = environment_class(section)
+        self.figures: dict[str, float] = {}
+
+    def start(self) -> None:
+        """The inner rollout's."""
+        self.inner.start()
+
+    def update_weights(self) -> dict[str, float]:
+        """The inner rollout's."""
+        return self.inner.update_weights()
+
+    def sample(self, prompts: list[Prompt], seed: int, version: int) -> list[Sample]:
+        """One episode for each prompt, seeded; at most `max_turns` assistant turns each."""
+        episodes = [Episode(prompt, self.environment_class(self.section)) for prompt in prompts]
+        for episode in episodes:
+            episode.environment.reset(episode.prompt)
+        engine_logprobs = False
+        for turn in range(self.section.max_turns):
+            running = [e for e in episodes if not e.done]
+            if not running:
+                break
+            contexts = [Prompt(e.prompt.messages, e.prompt.ids + e.tokens, e.prompt.metadata) for e in running]
+            answers = self.inner.sample(contexts, seed + turn * TURN_SEED_STRIDE, version)
+            for episode, answer in zip(running, answers, strict=True):
+                engine_logprobs = answer.logprobs is not None
+                episode.add(answer.tokens, True, answer.logprobs)
+                episode.text, episode.turns = answer.text, episode.turns + 1
+                if not answer.finished:  # cut at max_new_tokens: no end of turn to continue after
+                    episode.finished, episode.done = False, True
+                    continue
+                step = episode.environment.step(answer.text)
+                episode.reward += step.reward or 0.0
+                for key, value in step.figures.items():
+                    episode.figures[key] = episode.figures.get(key, 0.0) + value
+                if step.done or not step.messages:
+                    episode.done = True
+                    continue
+                delta = message_delta(self.tokenizer, step.messages)
+                if turn + 1 == self.section.max_turns:
+                    episode.done, episode.figures["cut_at_max_turns"] = True, 1.0
+                elif len(episode.tokens) + len(delta) + self.max_new_tokens > self.section.max_tokens:
+                    episode.done, episode.figures["cut_at_max_tokens"] = True, 1.0
+                else:
+                    episode.add(delta, False)
+        self.figures = episode_figures(episodes)
+        return [e.sample(version, engine_logprobs) for e in episodes]
+
+
+def episode_figures(episodes: list[Episode]) -> dict[str, float]:
+    """The batch's mean turns per episode and its summed environment counts (tool calls, tool errors, ...)."""
+    figures = {"turns": sum(e.turns for e in episodes) / len(episodes)}
+    for episode in episodes:
+        for key, value in episode.figures.items():
+            figures[key] = figures.get(key, 0.0) + value
+    return figures
