@@ -535,16 +535,10 @@ class PpoSection(BaseModel):
 
     @model_validator(mode="after")
     def _episodes_fit(self) -> PpoSection:
-        """What multi-turn episodes need: a group estimator, and no batches generated ahead (yet)."""
+        """What multi-turn episodes need: no batches generated ahead (yet)."""
         if self.environment.max_turns == 1 and self.environment.name == "single_turn":
             return self
         episodes = f"ppo.environment {self.environment.name} (max_turns {self.environment.max_turns})"
-        if self.has_critic:
-            raise ValueError(
-                f"{episodes} puts the environment's tokens between the sampled turns, where a critic's GAE would "
-                "bootstrap across tokens the policy did not choose: use a group estimator (ppo.advantage: grpo, "
-                "dr_grpo, rloo or reinforce_baseline)"
-            )
         if self.async_.max_staleness:
             raise ValueError(f"{episodes} runs its turns in the synchronous loop: set ppo.async.max_staleness: 0")
         return self

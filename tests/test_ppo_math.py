@@ -242,6 +242,18 @@ def test_gae_with_gamma_lam_one_is_reward_to_go_minus_value():
     assert_close(returns, [[6.0, 5.0, 3.0, 0.0]])
 
 
+def test_gae_skips_an_episodes_environment_tokens():
+    """A multi-turn row [a0 a1 | e e | a2 pad]: the environment's tokens (masked) are not steps, so the row's
+    advantages and returns on its sampled tokens equal GAE over [a0 a1 a2] alone (hand-checked row 1 of the padded
+    batch above, extended), and are 0 on the environment's tokens and the padding."""
+    rewards = t([[0.1, -0.2, 9.0, 9.0, 1.0, 5.0]])
+    values = t([[0.5, 0.4, 7.0, 7.0, 0.3, 2.0]])
+    mask = t([[1.0, 1.0, 0.0, 0.0, 1.0, 0.0]])
+    advantages, returns = gae_advantages(rewards, values, mask, gamma=0.9, lam=0.8)
+    assert_close(advantages, [[GAE_ADVANTAGES[0][0], GAE_ADVANTAGES[0][1], 0.0, 0.0, GAE_ADVANTAGES[0][2], 0.0]])
+    assert_close(returns, [[GAE_RETURNS[0][0], GAE_RETURNS[0][1], 0.0, 0.0, GAE_RETURNS[0][2], 0.0]])
+
+
 def test_gae_carries_no_gradient_into_the_critic():
     values = t([[0.5, 0.4]]).requires_grad_()
     advantages, returns = gae_advantages(t([[0.0, 1.0]]), values, lengths_mask([2], 2), gamma=0.9, lam=0.8)

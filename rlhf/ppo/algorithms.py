@@ -227,7 +227,11 @@ def relative_to_scored(groups: Tensor, estimator: str, eps: float) -> Tensor:
 
 @torch.no_grad()
 def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, lam: float) -> tuple[Tensor, Tensor]:
-    """(advantages, returns) by generalised advantage estimation; the episode ends after each row's last token."""
+    """(advantages, returns) by generalised advantage estimation; the episode ends after each row's last token.
+
+    A masked position inside a row (a multi-turn episode's environment tokens, which the policy did not choose) is
+    not a step: the sampled token before it bootstraps from the next sampled token's value, as GAE over the row's
+    sampled tokens alone would."""
     # no_grad: advantages and returns are fixed targets for the update, never a path for gradients into the critic
     keep = _bool(mask)
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
@@ -240,9 +244,11 @@ def gae_advantages(rewards: Tensor, values: Tensor, mask: Tensor, gamma: float, 
     next_advantage = torch.zeros_like(values[..., 0])
     for t in reversed(range(steps)):
         delta = rewards[..., t] + gamma * next_value - values[..., t]
-        next_advantage = delta + gamma * lam * next_advantage
-        advantages[..., t] = next_advantage
-        next_value = values[..., t]
+        advantage = delta + gamma * lam * next_advantage
+        advantages[..., t] = advantage
+        step = keep[..., t]  # a masked position carries the next step's value and advantage through unchanged
+        next_value = torch.where(step, values[..., t], next_value)
+        next_advantage = torch.where(step, advantage, next_advantage)
     advantages = torch.where(keep, advantages, zero)
     returns = torch.where(keep, advantages + values, zero)
     return advantages, returns
