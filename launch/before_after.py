@@ -117,7 +117,15 @@ def greedy_reward_figures(job: JobConfig, model_path: str | None, rows: list[dic
     functions = [(lookup(f.name), f.weight) for f in job.reward.functions]
     model = _load(job, model_path, "causal-lm")
     length = spec.completion_length(job)
-    return greedy_answer_figures(model, tokenizer, rows, functions, length)
+    environment = job.ppo.environment
+    if job.stage != "ppo" or (environment.name == "single_turn" and environment.max_turns == 1):
+        return greedy_answer_figures(model, tokenizer, rows, functions, length)
+    from tuneyard.rlhf.ppo.episodes import greedy_episodes
+
+    model.eval()
+    replies, episodes = greedy_episodes(model, tokenizer, rows, environment, length)
+    figures = greedy_answer_figures(model, tokenizer, rows, functions, length, replies)
+    return {**figures, **{f"greedy {key.replace('_', ' ')}": value for key, value in episodes.items()}}
 
 
 def teacher_kl_figures(job: JobConfig, model_path: str | None, rows: list[dict]) -> dict[str, float]:

@@ -80,12 +80,16 @@ def greedy_answer_figures(
     rows: list[dict],
     functions: list[tuple[RewardFn, float]],
     max_new_tokens: int = 16,
+    replies: list[str] | None = None,
 ) -> dict[str, float]:
     """The mean weighted reward of the model's greedy answers to the rows' prompts ("greedy reward"), and where the
-    first reward function is a 0/1 check (e.g. last_word_exact) the share it passes: the task's accuracy."""
+    first reward function is a 0/1 check (e.g. last_word_exact) the share it passes: the task's accuracy. `replies`:
+    the answers already drawn (a multi-turn episode's final answers); None: one greedy answer each."""
     model.eval()
     prompts = [as_messages(row["prompt"], "user") for row in rows]
-    answers = [[{"role": "assistant", "content": greedy_answer(model, tokenizer, p, max_new_tokens)}] for p in prompts]
+    if replies is None:
+        replies = [greedy_answer(model, tokenizer, p, max_new_tokens) for p in prompts]
+    answers = [[{"role": "assistant", "content": reply}] for reply in replies]
     total = [0.0] * len(rows)
     per_function = []
     for fn, weight in functions:

@@ -130,14 +130,10 @@ def test_hf_episodes_train_on_the_sampled_tokens_and_the_deltas_only(vllm_base, 
     template: every turn's context, every episode's tokens and the batch's action mask are the sampled turns and the
     template's deltas, 0 differences. Re-rendering the conversations from text would not give back the tokens
     trained on where the template rewrites earlier turns."""
-    import contextlib
-
     from transformers import AutoModelForCausalLM
 
     from tuneyard.rlhf.config import GenerationSection
-    from tuneyard.rlhf.ppo.batches import left_pad
-    from tuneyard.rlhf.ppo.generation import HFGenerator
-    from tuneyard.rlhf.ppo.rollout import finished_samples
+    from tuneyard.rlhf.ppo.rollout import LocalRollout
     from tuneyard.rlhf.ppo.sampling import StopSet
     from tuneyard.training.data.chat_templates import end_of_turn_id
 
@@ -145,15 +141,8 @@ def test_hf_episodes_train_on_the_sampled_tokens_and_the_deltas_only(vllm_base, 
     tokenizer.chat_template = TEMPLATES[template]
     model = AutoModelForCausalLM.from_pretrained(vllm_base).eval()
     stops = StopSet((tokenizer.eos_token_id, end_of_turn_id(tokenizer)))
-    generator = HFGenerator(lambda: contextlib.nullcontext(model), tokenizer, stops)
-    generation = GenerationSection(max_new_tokens=8, temperature=0.8)
-
-    def hf_sample(prompts, seed, version):
-        ids, mask = left_pad([p.ids for p in prompts], tokenizer.pad_token_id)
-        drawn = generator.generate(ids, mask, generation, seed)
-        return finished_samples(prompts, drawn, None, stops, tokenizer, version)
-
-    counts = check_episodes(tokenizer, hf_sample, eval_prompts(tokenizer, 100))
+    hf = LocalRollout(model, tokenizer, stops, GenerationSection(max_new_tokens=8, temperature=0.8))
+    counts = check_episodes(tokenizer, hf.sample, eval_prompts(tokenizer, 100))
     assert counts["episodes"] == 100 and counts["answers"] > 250, counts  # most episodes took 3 turns
     if template == "earlier_turns_rewritten":
         assert counts["rerendered_differs"] >= 10, counts
@@ -163,7 +152,7 @@ def test_hf_episodes_train_on_the_sampled_tokens_and_the_deltas_only(vllm_base, 
 def test_a_ppo_run_trains_on_multi_turn_episodes(ray_session, sft_base, tmp_path):
     """PPO with a critic (GAE skips the environment's tokens) on HF-generated relay episodes of up to 2 turns: the
     run completes, each iteration logs its turns per episode (above 1: the episodes went on after their first
-    answer), its policy and value losses."""
+    answer), its policy and value losses; the held-out figures score greedy episodes' final answers."""
     from tests.ppo_jobs import iterations_of, ppo_job
     from tuneyard.launch.config import job_from_dict
     from tuneyard.launch.run_job import run_job
@@ -174,6 +163,9 @@ def test_a_ppo_run_trains_on_multi_turn_episodes(ray_session, sft_base, tmp_path
         "relay",
         ppo={"iterations": 2, "environment": {"name": "relay", "max_turns": 2, "max_tokens": 64}},
     )
-    rows = iterations_of(run_job(job_from_dict(job), show_progress=False).run_dir)
+    result = run_job(job_from_dict(job), show_progress=False)
+    rows = iterations_of(result.run_dir)
     assert len(rows) == 2
     assert all(1.0 < r["turns"] <= 2.0 and math.isfinite(r["loss"] + r["value_loss"]) for r in rows), rows
+    before, after = result.figures["greedy turns"]
+    assert 1.0 < before <= 2.0 and 1.0 < after <= 2.0 and "task acc." in result.figures, result.figures

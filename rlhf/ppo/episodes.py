@@ -146,3 +146,25 @@ def episode_figures(episodes: list[Episode]) -> dict[str, float]:
         for key, value in episode.figures.items():
             figures[key] = figures.get(key, 0.0) + value
     return figures
+
+
+def greedy_episodes(
+    model, tokenizer: PreTrainedTokenizerBase, rows: list[dict], section: EnvironmentSection, max_new_tokens: int
+) -> tuple[list[str], dict[str, float]]:
+    """The final answers of greedy episodes on the rows' prompts (HF generate in this process), and the episodes'
+    figures (turns, tool calls and errors): what the held-out figures of a multi-turn job score."""
+    from tuneyard.rlhf.config import GenerationSection
+    from tuneyard.rlhf.ppo.prompts import tokenize_prompts
+    from tuneyard.rlhf.ppo.rollout import LocalRollout
+    from tuneyard.rlhf.ppo.sampling import StopSet
+    from tuneyard.rlhf.tools import tool_schemas
+
+    stops = StopSet(
+        tuple(i for i in dict.fromkeys([tokenizer.eos_token_id, end_of_turn_id(tokenizer)]) if i is not None)
+    )
+    greedy = GenerationSection(max_new_tokens=max_new_tokens, temperature=0)
+    tools = tool_schemas(section.tools) if section.tools else None
+    prompts = tokenize_prompts(rows, tokenizer, 10**9, "data.eval", tools)
+    rollout = EpisodeRollout(LocalRollout(model, tokenizer, stops, greedy), section, tokenizer, max_new_tokens)
+    samples = rollout.sample(prompts, seed=0, version=0)
+    return [s.text for s in samples], rollout.figures

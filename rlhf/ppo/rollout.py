@@ -196,6 +196,33 @@ class EngineRollout:
         return samples, sum(busy for _, busy in parts) / len(parts)
 
 
+class LocalRollout:
+    """HF `generate` in this process, on a model it is handed (the driver's held-out figures, and tests)."""
+
+    figures: dict[str, float] = {}  # noqa: RUF012  (how the last batch was drawn: none to tell)
+
+    def __init__(self, model, tokenizer: PreTrainedTokenizerBase, stops: StopSet, generation) -> None:
+        import contextlib
+
+        from tuneyard.rlhf.ppo.generation import HFGenerator
+
+        self.tokenizer, self.stops, self.generation = tokenizer, stops, generation
+        self.generator = HFGenerator(lambda: contextlib.nullcontext(model), tokenizer, stops)
+
+    def start(self) -> None:
+        """Nothing to open."""
+
+    def update_weights(self) -> dict[str, float]:
+        """Nothing to send: the model is this process's."""
+        return {}
+
+    def sample(self, prompts: list[Prompt], seed: int, version: int) -> list[Sample]:
+        """One answer to each prompt, seeded (all of them with one seed: the batch is sampled at once)."""
+        ids, mask = left_pad([p.ids for p in prompts], self.tokenizer.pad_token_id)
+        drawn = self.generator.generate(ids, mask, self.generation, seed)
+        return finished_samples(prompts, drawn, None, self.stops, self.tokenizer, version)
+
+
 def make_rollout(
     groups: dict[str, RoleGroup], ppo: PpoSection, tokenizer: PreTrainedTokenizerBase, stops: StopSet
 ) -> PolicyRollout | EngineRollout | EpisodeRollout:
