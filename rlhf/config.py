@@ -504,6 +504,13 @@ class PpoSection(BaseModel):
         """Whether a critic role trains beside the policy (GAE's values); the group estimators need none."""
         return self.advantage == "gae"
 
+    @property
+    def response_tokens(self) -> int:
+        """The most tokens a sample holds after its prompt: one answer, or a multi-turn episode's budget."""
+        if self.environment.name == "single_turn" and self.environment.max_turns == 1:
+            return self.generation.max_new_tokens
+        return max(self.generation.max_new_tokens, self.environment.max_tokens)
+
     @model_validator(mode="after")
     def _generating_ahead_fits(self) -> PpoSection:
         """What generating ahead of training needs: engines of their own and a correction for stale samples."""

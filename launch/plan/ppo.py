@@ -28,7 +28,7 @@ def logit_tokens(ppo: PpoSection, micro: int) -> int | None:
     tokens (ppo.logprob_chunk_tokens), or with 0 the whole micro-batch's (None)."""
     if not ppo.logprob_chunk_tokens:
         return None
-    return min(ppo.logprob_chunk_tokens, micro * ppo.generation.max_new_tokens) + micro  # + the last position's
+    return min(ppo.logprob_chunk_tokens, micro * ppo.response_tokens) + micro  # + the last position's
 
 
 def plan_ppo(job: JobConfig, hardware: Hardware, shapes: Shapes) -> JobPlan:
@@ -36,7 +36,7 @@ def plan_ppo(job: JobConfig, hardware: Hardware, shapes: Shapes) -> JobPlan:
     ppo = job.ppo
     stage, offload_optimizer, offload_params = deepspeed_switches(job)
     roles = present_roles(job.train_spec(), job.ppo, job.reward)
-    seq = ppo.max_prompt_length + ppo.generation.max_new_tokens
+    seq = ppo.max_prompt_length + ppo.response_tokens
     common = Setup(
         offload_optimizer=offload_optimizer,
         offload_params=offload_params,

@@ -182,7 +182,7 @@ class RolloutWorker:
             dtype={"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32"),
             tensor_parallel_size=section.tensor_parallel_size,
             gpu_memory_utilization=section.gpu_memory_utilization,
-            max_model_len=self.ppo.max_prompt_length + episode_tokens(self.ppo),
+            max_model_len=self.ppo.max_prompt_length + self.ppo.response_tokens,
             enforce_eager=not torch.cuda.is_available(),
             # a prompt whose prefill is split over steps rewinds its seeded generator, which CPU generators cannot
             # ("CPU Generator does not use offset"): on CPU each prompt is prefilled in one step
@@ -250,10 +250,3 @@ class RolloutWorker:
         self.llm.collective_rpc("receive_weights", args=(manifest,))
         # cached prompt prefixes hold keys and values of the old weights
         self.llm.reset_prefix_cache()
-
-
-def episode_tokens(ppo: PpoSection) -> int:
-    """The most tokens after its prompt an engine's context holds: one answer, or a multi-turn episode's budget."""
-    if ppo.environment.name == "single_turn" and ppo.environment.max_turns == 1:
-        return ppo.generation.max_new_tokens
-    return max(ppo.generation.max_new_tokens, ppo.environment.max_tokens)
