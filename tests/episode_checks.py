@@ -17,14 +17,15 @@ TEMPLATES = {
         "{% for message in messages %}{{ '<|' + message['role'] + '|> ' + message['content'] + '<|end|>\n' }}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
     ),
-    # the same, but an assistant turn before the last user turn keeps only its last word, as Qwen3's template
-    # drops the reasoning of earlier turns: re-rendering a conversation does not give back the sampled tokens
+    # the same, but an assistant turn before the last user turn is rendered normalised (no space after its header),
+    # as Qwen3's template renders earlier turns without their reasoning: a conversation re-rendered from text is
+    # not the token ids that were sampled
     "earlier_turns_rewritten": (
         "{% set ns = namespace(last=0) %}{% for m in messages %}{% if m['role'] == 'user' %}"
         "{% set ns.last = loop.index0 %}{% endif %}{% endfor %}"
-        "{% for m in messages %}{% set content = m['content'] %}"
-        "{% if m['role'] == 'assistant' and loop.index0 < ns.last %}{% set content = content.split(' ')[-1] %}"
-        "{% endif %}{{ '<|' + m['role'] + '|> ' + content + '<|end|>\n' }}"
+        "{% for m in messages %}{% set gap = ' ' %}"
+        "{% if m['role'] == 'assistant' and loop.index0 < ns.last %}{% set gap = '' %}{% endif %}"
+        "{{ '<|' + m['role'] + '|>' + gap + m['content'] + '<|end|>\n' }}"
         "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
     ),
 }
@@ -126,4 +127,6 @@ def conversation_text(tokenizer, prompt: Prompt, turns: list[Sample]) -> str:
         else:
             messages.append({"role": "user", "content": f"turn {answered} said {last_text[:20]!r}; go on"})
     text = tokenizer.apply_chat_template(messages, tokenize=False)
-    return text if turns[-1].sampled is None else text + "<|assistant|>"
+    if turns[-1].sampled is not None:  # it ended on the environment's message: the next turn's header follows
+        return text + "<|assistant|>"
+    return text[: text.rindex("<|end|>") + len("<|end|>")]  # the last answer ends at its end-of-turn token

@@ -106,7 +106,7 @@ def client(server: RewardServer, token_env: str | None, **settings) -> RemoteRew
 
 
 def test_timeouts_and_5xx_are_retried_with_the_token_and_the_third_attempt_scores(serve, token):
-    server = serve(lambda key, attempt: {1: "503", 2: "timeout"}.get(attempt), reward=lambda body: 0.75)
+    server = serve(lambda key, attempt: {1: "503", 2: "timeout"}.get(attempt), reward=lambda body: 0.75, sleep_s=5.0)
     started = time.monotonic()
     score = client(server, token).score([{"role": "user", "content": "q"}], "a", {"answer": "a"})
     assert (score.reward, score.attempts) == (0.75, 3)
@@ -117,8 +117,8 @@ def test_timeouts_and_5xx_are_retried_with_the_token_and_the_third_attempt_score
         "response": "a",
         "metadata": {"answer": "a"},
     }
-    # one timeout (0.3 s) and two backoffs (0.05 s, 0.1 s), not the server's 1 s sleep
-    assert 0.45 < time.monotonic() - started < 0.95
+    # one timeout (0.3 s) and two backoffs (0.05 s, 0.1 s), not the server's 5 s sleep
+    assert 0.45 < time.monotonic() - started < 3.0
 
 
 def test_a_call_that_keeps_failing_has_no_reward_and_names_its_last_error(serve, token):
