@@ -148,6 +148,37 @@ def test_hf_episodes_train_on_the_sampled_tokens_and_the_deltas_only(vllm_base, 
         assert counts["rerendered_differs"] >= 10, counts
 
 
+def test_a_rollout_that_splits_its_batch_over_ranks_gets_whole_shares(vllm_base):
+    """An inner rollout that splits each batch over 3 ranks (as the HF policy does over its actors) gets batches of a
+    multiple of 3 on every turn, however many episodes still run; the padding's answers are dropped."""
+    from transformers import AutoModelForCausalLM
+
+    from tuneyard.rlhf.config import GenerationSection
+    from tuneyard.rlhf.ppo.episodes import EpisodeRollout
+    from tuneyard.rlhf.ppo.rollout import LocalRollout
+    from tuneyard.rlhf.ppo.sampling import StopSet
+    from tuneyard.training.data.chat_templates import end_of_turn_id
+
+    tokenizer = AutoTokenizer.from_pretrained(vllm_base)
+    model = AutoModelForCausalLM.from_pretrained(vllm_base).eval()
+    stops = StopSet((tokenizer.eos_token_id, end_of_turn_id(tokenizer)))
+    hf = LocalRollout(model, tokenizer, stops, GenerationSection(max_new_tokens=4, temperature=1.0))
+    sizes = []
+
+    class ThreeRanks:
+        batch_multiple = 3
+        figures: dict = {}  # noqa: RUF012
+
+        def sample(self, prompts, seed, version):
+            assert len(prompts) % 3 == 0
+            sizes.append(len(prompts))
+            return hf.sample(prompts, seed, version)
+
+    section = EnvironmentSection(name="relay", max_turns=3)
+    samples = EpisodeRollout(ThreeRanks(), section, tokenizer, 4).sample(eval_prompts(tokenizer, 10), 3, 0)
+    assert len(samples) == 10 and sizes[0] == 12 and len(sizes) >= 2, sizes
+
+
 @pytest.mark.integration
 def test_a_ppo_run_trains_on_multi_turn_episodes(ray_session, sft_base, tmp_path):
     """PPO with a critic (GAE skips the environment's tokens) on HF-generated relay episodes of up to 2 turns: the

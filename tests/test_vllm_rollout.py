@@ -343,6 +343,41 @@ def test_both_engines_stop_at_the_first_of_either_eos(engine, two_stop_model):
 
 @needs_vllm
 @pytest.mark.integration
+@pytest.mark.parametrize("template", ["earlier_turns_rewritten", "turns_as_they_are"])
+def test_engine_episodes_train_on_the_sampled_tokens_and_the_deltas_only(engine, two_stop_model, template):
+    """100 relay episodes of up to 3 turns on the vLLM engine (its two stop ids) per template: every turn's context
+    (token ids in), every episode's tokens and the batch's action mask are the engine's sampled tokens and the
+    template's deltas, 0 differences; the engine's log-probs ride along for the sampled tokens only. (Before the
+    weight-sync test below, which leaves the engine's weights unloaded.)"""
+    import ray
+
+    from tests.episode_checks import TEMPLATES, check_episodes
+    from tuneyard.rlhf.ppo.rollout import finished_samples
+
+    folder, _ = two_stop_model
+    actor, stops = engine
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    tokenizer.chat_template = TEMPLATES[template]
+    generation = GenerationSection(max_new_tokens=8, temperature=0.8)
+    rows = [json.loads(x) for x in (DATA / "last-word-prompts-eval.jsonl").read_text().splitlines() if x.strip()]
+    prompts = tokenize_prompts([rows[i % len(rows)] for i in range(100)], tokenizer, 128, "eval")
+
+    def engine_sample(batch, seed, version):
+        seeds = [seed + i for i in range(len(batch))]
+        answers = ray.get(actor.generate.remote([p.ids for p in batch], seeds, generation))
+        drawn, logprobs = [t for t, _ in answers], [v for _, v in answers]
+        samples = finished_samples(batch, drawn, logprobs, stops, tokenizer, version)
+        assert all(len(s.logprobs) == len(s.tokens) for s in samples)
+        return samples
+
+    counts = check_episodes(tokenizer, engine_sample, prompts)
+    assert counts["episodes"] == 100 and counts["answers"] > 250, counts
+    if template == "earlier_turns_rewritten":
+        assert counts["rerendered_differs"] >= 10, counts
+
+
+@needs_vllm
+@pytest.mark.integration
 def test_the_weight_sync_checks_what_the_engine_loaded(engine, two_stop_model):
     """The test plays policy rank 0. The CPU engine reports that its output head keeps a copy of its own; a sync with
     the tied head gives log-probs equal to the new weights' (to 1e-5), one without it leaves the old head (the gap
@@ -489,37 +524,3 @@ def test_a_sync_an_engine_never_receives_names_the_parameter_and_the_engine(
     assert message.count("the weight sync timed out") == 1 and named, message
     assert "cluster.collective_timeout_s (10 s)" in message and "rollout rank 0 did not arrive" in message, message
     assert time.monotonic() - started < 120
-
-
-@needs_vllm
-@pytest.mark.integration
-@pytest.mark.parametrize("template", ["earlier_turns_rewritten", "turns_as_they_are"])
-def test_engine_episodes_train_on_the_sampled_tokens_and_the_deltas_only(engine, two_stop_model, template):
-    """100 relay episodes of up to 3 turns on the vLLM engine (its two stop ids) per template: every turn's context
-    (token ids in), every episode's tokens and the batch's action mask are the engine's sampled tokens and the
-    template's deltas, 0 differences; the engine's log-probs ride along for the sampled tokens only."""
-    import ray
-
-    from tests.episode_checks import TEMPLATES, check_episodes
-    from tuneyard.rlhf.ppo.rollout import finished_samples
-
-    folder, _ = two_stop_model
-    actor, stops = engine
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    tokenizer.chat_template = TEMPLATES[template]
-    generation = GenerationSection(max_new_tokens=8, temperature=0.8)
-    rows = [json.loads(x) for x in (DATA / "last-word-prompts-eval.jsonl").read_text().splitlines() if x.strip()]
-    prompts = tokenize_prompts([rows[i % len(rows)] for i in range(100)], tokenizer, 128, "eval")
-
-    def engine_sample(batch, seed, version):
-        seeds = [seed + i for i in range(len(batch))]
-        answers = ray.get(actor.generate.remote([p.ids for p in batch], seeds, generation))
-        drawn, logprobs = [t for t, _ in answers], [v for _, v in answers]
-        samples = finished_samples(batch, drawn, logprobs, stops, tokenizer, version)
-        assert all(len(s.logprobs) == len(s.tokens) for s in samples)
-        return samples
-
-    counts = check_episodes(tokenizer, engine_sample, prompts)
-    assert counts["episodes"] == 100 and counts["answers"] > 250, counts
-    if template == "earlier_turns_rewritten":
-        assert counts["rerendered_differs"] >= 10, counts

@@ -43,6 +43,7 @@ from tuneyard.rlhf.ppo.checkpoints import (
     publish_models,
     resume_state,
 )
+from tuneyard.rlhf.ppo.episodes import EpisodeRollout, with_environment
 from tuneyard.rlhf.ppo.experience import (
     Experience,
     RewardScorer,
@@ -247,7 +248,7 @@ def ppo_iterations(
         metrics_path, {"event": "start", "step": state.iteration, "total_steps": iterations, "time": time.time()}
     )
     steps = StepCount(done=state.iteration * steps_per_iteration(ppo))
-    rollout_source = make_rollout(groups, ppo, inputs.tokenizer, inputs.stops)
+    rollout_source = with_environment(make_rollout(groups, ppo, inputs.tokenizer, inputs.stops), ppo, inputs.tokenizer)
     rewards = RewardScorer(reward, groups.get("reward"), ppo)
     ahead = None
     if generates_ahead(ppo):  # the config allows it with vLLM engines only
@@ -324,7 +325,7 @@ def engine_idle(figures: dict[str, float], iteration_s: float) -> dict[str, floa
 
 
 def collect_rollout(
-    source: PolicyRollout | EngineRollout,
+    source: PolicyRollout | EngineRollout | EpisodeRollout,
     rewards: RewardScorer,
     inputs: PpoInputs,
     ppo: PpoSection,

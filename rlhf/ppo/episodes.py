@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
 
-from tuneyard.rlhf.config import EnvironmentSection
+from tuneyard.rlhf.config import EnvironmentSection, PpoSection
 from tuneyard.rlhf.environments import environment_class
 from tuneyard.rlhf.ppo.prompts import Prompt
 from tuneyard.rlhf.ppo.rollout import Sample
@@ -113,7 +113,10 @@ class EpisodeRollout:
             if not running:
                 break
             contexts = [Prompt(e.prompt.messages, e.prompt.ids + e.tokens, e.prompt.metadata) for e in running]
-            answers = self.inner.sample(contexts, seed + turn * TURN_SEED_STRIDE, version)
+            # the policy's ranks each take an equal share of a batch: the last context repeats up to a multiple
+            padding = -len(contexts) % getattr(self.inner, "batch_multiple", 1)
+            answers = self.inner.sample(contexts + contexts[-1:] * padding, seed + turn * TURN_SEED_STRIDE, version)
+            answers = answers[: len(running)]
             for episode, answer in zip(running, answers, strict=True):
                 engine_logprobs = answer.logprobs is not None
                 episode.add(answer.tokens, True, answer.logprobs)
@@ -137,6 +140,14 @@ class EpisodeRollout:
                     episode.add(delta, False)
         self.figures = episode_figures(episodes)
         return [e.sample(version, engine_logprobs) for e in episodes]
+
+
+def with_environment(rollout, ppo: PpoSection, tokenizer: PreTrainedTokenizerBase):
+    """`rollout` (started), its samples made episodes of `ppo.environment` when that is more than one answer."""
+    environment = ppo.environment
+    if environment.name == "single_turn" and environment.max_turns == 1:
+        return rollout
+    return EpisodeRollout(rollout, environment, tokenizer, ppo.generation.max_new_tokens)
 
 
 def episode_figures(episodes: list[Episode]) -> dict[str, float]:

@@ -17,7 +17,6 @@ import itertools
 import re
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -28,9 +27,6 @@ from tuneyard.rlhf.ppo.groups import RoleGroup, RoleStalled
 from tuneyard.rlhf.ppo.prompts import Prompt
 from tuneyard.rlhf.ppo.sampling import StopSet, end_of_answer
 from tuneyard.training.errors import TrainingFailed
-
-if TYPE_CHECKING:
-    from tuneyard.rlhf.ppo.episodes import EpisodeRollout
 
 
 @dataclass
@@ -134,6 +130,7 @@ class PolicyRollout:
 
     def __init__(self, groups: dict[str, RoleGroup], ppo: PpoSection, tokenizer: PreTrainedTokenizerBase, stops):
         self.policy, self.tokenizer, self.stops = groups["policy"], tokenizer, stops
+        self.batch_multiple = len(self.policy.actors)  # `sample` splits its prompts equally over the ranks
 
     def start(self) -> None:
         """Nothing to open: the policy samples with the weights it trains."""
@@ -225,14 +222,9 @@ class LocalRollout:
 
 def make_rollout(
     groups: dict[str, RoleGroup], ppo: PpoSection, tokenizer: PreTrainedTokenizerBase, stops: StopSet
-) -> PolicyRollout | EngineRollout | EpisodeRollout:
-    """The rollout object of the job's engine (`ppo.generation.engine`), its episodes run in `ppo.environment`
-    when that is more than one answer, started."""
-    from tuneyard.rlhf.ppo.episodes import EpisodeRollout
-
+) -> PolicyRollout | EngineRollout:
+    """The rollout object of the job's engine (`ppo.generation.engine`), started."""
     rollout = (EngineRollout if ppo.generation.engine == "vllm" else PolicyRollout)(groups, ppo, tokenizer, stops)
-    if ppo.environment.name != "single_turn" or ppo.environment.max_turns > 1:
-        rollout = EpisodeRollout(rollout, ppo.environment, tokenizer, ppo.generation.max_new_tokens)
     rollout.start()
     return rollout
 
