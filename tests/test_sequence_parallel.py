@@ -92,32 +92,20 @@ def test_two_ranks_sharing_each_sequence_train_as_one_rank(one_rank, tmp_path, m
 
 
 @pytest.mark.integration
-def test_sft_rows_of_every_length_share_their_sequences(ray_session, tmp_path):
-    """Unpacked SFT rows, each batch of its own length (the loss on the answers only): two ranks sharing each
-    sequence give one rank's losses and gradient norms to 1e-4. (On gloo every batch is padded to data.max_length:
-    the group's batches of different lengths could not be gathered otherwise.)"""
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_rows_share_their_sequences(ray_session, tmp_path, packing):
+    """SFT rows (the loss on the answers only): two ranks sharing each sequence give one rank's losses and gradient
+    norms to 1e-4.
+
+    Unpacked, each batch has its own length (on gloo every batch is padded to data.max_length: the group's batches
+    of different lengths could not be gathered otherwise). Packed, several examples share a row, their position
+    ids restarting at each: one rank keeps them apart with a block-diagonal mask, the shared row's attention (which
+    sees no mask) with `attention_within_documents`; an example attending to the one before it would change every
+    loss."""
     runs = {}
     for workers in (1, 2):
         job = job_dict(SFT_JOB, tmp_path / f"sft{workers}")
-        job["data"].update(packing=False, eval=None)
-        job["training"].update(batch_size=2, max_steps=4, sequence_parallel=workers)
-        job["cluster"] = {"workers": workers}
-        runs[workers] = steps_of(run_job(job_from_dict(job), show_progress=False).run_dir)
-    assert len(runs[1]) == 4
-    for (_, loss_a, norm_a), (_, loss_b, norm_b) in zip(runs[1], runs[2], strict=True):
-        assert loss_b == pytest.approx(loss_a, rel=1e-4) and norm_b == pytest.approx(norm_a, rel=1e-4)
-
-
-@pytest.mark.integration
-def test_packed_sft_rows_keep_their_examples_apart_when_shared(ray_session, tmp_path):
-    """Packed SFT rows (several examples per row, position ids restarting at each): two ranks sharing each row
-    give one rank's losses and gradient norms to 1e-4. One rank keeps the examples apart with a block-diagonal
-    mask; the shared row's attention, which sees no mask, with `attention_within_documents`: an example attending
-    to the one before it would change every loss."""
-    runs = {}
-    for workers in (1, 2):
-        job = job_dict(SFT_JOB, tmp_path / f"packed{workers}")
-        job["data"].update(packing=True, eval=None)
+        job["data"].update(packing=packing, eval=None)
         job["training"].update(batch_size=2, max_steps=4, sequence_parallel=workers)
         job["cluster"] = {"workers": workers}
         runs[workers] = steps_of(run_job(job_from_dict(job), show_progress=False).run_dir)
