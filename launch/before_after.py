@@ -118,7 +118,7 @@ def greedy_reward_figures(job: JobConfig, model_path: str | None, rows: list[dic
     model = _load(job, model_path, "causal-lm")
     length = spec.completion_length(job)
     environment = job.ppo.environment
-    if job.stage != "ppo" or (environment.name == "single_turn" and environment.max_turns == 1):
+    if job.stage != "ppo" or not environment.multi_turn:
         return greedy_answer_figures(model, tokenizer, rows, functions, length)
     from tuneyard.rlhf.ppo.episodes import greedy_episodes
 

@@ -392,6 +392,11 @@ class EnvironmentSection(BaseModel):
     sandbox: SandboxSection = Field(default_factory=SandboxSection, description="the limits of each tool call")
     options: dict = Field(default_factory=dict, description="the environment's own options")
 
+    @property
+    def multi_turn(self) -> bool:
+        """Whether an episode may be more than one answer to its prompt (the episode loop runs)."""
+        return self.name != "single_turn" or self.max_turns > 1
+
 
 class PpoSection(BaseModel):
     """PPO with a critic: rollouts, KL-shaped rewards, GAE, clipped policy and value updates."""
@@ -507,7 +512,7 @@ class PpoSection(BaseModel):
     @property
     def response_tokens(self) -> int:
         """The most tokens a sample holds after its prompt: one answer, or a multi-turn episode's budget."""
-        if self.environment.name == "single_turn" and self.environment.max_turns == 1:
+        if not self.environment.multi_turn:
             return self.generation.max_new_tokens
         return max(self.generation.max_new_tokens, self.environment.max_tokens)
 
@@ -543,7 +548,7 @@ class PpoSection(BaseModel):
     @model_validator(mode="after")
     def _episodes_fit(self) -> PpoSection:
         """What multi-turn episodes need: no batches generated ahead (yet)."""
-        if self.environment.max_turns == 1 and self.environment.name == "single_turn":
+        if not self.environment.multi_turn:
             return self
         episodes = f"ppo.environment {self.environment.name} (max_turns {self.environment.max_turns})"
         if self.async_.max_staleness:

@@ -77,9 +77,8 @@ def run_tool(function: Callable, arguments: dict, limits: SandboxSection) -> Too
         try:
             out, err = child.communicate(request.encode(), timeout=limits.timeout_s)
         except subprocess.TimeoutExpired:
-            kill_group(child)
             return ToolOutcome(f"tool error: timed out after {limits.timeout_s:g} s", "timeout")
-        finally:
+        finally:  # a finished tool's group may still hold what it started; a timed-out one is killed here
             kill_group(child)
     if child.returncode in (-signal.SIGXCPU, -signal.SIGKILL) and not out:
         return ToolOutcome(f"tool error: used up its {limits.cpu_s:g} s of CPU time", "cpu")

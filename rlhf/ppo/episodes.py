@@ -144,10 +144,9 @@ class EpisodeRollout:
 
 def with_environment(rollout, ppo: PpoSection, tokenizer: PreTrainedTokenizerBase):
     """`rollout` (started), its samples made episodes of `ppo.environment` when that is more than one answer."""
-    environment = ppo.environment
-    if environment.name == "single_turn" and environment.max_turns == 1:
+    if not ppo.environment.multi_turn:
         return rollout
-    return EpisodeRollout(rollout, environment, tokenizer, ppo.generation.max_new_tokens)
+    return EpisodeRollout(rollout, ppo.environment, tokenizer, ppo.generation.max_new_tokens)
 
 
 def episode_figures(episodes: list[Episode]) -> dict[str, float]:
