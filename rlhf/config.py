@@ -281,6 +281,12 @@ class AsyncSection(BaseModel):
         description="how many policy versions (iterations) a trained sample may lag the policy that trains on it: "
         "the engines run up to this many batches ahead; 0: generate, then train (the synchronous loop)",
     )
+    partial_rollouts: bool = Field(
+        default=False,
+        description="sync the engines as soon as the policy has trained an iteration, interrupting the answers in "
+        "flight and resuming them on the new weights (each token tagged with the version that drew it); false: the "
+        "answers in flight finish first, and the engines sync once they are idle",
+    )
 
 
 class RoleSection(BaseModel):
@@ -313,7 +319,14 @@ class RolloutRoleSection(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    workers: int = Field(default=1, ge=1, description="engines; each answers an equal share of the prompts")
+    workers: int = Field(default=1, ge=1, description="engines; they take the prompts from one queue")
+    groups_per_call: int | None = Field(
+        default=None,
+        ge=1,
+        description="whole prompt groups (samples_per_prompt answers each) an engine takes from the queue per call; "
+        "an engine answers as one batch what a call holds, and a free engine takes the next call (default: the whole "
+        "batch with one engine, else the batch split in two calls per engine)",
+    )
     tensor_parallel_size: int = Field(default=1, ge=1, description="GPUs one engine shards its model over")
     cpus_per_worker: float = Field(default=1.0, gt=0, description="CPUs each engine asks for")
     gpus_per_worker: float = Field(default=0.0, ge=0, description="on GPUs: tensor_parallel_size")

@@ -5,7 +5,12 @@ the run from its checkpoint."""
 
 from __future__ import annotations
 
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
 import pytest
+import ray
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -16,6 +21,8 @@ from tuneyard.rlhf.config import PpoSection
 from tuneyard.rlhf.ppo import algorithms as algo
 from tuneyard.rlhf.ppo import controller
 from tuneyard.rlhf.ppo.ahead import RolloutsAhead
+from tuneyard.rlhf.ppo.groups import RoleGroup, RoleStalled
+from tuneyard.rlhf.ppo.prompt_queue import RESUMED_SEED_STRIDE, Answer, PromptQueue, call_bounds
 from tuneyard.rlhf.ppo.prompts import Prompt, batch_seed, prompts_at
 from tuneyard.rlhf.ppo.rollout import Generating, Sample
 from tuneyard.rlhf.rewards import reward_function
@@ -38,9 +45,9 @@ class RecordingSource:
         self.calls.append(("sync",))
         return {"weight_sync_s": 0.0}
 
-    def launch(self, prompts: list[Prompt], seed: int, version: int) -> Generating:
+    def launch(self, prompts: list[Prompt], seed: int, version: int, arrived=None) -> Generating:
         self.calls.append(("launch", seed, version, tuple(p.messages[0]["content"] for p in prompts)))
-        return Generating(prompts, version, [])
+        return Generating(prompts, version, Future())
 
     def collect(self, generating: Generating) -> tuple[list[Sample], float]:
         self.calls.append(("collect",))
@@ -117,6 +124,124 @@ def test_a_resumed_schedule_launches_from_the_checkpoints_position():
     assert launched(resumed) == launched(straight)[4:]
 
 
+# --- the prompt queue: whole groups per call, to whichever engine is free, answers handed on as they come
+
+
+def test_a_batch_is_cut_into_calls_of_whole_groups():
+    assert call_bounds(128, 8, engines=1, groups_per_call=None) == [(0, 128)]
+    assert call_bounds(128, 8, engines=2, groups_per_call=None) == [(0, 32), (32, 64), (64, 96), (96, 128)]
+    assert call_bounds(128, 8, engines=1, groups_per_call=3) == [
+        (0, 24),
+        (24, 48),
+        (48, 72),
+        (72, 96),
+        (96, 120),
+        (120, 128),
+    ]
+    assert call_bounds(6, 2, engines=4, groups_per_call=None) == [(0, 2), (2, 4), (4, 6)]
+
+
+def engines_of(tmp_path, *step_s: float, timeout_s: float = 30) -> RoleGroup:
+    """Engines standing in for vLLM's (the class defined here so that Ray pickles it by value: the tests are no
+    package on the workers)."""
+
+    class SteppingEngine:
+        """Stands in for a vLLM engine's `generate_timed`: a token per step of `step_s` for each prompt of a call,
+        the token its absolute position (prompt length + index) and its log-prob -(version + 1); `interrupt` cuts
+        the call until `receive_weights`. Records each call's first seed."""
+
+        concurrency_groups = {"control": 1}  # noqa: RUF012
+
+        def __init__(self, number: int, step_s: float):
+            self.number, self.step_s, self.version, self.seeds = number, step_s, 0, []
+            self.interrupted = threading.Event()
+
+        def generate_timed(self, prompt_ids: list[list[int]], seeds: list[int], budgets: list[int]):
+            started, drawn = time.perf_counter(), [[] for _ in prompt_ids]
+            self.seeds.append(seeds[0])
+            for _ in range(max(budgets)):
+                if self.interrupted.is_set():
+                    break
+                time.sleep(self.step_s)
+                for ids, tokens, budget in zip(prompt_ids, drawn, budgets, strict=True):
+                    if len(tokens) < budget:
+                        tokens.append(len(ids) + len(tokens))
+            answers = [(t, [-(self.version + 1.0)] * len(t), len(t) < b) for t, b in zip(drawn, budgets, strict=True)]
+            return answers, time.perf_counter() - started
+
+        @ray.method(concurrency_group="control")
+        def interrupt(self) -> None:
+            self.interrupted.set()
+
+        def receive_weights(self, version: int) -> None:
+            self.version = version
+            self.interrupted.clear()
+
+        def number_and_seeds(self) -> tuple[int, list[int]]:
+            return self.number, self.seeds
+
+    remote = ray.remote(concurrency_groups=SteppingEngine.concurrency_groups)(SteppingEngine)
+    return RoleGroup("rollout", [remote.remote(i, s) for i, s in enumerate(step_s)], tmp_path, timeout_s)
+
+
+def calls_of(count: int, answers: int, budget: int) -> list[list[Answer]]:
+    return [[Answer([7] * 3, 10 * call + i, budget) for i in range(answers)] for call in range(count)]
+
+
+@pytest.mark.integration
+def test_a_free_engine_takes_the_next_call_and_answers_are_handed_on_as_they_come(ray_session, tmp_path):
+    """A fast engine and a slow one (2 s a call): the fast one answers every call but the two the slow one took at
+    the start (equal static shares would have given each 6), each call gets its own answers, and the slow engine's
+    two calls are handed on last, after the fast one's ten."""
+    engines = engines_of(tmp_path, 0.01, 1.0)
+    calls = calls_of(12, 2, budget=2)
+    arrived: list[int] = []
+    busy_s = PromptQueue(engines).answer(calls, lambda i, answers: arrived.append(i), version=0)
+    assert sorted(arrived) == list(range(12)) and arrived[-2:] == [2, 3]
+    by_engine = dict(ray.get([actor.number_and_seeds.remote() for actor in engines.actors]))
+    assert sorted(by_engine[1]) == [20, 30] and len(by_engine[0]) == 10
+    assert all(a.tokens == [3, 4] and a.versions == [0, 0] and a.logprobs == [-1.0, -1.0] for c in calls for a in c)
+    assert busy_s == pytest.approx((10 * 0.02 + 2 * 2.0) / 2, rel=0.2)
+
+
+@pytest.mark.integration
+def test_a_paused_answer_resumes_on_the_new_weights_with_its_tokens_so_far(ray_session, tmp_path):
+    """Partial rollouts: answers of 20 tokens paused after about 6, the engine given version 1, resumed: each answer
+    is one run of positions (the resumed call's prompt held the tokens so far), its first tokens drawn by version 0
+    and the rest by version 1 with that version's log-probs, and the resumed call got seeds of its own."""
+    engines = engines_of(tmp_path, 0.05)
+    queue, calls = PromptQueue(engines), calls_of(1, 3, budget=20)
+    with ThreadPoolExecutor(1) as pool:
+        answering = pool.submit(queue.answer, calls, lambda i, answers: None, 0)
+        time.sleep(0.3)
+        queue.pause()
+        ray.get(engines.actors[0].receive_weights.remote(1))
+        queue.resume(1)
+        answering.result(timeout=30)
+    for answer in calls[0]:
+        old = answer.versions.count(0)
+        assert 0 < old < 20 and answer.versions == [0] * old + [1] * (20 - old)
+        assert answer.tokens == list(range(3, 23))
+        assert answer.logprobs == [-1.0] * old + [-2.0] * (20 - old)
+        assert answer.segments == 2
+    _, seeds = ray.get(engines.actors[0].number_and_seeds.remote())
+    assert seeds == [0, RESUMED_SEED_STRIDE]
+
+
+@pytest.mark.integration
+def test_an_engine_silent_past_the_timeout_is_named(ray_session, tmp_path):
+    engines = engines_of(tmp_path, 60.0, timeout_s=1.0)
+    try:
+        with pytest.raises(
+            RoleStalled,
+            match=r"no rollout engine answered a call within cluster.collective_timeout_s \(1 s\); rollout rank 0 did "
+            "not arrive",
+        ):
+            PromptQueue(engines).answer(calls_of(1, 1, budget=1), lambda i, answers: None, 0)
+    finally:
+        ray.kill(engines.actors[0])
+
+
 # --- decoupled PPO's behaviour weights
 
 
@@ -177,7 +302,8 @@ def test_the_async_section_reads_from_a_job_file(tmp_path):
         tmp_path, "some/model", "parsed", ppo={"advantage": "grpo", "generation": {"engine": "vllm"}, **AHEAD}
     )
     ppo = job_from_dict(job).ppo
-    assert ppo.async_.max_staleness == 1 and ppo.model_dump(mode="json")["async"] == {"max_staleness": 1}
+    assert ppo.async_.max_staleness == 1
+    assert ppo.model_dump(mode="json")["async"] == {"max_staleness": 1, "partial_rollouts": False}
 
 
 # --- for real: Ray actors and a vLLM engine
@@ -238,6 +364,42 @@ def test_stale_samples_stay_within_the_bound_and_the_task_improves(ray_session, 
     assert all(r["engine_idle_s"] >= 0 and 0 <= r["behaviour_masked_frac"] < 0.5 for r in iterations)
     first, last = (sum(r["reward"] for r in part) / len(part) for part in (iterations[:16], iterations[-16:]))
     assert last > first + 0.06, (first, last)
+
+
+@reward_function("test_share_of_vowels")
+def share_of_vowels(prompts: list, completions: list, **_: object) -> list[float]:
+    """The share of an answer's characters that are vowels: differs between answers of any length, so that answers
+    cut by no stop still give the policy a direction to move in."""
+    return [sum(ch in "aeiou" for ch in str(c)) / max(1, len(str(c))) for c in completions]
+
+
+@needs_vllm
+@pytest.mark.integration
+def test_partial_rollouts_resume_interrupted_answers_on_the_new_weights(ray_session, vllm_base, tmp_path):
+    """Answers of 64 tokens (no stop at EOS, so generating outlasts training), the engine synced as soon as the policy
+    has trained: answers in flight are interrupted and resumed on the new weights, so batches hold answers drawn by
+    two versions; every token drawn with the weights the policy holds has the policy's own log-prob (gap < 1e-4)
+    while the stale tokens of the same answers do not; no sample is staler than the bound."""
+    job = engine_job(
+        tmp_path,
+        vllm_base,
+        "partial",
+        iterations=8,
+        samples_per_prompt=4,
+        mini_batch_size=32,
+        generation={"max_new_tokens": 64, "stop_at_eos": False},
+        rollout_correction="decoupled",
+        **{"async": {"max_staleness": 1, "partial_rollouts": True}},
+    )
+    job["training"]["learning_rate"] = 5e-3  # each version's log-probs visibly apart
+    job["reward"]["functions"] = [{"name": "test_share_of_vowels"}]
+    rows = read_metrics(run_job(job_from_dict(job), show_progress=False).run_dir / "metrics.jsonl")
+    iterations = [r for r in rows if "reward" in r]
+    assert len(iterations) == 8 and all(r["staleness_max"] <= 1 for r in iterations)
+    resumed = [r for r in iterations if r["resumed_frac"] > 0]
+    assert len(resumed) >= 3, [r["resumed_frac"] for r in iterations]
+    assert all(r["rollout_logprob_gap_current_max"] < 1e-4 for r in resumed), resumed
+    assert max(r["rollout_logprob_gap"] for r in resumed) > 1e-3  # the answers' older tokens: another version's
 
 
 KILL: dict = {"run_dir": None}

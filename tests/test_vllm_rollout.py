@@ -267,7 +267,7 @@ def engine(ray_session, two_stop_model, tmp_path_factory):
     (root / "run" / "logs").mkdir(parents=True)
     env = worker_env(0.5) | engine_env(job.ppo)
     actor = (
-        ray.remote(RolloutWorker)
+        ray.remote(concurrency_groups=RolloutWorker.concurrency_groups)(RolloutWorker)
         .options(num_cpus=0.5, runtime_env={"env_vars": env})
         .remote(0, 1, str(root / "run"), payload)
     )
@@ -423,6 +423,15 @@ def test_the_weight_sync_checks_what_the_engine_loaded(engine, two_stop_model):
         ours, mask = policy_logprobs(model, prompts, answers, (0.7, 1.0))
         gap = (ours - right_pad_values([v for _, v in answers])).abs()[mask.bool()].max()
         assert (gap < 1e-5) if within else (gap > 1e-3), (scale, tied_head, float(gap))
+
+    # partial rollouts: an interrupted engine cuts every answer (here before its first step) until the next weights
+    ids, seeds = [p.ids for p in prompts], list(range(len(prompts)))
+    ray.get(actor.interrupt.remote())
+    cut, _ = ray.get(actor.generate_timed.remote(ids, seeds))
+    assert all(interrupted and not tokens for tokens, _, interrupted in cut)
+    ray.get(sync(moved(1.0), True))
+    answered, _ = ray.get(actor.generate_timed.remote(ids, seeds))
+    assert not any(interrupted for _, _, interrupted in answered) and all(tokens for tokens, _, _ in answered)
 
     with pytest.raises(TrainingFailed) as left_out:
         refused_sync(ray.get, sync(moved(1.0), True, drop="model.norm.weight"))

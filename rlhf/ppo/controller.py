@@ -47,6 +47,7 @@ from tuneyard.rlhf.ppo.episodes import EpisodeRollout, with_environment
 from tuneyard.rlhf.ppo.experience import (
     Experience,
     RewardScorer,
+    current_weights_gap,
     estimate_advantages,
     iteration_figures,
     mean_of,
@@ -262,6 +263,8 @@ def ppo_iterations(
             iterations=iterations,
             iteration=state.iteration,
             position=state.data_position,
+            rewards=rewards,
+            reference=groups.get("reference"),
         )
 
     for iteration in range(state.iteration, iterations):
@@ -293,6 +296,7 @@ def ppo_iterations(
         record = {
             "step": iteration + 1,
             **iteration_figures(rollout, scores, experience, kl_coef, policy_stats, critic_stats),
+            **current_weights_gap(rollout, scores.old_logprobs, iteration),
             **sync_figures,
             "generate_s": generated - synced,
             "score_s": scored - generated,

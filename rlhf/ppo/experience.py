@@ -12,6 +12,7 @@ the TIS weights describe the distribution the answers came from.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import torch
 
 from tuneyard.rlhf.config import PpoSection, RewardSection
 from tuneyard.rlhf.ppo import algorithms as algo
-from tuneyard.rlhf.ppo.batches import concat_rows
+from tuneyard.rlhf.ppo.batches import concat_rows, right_pad_values
 from tuneyard.rlhf.ppo.groups import RoleGroup
 from tuneyard.rlhf.ppo.rollout import Rollout, Sample
 from tuneyard.rlhf.ppo.scoring import RewardCallFailed, function_scores
@@ -74,11 +75,9 @@ class RewardScorer:
         group = self.model_group
         if group is not None:
             # rewards read text: a reward model re-tokenises it with its own tokenizer (rlhf/ppo/scoring.py)
-            per_rank = len(texts) // len(group.actors)
-            model_refs = group.call(
-                "score",
-                [(conversations[i : i + per_rank], texts[i : i + per_rank]) for i in range(0, len(texts), per_rank)],
-            )
+            ranks = len(group.actors)
+            bounds = [round(rank * len(texts) / ranks) for rank in range(ranks + 1)]
+            model_refs = group.call("score", [(conversations[a:b], texts[a:b]) for a, b in itertools.pairwise(bounds)])
         section = self.section
         remote_calls = self.call_remote(samples) if self.remote is not None else None
         rewards = torch.tensor(
@@ -142,7 +141,8 @@ def gather(group: RoleGroup, refs: list) -> dict[str, torch.Tensor]:
 
 def score_rollout(groups: dict[str, RoleGroup], rollout: Rollout, rewards: RewardScorer) -> RolloutScores:
     """Old log-probs, reference log-probs and values of the rollout, every group computing at once, and the rewards
-    on the driver meanwhile (unless dynamic sampling scored them already).
+    on the driver meanwhile (unless dynamic sampling or the async loop scored them already; the async loop also
+    takes the reference's log-probs as a batch arrives).
 
     An adapter policy is its own reference (its base with the adapter off).
     """
@@ -150,7 +150,9 @@ def score_rollout(groups: dict[str, RoleGroup], rollout: Rollout, rewards: Rewar
     reference = groups.get("reference", policy)
     batch = rollout.batch
     old_refs = policy.scatter("logprobs", batch)
-    ref_refs = reference.scatter("logprobs" if reference is not policy else "reference_logprobs", batch)
+    ref_refs = None
+    if rollout.reference_logprobs is None:
+        ref_refs = reference.scatter("logprobs" if reference is not policy else "reference_logprobs", batch)
     value_refs = critic.scatter("values", batch) if critic is not None else None
     if rollout.rewards is None:
         rewards.score(rollout.samples)
@@ -159,7 +161,7 @@ def score_rollout(groups: dict[str, RoleGroup], rollout: Rollout, rewards: Rewar
         rewards=rollout.rewards,
         old_logprobs=old["logprobs"],
         entropy=old["entropy"],
-        ref_logprobs=gather(reference, ref_refs)["logprobs"],
+        ref_logprobs=rollout.reference_logprobs if ref_refs is None else gather(reference, ref_refs)["logprobs"],
         values=gather(critic, value_refs)["values"] if critic is not None else None,
     )
 
@@ -209,6 +211,19 @@ def estimate_advantages(rollout: Rollout, scores: RolloutScores, ppo: PpoSection
             )
     batch["action_mask"] = trained.to(batch["action_mask"].dtype)
     return Experience(batch, kl, mask, gap)
+
+
+def current_weights_gap(rollout: Rollout, old_logprobs: torch.Tensor, version: int) -> dict[str, float]:
+    """The largest |engine - policy| log-prob over the tokens the engines drew with the weights the policy holds now
+    (`version`): about 0 however stale the other tokens are, when each token's behaviour log-prob is the one its own
+    version drew it with (partial rollouts). {} without engine log-probs or without such tokens."""
+    if rollout.behaviour_logprobs is None or any(s.token_versions is None for s in rollout.samples):
+        return {}
+    versions = right_pad_values([[float(v) for v in s.token_versions] for s in rollout.samples])
+    current = (versions == version) & (rollout.mask > 0)
+    if not current.any():
+        return {}
+    return {"rollout_logprob_gap_current_max": float((rollout.behaviour_logprobs - old_logprobs).abs()[current].max())}
 
 
 def behaviour_figures(weights: torch.Tensor | None, mask: torch.Tensor) -> dict[str, float]:

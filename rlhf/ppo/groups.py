@@ -235,7 +235,11 @@ def start_role_groups(
             "a bundle must fit on one node: lower ppo.roles.*.cpus_per_worker/gpus_per_worker",
         )
         for role, seats in placement.seats.items():
-            remote = ray.remote(classes[role])
+            # a role whose methods run beside each other names its concurrency groups (the engines' `interrupt`)
+            concurrency = getattr(classes[role], "concurrency_groups", None)
+            remote = (
+                ray.remote(concurrency_groups=concurrency)(classes[role]) if concurrency else ray.remote(classes[role])
+            )
             actors = [
                 remote.options(
                     num_cpus=seat.cpus,

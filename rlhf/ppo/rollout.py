@@ -13,9 +13,10 @@ the job chose.
 
 from __future__ import annotations
 
-import itertools
 import re
 import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +25,7 @@ from transformers import PreTrainedTokenizerBase
 from tuneyard.rlhf.config import PpoSection
 from tuneyard.rlhf.ppo.batches import build_samples, left_pad, right_pad_values, split_rows
 from tuneyard.rlhf.ppo.groups import RoleGroup, RoleStalled
+from tuneyard.rlhf.ppo.prompt_queue import Answer, PromptQueue, call_bounds
 from tuneyard.rlhf.ppo.prompts import Prompt
 from tuneyard.rlhf.ppo.sampling import StopSet, end_of_answer
 from tuneyard.training.errors import TrainingFailed
@@ -36,12 +38,13 @@ class Sample:
     prompt: Prompt
     tokens: list[int]  # ending at the first stop (included), or at generation.max_new_tokens
     finished: bool  # ended at a stop; False: truncated at max_new_tokens
-    version: int  # the policy version (iterations trained) whose weights sampled it
+    version: int  # the policy version (iterations trained) whose weights sampled it (its oldest token)
     text: str  # the decoded answer, for the reward functions and the reward model
     logprobs: list[float] | None = None  # the engine's log-prob of each token (vLLM); the policy's own: None
     reward: float | None = None  # set once scored (before the batch is built under dynamic sampling)
     sampled: list[bool] | None = None  # which tokens the engine sampled (an episode's); None: every one
     environment_reward: float = 0.0  # what an episode's environment gave, added to the reward functions' score
+    token_versions: list[int] | None = None  # the version that drew each token (an engine's answer)
 
 
 @dataclass
@@ -51,6 +54,7 @@ class Rollout:
     samples: list[Sample]
     batch: dict[str, torch.Tensor]
     behaviour_logprobs: torch.Tensor | None = None  # [B, R], the engine's log-probs of its sampled tokens
+    reference_logprobs: torch.Tensor | None = None  # [B, R], where the reference scored the batch as it arrived
     figures: dict[str, float] = field(default_factory=dict)  # how they were drawn (dynamic sampling, generating ahead)
 
     @classmethod
@@ -64,7 +68,7 @@ class Rollout:
             # an episode's environment tokens are context (attended to) but not actions: out of the action mask
             sampled = right_pad_values([[float(x) for x in (s.sampled or [True] * len(s.tokens))] for s in samples])
             batch["action_mask"] = batch["action_mask"] * sampled.to(batch["action_mask"].dtype)
-        return cls(samples, batch, behaviour, figures or {})
+        return cls(samples, batch, behaviour_logprobs=behaviour, figures=figures or {})
 
     @property
     def mask(self) -> torch.Tensor:
@@ -116,11 +120,12 @@ def finished_samples(
 
 @dataclass
 class Generating:
-    """A batch on its way: its prompts, the policy version the engines sample it with, the engines' calls."""
+    """A batch on its way: its prompts, the policy version the engines sample it with, and its samples to come (with
+    the engines' mean busy seconds on it)."""
 
     prompts: list[Prompt]
     version: int
-    refs: list  # ray.ObjectRef, one per engine
+    answers: Future  # of (list[Sample], float)
 
 
 class PolicyRollout:
@@ -149,7 +154,7 @@ class PolicyRollout:
 
 
 class EngineRollout:
-    """vLLM engines (role `rollout`): each answers a consecutive share of the prompts, each prompt with its own seed,
+    """vLLM engines (role `rollout`): they take the prompts from a queue, each prompt with its own seed, and answer
     on the policy's weights as of the last `update_weights`."""
 
     figures: dict[str, float] = {}  # noqa: RUF012  (how the last batch was drawn: none to tell)
@@ -158,6 +163,9 @@ class EngineRollout:
         self.groups, self.ppo, self.tokenizer, self.stops = groups, ppo, tokenizer, stops
         self.engines = groups["rollout"]
         self.manifest: list | None = None
+        self.queue = PromptQueue(self.engines)
+        # one thread hands out the batches' calls, a batch at a time, while the driver goes on
+        self.dispatcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuneyard-engines")
 
     def start(self) -> None:
         """Join policy rank 0 and every engine worker in the weight-sync group, and agree on what a sync sends."""
@@ -174,23 +182,59 @@ class EngineRollout:
         engines share them."""
         return self.collect(self.launch(prompts, seed, version))[0]
 
-    def launch(self, prompts: list[Prompt], seed: int, version: int) -> Generating:
-        """Start `sample` on the engines and return at once; `collect` waits for the answers. An engine takes its
-        calls in turn, so a batch launched behind others starts when they end."""
-        engines = len(self.engines.actors)
-        bounds = [round(i * len(prompts) / engines) for i in range(engines + 1)]
-        shares = [
-            ([p.ids for p in prompts[a:b]], [seed + i for i in range(a, b)]) for a, b in itertools.pairwise(bounds)
-        ]
-        return Generating(prompts, version, self.engines.call("generate_timed", shares))
+    def launch(
+        self,
+        prompts: list[Prompt],
+        seed: int,
+        version: int,
+        arrived: Callable[[list[Sample]], None] | None = None,
+    ) -> Generating:
+        """Start `sample` and return at once; `collect` waits for the answers. The prompts go to the engines as a
+        queue (`tuneyard.rlhf.ppo.prompt_queue`); `arrived` is handed each call's samples as they come. Batches
+        launched one after another are answered in turn."""
+        bounds = call_bounds(
+            len(prompts), self.ppo.samples_per_prompt, len(self.engines.actors), self.ppo.roles.rollout.groups_per_call
+        )
+        budget = self.ppo.generation.max_new_tokens
+        calls = [[Answer(p.ids, seed + i, budget) for i, p in enumerate(prompts[a:b], start=a)] for a, b in bounds]
+        samples: list[list[Sample]] = [[] for _ in calls]
+
+        def keep(call: int, answers: list[Answer]) -> None:
+            start, end = bounds[call]
+            samples[call] = part = engine_samples(prompts[start:end], answers, self.stops, self.tokenizer, version)
+            if arrived is not None:
+                arrived(part)
+
+        def answer() -> tuple[list[Sample], float]:
+            busy_s = self.queue.answer(calls, keep, version)
+            return [s for part in samples for s in part], busy_s
+
+        return Generating(prompts, version, self.dispatcher.submit(answer))
 
     def collect(self, generating: Generating) -> tuple[list[Sample], float]:
         """A launched batch's samples, and the seconds the engines were busy with it (their mean)."""
-        parts = self.engines.results(generating.refs)
-        answers = [pair for part, _ in parts for pair in part]
-        drawn, logprobs = [tokens for tokens, _ in answers], [values for _, values in answers]
-        samples = finished_samples(generating.prompts, drawn, logprobs, self.stops, self.tokenizer, generating.version)
-        return samples, sum(busy for _, busy in parts) / len(parts)
+        return generating.answers.result()
+
+    def pause(self) -> None:
+        """Interrupt the engines' answers (they keep the tokens drawn so far) until `resume` (partial rollouts)."""
+        self.queue.pause()
+
+    def resume(self, version: int) -> None:
+        """Resume the interrupted answers, and answer on, with the weights of `version` (just synced)."""
+        self.queue.resume(version)
+
+
+def engine_samples(
+    prompts: list[Prompt], answers: list[Answer], stops: StopSet, tokenizer: PreTrainedTokenizerBase, version: int
+) -> list[Sample]:
+    """The engines' answers as Samples (`finished_samples`), each token tagged with the version that drew it; a
+    sample's version is its oldest token's (`version`, the launch's, for an empty answer)."""
+    drawn, logprobs = [a.tokens for a in answers], [a.logprobs for a in answers]
+    samples = finished_samples(prompts, drawn, logprobs, stops, tokenizer, version)
+    for sample, answer in zip(samples, answers, strict=True):
+        sample.token_versions = answer.versions[: len(sample.tokens)]
+        sample.version = min(sample.token_versions, default=version)
+    return samples
 
 
 class LocalRollout:

@@ -11,11 +11,14 @@ vLLM is imported inside the actor only: the driver and the other roles never loa
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import threading
 import time
 from pathlib import Path
 
+import ray
 import torch
 
 from tuneyard.rlhf.config import GenerationSection, PpoSection
@@ -126,13 +129,14 @@ def engine_env(ppo: PpoSection) -> dict[str, str]:
     }
 
 
-def sampling_params(cfg: GenerationSection, stop_ids: list[int], seed: int):
-    """vLLM's SamplingParams for the job's generation settings, with the sampled tokens' log-probs."""
+def sampling_params(cfg: GenerationSection, stop_ids: list[int], seed: int, max_tokens: int | None = None):
+    """vLLM's SamplingParams for the job's generation settings (at most `max_tokens`, default max_new_tokens), with
+    the sampled tokens' log-probs."""
     from vllm import SamplingParams
 
     sampling = cfg.temperature > 0
     return SamplingParams(
-        max_tokens=cfg.max_new_tokens,
+        max_tokens=max_tokens or cfg.max_new_tokens,
         temperature=cfg.temperature if sampling else 0.0,
         top_p=cfg.top_p if sampling else 1.0,
         top_k=0,
@@ -149,6 +153,7 @@ class RolloutWorker:
     """One vLLM engine: answers prompt token ids with response token ids and their log-probs."""
 
     role = "rollout"
+    concurrency_groups = {"control": 1}  # noqa: RUF012  (`interrupt` runs while `draw` steps the engine)
 
     def __init__(self, rank: int, world_size: int, run_dir: str, payload: dict):
         self.rank, self.world_size, self.run_dir = rank, world_size, Path(run_dir)
@@ -158,6 +163,8 @@ class RolloutWorker:
         self.stop_ids = list(payload["stops"]["token_ids"])
         self.llm = None
         self.syncs = 0
+        self.interrupted = threading.Event()  # set by `interrupt`, cleared by the next weights
+        self.request_numbers = itertools.count()
 
     def rendezvous_address(self) -> str:
         """The engines form no process group among themselves; policy rank 0 holds the weight sync's store."""
@@ -208,31 +215,67 @@ class RolloutWorker:
         """Each prompt's sampled token ids (ending at a stop id or max_new_tokens) and their log-probs; a seed each.
 
         `generation`: the sampling settings (the job's ppo.generation when None)."""
+        return [(tokens, logprobs) for tokens, logprobs, _ in self.draw(prompt_ids, seeds, None, generation)]
+
+    def generate_timed(
+        self, prompt_ids: list[list[int]], seeds: list[int], budgets: list[int] | None = None
+    ) -> tuple[list[tuple[list[int], list[float], bool]], float]:
+        """`draw`'s answers (each also saying whether `interrupt` cut it), and the seconds the engine spent on them
+        (its busy time, for the idle figures)."""
+        started = time.perf_counter()
+        answers = self.draw(prompt_ids, seeds, budgets)
+        return answers, time.perf_counter() - started
+
+    def draw(
+        self,
+        prompt_ids: list[list[int]],
+        seeds: list[int],
+        budgets: list[int] | None,
+        generation: GenerationSection | None = None,
+    ) -> list[tuple[list[int], list[float], bool]]:
+        """Each prompt's sampled token ids and their log-probs, at most its budget of tokens (max_new_tokens when
+        None), and whether `interrupt` cut it before its end (its tokens so far; every answer, once interrupted,
+        until the next weights arrive).
+
+        The engine is stepped here rather than through `LLM.generate`, so that each step's new tokens are at hand
+        when an interrupt comes between two steps."""
         from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
 
         if self.sleeps:
             self.llm.wake_up()  # the KV cache (the weights are awake since the sync before this rollout)
-        prompts = [TokensPrompt(prompt_token_ids=ids) for ids in prompt_ids]
         settings = generation or self.ppo.generation
-        params = [sampling_params(settings, self.stop_ids, seed) for seed in seeds]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        engine = self.llm.llm_engine
+        requests = []
+        for ids, seed, budget in zip(prompt_ids, seeds, budgets or [settings.max_new_tokens] * len(seeds), strict=True):
+            params = sampling_params(settings, self.stop_ids, seed, budget)
+            params.output_kind = RequestOutputKind.DELTA  # each step's new tokens, not only the finished answers
+            request = f"tuneyard-{next(self.request_numbers)}"
+            engine.add_request(request, TokensPrompt(prompt_token_ids=ids), params)
+            requests.append(request)
+        drawn: dict[str, tuple[list[int], list[float]]] = {request: ([], []) for request in requests}
+        ended: set[str] = set()
+        while engine.has_unfinished_requests():
+            if self.interrupted.is_set():
+                engine.abort_request([r for r in requests if r not in ended])
+                break
+            for output in engine.step():
+                tokens, logprobs = drawn[output.request_id]
+                completion = output.outputs[0]
+                new = list(completion.token_ids)
+                tokens += new
+                logprobs += [step[token].logprob for step, token in zip(completion.logprobs, new, strict=True)]
+                if output.finished:
+                    ended.add(output.request_id)
         if self.sleeps:
             self.llm.sleep(level=1)
-        answers = []
-        for output in outputs:
-            completion = output.outputs[0]
-            tokens = list(completion.token_ids)
-            logprobs = [step[token].logprob for step, token in zip(completion.logprobs, tokens, strict=True)]
-            answers.append((tokens, logprobs))
-        return answers
+        return [(*drawn[request], request not in ended) for request in requests]
 
-    def generate_timed(
-        self, prompt_ids: list[list[int]], seeds: list[int]
-    ) -> tuple[list[tuple[list[int], list[float]]], float]:
-        """`generate`'s answers, and the seconds the engine spent on them (its busy time, for the idle figures)."""
-        started = time.perf_counter()
-        answers = self.generate(prompt_ids, seeds)
-        return answers, time.perf_counter() - started
+    @ray.method(concurrency_group="control")
+    def interrupt(self) -> None:
+        """Cut the answers being drawn at the next step, and every answer asked for until the next weights arrive
+        (runs beside `draw`, in a concurrency group of its own)."""
+        self.interrupted.set()
 
     def join_weight_sync(
         self, address: str, first_rank: int, world_size: int, backend: str, timeout_s: float
@@ -250,3 +293,4 @@ class RolloutWorker:
         self.llm.collective_rpc("receive_weights", args=(manifest,))
         # cached prompt prefixes hold keys and values of the old weights
         self.llm.reset_prefix_cache()
+        self.interrupted.clear()
