@@ -559,16 +559,6 @@ class PpoSection(BaseModel):
         return self
 
     @model_validator(mode="after")
-    def _episodes_fit(self) -> PpoSection:
-        """What multi-turn episodes need: no batches generated ahead (yet)."""
-        if not self.environment.multi_turn:
-            return self
-        episodes = f"ppo.environment {self.environment.name} (max_turns {self.environment.max_turns})"
-        if self.async_.max_staleness:
-            raise ValueError(f"{episodes} runs its turns in the synchronous loop: set ppo.async.max_staleness: 0")
-        return self
-
-    @model_validator(mode="after")
     def _batches_divide(self) -> PpoSection:
         if not self.has_critic and self.samples_per_prompt < 2:
             raise ValueError(

@@ -139,6 +139,9 @@ def test_a_batch_is_cut_into_calls_of_whole_groups():
         (120, 128),
     ]
     assert call_bounds(6, 2, engines=4, groups_per_call=None) == [(0, 2), (2, 4), (4, 6)]
+    # the episodes still running after a turn: any number
+    assert call_bounds(5, 8, engines=1, groups_per_call=None) == [(0, 5)]
+    assert call_bounds(13, 4, engines=2, groups_per_call=None) == [(0, 4), (4, 8), (8, 12), (12, 13)]
 
 
 def engines_of(tmp_path, *step_s: float, timeout_s: float = 30) -> RoleGroup:
@@ -400,6 +403,33 @@ def test_partial_rollouts_resume_interrupted_answers_on_the_new_weights(ray_sess
     assert len(resumed) >= 3, [r["resumed_frac"] for r in iterations]
     assert all(r["rollout_logprob_gap_current_max"] < 1e-4 for r in resumed), resumed
     assert max(r["rollout_logprob_gap"] for r in resumed) > 1e-3  # the answers' older tokens: another version's
+
+
+@needs_vllm
+@pytest.mark.integration
+def test_multi_turn_episodes_are_generated_ahead(ray_session, vllm_base, tmp_path):
+    """Relay episodes of up to 3 turns and 56 tokens generated one batch ahead with partial rollouts: every
+    iteration's episodes went on after their first answers, some to a third turn and some stopped by the token
+    limit (so a turn's batch holds part of the episodes), no sample is staler than the bound, the tokens drawn by the
+    policy's current weights carry its own log-probs, and the held-out figures score greedy episodes."""
+    from tests import episode_checks  # noqa: F401  (registers the relay environment)
+
+    job = engine_job(
+        tmp_path,
+        vllm_base,
+        "episodes-ahead",
+        iterations=4,
+        rollout_correction="decoupled",
+        environment={"name": "relay", "max_turns": 3, "max_tokens": 56},
+        **{"async": {"max_staleness": 1, "partial_rollouts": True}},
+    )
+    result = run_job(job_from_dict(job), show_progress=False)
+    iterations = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if "reward" in r]
+    assert len(iterations) == 4 and all(2.0 < r["turns"] < 3.0 and r["cut_at_max_tokens"] for r in iterations)
+    assert max(r["staleness_max"] for r in iterations) == 1
+    gaps = [r["rollout_logprob_gap_current_max"] for r in iterations if "rollout_logprob_gap_current_max" in r]
+    assert gaps and max(gaps) < 1e-4, iterations
+    assert 1.0 < result.figures["greedy turns"][1] <= 3.0, result.figures
 
 
 KILL: dict = {"run_dir": None}

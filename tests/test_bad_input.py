@@ -461,14 +461,6 @@ def _(tmp, models):
     return ["train", write_job(tmp, job)], ["reward.remote.token_env names TUNEYARD_TEST_UNSET_TOKEN, which is not set"]
 
 
-@case("ppo.environment with batches generated ahead")
-def _(tmp, models):
-    ahead = {"async": {"max_staleness": 1}, "rollout_correction": "decoupled", "colocate": "none"}
-    environment = {"name": "tools", "max_turns": 3, "tools": ["calculate"]}
-    job = ppo(tmp, models, generation={"engine": "vllm"}, environment=environment, **ahead)
-    return ["validate", write_job(tmp, job)], ["ppo.environment tools (max_turns 3)", "ppo.async.max_staleness: 0"]
-
-
 @case("ppo.environment offering an unknown tool")
 def _(tmp, models):
     environment = {"name": "tools", "max_turns": 2, "tools": ["calculator"]}

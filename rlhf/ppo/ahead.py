@@ -39,6 +39,7 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from tuneyard.rlhf.config import PpoSection
+from tuneyard.rlhf.ppo.episodes import EpisodeRollout
 from tuneyard.rlhf.ppo.experience import RewardScorer, gather
 from tuneyard.rlhf.ppo.groups import RoleGroup
 from tuneyard.rlhf.ppo.prompts import Prompt, batch_prompts, batch_seed
@@ -51,7 +52,7 @@ class RolloutsAhead:
     def __init__(
         self,
         *,
-        source: EngineRollout,
+        source: EngineRollout | EpisodeRollout,
         prompts: list[Prompt],
         pad_id: int,
         ppo: PpoSection,
@@ -105,7 +106,7 @@ class RolloutsAhead:
         """A launched batch as the iteration that trains it takes it: its samples (rewarded call by call as the
         engines return them), the reference's log-probs once it is whole, the engines' busy seconds on it."""
         samples, engine_busy_s = self.source.collect(generating)
-        rollout = Rollout.of(samples, self.pad_id, {"engine_busy_s": engine_busy_s})
+        rollout = Rollout.of(samples, self.pad_id, {**generating.figures, "engine_busy_s": engine_busy_s})
         if self.reference is not None:
             rollout.reference_logprobs = gather(self.reference, self.reference.scatter("logprobs", rollout.batch))[
                 "logprobs"

@@ -253,7 +253,7 @@ def ppo_iterations(
     rewards = RewardScorer(reward, groups.get("reward"), ppo)
     ahead = None
     if generates_ahead(ppo):  # the config allows it with vLLM engines only
-        assert isinstance(rollout_source, EngineRollout)
+        assert isinstance(rollout_source, EngineRollout | EpisodeRollout)
         ahead = RolloutsAhead(
             source=rollout_source,
             prompts=inputs.prompts,

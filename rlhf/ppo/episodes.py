@@ -8,11 +8,15 @@ trained on. The episode's `Sample` holds all its tokens after the prompt, with `
 loss, the KL and the entropy see those only; the environment's tokens are context.
 
 Each turn is one `sample` call of the inner rollout on every episode still running (its prompt the episode so
-far), so both engines, their stops, behaviour log-probs and seeds work unchanged.
+far), so both engines, their stops, behaviour log-probs and seeds work unchanged. Over vLLM engines a batch of
+episodes can also be launched ahead of training (`launch`/`collect`, ppo.async): its turns run on a thread of
+their own, and each sampled token keeps the version that drew it.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
@@ -20,7 +24,7 @@ from transformers import PreTrainedTokenizerBase
 from tuneyard.rlhf.config import EnvironmentSection, PpoSection
 from tuneyard.rlhf.environments import environment_class
 from tuneyard.rlhf.ppo.prompts import Prompt
-from tuneyard.rlhf.ppo.rollout import Sample
+from tuneyard.rlhf.ppo.rollout import Generating, Sample
 from tuneyard.training.data.chat_templates import SENTINEL, end_of_turn_id
 from tuneyard.training.errors import UserError
 
@@ -57,6 +61,7 @@ class Episode:
     tokens: list[int] = field(default_factory=list)
     sampled: list[bool] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    versions: list[int] | None = field(default_factory=list)  # the version that drew each token (None: untold)
     text: str = ""
     finished: bool = True
     done: bool = False
@@ -64,21 +69,31 @@ class Episode:
     turns: int = 0
     figures: dict[str, float] = field(default_factory=dict)
 
-    def add(self, tokens: list[int], sampled: bool, logprobs: list[float] | None = None) -> None:
+    def add(
+        self, tokens: list[int], sampled: bool, logprobs: list[float] | None = None, versions: list[int] | None = None
+    ) -> None:
+        """Append an answer's tokens (sampled) or the environment's delta (context), with their log-probs and, for
+        an answer, the version that drew each token (a delta takes the version of the answer before it)."""
         self.tokens += tokens
         self.sampled += [sampled] * len(tokens)
         self.logprobs += logprobs if logprobs is not None else [0.0] * len(tokens)
+        if sampled and versions is None:
+            self.versions = None
+        elif self.versions is not None:
+            self.versions += versions if sampled else [self.versions[-1] if self.versions else 0] * len(tokens)
 
     def sample(self, version: int, engine_logprobs: bool) -> Sample:
+        drawn = [v for v, s in zip(self.versions or [], self.sampled, strict=False) if s]
         return Sample(
             prompt=self.prompt,
             tokens=self.tokens,
             finished=self.finished,
-            version=version,
+            version=min(drawn, default=version),
             text=self.text,
             logprobs=self.logprobs if engine_logprobs else None,
             sampled=self.sampled,
             environment_reward=self.reward,
+            token_versions=self.versions if self.versions else None,
         )
 
 
@@ -93,6 +108,7 @@ class EpisodeRollout:
         self.max_new_tokens = max_new_tokens  # a turn's; the next turn starts only if it fits section.max_tokens
         self.environment_class = environment_class(section)
         self.figures: dict[str, float] = {}
+        self.runner: ThreadPoolExecutor | None = None  # the episodes of batches launched ahead, one batch at a time
 
     def start(self) -> None:
         """The inner rollout's."""
@@ -102,12 +118,52 @@ class EpisodeRollout:
         """The inner rollout's."""
         return self.inner.update_weights()
 
+    def launch(
+        self,
+        prompts: list[Prompt],
+        seed: int,
+        version: int,
+        arrived: Callable[[list[Sample]], None] | None = None,
+    ) -> Generating:
+        """Start `sample` on a thread of its own and return at once (batches generated ahead, over vLLM engines);
+        `collect` waits. `arrived` is handed the batch's episodes once they are all done."""
+
+        def episodes() -> tuple[list[Sample], float]:
+            samples, busy_s, figures = self.run(prompts, seed, version)
+            generating.figures.update(figures)
+            if arrived is not None:
+                arrived(samples)
+            return samples, busy_s
+
+        if self.runner is None:
+            self.runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuneyard-episodes")
+        generating = Generating(prompts, version, Future())
+        generating.answers = self.runner.submit(episodes)
+        return generating
+
+    def collect(self, generating: Generating) -> tuple[list[Sample], float]:
+        """A launched batch's episodes, and the engines' busy seconds over its turns."""
+        return generating.answers.result()
+
+    def pause(self) -> None:
+        """The inner rollout's (partial rollouts: a turn in flight keeps its tokens so far)."""
+        self.inner.pause()
+
+    def resume(self, version: int) -> None:
+        """The inner rollout's."""
+        self.inner.resume(version)
+
     def sample(self, prompts: list[Prompt], seed: int, version: int) -> list[Sample]:
         """One episode for each prompt, seeded; at most `max_turns` assistant turns each."""
+        samples, _, self.figures = self.run(prompts, seed, version)
+        return samples
+
+    def run(self, prompts: list[Prompt], seed: int, version: int) -> tuple[list[Sample], float, dict[str, float]]:
+        """`sample`'s episodes, the engines' busy seconds over their turns (0 where untold), and their figures."""
         episodes = [Episode(prompt, self.environment_class(self.section)) for prompt in prompts]
         for episode in episodes:
             episode.environment.reset(episode.prompt)
-        engine_logprobs = False
+        engine_logprobs, busy_s = False, 0.0
         for turn in range(self.section.max_turns):
             running = [e for e in episodes if not e.done]
             if not running:
@@ -115,11 +171,16 @@ class EpisodeRollout:
             contexts = [Prompt(e.prompt.messages, e.prompt.ids + e.tokens, e.prompt.metadata) for e in running]
             # the policy's ranks each take an equal share of a batch: the last context repeats up to a multiple
             padding = -len(contexts) % getattr(self.inner, "batch_multiple", 1)
-            answers = self.inner.sample(contexts + contexts[-1:] * padding, seed + turn * TURN_SEED_STRIDE, version)
+            turn_prompts, turn_seed = contexts + contexts[-1:] * padding, seed + turn * TURN_SEED_STRIDE
+            if hasattr(self.inner, "launch"):  # the engines also tell how long they were busy
+                answers, turn_busy_s = self.inner.collect(self.inner.launch(turn_prompts, turn_seed, version))
+                busy_s += turn_busy_s
+            else:
+                answers = self.inner.sample(turn_prompts, turn_seed, version)
             answers = answers[: len(running)]
             for episode, answer in zip(running, answers, strict=True):
                 engine_logprobs = answer.logprobs is not None
-                episode.add(answer.tokens, True, answer.logprobs)
+                episode.add(answer.tokens, True, answer.logprobs, answer.token_versions)
                 episode.text, episode.turns = answer.text, episode.turns + 1
                 if not answer.finished:  # cut at max_new_tokens: no end of turn to continue after
                     episode.finished, episode.done = False, True
@@ -138,8 +199,7 @@ class EpisodeRollout:
                     episode.done, episode.figures["cut_at_max_tokens"] = True, 1.0
                 else:
                     episode.add(delta, False)
-        self.figures = episode_figures(episodes)
-        return [e.sample(version, engine_logprobs) for e in episodes]
+        return [e.sample(version, engine_logprobs) for e in episodes], busy_s, episode_figures(episodes)
 
 
 def with_environment(rollout, ppo: PpoSection, tokenizer: PreTrainedTokenizerBase):

@@ -27,8 +27,9 @@ RESUMED_SEED_STRIDE = 1_000_003  # a resumed segment's seed: the prompt's seed +
 
 def call_bounds(prompts: int, group: int, engines: int, groups_per_call: int | None) -> list[tuple[int, int]]:
     """The [start, end) prompt ranges of a batch's calls: `groups_per_call` whole groups each (None: one call with a
-    single engine, else the groups split in two calls per engine)."""
-    groups = prompts // group
+    single engine, else the groups split in two calls per engine). A batch of episodes' later turns may hold part
+    of a group: it counts as one."""
+    groups = max(1, math.ceil(prompts / group))
     if groups_per_call is None:
         groups_per_call = groups if engines == 1 else max(1, math.ceil(groups / (2 * engines)))
     step = groups_per_call * group

@@ -126,6 +126,7 @@ class Generating:
     prompts: list[Prompt]
     version: int
     answers: Future  # of (list[Sample], float)
+    figures: dict[str, float] = field(default_factory=dict)  # how the batch was drawn (an episode batch's turns)
 
 
 class PolicyRollout:
