@@ -62,21 +62,22 @@ class PromptQueue:
 
     def __init__(self, engines: RoleGroup):
         self.engines = engines
-        self.version = -1  # the version of the engines' weights (set by the launch and by `resume`)
+        self.version = -1  # the version of the engines' weights (raised by a launch and by `resume`)
         self.lock = threading.Condition()
         self.open = True  # calls may be handed out
         self.running = 0  # calls on the engines
 
     def answer(self, calls: list[list[Answer]], arrived: Callable[[int, list[Answer]], None], version: int) -> float:
         """Every call answered by whichever engine is free, interrupted answers resumed after `resume`; `arrived(i,
-        answers)` as call i's answers are whole. The engines' mean busy seconds. `version`: the engines' now.
+        answers)` as call i's answers are whole. The engines' mean busy seconds. `version`: the engines' version when
+        the batch was launched (a pause since may have moved them on: versions only grow, so the newer one holds).
 
         Nothing answering within cluster.collective_timeout_s is a stall (RoleStalled, naming the silent engines); an
         engine's error or death is raised as it comes."""
         import ray
 
         with self.lock:
-            self.version = version
+            self.version = max(self.version, version)
         waiting = deque((i, answers) for i, answers in enumerate(calls))
         unfinished = [len(answers) for answers in calls]
         running: dict = {}  # ObjectRef -> (engine, call, its answers, the version drawing them)
