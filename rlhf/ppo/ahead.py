@@ -68,8 +68,8 @@ class RolloutsAhead:
         self.source, self.prompts, self.pad_id, self.ppo, self.seed = source, prompts, pad_id, ppo, seed
         self.bound, self.iterations = ppo.async_.max_staleness, iterations
         self.rewards, self.reference = rewards, reference
-        # (iteration, position, the batch, its Rollout scored as it arrives)
-        self.in_flight: deque[tuple[int, int, Generating, Future]] = deque()
+        # (iteration, position, the batch's Rollout, scored as it arrives)
+        self.in_flight: deque[tuple[int, int, Future]] = deque()
         self.scoring = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuneyard-arrivals")
         self.next_iteration, self.next_position = iteration, position
         self.engine_version = -1  # unknown until the first sync (a fresh or restarted engine)
@@ -81,7 +81,7 @@ class RolloutsAhead:
         the engines' busy seconds on this batch and the batches still in flight behind it (queue depth)."""
         sync_s = self.sync_and_launch(iteration)
         waiting = time.perf_counter()
-        batch_iteration, position, _, arriving = self.in_flight.popleft()
+        batch_iteration, position, arriving = self.in_flight.popleft()
         assert batch_iteration == iteration, (batch_iteration, iteration)
         rollout = arriving.result()
         samples = rollout.samples
@@ -133,7 +133,6 @@ class RolloutsAhead:
             arrived = self.rewards.score if self.rewards is not None else None
             seed = batch_seed(self.seed, position, wanted)
             generating = self.source.launch(prompts, seed, self.engine_version, arrived)
-            arriving = self.scoring.submit(self.arrive, generating)
-            self.in_flight.append((self.next_iteration, position, generating, arriving))
+            self.in_flight.append((self.next_iteration, position, self.scoring.submit(self.arrive, generating)))
             self.next_iteration, self.next_position = self.next_iteration + 1, position + wanted
         return sync_s

@@ -16,7 +16,7 @@ their own, and each sampled token keeps the version that drew it.
 from __future__ import annotations
 
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from transformers import PreTrainedTokenizerBase
@@ -108,7 +108,8 @@ class EpisodeRollout:
         self.max_new_tokens = max_new_tokens  # a turn's; the next turn starts only if it fits section.max_tokens
         self.environment_class = environment_class(section)
         self.figures: dict[str, float] = {}
-        self.runner: ThreadPoolExecutor | None = None  # the episodes of batches launched ahead, one batch at a time
+        # the episodes of batches launched ahead, one batch at a time (no thread starts until one is)
+        self.runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuneyard-episodes")
 
     def start(self) -> None:
         """The inner rollout's."""
@@ -128,18 +129,16 @@ class EpisodeRollout:
         """Start `sample` on a thread of its own and return at once (batches generated ahead, over vLLM engines);
         `collect` waits. `arrived` is handed the batch's episodes once they are all done."""
 
+        figures: dict[str, float] = {}
+
         def episodes() -> tuple[list[Sample], float]:
-            samples, busy_s, figures = self.run(prompts, seed, version)
-            generating.figures.update(figures)
+            samples, busy_s, drawn = self.run(prompts, seed, version)
+            figures.update(drawn)
             if arrived is not None:
                 arrived(samples)
             return samples, busy_s
 
-        if self.runner is None:
-            self.runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuneyard-episodes")
-        generating = Generating(prompts, version, Future())
-        generating.answers = self.runner.submit(episodes)
-        return generating
+        return Generating(prompts, version, self.runner.submit(episodes), figures)
 
     def collect(self, generating: Generating) -> tuple[list[Sample], float]:
         """A launched batch's episodes, and the engines' busy seconds over its turns."""
