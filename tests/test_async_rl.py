@@ -156,7 +156,7 @@ def engines_of(tmp_path, *step_s: float, timeout_s: float = 30) -> RoleGroup:
         concurrency_groups = {"control": 1}  # noqa: RUF012
 
         def __init__(self, number: int, step_s: float):
-            self.number, self.step_s, self.version, self.seeds = number, step_s, 0, []
+            self.number, self.step_s, self.version, self.seeds, self.steps = number, step_s, 0, [], 0
             self.interrupted = threading.Event()
 
         def generate_timed(self, prompt_ids: list[list[int]], seeds: list[int], budgets: list[int]):
@@ -166,6 +166,7 @@ def engines_of(tmp_path, *step_s: float, timeout_s: float = 30) -> RoleGroup:
                 if self.interrupted.is_set():
                     break
                 time.sleep(self.step_s)
+                self.steps += 1
                 for ids, tokens, budget in zip(prompt_ids, drawn, budgets, strict=True):
                     if len(tokens) < budget:
                         tokens.append(len(ids) + len(tokens))
@@ -175,6 +176,10 @@ def engines_of(tmp_path, *step_s: float, timeout_s: float = 30) -> RoleGroup:
         @ray.method(concurrency_group="control")
         def interrupt(self) -> None:
             self.interrupted.set()
+
+        @ray.method(concurrency_group="control")
+        def steps_drawn(self) -> int:
+            return self.steps
 
         def receive_weights(self, version: int) -> None:
             self.version = version
@@ -212,11 +217,13 @@ def test_a_paused_answer_resumes_on_the_new_weights_with_its_tokens_so_far(ray_s
     """Partial rollouts: answers of 20 tokens paused after about 6, the engine given version 1, resumed: each answer
     is one run of positions (the resumed call's prompt held the tokens so far), its first tokens drawn by version 0
     and the rest by version 1 with that version's log-probs, and the resumed call got seeds of its own."""
-    engines = engines_of(tmp_path, 0.05)
+    engines = engines_of(tmp_path, 0.1)
     queue, calls = PromptQueue(engines), calls_of(1, 3, budget=20)
     with ThreadPoolExecutor(1) as pool:
         answering = pool.submit(queue.answer, calls, lambda i, answers: None, 0)
-        time.sleep(0.3)
+        deadline = time.monotonic() + 30  # a loaded machine may take seconds to start the call
+        while ray.get(engines.actors[0].steps_drawn.remote()) < 6 and time.monotonic() < deadline:
+            time.sleep(0.05)
         queue.pause()
         ray.get(engines.actors[0].receive_weights.remote(1))
         queue.resume(1)
