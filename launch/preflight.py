@@ -92,12 +92,16 @@ def check_length_fits_model(job: JobConfig) -> None:
         return
     source = job.model.name_or_path if job.model.init == "pretrained" else "model.architecture"
     if stage_spec(job.stage).controller:
-        length = job.ppo.max_prompt_length + job.ppo.generation.max_new_tokens
+        length = job.ppo.max_prompt_length + job.ppo.response_tokens
         if length > limit:
+            answer = (  # a multi-turn episode's tokens after its prompt are bounded by environment.max_tokens
+                f"ppo.environment.max_tokens ({job.ppo.environment.max_tokens})"
+                if job.ppo.response_tokens > job.ppo.generation.max_new_tokens
+                else f"ppo.generation.max_new_tokens ({job.ppo.generation.max_new_tokens})"
+            )
             raise UserError(
-                f"ppo.max_prompt_length ({job.ppo.max_prompt_length}) plus ppo.generation.max_new_tokens "
-                f"({job.ppo.generation.max_new_tokens}) is {length} tokens, more than the {limit} positions of the "
-                f"model ({source}); lower one of them so that their sum is at most {limit}"
+                f"ppo.max_prompt_length ({job.ppo.max_prompt_length}) plus {answer} is {length} tokens, more than "
+                f"the {limit} positions of the model ({source}); lower one of them so that their sum is at most {limit}"
             )
         return
     if job.data.max_length > limit:

@@ -403,6 +403,12 @@ class EnvironmentSection(BaseModel):
     )
     tools: list[str] = Field(default_factory=list, description="the registered tools the tools environment offers")
     sandbox: SandboxSection = Field(default_factory=SandboxSection, description="the limits of each tool call")
+    parallel_steps: int = Field(
+        default=8,
+        ge=1,
+        description="episodes whose environment steps run at once, on driver threads (a tool call is a sandboxed "
+        "process of its own, so a batch's calls overlap)",
+    )
     options: dict = Field(default_factory=dict, description="the environment's own options")
 
     @property

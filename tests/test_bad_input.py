@@ -468,6 +468,16 @@ def _(tmp, models):
     return ["train", write_job(tmp, job)], ["ppo.environment.tools: unknown tool 'calculator'", "calculate"]
 
 
+@case("ppo.environment.max_tokens past the model's positions")
+def _(tmp, models):
+    environment = {"name": "tools", "max_turns": 2, "tools": ["calculate"], "max_tokens": 200}
+    job = ppo(tmp, models, advantage="grpo", samples_per_prompt=2, environment=environment)
+    return ["train", write_job(tmp, job)], [
+        "ppo.max_prompt_length (128) plus ppo.environment.max_tokens (200) is 328 tokens",
+        "the 256 positions of the model",
+    ]
+
+
 @case("grpo reward.model that is a causal LM")
 def _(tmp, models):
     job = grpo(tmp, models, model=str(models["causal"]))

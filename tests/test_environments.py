@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -12,10 +13,12 @@ import pytest
 from transformers import AutoTokenizer
 
 import tests.sandbox_tools as tools
-from tests.episode_checks import TEMPLATES, check_episodes
+from tests.episode_checks import TEMPLATES, Recording, check_episodes
 from tuneyard.rlhf.config import EnvironmentSection, SandboxSection
-from tuneyard.rlhf.environments import ToolEnvironment, tool_calls
-from tuneyard.rlhf.ppo.episodes import message_delta
+from tuneyard.rlhf.environments import Step, ToolEnvironment, environment, tool_calls
+from tuneyard.rlhf.ppo.episodes import EpisodeRollout, message_delta
+from tuneyard.rlhf.ppo.prompts import Prompt
+from tuneyard.rlhf.ppo.rollout import Sample
 from tuneyard.rlhf.sandbox import run_tool
 from tuneyard.rlhf.tools import calculate, tool_schemas
 from tuneyard.training.errors import UserError
@@ -81,6 +84,32 @@ def test_the_tools_environment_answers_calls_and_counts_errors():
     with pytest.raises(UserError, match="unknown tool 'nope'; registered: "):
         ToolEnvironment(EnvironmentSection(name="tools", tools=["nope"]))
     assert tool_schemas(["lookup"])[0]["function"]["parameters"]["required"] == ["key"]
+
+
+def test_the_environment_steps_of_a_turn_run_at_once():
+    """A turn's episodes step their environments side by side (`parallel_steps`, as a batch's tool calls overlap):
+    four steps that each wait at one barrier for all four finish, and each episode gets its own step's reward."""
+    barrier = threading.Barrier(4, timeout=30)  # a step at a time would break it after 30 s
+
+    @environment("barrier")
+    class AtTheBarrier:
+        def __init__(self, section: EnvironmentSection) -> None:
+            pass
+
+        def reset(self, prompt: Prompt) -> None:
+            self.asked = prompt.ids[0]
+
+        def step(self, answer: str) -> Step:
+            barrier.wait()
+            return Step(None, reward=float(self.asked), done=True)
+
+    def answers(prompts: list[Prompt], seed: int, version: int) -> list[Sample]:
+        return [Sample(p, [9, 2], True, version, "done") for p in prompts]
+
+    section = EnvironmentSection(name="barrier", max_turns=2, parallel_steps=4)
+    rollout = EpisodeRollout(Recording(answers), section, tokenizer=None, max_new_tokens=8)
+    samples = rollout.sample([Prompt([{"role": "user", "content": "?"}], [i]) for i in range(4)], seed=0, version=0)
+    assert [s.environment_reward for s in samples] == [0.0, 1.0, 2.0, 3.0] and rollout.figures == {"turns": 1.0}
 
 
 def tokenizer_with(template: str):

@@ -110,6 +110,8 @@ class EpisodeRollout:
         self.figures: dict[str, float] = {}
         # the episodes of batches launched ahead, one batch at a time (no thread starts until one is)
         self.runner = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuneyard-episodes")
+        # the environments' steps of a turn, several at once: each tool call waits on a process of its own
+        self.stepper = ThreadPoolExecutor(max_workers=section.parallel_steps, thread_name_prefix="tuneyard-env")
 
     def start(self) -> None:
         """The inner rollout's."""
@@ -183,8 +185,9 @@ class EpisodeRollout:
                 episode.text, episode.turns = answer.text, episode.turns + 1
                 if not answer.finished:  # cut at max_new_tokens: no end of turn to continue after
                     episode.finished, episode.done = False, True
-                    continue
-                step = episode.environment.step(answer.text)
+            stepping = [e for e in running if not e.done]
+            steps = self.stepper.map(lambda e: e.environment.step(e.text), stepping)
+            for episode, step in zip(stepping, steps, strict=True):
                 episode.reward += step.reward or 0.0
                 for key, value in step.figures.items():
                     episode.figures[key] = episode.figures.get(key, 0.0) + value
