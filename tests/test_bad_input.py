@@ -463,7 +463,7 @@ def _(tmp, models):
 
 @case("ppo.environment offering an unknown tool")
 def _(tmp, models):
-    environment = {"name": "tools", "max_turns": 2, "tools": ["calculator"]}
+    environment = {"name": "tools", "max_turns": 2, "tools": ["calculator"], "max_tokens": 64}
     job = ppo(tmp, models, advantage="grpo", samples_per_prompt=2, environment=environment)
     return ["train", write_job(tmp, job)], ["ppo.environment.tools: unknown tool 'calculator'", "calculate"]
 
