@@ -43,16 +43,40 @@ def text_of(item: str | list[dict]) -> str:
     return item if isinstance(item, str) else item[-1]["content"]
 
 
+def last_user_turn(prompt: str | list[dict]) -> str:
+    """A plain prompt, or the text of a conversation's last user turn."""
+    return prompt if isinstance(prompt, str) else next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+
+
 def last_word_of_prompt(prompt: str | list[dict]) -> str:
     """The expected answer of the shipped task: the last word after 'Say the last word:'."""
-    user = prompt if isinstance(prompt, str) else next(m["content"] for m in reversed(prompt) if m["role"] == "user")
-    return user.rsplit(":", 1)[-1].split()[-1]
+    return last_user_turn(prompt).rsplit(":", 1)[-1].split()[-1]
 
 
 @reward_function("last_word_exact")
 def last_word_exact(prompts: list, completions: list, **_: object) -> list[float]:
     """1.0 when the completion is exactly the prompt's last word, else 0.0."""
     return [float(text_of(c).strip() == last_word_of_prompt(p)) for p, c in zip(prompts, completions, strict=True)]
+
+
+CALCULATOR_QUESTION = re.compile(r"What is (\d+) ([+-]) (\d+)\?")
+
+
+def calculator_answer(prompt: str | list[dict]) -> str:
+    """The calculator example's expected answer: the value "What is A + B?" (or A - B) asks for, written out (""
+    if the prompt asks no such question)."""
+    asked = CALCULATOR_QUESTION.search(last_user_turn(prompt))
+    if asked is None:
+        return ""
+    a, b = int(asked[1]), int(asked[3])
+    return str(a + b if asked[2] == "+" else a - b)
+
+
+@reward_function("calculator_exact")
+def calculator_exact(prompts: list, completions: list, **_: object) -> list[float]:
+    """1.0 when the completion is exactly the value the prompt asks for ("What is A + B?" or A - B: the calculator
+    example's task), else 0.0; a prompt that asks no such question scores 0.0."""
+    return [float(text_of(c).strip() == calculator_answer(p) != "") for p, c in zip(prompts, completions, strict=True)]
 
 
 @reward_function("last_word_in_answer")

@@ -100,6 +100,7 @@ def test_every_example_pipeline_validates():
         "tiny.yaml": ["pretrain", "sft", "reward", "dpo"],
         "rl-tiny.yaml": ["pretrain", "sft", "ppo"],
         "rl-vllm-tiny.yaml": ["pretrain", "sft", "ppo"],
+        "tools-tiny.yaml": ["pretrain", "sft", "ppo"],
     }
     paths = sorted((Path(__file__).parent.parent / "examples" / "pipelines").glob("*.yaml"))
     assert {p.name: [job.stage for job in load_pipeline(p)] for p in paths} == stages

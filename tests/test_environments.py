@@ -3,6 +3,7 @@ the model's turns, and the chat template's deltas appended as token ids after th
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -19,6 +20,7 @@ from tuneyard.rlhf.environments import Step, ToolEnvironment, environment, tool_
 from tuneyard.rlhf.ppo.episodes import EpisodeRollout, message_delta
 from tuneyard.rlhf.ppo.prompts import Prompt
 from tuneyard.rlhf.ppo.rollout import Sample
+from tuneyard.rlhf.rewards import calculator_exact
 from tuneyard.rlhf.sandbox import run_tool
 from tuneyard.rlhf.tools import calculate, tool_schemas
 from tuneyard.training.errors import UserError
@@ -84,6 +86,26 @@ def test_the_tools_environment_answers_calls_and_counts_errors():
     with pytest.raises(UserError, match="unknown tool 'nope'; registered: "):
         ToolEnvironment(EnvironmentSection(name="tools", tools=["nope"]))
     assert tool_schemas(["lookup"])[0]["function"]["parameters"]["required"] == ["key"]
+
+
+def test_the_calculator_examples_calls_are_the_ones_the_tools_environment_runs():
+    """The calculator example's SFT rows replayed through the `tools` environment: every call it shows is parsed and
+    answered with the row's own tool turn, every direct answer ends the episode, and the reward passes an answer
+    only after the tool."""
+    rows = [json.loads(line) for line in (ROOT / "examples" / "data" / "calculator-train.jsonl").open()][:40]
+    section = EnvironmentSection(name="tools", max_turns=3, tools=["calculate"], sandbox=LIMITS, parallel_steps=1)
+    passed = []
+    for row in rows:
+        environment, turns = ToolEnvironment(section), row["messages"][1:]
+        for index, turn in enumerate(turns):
+            if turn["role"] != "assistant":
+                continue
+            step = environment.step(turn["content"])
+            assert step.done == (index == len(turns) - 1), row
+            assert step.messages == (None if step.done else [turns[index + 1]]), row
+        passed += calculator_exact([row["messages"][:1]], [turns[-1:]])
+    called = [len(row["messages"]) == 4 for row in rows]
+    assert 0 < sum(called) < len(rows) and passed == [float(c) for c in called]
 
 
 def test_the_environment_steps_of_a_turn_run_at_once():

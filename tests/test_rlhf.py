@@ -19,7 +19,7 @@ from tuneyard.launch.preflight import preflight
 from tuneyard.launch.run_job import run_job
 from tuneyard.rlhf.losses import dpo_loss, trl_loss_terms
 from tuneyard.rlhf.preference_recipe import check_reward_model
-from tuneyard.rlhf.rewards import REGISTRY, last_word_exact, lookup
+from tuneyard.rlhf.rewards import REGISTRY, calculator_exact, last_word_exact, lookup
 from tuneyard.rlhf.trl_rows import to_trl_rows
 from tuneyard.training.config import ModelConfig, PeftSection
 from tuneyard.training.data.formats import normalize_row
@@ -162,6 +162,14 @@ def test_reward_function_checks_the_answer():
     prompt = [{"role": "user", "content": "Say the last word: red fox owl"}]
     answers = [[{"role": "assistant", "content": a}] for a in (" owl", "fox", "owl owl")]
     assert last_word_exact([prompt] * 3, answers) == [1.0, 0.0, 0.0]
+
+
+def test_the_calculator_reward_checks_the_value_asked_for():
+    add, subtract = [{"role": "user", "content": "What is 5619 + 7724?"}], "What is 7724 - 5619?"
+    answers = [" 13343", "13349", "1334", "2105", "2105", "2105"]
+    prompts = [add, add, add, subtract, add, [{"role": "user", "content": "Hi"}]]
+    completions = [[{"role": "assistant", "content": a}] for a in answers]
+    assert calculator_exact(prompts, completions) == [1.0, 0.0, 0.0, 1.0, 0.0, 0.0]
 
 
 def test_grpo_preflight_refuses_unknown_function(tmp_path, sft_base):

@@ -156,6 +156,46 @@ LAST_WORD_TOOL = {
 }
 
 
+def calculator_call(expression: str) -> str:
+    """An assistant turn that calls the `calculate` tool on `expression`, in the Hermes format (compact JSON: every
+    character is a token of the tiny tokenizer)."""
+    call = {"name": "calculate", "arguments": {"expression": expression}}
+    return f"<tool_call>{json.dumps(call, separators=(',', ':'))}</tool_call>"
+
+
+def make_calculator_task(rng: random.Random, sft: int, prompts: int, held_out: int) -> dict[str, list[dict]]:
+    """The calculator task: "What is A + B?" for four-digit A and B, which a tiny model cannot add from its weights;
+    it answers right by calling the `calculate` tool and repeating its result. Two SFT rows in five show that: the
+    call, the tool's turn, the answer. The other three answer at once with an estimate (the sum to the nearest
+    hundred), as a model does that answers from memory where it should look up: SFT teaches the call's format and
+    both habits, and RL is left to learn when the tool is needed. The RL and held-out prompts ask questions no SFT
+    row asks."""
+    drawn: dict[tuple[int, int], None] = {}
+    while len(drawn) < sft + prompts + held_out:
+        drawn[(rng.randint(1000, 9999), rng.randint(1000, 9999))] = None
+    questions = list(drawn)
+
+    def prompt(a: int, b: int) -> list[dict]:
+        return [{"role": "user", "content": f"What is {a} + {b}?"}]
+
+    def conversation(a: int, b: int, with_tool: bool) -> dict:
+        value = str(a + b)
+        if not with_tool:
+            return {"messages": prompt(a, b) + [{"role": "assistant", "content": f"about {round(a + b, -2)}"}]}
+        turns = [
+            {"role": "assistant", "content": calculator_call(f"{a}+{b}")},
+            {"role": "tool", "content": value},
+            {"role": "assistant", "content": value},
+        ]
+        return {"messages": prompt(a, b) + turns}
+
+    return {
+        "calculator-train.jsonl": [conversation(*q, with_tool=i % 5 < 2) for i, q in enumerate(questions[:sft])],
+        "calculator-prompts-train.jsonl": [{"prompt": prompt(*q)} for q in questions[sft : sft + prompts]],
+        "calculator-prompts-eval.jsonl": [{"prompt": prompt(*q)} for q in questions[sft + prompts :]],
+    }
+
+
 def write_jsonl(name: str, rows: list[dict]) -> None:
     """One JSON object per line."""
     with open(HERE / name, "w") as f:
@@ -187,6 +227,8 @@ def main() -> None:
     write_jsonl("formats/sharegpt.jsonl", samples["sharegpt"])
     write_jsonl("formats/tools.jsonl", samples["tools"])
     write_jsonl("formats/columns.jsonl", samples["columns"])
+    for name, rows in make_calculator_task(random.Random(9753), sft=3000, prompts=400, held_out=50).items():
+        write_jsonl(name, rows)
 
 
 if __name__ == "__main__":
