@@ -24,6 +24,7 @@ from tuneyard.rlhf.rewards import calculator_exact
 from tuneyard.rlhf.sandbox import run_tool
 from tuneyard.rlhf.tools import calculate, tool_schemas
 from tuneyard.training.errors import UserError
+from tuneyard.training.metrics import figure_panels, read_metrics
 
 ROOT = Path(__file__).resolve().parent.parent
 LIMITS = SandboxSection(timeout_s=2, memory_mb=512, cpu_s=2)
@@ -251,3 +252,10 @@ def test_a_ppo_run_trains_on_multi_turn_episodes(ray_session, sft_base, tmp_path
     assert all(1.0 < r["turns"] <= 2.0 and math.isfinite(r["loss"] + r["value_loss"]) for r in rows), rows
     before, after = result.figures["greedy turns"]
     assert 1.0 < before <= 2.0 and 1.0 < after <= 2.0 and "task acc." in result.figures, result.figures
+    panels = [key for key, _ in figure_panels([read_metrics(result.run_dir / "metrics.jsonl")])]
+    assert panels == ["loss", "reward", "kl", "turns"]  # `tuneyard plot`: a tools run adds a tool-error panel
+
+
+def test_a_tools_run_plots_its_turns_and_tool_errors():
+    records = [{"step": 1, "loss": 0.4, "reward": 0.4, "turns": 1.4, "tool_calls": 51.0, "tool_errors": 0.0}]
+    assert [key for key, _ in figure_panels([records])] == ["loss", "reward", "turns", "tool_errors"]

@@ -39,6 +39,8 @@ STAGE_FIGURES = (
     ("rewards/accuracies", "reward accuracy (DPO)"),
     ("margin", "reward margin (reward model)"),
     ("accuracy", "pair accuracy (reward model)"),
+    ("turns", "assistant turns per episode (multi-turn RL)"),
+    ("tool_errors", "tool errors per iteration (tools environment)"),
 )
 
 
