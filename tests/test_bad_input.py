@@ -2,7 +2,8 @@
 
 Each case builds its files under tmp_path and returns the command line and fragments the message must hold.
 Almost all stop in `validate` or in the driver's preflight, before any Ray worker starts; the few that need
-the loader run with --single on a tiny model built once for the module.
+the loader run with --single on a tiny model built once for the module. Each case runs in a process of its own,
+forked from a warm CLI process (tests/cli_forks.py) so that the table does not import torch once per case.
 """
 
 from __future__ import annotations
@@ -15,10 +16,12 @@ import sys
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from queue import Queue
 
 import pytest
 import yaml
 
+from tests.cli_forks import ForkingCli
 from tests.conftest import EXAMPLES, PRETRAIN_JOB, SFT_JOB, job_dict
 from tests.tiny_models import save_tiny_models
 
@@ -600,7 +603,7 @@ def _(tmp, models):
     return ["train", write_job(tmp, job)], ["output.dir '/proc/tuneyard-test/run' cannot be created", "choose an"]
 
 
-PARALLEL = max(2, min(4, os.cpu_count() or 2))  # the cases are subprocesses, mostly importing torch: CPU-bound
+PARALLEL = max(2, min(4, os.cpu_count() or 2))  # forks of warm CLI processes, one case each at a time
 
 
 @pytest.fixture(scope="module")
@@ -612,16 +615,27 @@ def outcomes(request, tmp_path_factory, models) -> dict[str, tuple[subprocess.Co
         if item.module.__name__ == __name__ and "name" in getattr(getattr(item, "callspec", None), "params", {})
     ]
 
+    clis: Queue[ForkingCli] = Queue()
+
     def run(name: str) -> tuple[subprocess.CompletedProcess | Exception, list]:
         tmp = tmp_path_factory.mktemp(re.sub(r"\W+", "-", name)[:40])
+        cli = clis.get()
         try:
             argv, fragments = CASES[name](tmp, models)
-            return run_tuneyard(*argv, cwd=tmp), fragments
+            return cli.run(argv, cwd=tmp, timeout=180), fragments
         except Exception as exc:  # reported by the case's own test, not by the fixture
             return exc, []
+        finally:
+            clis.put(cli)
 
-    with ThreadPoolExecutor(PARALLEL) as pool:
-        return dict(zip(selected, pool.map(run, selected), strict=True))
+    for _ in range(PARALLEL):
+        clis.put(ForkingCli({**os.environ, **OFFLINE}))
+    try:
+        with ThreadPoolExecutor(PARALLEL) as pool:
+            return dict(zip(selected, pool.map(run, selected), strict=True))
+    finally:
+        while not clis.empty():
+            clis.get().close()
 
 
 @pytest.mark.parametrize("name", list(CASES))

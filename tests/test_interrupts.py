@@ -68,8 +68,12 @@ class Train:
         assert self.proc.returncode == EXIT[signum] and "Traceback" not in err, (phase, err[-3000:])
         line = f"interrupted: {signum.name} while {phase}"
         assert line in err and "continue from the newest complete checkpoint" in err, (line, err[-2000:])
-        time.sleep(2)  # a killed process may take a moment to leave the process table
-        assert not processes_of_session(self.proc.pid), (phase, processes_of_session(self.proc.pid))
+        left = processes_of_session(self.proc.pid)
+        deadline = time.monotonic() + 5  # a killed process may take a moment to leave the process table
+        while left and time.monotonic() < deadline:
+            time.sleep(0.1)
+            left = processes_of_session(self.proc.pid)
+        assert not left, (phase, left)
         assert read_outcome(self.run_dir)["status"] == "interrupted", (phase, read_outcome(self.run_dir))
 
     def finish(self) -> str:
