@@ -435,6 +435,13 @@ class PpoSection(BaseModel):
         "the policy trains; bounds that memory at long responses; 0: a micro-batch's whole [samples, tokens, vocab]",
     )
     ppo_epochs: int = Field(default=1, ge=1, description="passes of clipped updates over an iteration's samples")
+    old_logprobs: Literal["auto", "pass"] = Field(
+        default="auto",
+        description="the policy's log-probs before an iteration's updates (PPO's old, decoupled PPO's proximal): auto "
+        "takes them from the forward of the update itself when an iteration is one optimizer step (ppo_epochs 1, "
+        "mini_batch_size = rollout_batch_size x samples_per_prompt) and kl.in is loss, saving a forward pass over "
+        "the batch (TRL's and NeMo-RL's shortcut); pass: a forward pass of their own before the updates, always",
+    )
     iterations: int = Field(default=0, ge=0, description="iterations to run; 0: `epochs` passes over the prompts")
     epochs: float = Field(default=1.0, gt=0, description="passes over the prompts when iterations is 0")
     clip_range: float = Field(default=0.2, gt=0, description="the ratio is clipped to [1 - clip_range, 1 + clip_range]")
@@ -527,6 +534,13 @@ class PpoSection(BaseModel):
     def has_critic(self) -> bool:
         """Whether a critic role trains beside the policy (GAE's values); the group estimators need none."""
         return self.advantage == "gae"
+
+    @property
+    def old_logprobs_from_update(self) -> bool:
+        """Whether the policy's pre-update log-probs come from its update's own forward (`old_logprobs` auto, one
+        optimizer step per iteration, no KL in the reward), so no pass of their own runs before it."""
+        one_step = self.ppo_epochs == 1 and self.mini_batch_size == self.rollout_batch_size * self.samples_per_prompt
+        return self.old_logprobs == "auto" and one_step and self.kl.in_ == "loss"
 
     @property
     def response_tokens(self) -> int:

@@ -41,7 +41,7 @@ class RecordingSource:
         self.calls: list[tuple] = []
         self.version = -1
 
-    def update_weights(self) -> dict[str, float]:
+    def update_weights(self, wait_for_engines: bool = True) -> dict[str, float]:
         self.calls.append(("sync",))
         return {"weight_sync_s": 0.0}
 
@@ -327,23 +327,42 @@ def policy_weights(run_dir) -> dict[str, torch.Tensor]:
 @pytest.mark.integration
 def test_bound_zero_generating_ahead_is_the_synchronous_run(ray_session, vllm_base, tmp_path, monkeypatch):
     """RolloutsAhead at bound 0 in the real loop (the loop itself runs the synchronous path at 0; the schedule is
-    forced here): after 10 fp32 iterations the policy's parameters equal the synchronous run's to 1e-6."""
+    forced here): after 10 fp32 iterations the policy's parameters equal the synchronous run's to 1e-6. Each iteration
+    is one optimizer step with the KL in the loss, so both take the old log-probs from the update's own forward; a
+    third, synchronous run with a pass of their own (`ppo.old_logprobs: pass`) ends at the same parameters and logs
+    the same KL, gap and behaviour weights."""
 
-    def ten_iterations(name: str) -> dict:
-        job = engine_job(tmp_path, vllm_base, name, iterations=10, rollout_correction="decoupled")
+    def ten_iterations(name: str, **ppo) -> dict:
+        job = engine_job(
+            tmp_path,
+            vllm_base,
+            name,
+            iterations=10,
+            mini_batch_size=32,
+            kl={"in": "loss", "estimator": "k3", "coef": 0.05},
+            rollout_correction="decoupled",
+            **ppo,
+        )
         job["training"]["learning_rate"] = 5e-3
         return job
 
     synchronous = run_job(job_from_dict(ten_iterations("sync")), show_progress=False).run_dir
+    with_pass = run_job(job_from_dict(ten_iterations("pass", old_logprobs="pass")), show_progress=False).run_dir
     monkeypatch.setattr(controller, "generates_ahead", lambda ppo: True)
     ahead = run_job(job_from_dict(ten_iterations("ahead-0")), show_progress=False).run_dir
     rows = [r for r in read_metrics(ahead / "metrics.jsonl") if "reward" in r]
     assert len(rows) == 10 and all(r["staleness_max"] == 0 for r in rows)
-    a, b = policy_weights(synchronous), policy_weights(ahead)
-    apart = max(float((a[k] - b[k]).abs().max()) for k in a)
-    assert apart < 1e-6, apart
+    a = policy_weights(synchronous)
+    for other in (ahead, with_pass):
+        b = policy_weights(other)
+        apart = max(float((a[k] - b[k]).abs().max()) for k in a)
+        assert apart < 1e-6, (other.name, apart)
     start = AutoModelForCausalLM.from_pretrained(vllm_base).state_dict()
     assert max(float((a[k] - start[k]).abs().max()) for k in a) > 1e-3  # the runs did train
+    taken, passed = ([r for r in read_metrics(d / "metrics.jsonl") if "reward" in r] for d in (synchronous, with_pass))
+    for key in ("kl", "entropy", "rollout_logprob_gap", "tis_weight", "reward"):
+        assert [r[key] for r in taken] == pytest.approx([r[key] for r in passed], rel=1e-5, abs=1e-7), key
+    assert all(r["first_ratio_max_dev"] == 0 for r in taken)  # the ratio of a forward to itself
 
 
 @needs_vllm

@@ -22,7 +22,7 @@ from tuneyard.launch.config import job_from_dict
 from tuneyard.launch.run_job import run_job
 from tuneyard.rlhf.config import GenerationSection, PpoSection, RewardFunction
 from tuneyard.rlhf.ppo import algorithms as algo
-from tuneyard.rlhf.ppo.experience import RolloutScores, estimate_advantages
+from tuneyard.rlhf.ppo.experience import RolloutScores, estimate_advantages, with_update_logprobs
 from tuneyard.rlhf.ppo.generation import HFGenerator
 from tuneyard.rlhf.ppo.prompts import Prompt, prompts_at, tokenize_prompts
 from tuneyard.rlhf.ppo.rollout import Rollout, Sample
@@ -234,6 +234,53 @@ def test_a_failed_reward_call_is_one_paragraph_never_a_zero(function, answer, fr
 
 def sample(prompt: Prompt, tokens: list[int], finished: bool, reward: float | None = None) -> Sample:
     return Sample(prompt, tokens, finished, version=0, text="", reward=reward)
+
+
+def test_old_logprobs_left_to_the_update_give_what_a_pass_gives_by_hand():
+    """An iteration of one optimizer step with the KL in the loss leaves its old log-probs to the update's forward:
+    the batch carries the engine's log-probs instead, the advantages do not change, and once the update's log-probs
+    are filled in the KL, the engine's gap and the behaviour weights (as the policy weighs its tokens) are those a
+    pass of their own gives."""
+    p, q = Prompt([], [5, 6]), Prompt([], [7])
+    engine = [[-0.5, -0.7, -0.2], [-1.0, -0.1, -0.3], [-0.2, -0.4, -2.0], [-0.9, -0.6, -0.1]]
+    samples = [
+        Sample(prompt, [1, 2, 9], True, 0, "", logprobs, reward)
+        for prompt, logprobs, reward in zip([p, p, q, q], engine, [1.0, 0.0, 1.0, 0.0], strict=True)
+    ]
+    rollout = Rollout.of(samples, pad_id=0)
+    old = torch.tensor([[-0.4, -0.9, -0.2], [-1.1, -0.1, -0.2], [-0.2, -0.5, -0.9], [-0.8, -0.6, -0.3]])
+    entropy, ref = torch.full((4, 3), 0.7), torch.full((4, 3), -0.6)
+    settings = {
+        "advantage": "grpo",
+        "samples_per_prompt": 2,
+        "rollout_batch_size": 2,
+        "mini_batch_size": 4,
+        "kl": {"in": "loss"},
+        "generation": {"engine": "vllm"},
+        "rollout_correction": "decoupled",
+        "tis_cap": 1.5,
+    }
+    ppo = PpoSection(**settings)
+    assert ppo.old_logprobs_from_update
+    for other in ({"old_logprobs": "pass"}, {"mini_batch_size": 2}, {"ppo_epochs": 2}, {"kl": {"in": "reward"}}):
+        assert not PpoSection(**{**settings, **other}).old_logprobs_from_update, other
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    passed = estimate_advantages(rollout, RolloutScores(rewards, old, entropy, ref, None), ppo, 0.1)
+    later = RolloutScores(rewards, None, None, ref, None)
+    deferred = estimate_advantages(rollout, later, ppo, 0.1)
+    assert "old_logprobs" not in deferred.batch and "behaviour_weights" not in deferred.batch
+    assert deferred.kl is None and deferred.rollout_gap is None
+    assert torch.equal(deferred.batch["behaviour_logprobs"], rollout.behaviour_logprobs)
+    assert torch.equal(deferred.batch["advantages"], passed.batch["advantages"])
+    weighed = algo.rollout_correction_weights(
+        "decoupled", old, deferred.batch["behaviour_logprobs"], deferred.batch["action_mask"], 1.5
+    )
+    assert torch.equal(weighed, passed.batch["behaviour_weights"])
+    assert (weighed == 0).sum() == 1  # exp(-0.9 + 2.0) = 3.0 is over the cap: that token leaves the loss
+    with_update_logprobs(rollout, later, deferred, ppo, {"logprobs": old, "entropy": entropy})
+    assert torch.equal(deferred.kl, passed.kl) and torch.equal(deferred.rollout_gap, passed.rollout_gap)
+    assert torch.equal(deferred.batch["behaviour_weights"], passed.batch["behaviour_weights"])
+    assert later.old_logprobs is old and later.entropy is entropy
 
 
 def test_the_overlong_filter_takes_truncated_answers_out_of_the_loss_by_hand():

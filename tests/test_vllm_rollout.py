@@ -29,6 +29,7 @@ from tuneyard.rlhf.ppo.generation import HFGenerator
 from tuneyard.rlhf.ppo.groups import RoleGroup
 from tuneyard.rlhf.ppo.prompts import tokenize_prompts
 from tuneyard.rlhf.ppo.sampling import StopSet, stop_set
+from tuneyard.rlhf.ppo.weight_sync import bucket_bounds, bucket_name
 from tuneyard.rlhf.rewards import reward_function
 from tuneyard.training.errors import TrainingFailed
 from tuneyard.training.metrics import read_metrics
@@ -169,14 +170,13 @@ def test_a_skipped_sync_shows_in_the_log_prob_gap(ray_session, vllm_base, tmp_pa
     """The figure that guards the sync: an engine left on the first iteration's weights answers with other numbers."""
     from tuneyard.rlhf.ppo import rollout
 
-    real, syncs = rollout.sync_weights, []
+    real, syncs = rollout.EngineRollout.update_weights, []
 
-    def first_only(groups, manifest):
+    def first_only(self, wait_for_engines: bool = True) -> dict[str, float]:
         syncs.append(1)
-        if len(syncs) == 1:
-            real(groups, manifest)
+        return real(self, wait_for_engines) if len(syncs) == 1 else {"weight_sync_s": 0.0}
 
-    monkeypatch.setattr(rollout, "sync_weights", first_only)
+    monkeypatch.setattr(rollout.EngineRollout, "update_weights", first_only)
     job = engine_job(tmp_path, vllm_base, "stale")
     job["training"]["learning_rate"] = 5e-3
     rows = iterations_of(run_job(job_from_dict(job), show_progress=False).run_dir)
@@ -376,6 +376,25 @@ def test_engine_episodes_train_on_the_sampled_tokens_and_the_deltas_only(engine,
         assert counts["rerendered_differs"] >= 10, counts
 
 
+def test_a_sync_packs_consecutive_tensors_of_one_dtype_into_bounded_buckets():
+    """Runs of one dtype up to the byte limit; a dtype change or the limit starts a new bucket, a tensor over the
+    limit goes alone; an error names a bucket by its first tensor and how many more it holds."""
+    manifest = [
+        ("a", [4, 4], "float32"),  # 64 bytes
+        ("b", [8], "float32"),  # 32
+        ("c", [2, 2], "bfloat16"),  # 8
+        ("d", [30], "bfloat16"),  # 60
+        ("e", [100], "float32"),  # 400: over the limit, alone
+        ("f", [1], "float32"),
+        ("g", [1], "float32"),
+    ]
+    assert bucket_bounds(manifest, limit=96) == [(0, 2), (2, 4), (4, 5), (5, 7)]
+    assert bucket_bounds(manifest, limit=64) == [(0, 1), (1, 2), (2, 3), (3, 4), (4, 5), (5, 7)]
+    assert bucket_bounds(manifest) == [(0, 2), (2, 4), (4, 7)]
+    assert bucket_bounds([]) == []
+    assert bucket_name(manifest, 0, 2) == "a (and 1 more in its broadcast)" and bucket_name(manifest, 4, 5) == "e"
+
+
 @needs_vllm
 @pytest.mark.integration
 def test_the_weight_sync_checks_what_the_engine_loaded(engine, two_stop_model):
@@ -386,7 +405,7 @@ def test_the_weight_sync_checks_what_the_engine_loaded(engine, two_stop_model):
     import ray
 
     from tuneyard.rlhf.ppo.rollout import refused_sync
-    from tuneyard.rlhf.ppo.weight_sync import broadcast, open_sync_group, sync_store, weight_units
+    from tuneyard.rlhf.ppo.weight_sync import open_sync_group, send_tensors, sync_store, weight_units
 
     actor, _ = engine
     folder, _ = two_stop_model
@@ -404,8 +423,7 @@ def test_the_weight_sync_checks_what_the_engine_loaded(engine, two_stop_model):
             tensors.append((extra, torch.zeros(4, 4)))
         manifest = [(n, list(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in tensors]
         receiving = actor.receive_weights.remote(manifest)
-        for name, tensor in tensors:
-            broadcast(group, tensor, name, 60)
+        send_tensors(group, manifest, [t for _, t in tensors], 60)
         return receiving
 
     def moved(scale: float):
@@ -515,21 +533,25 @@ def test_a_killed_engine_restarts_and_the_run_ends_as_an_uninterrupted_one(ray_s
 
 @needs_vllm
 @pytest.mark.integration
+@pytest.mark.parametrize("ahead", [False, True], ids=["synchronous", "ahead"])
 def test_a_sync_an_engine_never_receives_names_the_parameter_and_the_engine(
-    ray_session, vllm_base, tmp_path, monkeypatch
+    ray_session, vllm_base, tmp_path, monkeypatch, ahead
 ):
     """Engine 0 stops before receiving its second sync: the policy's broadcast times out after
-    cluster.collective_timeout_s, and the run ends naming the parameter it waited on and the silent engine."""
+    cluster.collective_timeout_s, and the run ends naming the parameter it waited on and the silent engine. Generating
+    ahead, the policy goes on training once it has sent, and the batch launched after the sync ends the run so."""
     monkeypatch.setenv("TUNEYARD_FAULT_ENGINE_HOLD", "0@2")
-    job = engine_job(tmp_path, vllm_base, "silent", iterations=2)
+    generating = {"async": {"max_staleness": 1}, "rollout_correction": "decoupled"} if ahead else {}
+    job = engine_job(tmp_path, vllm_base, "silent", iterations=3 if ahead else 2, **generating)
     job["cluster"] = {"collective_timeout_s": 10}
     job["training"]["max_failures"] = 0
     started = time.monotonic()
     with pytest.raises(TrainingFailed) as failure:
         run_job(job_from_dict(job), show_progress=False)
     message = str(failure.value)
-    # the broadcast blocks on the first parameter, or (its bytes buffered by the sockets) the engine's call does
-    named = "parameter model.embed_tokens.weight did not reach" in message or "sent every parameter" in message
+    # the broadcast blocks on its first bucket (named by its first parameter), or (its bytes buffered by the
+    # sockets) the engine's call does
+    named = "parameter model.embed_tokens.weight (and " in message or "sent every parameter" in message
     assert message.count("the weight sync timed out") == 1 and named, message
     assert "cluster.collective_timeout_s (10 s)" in message and "rollout rank 0 did not arrive" in message, message
     assert time.monotonic() - started < 120

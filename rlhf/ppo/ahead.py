@@ -11,7 +11,8 @@ with its version and scored against the engine log-prob it was drawn with. A sam
 token's. Each iteration, around taking its own batch:
 
     sync       when the engines are behind the policy and idle (or, with partial rollouts, at once): the policy's
-               weights, now version k
+               weights, now version k; the policy goes on once it has sent them, and the engines load them while
+               it scores and trains (the next batch launched waits for the load)
     launch     every batch j <= k + N the engines' version admits, in order, each seeded by its place in the prompt
                stream as the synchronous loop seeds it
     take       batch k (the policy waits only when the engines have not finished it yet)
@@ -119,7 +120,8 @@ class RolloutsAhead:
         sync_s = 0.0
         more_to_launch = self.next_iteration < self.iterations
         if self.engine_version != version and not self.in_flight and more_to_launch:
-            sync_s = self.source.update_weights()["weight_sync_s"]
+            # the policy goes on once it has sent its weights; the engines load them before the batch launched next
+            sync_s = self.source.update_weights(wait_for_engines=False)["weight_sync_s"]
             self.engine_version = version
         elif self.engine_version != version and self.in_flight and self.ppo.async_.partial_rollouts:
             self.source.pause()  # the answers in flight keep their tokens so far

@@ -345,16 +345,28 @@ def decoupled_behaviour_weights(
 
         loss = -w * min(r * A, clip(r, 1 - eps_low, 1 + eps_high) * A),   r = p_theta / p_proximal
 
-    The trust region is kept around the proximal policy (the policy's own log-probs of the samples, recomputed at the
-    start of the iteration: `old_logprobs`), and w corrects for the behaviour policy that sampled them (the engine's
-    log-probs, taken with the weights it had). Unlike TIS, a token whose weight exceeds the cap is masked out of the
-    loss rather than truncated, as AReaL's `behav_imp_weight_cap`; off the response w is 1. The weight scales the
-    PPO term only: a masked token still counts in the aggregation's denominator (as AReaL's), and the KL-in-loss
-    and entropy terms still see it."""
+    The trust region is kept around the proximal policy (the policy's own log-probs of the samples before the
+    iteration's updates: `old_logprobs`, from a pass or the one step's own forward), and w corrects for the behaviour
+    policy that sampled them (the engine's log-probs, taken with the weights it had). Unlike TIS, a token whose
+    weight exceeds the cap is masked out of the loss rather than truncated, as AReaL's `behav_imp_weight_cap`; off
+    the response w is 1. The weight scales the PPO term only: a masked token still counts in the aggregation's
+    denominator (as AReaL's), and the KL-in-loss and entropy terms still see it."""
     keep = _bool(mask)
     log_ratio = torch.where(keep, proximal_logprobs - behaviour_logprobs, torch.zeros_like(proximal_logprobs))
     weights = torch.exp(log_ratio)
     return torch.where(keep & (weights > cap), torch.zeros_like(weights), weights)
+
+
+def rollout_correction_weights(
+    correction: str, policy_logprobs: Tensor, engine_logprobs: Tensor, mask: Tensor, cap: float
+) -> Tensor | None:
+    """The per-token weights of `ppo.rollout_correction` (tis: truncated, decoupled: masked over the cap); None for
+    none. `policy_logprobs` are the policy's before the iteration's updates (decoupled PPO's proximal)."""
+    if correction == "tis":
+        return truncated_importance_weights(policy_logprobs, engine_logprobs, mask, cap)
+    if correction == "decoupled":
+        return decoupled_behaviour_weights(policy_logprobs, engine_logprobs, mask, cap)
+    return None
 
 
 def value_loss(

@@ -10,6 +10,8 @@ Read `ppo_iterations` first: one screen, one iteration a pass through the stages
     score_rollout            [old log-probs | reference log-probs | values] on the groups, rewards meanwhile
     estimate_advantages      KL, advantages, behaviour weights, overlong filter             -> Experience
     ppo_update               ppo_epochs x mini-batches of (policy, critic) optimizer steps  -> per-step figures
+                             (an iteration of one step takes its old log-probs in that step's own forward:
+                             `PpoSection.old_logprobs_from_update`; `with_update_logprobs` then completes the KL)
     then                     metrics, KL controller, checkpoint (or a requested stop)
 
 The rollout object (`tuneyard.rlhf.ppo.rollout.make_rollout`) is chosen once, from `ppo.generation.engine`; the loop
@@ -49,9 +51,11 @@ from tuneyard.rlhf.ppo.experience import (
     RewardScorer,
     current_weights_gap,
     estimate_advantages,
+    gather,
     iteration_figures,
     mean_of,
     score_rollout,
+    with_update_logprobs,
 )
 from tuneyard.rlhf.ppo.groups import (
     RoleGroup,
@@ -289,8 +293,10 @@ def ppo_iterations(
         kl_coef = kl_ctl.value
         experience = estimate_advantages(rollout, scores, ppo, kl_coef)
         driver_phase("updating", run_dir, at)
-        policy_stats, critic_stats = ppo_update(groups, experience, ppo, spec, iteration, steps, run_dir)
+        policy_stats, critic_stats, taken = ppo_update(groups, experience, ppo, spec, iteration, steps, run_dir)
         trained = time.perf_counter()
+        if taken is not None:  # the update's own forward took the old log-probs
+            with_update_logprobs(rollout, scores, experience, ppo, taken)
 
         kl_ctl.update(float(experience.sequence_kl().mean()), len(rollout.samples))
         record = {
@@ -391,10 +397,11 @@ def ppo_update(
     iteration: int,
     steps: StepCount,
     run_dir: Path,
-) -> tuple[list[dict[str, float]], list[dict[str, float]]]:
+) -> tuple[list[dict[str, float]], list[dict[str, float]], dict[str, torch.Tensor] | None]:
     """`ppo.ppo_epochs` passes over seeded mini-batches, each one optimizer step of policy and critic side by side.
 
-    The figures of each step (policy's, critic's), averaged over the ranks.
+    The figures of each step (policy's, critic's), averaged over the ranks, and the policy's log-probs and entropy
+    from its step's own forward in the batch's order where the batch came without old log-probs (else None).
     """
     policy, critic = groups["policy"], groups.get("critic")
     samples = next(iter(experience.batch.values())).shape[0]
@@ -412,7 +419,11 @@ def ppo_update(
                 critic_stats.append(mean_of(critic.results(critic_refs)))
                 skipped = skipped or bool(critic_stats[-1]["critic_skipped"])
             count_step(steps, skipped, iteration, spec, run_dir)
-    return policy_stats, critic_stats
+    if "old_logprobs" in experience.batch:
+        return policy_stats, critic_stats, None
+    # one step over the whole batch (`PpoSection.old_logprobs_from_update`): its rows in `permutation`'s order
+    taken = gather(policy, policy.broadcast("update_logprobs"))
+    return policy_stats, critic_stats, {k: v[torch.argsort(permutation)] for k, v in taken.items()}
 
 
 def count_step(steps: StepCount, skipped: bool, iteration: int, spec: TrainSpec, run_dir: Path) -> None:

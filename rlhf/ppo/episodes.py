@@ -117,9 +117,9 @@ class EpisodeRollout:
         """The inner rollout's."""
         self.inner.start()
 
-    def update_weights(self) -> dict[str, float]:
-        """The inner rollout's."""
-        return self.inner.update_weights()
+    def update_weights(self, wait_for_engines: bool = True) -> dict[str, float]:
+        """The inner rollout's (a sync not waited for is loaded before the first turn launched next)."""
+        return self.inner.update_weights(wait_for_engines)
 
     def launch(
         self,

@@ -4,6 +4,7 @@
                          meanwhile (`RewardScorer`: weighted functions, the reward model, DAPO's overlong penalty)
     estimate_advantages  KL estimate (in the reward or the loss), advantages (gae | grpo | dr_grpo | rloo |
                          reinforce_baseline), whitening, TIS weights, DAPO's overlong filter -> Experience
+    with_update_logprobs when the update's forward took the old log-probs: the KL, the gap and the weights after it
     iteration_figures    what an iteration logs
 
 Every log-prob here was taken at the sampling temperature (and top-p) by the roles, so the KL, the PPO ratio and
@@ -33,8 +34,10 @@ class RolloutScores:
     """What the roles say of a rollout: sequence rewards and, per response token, log-probs, entropy and values."""
 
     rewards: torch.Tensor  # [B], the weighted reward functions plus the reward model (and any overlong penalty)
-    old_logprobs: torch.Tensor  # [B, R], the policy's before this iteration's updates
-    entropy: torch.Tensor  # [B, R], of the policy's sampling distribution
+    # [B, R], the policy's before this iteration's updates, and its sampling distribution's entropy; None until the
+    # update when the update's own forward takes them (`PpoSection.old_logprobs_from_update`)
+    old_logprobs: torch.Tensor | None
+    entropy: torch.Tensor | None
     ref_logprobs: torch.Tensor  # [B, R]
     values: torch.Tensor | None  # [B, R], the critic's (None without a critic)
 
@@ -44,7 +47,7 @@ class Experience:
     """The training batch of an iteration (layout, old log-probs and values, advantages, returns) and its KL."""
 
     batch: dict[str, torch.Tensor]
-    kl: torch.Tensor  # [B, R] per-token KL estimate to the reference, 0 off the response
+    kl: torch.Tensor | None  # [B, R] per-token KL estimate to the reference, 0 off the response (None: until known)
     mask: torch.Tensor  # [B, R] every sampled token (the batch's action_mask may leave filtered answers out)
     rollout_gap: torch.Tensor | None = None  # mean |engine - policy| log-prob of the sampled tokens (vLLM only)
 
@@ -142,21 +145,22 @@ def gather(group: RoleGroup, refs: list) -> dict[str, torch.Tensor]:
 def score_rollout(groups: dict[str, RoleGroup], rollout: Rollout, rewards: RewardScorer) -> RolloutScores:
     """Old log-probs, reference log-probs and values of the rollout, every group computing at once, and the rewards
     on the driver meanwhile (unless dynamic sampling or the async loop scored them already; the async loop also
-    takes the reference's log-probs as a batch arrives).
+    takes the reference's log-probs as a batch arrives). The old log-probs are left to the update when its own
+    forward takes them (`PpoSection.old_logprobs_from_update`).
 
     An adapter policy is its own reference (its base with the adapter off).
     """
     policy, critic = groups["policy"], groups.get("critic")
     reference = groups.get("reference", policy)
     batch = rollout.batch
-    old_refs = policy.scatter("logprobs", batch)
+    old_refs = None if rewards.ppo.old_logprobs_from_update else policy.scatter("logprobs", batch)
     ref_refs = None
     if rollout.reference_logprobs is None:
         ref_refs = reference.scatter("logprobs" if reference is not policy else "reference_logprobs", batch)
     value_refs = critic.scatter("values", batch) if critic is not None else None
     if rollout.rewards is None:
         rewards.score(rollout.samples)
-    old = gather(policy, old_refs)
+    old = gather(policy, old_refs) if old_refs is not None else {"logprobs": None, "entropy": None}
     return RolloutScores(
         rewards=rollout.rewards,
         old_logprobs=old["logprobs"],
@@ -171,21 +175,25 @@ def estimate_advantages(rollout: Rollout, scores: RolloutScores, ppo: PpoSection
     then the advantages of `ppo.advantage`: GAE on the critic's values, or a group estimator's reward relative to
     the other answers to the same prompt, carried to every token as the return from it on. With
     `ppo.overlong.filter` a truncated answer still counts in its group's baseline, but not in the loss. An answer
-    without a reward (nan: its remote reward call failed) is in neither."""
+    without a reward (nan: its remote reward call failed) is in neither.
+
+    Without old log-probs yet (the update's forward takes them) the batch carries the engine's log-probs instead,
+    for the policy to weigh its tokens with, and the KL and the engine's gap wait for `with_update_logprobs`."""
     mask = rollout.mask
-    kl = algo.clamp_kl(algo.kl_estimate(scores.old_logprobs, scores.ref_logprobs, ppo.kl.estimator), ppo.kl.clamp)
-    kl = kl * mask
+    old_known = scores.old_logprobs is not None
+    kl, gap, weights = policy_logprob_terms(rollout, scores, ppo) if old_known else (None, None, None)
     # clipped before any group baseline, so one outlier answer cannot move its whole group's baseline
     sample_rewards = algo.clip_scores(scores.rewards, ppo.reward_clip)
     scored = sample_rewards.isfinite()
     kl_in_reward = kl_coef if ppo.kl.in_ == "reward" else 0.0
+    reward_kl = kl if kl is not None else torch.zeros_like(mask)  # not in the reward when unknown (the config's rule)
     if ppo.has_critic:
-        rewards = algo.shape_rewards(sample_rewards.nan_to_num(0.0), kl, mask, kl_in_reward)
+        rewards = algo.shape_rewards(sample_rewards.nan_to_num(0.0), reward_kl, mask, kl_in_reward)
         advantages, returns = algo.gae_advantages(rewards, scores.values * mask, mask, ppo.gamma, ppo.lam)
         critic_batch = {"old_values": scores.values, "returns": returns}
     else:
         relative = algo.group_relative_scores(sample_rewards, ppo.samples_per_prompt, ppo.advantage)
-        rewards = algo.shape_rewards(relative, kl, mask, kl_in_reward)
+        rewards = algo.shape_rewards(relative, reward_kl, mask, kl_in_reward)
         advantages, critic_batch = algo.returns_to_go(rewards, mask, ppo.gamma), {}
     # DAPO's overlong filtering: a truncated answer's tokens leave the policy's and the critic's loss (and the
     # whitening's statistics), while its reward still counted in its group's baseline above
@@ -194,23 +202,45 @@ def estimate_advantages(rollout: Rollout, scores: RolloutScores, ppo: PpoSection
     # GRPO, Dr. GRPO and RLOO are already on a per-group scale; GAE and REINFORCE++'s baseline are whitened
     if ppo.whiten_advantages and ppo.advantage in ("gae", "reinforce_baseline"):
         advantages = algo.masked_whiten(advantages, trained, unbiased=ppo.whiten_variance == "unbiased")
-    batch = {**rollout.batch, "old_logprobs": scores.old_logprobs, "advantages": advantages, **critic_batch}
+    batch = {**rollout.batch, "advantages": advantages, **critic_batch}
     if ppo.kl.in_ == "loss":
         batch |= {"ref_logprobs": scores.ref_logprobs, "kl_coef": torch.full((len(rollout.samples),), kl_coef)}
-    gap = None
-    behaviour = rollout.behaviour_logprobs
-    if behaviour is not None:
-        gap = algo.masked_mean((behaviour - scores.old_logprobs).abs(), mask)
-        if ppo.rollout_correction == "tis":
-            batch["behaviour_weights"] = algo.truncated_importance_weights(
-                scores.old_logprobs, behaviour, mask, ppo.tis_cap
-            )
-        elif ppo.rollout_correction == "decoupled":
-            batch["behaviour_weights"] = algo.decoupled_behaviour_weights(
-                scores.old_logprobs, behaviour, mask, ppo.tis_cap
-            )
+    if old_known:
+        batch["old_logprobs"] = scores.old_logprobs
+        if weights is not None:
+            batch["behaviour_weights"] = weights
+    elif rollout.behaviour_logprobs is not None and ppo.rollout_correction != "none":
+        batch["behaviour_logprobs"] = rollout.behaviour_logprobs
     batch["action_mask"] = trained.to(batch["action_mask"].dtype)
     return Experience(batch, kl, mask, gap)
+
+
+def policy_logprob_terms(
+    rollout: Rollout, scores: RolloutScores, ppo: PpoSection
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """What the policy's pre-update log-probs give: the per-token KL estimate to the reference (0 off the response),
+    the mean |engine - policy| log-prob gap and the rollout correction's weights (both None without engine
+    log-probs)."""
+    mask = rollout.mask
+    kl = algo.clamp_kl(algo.kl_estimate(scores.old_logprobs, scores.ref_logprobs, ppo.kl.estimator), ppo.kl.clamp)
+    behaviour = rollout.behaviour_logprobs
+    if behaviour is None:
+        return kl * mask, None, None
+    gap = algo.masked_mean((behaviour - scores.old_logprobs).abs(), mask)
+    weights = algo.rollout_correction_weights(ppo.rollout_correction, scores.old_logprobs, behaviour, mask, ppo.tis_cap)
+    return kl * mask, gap, weights
+
+
+def with_update_logprobs(
+    rollout: Rollout, scores: RolloutScores, experience: Experience, ppo: PpoSection, taken: dict[str, torch.Tensor]
+) -> None:
+    """Fill in what waited for the update's own log-probs (`taken`: the policy's forward before its one optimizer
+    step, in the rollout's order): the scores' old log-probs and entropy, the KL, the engine's gap, and the
+    behaviour weights the policy computed the same way (for the figures)."""
+    scores.old_logprobs, scores.entropy = taken["logprobs"], taken["entropy"]
+    experience.kl, experience.rollout_gap, weights = policy_logprob_terms(rollout, scores, ppo)
+    if weights is not None:
+        experience.batch["behaviour_weights"] = weights
 
 
 def current_weights_gap(rollout: Rollout, old_logprobs: torch.Tensor, version: int) -> dict[str, float]:

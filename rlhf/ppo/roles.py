@@ -251,6 +251,8 @@ class PolicyWorker(RoleWorker):
         super().__init__(rank, world_size, run_dir, payload)
         self.stops = StopSet.from_dict(payload["stops"])
         self.send_tied_head = True  # until the engines say whether their heads keep copies (weight_manifest)
+        self.sync_manifest: list = []  # what each sync sends, in order (weight_manifest)
+        self.taken_logprobs: dict[str, torch.Tensor] | None = None  # what the last train_step took (update_logprobs)
 
     def build(self) -> None:
         spec, peft = self.spec, self.spec.peft
@@ -290,14 +292,16 @@ class PolicyWorker(RoleWorker):
         from tuneyard.rlhf.ppo.weight_sync import manifest_of
 
         self.send_tied_head = tied_head
-        return manifest_of(self.engine.module, tied_head)
+        self.sync_manifest = manifest_of(self.engine.module, tied_head)
+        return self.sync_manifest
 
     def send_weights(self) -> int:
         """Broadcast the current weights to the rollout engines (collective under ZeRO-3); the bytes sent."""
         from tuneyard.rlhf.ppo.weight_sync import send_weights
 
         group = getattr(self, "sync_group", None) if self.rank == 0 else None
-        return send_weights(self.engine.module, group, getattr(self, "sync_timeout_s", 1800.0), self.send_tied_head)
+        timeout_s = getattr(self, "sync_timeout_s", 1800.0)
+        return send_weights(self.engine.module, group, timeout_s, self.send_tied_head, self.sync_manifest)
 
     def logprobs(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-token log-probs and entropy of the responses under the current weights (the rollout's "old")."""
@@ -319,7 +323,11 @@ class PolicyWorker(RoleWorker):
         return out
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One optimizer step on this rank's share of a mini-batch (micro-batches accumulate)."""
+        """One optimizer step on this rank's share of a mini-batch (micro-batches accumulate).
+
+        A batch without old log-probs takes them from this step's own forward (the weights before the step; the
+        ratio is 1 there), weighs each token by the rollout correction against the engine's log-probs it carries, and
+        keeps those log-probs and the entropy for `update_logprobs`."""
         step = self.began_step()
         self.engine.train()
         totals: dict[str, float] = {}
@@ -329,20 +337,30 @@ class PolicyWorker(RoleWorker):
         # clip-higher: each bound its own width where set, else clip_range's
         low = ppo.clip_range if ppo.clip_range_low is None else ppo.clip_range_low
         high = ppo.clip_range if ppo.clip_range_high is None else ppo.clip_range_high
+        taken: dict[str, list[torch.Tensor]] = {"logprobs": [], "entropy": []}
         for micro in chunks:
             forward = partial(sequence_forward, self.engine, micro)
             logprobs, entropies = self.scorer(self.engine, forward, response_tokens(micro), entropy=True)
             mask = micro["action_mask"]
+            old, weights = micro.get("old_logprobs"), micro.get("behaviour_weights")
+            if old is None:
+                old = logprobs.detach()
+                taken["logprobs"].append(old)
+                taken["entropy"].append(entropies.detach())
+                if "behaviour_logprobs" in micro:
+                    weights = algo.rollout_correction_weights(
+                        ppo.rollout_correction, old, micro["behaviour_logprobs"], micro["action_mask"], ppo.tis_cap
+                    )
             loss, stats = algo.policy_loss(
                 logprobs,
-                micro["old_logprobs"],
+                old,
                 micro["advantages"],
                 mask,
                 low,
                 clip_range_high=high,
                 dual_clip=ppo.dual_clip,
                 aggregation=ppo.loss_aggregation,
-                token_weights=micro.get("behaviour_weights"),
+                token_weights=weights,
             )
             entropy = algo.aggregate(entropies, mask, ppo.loss_aggregation)
             total = loss - ppo.entropy_coef * entropy if ppo.entropy_coef else loss
@@ -362,8 +380,16 @@ class PolicyWorker(RoleWorker):
                     totals[key] = totals.get(key, 0.0) + value / len(chunks)
         totals["lr"] = self.engine.get_lr()[0]
         totals["policy_skipped"] = float(self.step_was_skipped(skipped_before))
+        self.taken_logprobs = {k: torch.cat(v) for k, v in taken.items()} if taken["logprobs"] else None
         self.finished_step(step)
         return totals
+
+    def update_logprobs(self) -> dict[str, torch.Tensor]:
+        """The log-probs and entropy the last `train_step` took of its rows before its optimizer step (in its
+        batch's order), for a batch that came without old log-probs."""
+        if self.taken_logprobs is None:
+            raise RuntimeError("policy: the last train_step had old log-probs, so it took none of its own")
+        return self.taken_logprobs
 
 
 class ValueModel(torch.nn.Module):

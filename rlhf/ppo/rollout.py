@@ -141,7 +141,7 @@ class PolicyRollout:
     def start(self) -> None:
         """Nothing to open: the policy samples with the weights it trains."""
 
-    def update_weights(self) -> dict[str, float]:
+    def update_weights(self, wait_for_engines: bool = True) -> dict[str, float]:
         """Nothing to send (the figures of a sync: none)."""
         return {}
 
@@ -167,15 +167,24 @@ class EngineRollout:
         self.queue = PromptQueue(self.engines)
         # one thread hands out the batches' calls, a batch at a time, while the driver goes on
         self.dispatcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tuneyard-engines")
+        self.loading: Future | None = None  # the engines loading a sync not waited for (`update_weights`)
 
     def start(self) -> None:
         """Join policy rank 0 and every engine worker in the weight-sync group, and agree on what a sync sends."""
         self.manifest = open_weight_sync(self.groups, self.ppo)
 
-    def update_weights(self) -> dict[str, float]:
-        """The policy's current weights into every engine (also after a resume); the sync's seconds."""
+    def update_weights(self, wait_for_engines: bool = True) -> dict[str, float]:
+        """The policy's current weights into every engine (also after a resume); the seconds the caller waited.
+
+        Without `wait_for_engines` it returns once the policy has sent them, so the policy can go on (its weights
+        may change from then on); the engines load what they received meanwhile, and the next batch launched waits
+        for that first (an error of the sync is raised from that batch)."""
         started = time.perf_counter()
-        sync_weights(self.groups, self.manifest)
+        receiving = start_sync(self.groups, self.manifest)
+        if wait_for_engines:
+            finish_sync(self.groups, receiving)
+        else:
+            self.loading = self.dispatcher.submit(seconds_of, finish_sync, self.groups, receiving)
         return {"weight_sync_s": time.perf_counter() - started}
 
     def sample(self, prompts: list[Prompt], seed: int, version: int) -> list[Sample]:
@@ -206,9 +215,12 @@ class EngineRollout:
             if arrived is not None:
                 arrived(part)
 
+        loading, self.loading = self.loading, None
+
         def answer() -> tuple[list[Sample], float]:
+            load_s = loading.result() if loading is not None else 0.0  # done: the dispatcher ran it first
             busy_s = self.queue.answer(calls, keep, version)
-            return [s for part in samples for s in part], busy_s
+            return [s for part in samples for s in part], load_s + busy_s
 
         return Generating(prompts, version, self.dispatcher.submit(answer))
 
@@ -254,7 +266,7 @@ class LocalRollout:
     def start(self) -> None:
         """Nothing to open."""
 
-    def update_weights(self) -> dict[str, float]:
+    def update_weights(self, wait_for_engines: bool = True) -> dict[str, float]:
         """Nothing to send: the model is this process's."""
         return {}
 
@@ -305,6 +317,11 @@ def sync_weights(groups: dict[str, RoleGroup], manifest: list) -> None:
     Whichever side fails first says why, at once: an engine's own error (one that could not load what was sent ends
     the run), or its death (RayActorError: the groups restart, as for any lost actor). A broadcast that times out
     names its parameter and the engines still silent."""
+    finish_sync(groups, start_sync(groups, manifest))
+
+
+def start_sync(groups: dict[str, RoleGroup], manifest: list) -> list:
+    """`sync_weights` up to the policy's end of it (every bucket sent); the engines' calls, still loading."""
     import ray
 
     policy, rollout = groups["policy"], groups["rollout"]
@@ -327,6 +344,14 @@ def sync_weights(groups: dict[str, RoleGroup], manifest: list) -> None:
             if timed_out is None:
                 raise
             raise RoleStalled(f"{timed_out.group(1).strip()}; " + rollout.silence(receiving, silent)) from None
+    return receiving
+
+
+def finish_sync(groups: dict[str, RoleGroup], receiving: list) -> None:
+    """`sync_weights` from the policy's end of it: every engine has loaded what it received, or the error says why."""
+    import ray
+
+    rollout = groups["rollout"]
     # the sender can finish into the sockets' buffers first: an engine still receiving a timeout later is stuck
     answered, silent = ray.wait(receiving, num_returns=len(receiving), timeout=rollout.timeout_s)
     for ref in answered:
@@ -336,6 +361,13 @@ def sync_weights(groups: dict[str, RoleGroup], manifest: list) -> None:
             "the weight sync timed out: the policy sent every parameter, and an engine did not take them in within "
             f"cluster.collective_timeout_s ({rollout.timeout_s:g} s); " + rollout.silence(receiving, silent)
         )
+
+
+def seconds_of(call: Callable, *args) -> float:
+    """Run `call(*args)`; the seconds it took."""
+    started = time.perf_counter()
+    call(*args)
+    return time.perf_counter() - started
 
 
 def refused_sync(get, ref) -> None:

@@ -2,9 +2,11 @@
 
 Policy rank 0 and every engine worker form a separate, stateless group that never touches the roles' default
 groups: NCCL between GPUs of their own, gloo on CPU and where an engine shares the policy's GPU (NCCL refuses two
-ranks on one device), the tensors then staged through host memory. A sync is a broadcast from policy rank 0 of
-one tensor at a time, in the order of a manifest both sides hold; each engine worker hands the tensors to vLLM's
-`reload_weights` as they arrive, so no side holds a second copy of the model, and then checks what vLLM loaded.
+ranks on one device), the tensors then staged through host memory. A sync is a series of broadcasts from policy
+rank 0, in the order of a manifest both sides hold: consecutive tensors of one dtype packed into one flat buffer of
+at most `BUCKET_BYTES` (`bucket_bounds`, computed alike on both sides), so a small model goes in one broadcast
+instead of one per tensor, and each side holds at most one bucket beyond the model. Each engine worker hands a
+bucket's tensors to vLLM's `reload_weights` as the bucket arrives, and then checks what vLLM loaded.
 
 Under ZeRO-3 every policy rank walks the same parameters, gathering one at a time (a collective over the
 policy's ranks); a LoRA/QLoRA policy sends its merged weights (the 4-bit base dequantized, the adapter's
@@ -15,7 +17,8 @@ embeddings sends `lm_head.weight` too where the engine's head keeps a copy of it
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator
+import math
+from collections.abc import Callable, Iterable, Iterator
 from datetime import timedelta
 from urllib.parse import urlparse
 
@@ -24,6 +27,31 @@ import torch.distributed as dist
 
 # (name, shape, dtype name): what a receiver allocates before each broadcast
 Manifest = list[tuple[str, list[int], str]]
+
+# the most bytes one broadcast of a sync carries (a larger tensor goes alone): per-broadcast latency paid once for a
+# small model, and a bounded staging copy on each side for a large one
+BUCKET_BYTES = 256 * 2**20
+
+
+def bucket_bounds(manifest: Manifest, limit: int = BUCKET_BYTES) -> list[tuple[int, int]]:
+    """[start, end) runs of the manifest sent as one broadcast each: consecutive tensors of one dtype, at most
+    `limit` bytes together (a tensor larger than `limit` is a run of its own)."""
+    bounds, start, size = [], 0, 0
+    for i, (_, shape, dtype) in enumerate(manifest):
+        nbytes = math.prod(shape) * getattr(torch, dtype).itemsize
+        if i > start and (dtype != manifest[start][2] or size + nbytes > limit):
+            bounds.append((start, i))
+            start, size = i, 0
+        size += nbytes
+    if manifest:
+        bounds.append((start, len(manifest)))
+    return bounds
+
+
+def bucket_name(manifest: Manifest, start: int, end: int) -> str:
+    """A broadcast's tensors as an error names them: the first, and how many more."""
+    more = f" (and {end - start - 1} more in its broadcast)" if end - start > 1 else ""
+    return f"{manifest[start][0]}{more}"
 
 
 class WeightSyncTimeout(RuntimeError):
@@ -158,32 +186,62 @@ def manifest_of(model: torch.nn.Module, tied_head: bool) -> Manifest:
 
 
 @torch.no_grad()
-def send_weights(model: torch.nn.Module, group: dist.ProcessGroup | None, timeout_s: float, tied_head: bool) -> int:
-    """Broadcast every tensor of the manifest to the engines (group is None on the policy ranks past 0); bytes sent.
+def send_weights(
+    model: torch.nn.Module, group: dist.ProcessGroup | None, timeout_s: float, tied_head: bool, manifest: Manifest
+) -> int:
+    """Broadcast the model's weights to the engines (`manifest`: what `manifest_of` said of them); bytes sent. The
+    policy ranks past 0 (group None) only take part in the ZeRO-3 gathers."""
 
-    Over gloo a GPU tensor goes through host memory."""
-    sent = 0
-    staged = group is not None and group.name() == "gloo"
-    for name, params, make in weight_units(model, tied_head):
-        with whole(params):
-            if group is None:
-                continue
-            tensor = make().contiguous()
-            tensor = tensor.cpu() if staged else tensor
-            broadcast(group, tensor, name, timeout_s)
-            sent += tensor.numel() * tensor.element_size()
+    def tensors() -> Iterator[torch.Tensor]:
+        for _, params, make in weight_units(model, tied_head):
+            with whole(params):
+                yield make()  # copied into its bucket before the gather is released
+
+    if group is None:
+        for _ in tensors():
+            pass
+        return 0
+    return send_tensors(group, manifest, tensors(), timeout_s)
+
+
+def send_tensors(
+    group: dist.ProcessGroup, manifest: Manifest, tensors: Iterable[torch.Tensor], timeout_s: float
+) -> int:
+    """Broadcast `tensors` (the manifest's, in its order) a bucket at a time; bytes sent. Over gloo a GPU tensor
+    goes through host memory."""
+    staged = group.name() == "gloo"
+    stream, sent = iter(tensors), 0
+    for start, end in bucket_bounds(manifest):
+        flat, offset = None, 0
+        for _ in range(start, end):
+            tensor = next(stream)
+            if flat is None:
+                total = sum(math.prod(shape) for _, shape, _ in manifest[start:end])
+                dtype = getattr(torch, manifest[start][2])
+                flat = torch.empty(total, dtype=dtype, device="cpu" if staged else tensor.device)
+            flat[offset : offset + tensor.numel()].copy_(tensor.reshape(-1))
+            offset += tensor.numel()
+        broadcast(group, flat, bucket_name(manifest, start, end), timeout_s)
+        sent += flat.numel() * flat.element_size()
     return sent
 
 
 def received_weights(
     group: dist.ProcessGroup, manifest: Manifest, device: torch.device, timeout_s: float
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The manifest's tensors as the broadcasts deliver them, one at a time (an engine worker's side)."""
+    """The manifest's tensors as the broadcasts deliver them, a bucket at a time (an engine worker's side)."""
     arrives_on = torch.device("cpu") if group.name() == "gloo" else device
-    for name, shape, dtype in manifest:
-        tensor = torch.empty(shape, dtype=getattr(torch, dtype), device=arrives_on)
-        broadcast(group, tensor, name, timeout_s)
-        yield name, tensor.to(device)
+    for start, end in bucket_bounds(manifest):
+        entries = manifest[start:end]
+        flat = torch.empty(
+            sum(math.prod(shape) for _, shape, _ in entries), dtype=getattr(torch, entries[0][2]), device=arrives_on
+        )
+        broadcast(group, flat, bucket_name(manifest, start, end), timeout_s)
+        offset = 0
+        for name, shape, _ in entries:
+            size = math.prod(shape)
+            yield name, flat[offset : offset + size].view(shape).to(device)
+            offset += size
 
 
 class WeightSyncMismatch(RuntimeError):
