@@ -180,10 +180,10 @@ class EngineRollout:
         may change from then on); the engines load what they received meanwhile, and the next batch launched waits
         for that first (an error of the sync is raised from that batch)."""
         started = time.perf_counter()
-        receiving = start_sync(self.groups, self.manifest)
         if wait_for_engines:
-            finish_sync(self.groups, receiving)
+            sync_weights(self.groups, self.manifest)
         else:
+            receiving = start_sync(self.groups, self.manifest)
             self.loading = self.dispatcher.submit(seconds_of, finish_sync, self.groups, receiving)
         return {"weight_sync_s": time.perf_counter() - started}
 
