@@ -405,10 +405,10 @@ def share_of_vowels(prompts: list, completions: list, **_: object) -> list[float
 @needs_vllm
 @pytest.mark.integration
 def test_partial_rollouts_resume_interrupted_answers_on_the_new_weights(ray_session, vllm_base, tmp_path):
-    """Answers of 64 tokens (no stop at EOS, so generating outlasts training), the engine synced as soon as the policy
-    has trained: answers in flight are interrupted and resumed on the new weights, so batches hold answers drawn by
-    two versions; every token drawn with the weights the policy holds has the policy's own log-prob (gap < 1e-4)
-    while the stale tokens of the same answers do not; no sample is staler than the bound."""
+    """Answers of 128 tokens (no stop at EOS, so generating a batch outlasts scoring and training one), the engine
+    synced as soon as the policy has trained: answers in flight are interrupted and resumed on the new weights, so
+    batches hold answers drawn by two versions; every token drawn with the weights the policy holds has the policy's
+    own log-prob (gap < 1e-4) while the stale tokens of the same answers do not; no sample is staler than the bound."""
     job = engine_job(
         tmp_path,
         vllm_base,
@@ -416,7 +416,7 @@ def test_partial_rollouts_resume_interrupted_answers_on_the_new_weights(ray_sess
         iterations=8,
         samples_per_prompt=4,
         mini_batch_size=32,
-        generation={"max_new_tokens": 64, "stop_at_eos": False},
+        generation={"max_new_tokens": 128, "stop_at_eos": False},
         rollout_correction="decoupled",
         **{"async": {"max_staleness": 1, "partial_rollouts": True}},
     )
