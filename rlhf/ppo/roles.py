@@ -349,7 +349,7 @@ class PolicyWorker(RoleWorker):
                 taken["entropy"].append(entropies.detach())
                 if "behaviour_logprobs" in micro:
                     weights = algo.rollout_correction_weights(
-                        ppo.rollout_correction, old, micro["behaviour_logprobs"], micro["action_mask"], ppo.tis_cap
+                        ppo.rollout_correction, old, micro["behaviour_logprobs"], mask, ppo.tis_cap
                     )
             loss, stats = algo.policy_loss(
                 logprobs,
